@@ -1,0 +1,1713 @@
+"""Parameter-golf training script: 11-layer XSA / partial-RoPE GPT, parallel Muon on
+parameter banks, wall-clock-bounded training, full-Hessian GPTQ int6 + lzma/zstd packing,
+and exact sliding-window val_bpb on the round-tripped artifact.
+
+Launch: torchrun --standalone --nproc_per_node=N train_gpt.py   (N = 1..8; CPU works too)
+All settings come from environment variables (see Hyperparameters).
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import io
+import json
+import lzma
+import math
+import os
+import struct
+import sys
+import threading
+import time
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # FlashAttention-3 (Hopper); optional
+    from flash_attn_interface import flash_attn_func as _fa3_func
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    _fa3_func = None
+try:
+    import zstandard
+except Exception:  # noqa: BLE001
+    zstandard = None
+
+ARTIFACT_CAP_BYTES = 16_000_000
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+
+
+class ConfigError(ValueError):
+    """Impossible or inconsistent settings."""
+
+
+class DataError(ValueError):
+    """Missing or malformed shards / tokenizer."""
+
+
+class ArtifactError(ValueError):
+    """Artifact over the byte cap or unreadable."""
+
+
+# ----------------------------------------------------------------------------- config
+
+def _env_field(default, help_text=""):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class Hyperparameters:
+    # data / run
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    vocab_size: int = 1024
+    bos_id: int = 1
+    seed: int = 42
+    run_id: str = ""
+    out_dir: str = "."
+    # budget
+    iterations: int = 20000
+    max_wallclock_seconds: float = 600.0
+    gptq_reserve_seconds: float = -1.0  # <0: estimate from model size
+    train_batch_tokens: int = 786_432
+    train_seq_len: int = 2048
+    grad_accum_steps: int = 0  # 0: 8 // world_size
+    warmup_steps: int = 20  # compile warm-up, undone afterwards
+    warmdown_iters: int = 4000
+    min_lr_scale: float = 0.0
+    train_log_every: int = 100
+    val_every: int = 0
+    val_tokens_limit: int = 0  # 0: full validation split
+    # model
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 3.0
+    leaky_slope: float = 0.5
+    xsa_layers: int = -1  # last N layers use XSA; -1: all
+    rope_dims: int = 16
+    rope_base: float = 10000.0
+    qk_gain_init: float = 1.5
+    logit_softcap: float = 30.0
+    tied_embed_init_std: float = 0.005
+    bigram_vocab: int = 3072
+    bigram_dim: int = 112
+    ve_dim: int = 128
+    ve_layers: str = ""  # comma list; "": last two layers
+    # optimizer
+    matrix_lr: float = 0.025
+    muon_wd: float = 0.04
+    muon_momentum: float = 0.99
+    muon_momentum_start: float = 0.92
+    muon_momentum_warmup_steps: int = 1500
+    muon_ns_steps: int = 5
+    embed_lr: float = 0.035
+    scalar_lr: float = 0.025
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    adam_wd: float = 0.04
+    grad_clip_norm: float = 0.3
+    ema_decay: float = 0.997  # 0 disables
+    swa_enabled: bool = False
+    swa_every: int = 50
+    swa_start_scale: float = 0.2
+    qat_start_scale: float = 0.15  # 0 disables late QAT
+    # quantization / artifact
+    quant_bits: int = 6
+    gptq_calib_seqs: int = 64
+    gptq_calib_len: int = 2048
+    gptq_calib_temp: float = 0.8
+    gptq_calib_batch: int = 64
+    gptq_block: int = 128
+    gptq_damp: float = 0.01
+    gptq_clip_quantiles: str = "0.999,0.9995,0.9999,0.99999,1.0"
+    artifact_target_bytes: int = 15_950_000
+    compressors: str = "lzma,zstd"
+    # evaluation
+    eval_seq_len: int = 2048
+    eval_stride: int = 64
+    eval_batch_seqs: int = 32
+    eval_only: str = ""  # artifact path: evaluate it, never train
+    skip_sliding_eval: bool = False
+    ttt_enabled: bool = False
+    ttt_chunk_tokens: int = 32768
+    ttt_lr: float = 0.002
+    ttt_momentum: float = 0.9
+    ttt_epochs: int = 1
+    ttt_max_seconds: float = 300.0
+    # runtime
+    attn_backend: str = "auto"  # auto | fa3 | sdpa | sdpa_cudnn | sdpa_flash | math
+    compile: str = "auto"  # auto (on for CUDA) | 1 | 0
+    device: str = "auto"
+
+    @classmethod
+    def from_env(cls, env=None) -> "Hyperparameters":
+        env = os.environ if env is None else env
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(f.name.upper())
+            if raw is None:
+                continue
+            try:
+                if f.type in ("bool", bool):
+                    kwargs[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                elif f.type in ("int", int):
+                    kwargs[f.name] = int(float(raw)) if "e" in raw.lower() else int(raw)
+                elif f.type in ("float", float):
+                    kwargs[f.name] = float(raw)
+                else:
+                    kwargs[f.name] = raw
+            except ValueError:
+                raise ConfigError(f"{f.name.upper()}={raw!r} is not a valid {f.type}") from None
+        return cls(**kwargs)
+
+    # derived quantities
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_mult * self.model_dim)
+
+    def ve_layer_list(self) -> list[int]:
+        if self.ve_dim <= 0:
+            return []
+        if not self.ve_layers:
+            return list(range(max(0, self.num_layers - 2), self.num_layers))
+        return [int(s) for s in self.ve_layers.split(",") if s.strip()]
+
+    def clip_quantiles(self) -> list[float]:
+        return [float(s) for s in self.gptq_clip_quantiles.split(",") if s.strip()]
+
+    def validate(self, world_size: int) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise ConfigError(msg)
+        need(self.model_dim % self.num_heads == 0, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
+        need(self.num_heads % self.num_kv_heads == 0, f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
+        need(self.head_dim % 2 == 0, "head dim must be even for RoPE")
+        need(0 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0,
+             f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
+        need(self.num_layers >= 1 and self.vocab_size >= 2, "NUM_LAYERS and VOCAB_SIZE must be positive")
+        need(0 <= self.bos_id < self.vocab_size, f"BOS_ID={self.bos_id} outside the vocabulary")
+        need(self.vocab_size <= 65536, "VOCAB_SIZE must fit uint16 shards")
+        need(all(0 <= l < self.num_layers for l in self.ve_layer_list()), f"VE_LAYERS={self.ve_layers} outside 0..{self.num_layers - 1}")
+        need(self.bigram_vocab == 0 or self.bigram_vocab >= 2, "BIGRAM_VOCAB must be 0 (off) or >= 2")
+        accum = self.resolved_grad_accum(world_size)
+        per_micro = world_size * accum * self.train_seq_len
+        need(self.train_batch_tokens % per_micro == 0,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world_size({world_size}) x "
+             f"grad_accum({accum}) x TRAIN_SEQ_LEN({self.train_seq_len}) = {per_micro}")
+        need(self.eval_stride >= 1 and self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE must be in 1..EVAL_SEQ_LEN")
+        need(2 <= self.quant_bits <= 8, "QUANT_BITS must be in 2..8")
+        need(self.artifact_target_bytes <= ARTIFACT_CAP_BYTES, f"ARTIFACT_TARGET_BYTES must be <= {ARTIFACT_CAP_BYTES}")
+        need(self.clip_quantiles() and all(0 < q <= 1 for q in self.clip_quantiles()), "GPTQ_CLIP_QUANTILES must be in (0, 1]")
+        need(self.attn_backend in ("auto", "fa3", "sdpa", "sdpa_cudnn", "sdpa_flash", "math"), f"unknown ATTN_BACKEND={self.attn_backend}")
+        need(self.attn_backend != "fa3" or _fa3_func is not None, "ATTN_BACKEND=fa3 but flash_attn_interface is not importable")
+        need(self.max_wallclock_seconds > 0 or self.iterations > 0, "set ITERATIONS or MAX_WALLCLOCK_SECONDS")
+        need(self.gptq_calib_seqs >= 1 and self.gptq_calib_len >= 2, "GPTQ_CALIB_SEQS/LEN too small")
+        for c in self.compressors.split(","):
+            need(c in ("lzma", "zstd"), f"unknown compressor {c!r} in COMPRESSORS")
+
+    def resolved_grad_accum(self, world_size: int) -> int:
+        if self.grad_accum_steps > 0:
+            return self.grad_accum_steps
+        if 8 % world_size != 0:
+            raise ConfigError(f"world_size={world_size} does not divide 8: set GRAD_ACCUM_STEPS explicitly")
+        return 8 // world_size
+
+
+# ----------------------------------------------------------------------------- data
+
+def read_shard_header(path: str) -> int:
+    """Validate a shard's header and size; return its token count."""
+    try:
+        size = os.path.getsize(path)
+        header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    except OSError as e:
+        raise DataError(f"cannot read shard {path}: {e.strerror}") from None
+    if header.size < SHARD_HEADER_INTS:
+        raise DataError(f"shard {path}: truncated header ({size} bytes)")
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"shard {path}: bad magic {header[0]} (expected {SHARD_MAGIC})")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"shard {path}: unsupported version {header[1]} (expected {SHARD_VERSION})")
+    ntok = int(header[2])
+    expected = SHARD_HEADER_INTS * 4 + 2 * ntok
+    if ntok <= 0 or size != expected:
+        raise DataError(f"shard {path}: header says {ntok} tokens ({expected} bytes) but file has {size} bytes")
+    return ntok
+
+
+def load_shard(path: str, vocab_size: int) -> np.ndarray:
+    """Memory-map a validated shard's tokens (uint16) and check every id < vocab_size."""
+    ntok = read_shard_header(path)
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(ntok,))
+    top = int(tokens.max())
+    if top >= vocab_size:
+        raise DataError(f"shard {path}: token id {top} >= VOCAB_SIZE={vocab_size} (wrong tokenizer/vocab?)")
+    return tokens
+
+
+def find_shards(data_path: str, split: str) -> list[str]:
+    if not os.path.isdir(data_path):
+        raise DataError(f"DATA_PATH {data_path} is not a directory (download the challenge data first)")
+    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not files:
+        raise DataError(f"no fineweb_{split}_*.bin shards in {data_path}")
+    return files
+
+
+def load_validation_tokens(data_path: str, vocab_size: int, limit: int = 0) -> torch.Tensor:
+    """All validation tokens, concatenated in order (documents start with BOS)."""
+    parts = [np.asarray(load_shard(f, vocab_size)) for f in find_shards(data_path, "val")]
+    tokens = np.concatenate(parts).astype(np.int64)
+    if limit > 0:
+        tokens = tokens[: limit + 1]
+    if tokens.size < 2:
+        raise DataError(f"validation split in {data_path} has fewer than 2 tokens")
+    return torch.from_numpy(tokens)
+
+
+class TokenStream:
+    """Reads train shards in order, one memory-mapped shard at a time, wrapping around."""
+
+    def __init__(self, files: list[str], vocab_size: int):
+        for f in files:
+            read_shard_header(f)  # fail early on any bad shard
+        self.files, self.vocab_size = files, vocab_size
+        self.file_idx, self.pos = 0, 0
+        self.tokens = load_shard(files[0], vocab_size)
+
+    def state(self) -> tuple[int, int]:
+        return (self.file_idx, self.pos)
+
+    def restore(self, state: tuple[int, int]) -> None:
+        if state[0] != self.file_idx:
+            self.tokens = load_shard(self.files[state[0]], self.vocab_size)
+        self.file_idx, self.pos = state
+
+    def take(self, n: int) -> np.ndarray:
+        out, got = np.empty(n, dtype=np.int64), 0
+        while got < n:
+            if self.pos >= len(self.tokens):
+                self.restore(((self.file_idx + 1) % len(self.files), 0))
+            k = min(n - got, len(self.tokens) - self.pos)
+            out[got:got + k] = self.tokens[self.pos:self.pos + k]
+            got, self.pos = got + k, self.pos + k
+        return out
+
+
+class DistributedLoader:
+    """Every rank walks the same stream; each takes its own disjoint slice of each chunk."""
+
+    def __init__(self, files, vocab_size, rank, world_size, device):
+        self.stream = TokenStream(files, vocab_size)
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def next_batch(self, seqs: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        span = seqs * seq_len + 1
+        chunk = self.stream.take(span * self.world_size)
+        mine = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span])
+        x = mine[:-1].view(seqs, seq_len)
+        y = mine[1:].view(seqs, seq_len)
+        return (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+
+
+# ----------------------------------------------------------------------------- model
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def fake_quantize_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per-row symmetric fake quantization (absmax scale) for late QAT."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+    return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
+
+
+_ATTN_BACKEND = "math"
+
+
+def set_attention_backend(name: str, device: torch.device) -> str:
+    """Resolve ATTN_BACKEND once per process; returns the name in use."""
+    global _ATTN_BACKEND
+    if name == "auto":
+        name = "fa3" if (device.type == "cuda" and _fa3_func is not None) else ("sdpa" if device.type == "cuda" else "math")
+    if device.type != "cuda" and name != "math":
+        name = "math"
+    _ATTN_BACKEND = name
+    return name
+
+
+def causal_attention(q, k, v):
+    """q: (B,T,H,D); k, v: (B,T,Hkv,D) -> (B,T,H,D), causal, scale 1/sqrt(D)."""
+    if _ATTN_BACKEND == "fa3":
+        out = _fa3_func(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if _ATTN_BACKEND in ("math", "sdpa_cudnn"):
+        rep = q.size(1) // k.size(1)  # expand KV heads: math reference / cuDNN want equal heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if _ATTN_BACKEND == "math":
+            return _math_attention(q, k, v).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def _math_attention(q, k, v, causal=True):
+    att = (q @ k.transpose(-1, -2)) * (q.size(-1) ** -0.5)
+    if causal:
+        tq, tk = q.size(-2), k.size(-2)
+        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        att = att.masked_fill(~mask, float("-inf"))
+    return att.float().softmax(-1).to(v.dtype) @ v
+
+
+class Rotary(nn.Module):
+    """Partial RoPE: rotates the first `dims` dims of each head (half-split pairs)."""
+
+    def __init__(self, dims: int, base: float, max_len: int):
+        super().__init__()
+        self.dims = dims
+        inv = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float32) / max(dims, 1)))
+        t = torch.arange(max_len, dtype=torch.float32)
+        freqs = torch.outer(t, inv)
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:  # x: (B,T,H,D)
+        if self.dims == 0:
+            return x
+        T, half = x.size(1), self.dims // 2
+        cos = self.cos[offset:offset + T, None, :].to(x.dtype)
+        sin = self.sin[offset:offset + T, None, :].to(x.dtype)
+        x1, x2, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
+
+
+class Block(nn.Module):
+    """One transformer layer; its big matrices live in the GPT's banks."""
+
+    def __init__(self, args: Hyperparameters, layer: int):
+        super().__init__()
+        d = args.model_dim
+        self.layer = layer
+        self.ln_scale = 1.0 / math.sqrt(layer + 1)
+        self.use_xsa = args.xsa_layers < 0 or layer >= args.num_layers - args.xsa_layers
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
+        self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init))
+
+    def forward(self, gpt: "GPT", x, x0, w, ve, offset=0, cache=None):
+        L, a = gpt.args.num_layers, self.layer
+        B, T, _ = x.shape
+        H, Hkv, D = gpt.args.num_heads, gpt.args.num_kv_heads, gpt.args.head_dim
+        x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        h = rms_norm(x_in) * self.ln_scale
+        gpt.capture(a, "qkv", h)
+        q = F.linear(h, w["qo"][a]).view(B, T, H, D)
+        k = F.linear(h, w["kv"][a]).view(B, T, Hkv, D)
+        v = F.linear(h, w["kv"][L + a]).view(B, T, Hkv, D)
+        if ve is not None:
+            v = v + ve.view(B, T, Hkv, D)
+        q, k = gpt.rotary(rms_norm(q), offset), gpt.rotary(rms_norm(k), offset)
+        q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        if cache is None:
+            y = causal_attention(q, k, v)
+        else:  # single-token decode against the layer's KV cache
+            kc, vc = cache
+            kc[:, offset:offset + T] = k
+            vc[:, offset:offset + T] = v
+            rep = H // Hkv
+            kk = kc[:, :offset + T].transpose(1, 2).repeat_interleave(rep, dim=1)
+            vv = vc[:, :offset + T].transpose(1, 2).repeat_interleave(rep, dim=1)
+            y = _math_attention(q.transpose(1, 2), kk, vv, causal=True).transpose(1, 2)
+        if self.use_xsa:  # remove each head's component along its own token's value
+            yg = y.view(B, T, Hkv, H // Hkv, D)
+            vh = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
+            y = (yg - (yg * vh).sum(-1, keepdim=True) * vh).view(B, T, H, D)
+        y = y.reshape(B, T, H * D)
+        gpt.capture(a, "out", y)
+        x = x_in + self.attn_scale * F.linear(y, w["qo"][L + a])
+        h = rms_norm(x) * self.ln_scale
+        gpt.capture(a, "up", h)
+        u = F.leaky_relu(F.linear(h, w["up"][a]), gpt.args.leaky_slope).square()
+        gpt.capture(a, "down", u)
+        return x + self.mlp_scale * F.linear(u, w["down"][a])
+
+
+class GPT(nn.Module):
+    """The one model class used for training, calibration, generation and evaluation."""
+
+    BANK_NAMES = ("qo", "kv", "up", "down")
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.args = a = args
+        d, L, kv = a.model_dim, a.num_layers, a.num_kv_heads * a.head_dim
+        self.tok_emb = nn.Embedding(a.vocab_size, d)
+        nn.init.normal_(self.tok_emb.weight, std=a.tied_embed_init_std)
+        # banks: qo = [q_0..q_{L-1}, out_0..out_{L-1}], kv = [k_0.., v_0..]
+        self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))
+        self.kv_bank = nn.Parameter(torch.empty(2 * L, kv, d))
+        self.up_bank = nn.Parameter(torch.empty(L, a.mlp_hidden, d))
+        self.down_bank = nn.Parameter(torch.zeros(L, d, a.mlp_hidden))
+        for i in range(L):
+            nn.init.orthogonal_(self.qo_bank.data[i])
+            nn.init.orthogonal_(self.kv_bank.data[i])
+            nn.init.orthogonal_(self.kv_bank.data[L + i])
+            nn.init.orthogonal_(self.up_bank.data[i])
+        self.qo_bank.data[L:].zero_()  # output projections start at zero
+        self.blocks = nn.ModuleList(Block(a, l) for l in range(L))
+        self.num_enc = L // 2
+        self.skip_weights = nn.Parameter(torch.ones(min(self.num_enc, L - self.num_enc), d))
+        self.smear_w = nn.Parameter(torch.zeros(d))
+        if a.bigram_vocab > 0:
+            # the doc's table is zero-init, but zero table x zero projection never gets a
+            # gradient; a small random table with a zero projection starts at zero output.
+            self.bigram_table = nn.Parameter(torch.randn(a.bigram_vocab, a.bigram_dim) * 0.01)
+            self.bigram_proj = nn.Parameter(torch.zeros(d, a.bigram_dim))
+            self.bigram_scale = nn.Parameter(torch.tensor(0.05))
+        self.ve_layers = a.ve_layer_list()
+        if self.ve_layers:
+            self.ve_table = nn.Parameter(torch.randn(a.vocab_size, a.ve_dim) * 0.01)
+            self.ve_proj = nn.Parameter(torch.zeros(kv, a.ve_dim))
+            self.ve_scale = nn.Parameter(torch.tensor(0.1))
+            self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
+        self.rotary = Rotary(a.rope_dims, a.rope_base, max(a.train_seq_len, a.eval_seq_len, a.gptq_calib_len))
+        self.register_buffer("qat_mix", torch.zeros(()), persistent=False)
+        self._capture = None
+
+    def banks(self) -> dict[str, torch.Tensor]:
+        return {"qo": self.qo_bank, "kv": self.kv_bank, "up": self.up_bank, "down": self.down_bank}
+
+    def capture(self, layer: int, kind: str, x: torch.Tensor) -> None:
+        if self._capture is not None:
+            self._capture(layer, kind, x)
+
+    def _bank_weights(self) -> dict[str, torch.Tensor]:
+        w = self.banks()
+        if not torch.is_grad_enabled():
+            return w
+        # late QAT: straight-through fake quantization, switched by a tensor (no recompile)
+        return {k: t + self.qat_mix * (fake_quantize_rows(t, self.args.quant_bits) - t).detach() for k, t in w.items()}
+
+    def embed(self, ids, prev_ids=None, prev_x=None):
+        """Token + BigramHash embedding, RMSNorm, SmearGate. Nothing crosses a BOS."""
+        a = self.args
+        x = self.tok_emb(ids)
+        is_bos = ids == a.bos_id
+        if a.bigram_vocab > 0:
+            first = prev_ids if prev_ids is not None else torch.full_like(ids[:, :1], -1)
+            prev = torch.cat([first, ids[:, :-1]], dim=1)
+            idx = torch.bitwise_xor(36313 * ids, 27191 * prev) % (a.bigram_vocab - 1)
+            idx = torch.where((prev < 0) | is_bos, a.bigram_vocab - 1, idx)
+            x = x + self.bigram_scale * F.linear(F.embedding(idx, self.bigram_table), self.bigram_proj)
+        x = rms_norm(x)
+        first_x = prev_x if prev_x is not None else torch.zeros_like(x[:, :1])
+        x_prev = torch.cat([first_x, x[:, :-1]], dim=1)
+        g = torch.sigmoid(self.smear_w).to(x.dtype) * (~is_bos).unsqueeze(-1).to(x.dtype)
+        return x + g * (x_prev - x), x
+
+    def hidden(self, ids, offset=0, caches=None, prev_ids=None, prev_x=None):
+        x, x_emb = self.embed(ids, prev_ids, prev_x)
+        x0 = x
+        w = self._bank_weights()
+        ve_all = None
+        if self.ve_layers:
+            ve_all = F.linear(F.embedding(ids, self.ve_table), self.ve_proj) * self.ve_scale
+        skips = []
+        for l, block in enumerate(self.blocks):
+            if l >= self.num_enc and skips:
+                x = x + self.skip_weights[l - self.num_enc] * skips.pop()
+            ve = None
+            if ve_all is not None and l in self.ve_layers:
+                ve = ve_all * self.ve_layer_scales[self.ve_layers.index(l)]
+            x = block(self, x, x0, w, ve, offset, None if caches is None else caches[l])
+            if l < self.num_enc:
+                skips.append(x)
+        return rms_norm(x), x_emb
+
+    def logits_from_hidden(self, h):
+        logits = F.linear(h, self.tok_emb.weight).float()
+        c = self.args.logit_softcap
+        return c * torch.tanh(logits / c) if c > 0 else logits
+
+    def forward(self, ids, targets=None, reduction: str = "mean"):
+        logits = self.logits_from_hidden(self.hidden(ids)[0])
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        return loss if reduction == "mean" else loss.view(targets.shape)
+
+    @torch.no_grad()
+    def generate(self, batch: int, length: int, temperature: float, generator: torch.Generator,
+                 use_cache: bool = True) -> torch.Tensor:
+        """Sample `batch` sequences of `length` tokens starting from BOS (inverse-CDF sampling
+        with pre-drawn uniforms, so cached and uncached decoding are comparable)."""
+        a, dev = self.args, self.tok_emb.weight.device
+        ids = torch.full((batch, length), a.bos_id, dtype=torch.long, device=dev)
+        uniforms = torch.rand(batch, length, generator=generator, device=generator.device).to(dev)
+        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        kvd = (batch, length, a.num_kv_heads, a.head_dim)
+        caches = [(torch.zeros(kvd, device=dev, dtype=dtype), torch.zeros(kvd, device=dev, dtype=dtype))
+                  for _ in range(a.num_layers)] if use_cache else None
+        prev_x = None
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            for t in range(length - 1):
+                if use_cache:
+                    prev = ids[:, t - 1:t] if t > 0 else None
+                    h, x_emb = self.hidden(ids[:, t:t + 1], offset=t, caches=caches, prev_ids=prev, prev_x=prev_x)
+                    prev_x = x_emb
+                    logits = self.logits_from_hidden(h[:, -1])
+                else:
+                    logits = self.logits_from_hidden(self.hidden(ids[:, :t + 1])[0][:, -1])
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                cdf = probs.cumsum(-1)
+                nxt = torch.searchsorted(cdf, (uniforms[:, t:t + 1] * cdf[:, -1:]).contiguous())
+                ids[:, t + 1] = nxt.squeeze(1).clamp_max(a.vocab_size - 1)
+        return ids
+
+    def param_groups(self):
+        """Split parameters by optimizer: Muon banks, embedding tables, projections, gains."""
+        banks = [self.qo_bank, self.kv_bank, self.up_bank, self.down_bank]
+        named = dict(self.named_parameters())
+        tables = [named[n] for n in ("tok_emb.weight", "bigram_table", "ve_table") if n in named]
+        projections = [named[n] for n in ("bigram_proj", "ve_proj") if n in named]
+        taken = {id(p) for p in banks + tables + projections}
+        scalars = [p for p in self.parameters() if id(p) not in taken]
+        return banks, tables, projections, scalars
+
+
+def build_model(args: Hyperparameters, device: torch.device) -> GPT:
+    torch.manual_seed(args.seed)
+    return GPT(args).to(device)
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately orthogonalize each matrix of a (n, r, c) batch (bf16 quintic iteration)."""
+    a, b, c = NS_COEFFS
+    X = G.to(torch.bfloat16)
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return X.mT if transposed else X
+
+
+def _is_nccl() -> bool:
+    return dist.is_initialized() and dist.get_backend() == "nccl"
+
+
+def reduce_scatter_avg(full: torch.Tensor, shard_rows: int):
+    """Start averaging `full` (rows = world x shard_rows) across ranks; returns a waiter that
+    yields this rank's shard. NCCL: reduce-scatter; gloo (CPU): all-reduce, then slice."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if _is_nccl():
+        out = torch.empty((shard_rows,) + tuple(full.shape[1:]), device=full.device, dtype=full.dtype)
+        work = dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True)
+        return lambda: (work.wait(), out)[1]
+    work = dist.all_reduce(full, async_op=True)
+    return lambda: (work.wait(), full[rank * shard_rows:(rank + 1) * shard_rows].div_(world))[1]
+
+
+def all_gather_rows(shard: torch.Tensor):
+    """Start gathering every rank's shard along dim 0; returns a waiter yielding the whole."""
+    world = dist.get_world_size()
+    if _is_nccl():
+        out = torch.empty((shard.size(0) * world,) + tuple(shard.shape[1:]), device=shard.device, dtype=shard.dtype)
+        work = dist.all_gather_into_tensor(out, shard.contiguous(), async_op=True)
+        return lambda: (work.wait(), out)[1]
+    parts = [torch.empty_like(shard) for _ in range(world)]
+    work = dist.all_gather(parts, shard.contiguous(), async_op=True)
+    return lambda: (work.wait(), torch.cat(parts))[1]
+
+
+class ParallelMuon:
+    """Muon on 3-D parameter banks. Distributed: reduce-scatter the gradient along the layer
+    axis, momentum + Newton-Schulz on this rank's shard only, all-gather the updates."""
+
+    def __init__(self, banks, lr, weight_decay, ns_steps, world_size, ns_fn=newton_schulz):
+        self.banks = sorted(banks, key=lambda p: -p.numel())  # biggest first: longest comm first
+        self.lr, self.weight_decay, self.ns_steps, self.momentum = lr, weight_decay, ns_steps, 0.95
+        self.world, self.ns_fn = world_size, ns_fn
+        self.state = {}
+        for p in self.banks:
+            n, r, c = p.shape
+            rows = -(-n // world_size) * world_size
+            self.state[p] = {"rows": rows, "shard": rows // world_size, "scale": math.sqrt(max(1.0, r / c)),
+                             "buf": torch.zeros((rows // world_size, r, c), device=p.device, dtype=torch.float32)}
+        self._waiters = None
+
+    def reset(self):
+        for st in self.state.values():
+            st["buf"].zero_()
+
+    def launch_grad_sync(self):
+        self._waiters = []
+        for p in self.banks:
+            st, g = self.state[p], p.grad
+            if self.world == 1:
+                self._waiters.append(lambda g=g: g)
+                continue
+            full = torch.zeros((st["rows"],) + tuple(g.shape[1:]), device=g.device, dtype=g.dtype)
+            full[: g.size(0)].copy_(g)
+            self._waiters.append(reduce_scatter_avg(full, st["shard"]))
+
+    def wait_grad_sync(self) -> list[torch.Tensor]:
+        self._shards = [w() for w in self._waiters]
+        return self._shards
+
+    @torch.no_grad()
+    def step(self, clip_coef: float = 1.0):
+        mu, lr, wd = self.momentum, self.lr, self.weight_decay
+        pending = []
+        for p, g in zip(self.banks, self._shards):
+            st = self.state[p]
+            if clip_coef != 1.0:
+                g = g * clip_coef
+            buf = st["buf"]
+            buf.mul_(mu).add_(g)
+            update = self.ns_fn(g.add(buf, alpha=mu), self.ns_steps) * st["scale"]
+            pending.append((p, all_gather_rows(update) if self.world > 1 else (lambda u=update: u)))
+        for p, wait in pending:  # gathers overlap the following banks' Newton-Schulz
+            update = wait()[: p.size(0)]
+            p.mul_(1.0 - lr * wd).add_(update.to(p.dtype), alpha=-lr)
+        self._shards = None
+
+
+def flat_all_reduce_avg(tensors: list[torch.Tensor]):
+    """Average a list of small gradients across ranks as one flat buffer; returns a waiter."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or not tensors:
+        return lambda: None
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    work = dist.all_reduce(flat, async_op=True)
+
+    def finish():
+        work.wait()
+        flat.div_(dist.get_world_size())
+        off = 0
+        for t in tensors:
+            t.copy_(flat[off:off + t.numel()].view_as(t))
+            off += t.numel()
+    return finish
+
+
+class Optimizers:
+    """Muon for banks + AdamW for the rest, with the shared gradient sync and clipping."""
+
+    def __init__(self, model: GPT, args: Hyperparameters, world_size: int, device: torch.device):
+        banks, tables, projections, scalars = model.param_groups()
+        self.args = args
+        ns_fn = torch.compile(newton_schulz) if _use_compile(args, device) else newton_schulz
+        self.muon = ParallelMuon(banks, args.matrix_lr, args.muon_wd, args.muon_ns_steps, world_size, ns_fn)
+        groups = [{"params": tables, "lr": args.embed_lr, "weight_decay": args.adam_wd},
+                  {"params": projections, "lr": args.scalar_lr, "weight_decay": args.adam_wd},
+                  # gains, gates and mixing weights: no decay (decay would pull them to 0)
+                  {"params": scalars, "lr": args.scalar_lr, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        for g in groups:
+            g["base_lr"] = g["lr"]
+        self.adam = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+                                      fused=device.type == "cuda")
+        self.other_params = [p for g in groups for p in g["params"]]
+
+    def set_schedule(self, lr_scale: float, step: int):
+        a = self.args
+        for g in self.adam.param_groups:
+            g["lr"] = g["base_lr"] * lr_scale
+        self.muon.lr = a.matrix_lr * lr_scale
+        frac = min(1.0, step / max(1, a.muon_momentum_warmup_steps))
+        self.muon.momentum = (1 - frac) * a.muon_momentum_start + frac * a.muon_momentum
+
+    def step(self) -> float:
+        """Sync gradients, clip by the global norm, step both optimizers; returns the norm."""
+        for p in self.other_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.muon.launch_grad_sync()
+        finish_small = flat_all_reduce_avg([p.grad for p in self.other_params])
+        shards = self.muon.wait_grad_sync()
+        finish_small()
+        bank_sq = torch.stack([s.float().square().sum() for s in shards]).sum()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bank_sq)  # shards are disjoint, so sums add up to the full norm
+        small_sq = sum(p.grad.float().square().sum() for p in self.other_params)
+        norm = float(torch.sqrt(bank_sq + small_sq))
+        coef = 1.0
+        if self.args.grad_clip_norm > 0 and norm > self.args.grad_clip_norm:
+            coef = self.args.grad_clip_norm / (norm + 1e-6)
+            for p in self.other_params:
+                p.grad.mul_(coef)
+        self.adam.step()
+        self.muon.step(coef)
+        return norm
+
+    def zero_grad(self):
+        self.adam.zero_grad(set_to_none=True)
+        for p in self.muon.banks:
+            p.grad = None
+
+    def state_dict(self):
+        return {"adam": copy.deepcopy(self.adam.state_dict())}
+
+    def load_state_dict(self, state):
+        self.adam.load_state_dict(state["adam"])
+        self.muon.reset()
+
+
+def _use_compile(args: Hyperparameters, device: torch.device) -> bool:
+    return args.compile == "1" or (args.compile == "auto" and device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- quantization
+
+def row_clip_scales(W: torch.Tensor, quantile: float, qmax: int) -> torch.Tensor:
+    """Per-row scale = quantile of |w| / qmax, rounded to fp16 (the stored precision)."""
+    a = W.abs()
+    clip = a.amax(dim=-1) if quantile >= 1.0 else torch.quantile(a, quantile, dim=-1)
+    return (clip.clamp_min(1e-8) / qmax).half().clamp_min(6e-8).float()
+
+
+def quantize_rtn(W: torch.Tensor, qmax: int, quantiles: list[float]):
+    """Round-to-nearest per row with the best clip quantile per row (plain squared error)."""
+    best_err = best_q = best_s = None
+    for qt in quantiles:
+        s = row_clip_scales(W, qt, qmax)
+        q = torch.clamp(torch.round(W / s[..., None]), -qmax, qmax)
+        err = (W - q * s[..., None]).square().sum(-1)
+        if best_err is None:
+            best_err, best_q, best_s = err, q, s
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_q = torch.where(better[..., None], q, best_q)
+            best_s = torch.where(better, s, best_s)
+    return best_q.to(torch.int8), best_s.half()
+
+
+def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+    """Upper factor U' with U'^T U' = H^-1, via the reverse-Cholesky route: flip H, take the
+    lower Cholesky factor, flip back to an upper U with U U^T = H; then U' = U^-1."""
+    L = torch.linalg.cholesky(H.flip(-2, -1))
+    U = L.flip(-2, -1)
+    eye = torch.eye(H.size(-1), device=H.device, dtype=H.dtype).expand_as(H)
+    return torch.linalg.solve_triangular(U, eye, upper=True)
+
+
+def _gptq_pass(W, Hinv_u, s, qmax, block):
+    """One GPTQ sweep over permuted columns with fixed per-row scales s (n, r)."""
+    W = W.clone()
+    n, r, c = W.shape
+    Q = torch.empty_like(W)
+    inv_s = 1.0 / s
+    for i1 in range(0, c, block):
+        i2 = min(i1 + block, c)
+        W1 = W[:, :, i1:i2].clone()
+        E1 = torch.empty_like(W1)
+        U1 = Hinv_u[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            w = W1[:, :, i]
+            q = torch.clamp(torch.round(w * inv_s), -qmax, qmax)
+            Q[:, :, i1 + i] = q
+            e = (w - q * s) / U1[:, i, i][:, None]
+            W1[:, :, i + 1:] -= e[:, :, None] * U1[:, i, i + 1:][:, None, :]
+            E1[:, :, i] = e
+        if i2 < c:
+            W[:, :, i2:] -= E1 @ Hinv_u[:, i1:i2, i2:]
+    return Q
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, qmax: int, quantiles: list[float],
+                  block: int = 128, damp: float = 0.01):
+    """Full-Hessian GPTQ for a batch of matrices W (n, r, c) with input Hessians H (n, c, c):
+    dead columns zeroed, damping, act-order, lazy block updates, and a per-row clip search
+    (each row keeps the candidate scale with the least output error e H e^T).
+    Returns int8 values in [-qmax, qmax] (n, r, c) and fp16 row scales (n, r)."""
+    W, H = W.float().clone(), H.float().clone()
+    n, r, c = W.shape
+    diag = H.diagonal(dim1=-2, dim2=-1)
+    dead = diag <= 0
+    W.masked_fill_(dead[:, None, :], 0.0)
+    diag.add_(dead.float())
+    diag.add_(damp * diag.mean(-1, keepdim=True))
+    perm = torch.argsort(diag, dim=-1, descending=True)
+    inv_perm = torch.argsort(perm, dim=-1)
+    Wp = W.gather(2, perm[:, None, :].expand(n, r, c))
+    Hp = H.gather(1, perm[:, :, None].expand(n, c, c)).gather(2, perm[:, None, :].expand(n, c, c))
+    Hinv_u = upper_cholesky_of_inverse(Hp)
+    best_err = best_q = best_s = None
+    for qt in quantiles:
+        s = row_clip_scales(W, qt, qmax)
+        Q = _gptq_pass(Wp, Hinv_u, s, qmax, block)
+        E = Wp - Q * s[..., None]
+        err = ((E @ Hp) * E).sum(-1)
+        if best_err is None:
+            best_err, best_q, best_s = err, Q, s
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_q = torch.where(better[..., None], Q, best_q)
+            best_s = torch.where(better, s, best_s)
+    Q = best_q.gather(2, inv_perm[:, None, :].expand(n, r, c))
+    return Q.to(torch.int8), best_s.half()
+
+
+class HessianCollector:
+    """Accumulates H = X^T X of each quantized linear's input, keyed (layer, kind)."""
+
+    def __init__(self):
+        self.H, self.rows = {}, 0
+
+    def __call__(self, layer, kind, x):
+        X = x.detach().reshape(-1, x.size(-1)).float()
+        key = (layer, kind)
+        if key not in self.H:
+            self.H[key] = torch.zeros(X.size(1), X.size(1), device=X.device)
+        self.H[key].addmm_(X.T, X)
+        if key == (0, "qkv"):
+            self.rows += X.size(0)
+
+    def averaged(self) -> dict:
+        rows = torch.tensor(float(self.rows), device=next(iter(self.H.values())).device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            for H in self.H.values():
+                dist.all_reduce(H)
+            dist.all_reduce(rows)
+        return {k: H / rows for k, H in self.H.items()}
+
+
+def bank_hessian_keys(args: Hyperparameters) -> dict[str, list[tuple[int, str]]]:
+    """For each bank, the Hessian key of each of its matrices (same order as the bank)."""
+    L = args.num_layers
+    return {"qo": [(l, "qkv") for l in range(L)] + [(l, "out") for l in range(L)],
+            "kv": [(l, "qkv") for l in range(L)] * 2,
+            "up": [(l, "up") for l in range(L)],
+            "down": [(l, "down") for l in range(L)]}
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, args, device, rank, world_size, log) -> tuple[dict, dict]:
+    """Self-generated calibration: sample sequences from the trained model (KV cache, batched),
+    then one forward pass with capture hooks. Touches neither train nor validation data."""
+    times = {}
+    t0 = time.perf_counter()
+    per_rank = -(-args.gptq_calib_seqs // world_size)
+    gen = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)
+    seqs = []
+    for b0 in range(0, per_rank, args.gptq_calib_batch):
+        b = min(args.gptq_calib_batch, per_rank - b0)
+        seqs.append(model.generate(b, args.gptq_calib_len, args.gptq_calib_temp, gen))
+    _sync(device)
+    times["calib_generate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    collector = HessianCollector()
+    model._capture = collector
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for ids in seqs:
+                for chunk in ids.split(8):
+                    model.hidden(chunk)
+    finally:
+        model._capture = None
+    hessians = collector.averaged()
+    _sync(device)
+    times["calib_hessians"] = time.perf_counter() - t0
+    log(f"calibration: {per_rank * world_size} self-generated seqs x {args.gptq_calib_len} tokens "
+        f"(temp {args.gptq_calib_temp}); generate {times['calib_generate']:.2f}s, hessians {times['calib_hessians']:.2f}s")
+    return hessians, times
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, rank: int = 0, world_size: int = 1):
+    """Quantize the model: bank matrices int-N (GPTQ if Hessians are given, else RTN), tables
+    int8 per row, everything else fp16. Banks are split across ranks and gathered back.
+    Returns {name: entry} in a fixed order, entries holding CPU tensors."""
+    qmax6 = 2 ** (args.quant_bits - 1) - 1
+    keys = bank_hessian_keys(args)
+    entries = {}
+    for bank_name, bank in model.banks().items():
+        n = bank.size(0)
+        mine = list(range(rank, n, world_size))
+        q = torch.zeros(bank.shape, dtype=torch.int8, device=bank.device)
+        s = torch.zeros(bank.shape[:2], dtype=torch.float16, device=bank.device)
+        if mine:
+            W = bank.detach()[mine]
+            if hessians is not None:
+                H = torch.stack([hessians[keys[bank_name][i]] for i in mine])
+                qi, si = gptq_quantize(W, H, qmax6, args.clip_quantiles(), args.gptq_block, args.gptq_damp)
+            else:
+                qi, si = quantize_rtn(W.float(), qmax6, args.clip_quantiles())
+            q[mine], s[mine] = qi, si
+        if world_size > 1:  # each rank filled its own rows; the others are zero
+            dist.all_reduce(q)  # int8 sums of one non-zero term are exact
+            dist.all_reduce(s)
+        hdiag = None
+        if hessians is not None:
+            hdiag = torch.stack([hessians[k].diagonal() for k in keys[bank_name]]).cpu()
+        for i in range(n):
+            entries[f"{bank_name}_bank.{i}"] = {"kind": "int", "bits": args.quant_bits, "q": q[i].cpu(),
+                                               "scale": s[i].cpu(), "hdiag": None if hdiag is None else hdiag[i]}
+    for name, t in model.state_dict().items():
+        if name.endswith("_bank"):
+            continue
+        t = t.detach().float()
+        if name in ("tok_emb.weight", "bigram_table", "ve_table"):
+            q, s = quantize_rtn(t, 127, args.clip_quantiles())
+            entries[name] = {"kind": "int", "bits": 8, "q": q.cpu(), "scale": s.cpu(), "hdiag": None}
+        else:
+            entries[name] = {"kind": "float", "value": t.half().cpu()}
+    return entries
+
+
+def dequantize_entries(entries: dict, args: Hyperparameters) -> dict[str, torch.Tensor]:
+    """Rebuild a full state dict (banks reassembled) from quantized entries."""
+    state, banks = {}, {}
+    for name, e in entries.items():
+        t = e["q"].float() * e["scale"].float()[:, None] if e["kind"] == "int" else e["value"].float()
+        if "_bank." in name:
+            bank, idx = name.rsplit(".", 1)
+            banks.setdefault(bank, {})[int(idx)] = t
+        else:
+            state[name] = t
+    for bank, rows in banks.items():
+        state[bank] = torch.stack([rows[i] for i in range(len(rows))])
+    return state
+
+
+# ----------------------------------------------------------------------------- serialization
+
+ARTIFACT_MAGIC = b"PGQ1"
+MODEL_CONFIG_FIELDS = ("vocab_size", "bos_id", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
+                       "leaky_slope", "xsa_layers", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap",
+                       "bigram_vocab", "bigram_dim", "ve_dim", "ve_layers", "quant_bits", "train_seq_len")
+
+
+def pack_entries(entries: dict, args: Hyperparameters) -> tuple[bytes, int, int]:
+    """Serialize entries to one blob: header (JSON tensor table + model config), then all
+    quantized values, then scales and float tensors. Returns (blob, values_offset, n_values)."""
+    table, values, rest = [], [], []
+    voff = roff = 0
+    for name, e in entries.items():
+        if e["kind"] == "int":
+            qb = e["q"].numpy().astype(np.int8).tobytes()
+            sb = e["scale"].numpy().astype("<f2").tobytes()
+            table.append({"name": name, "kind": "int", "bits": e["bits"], "shape": list(e["q"].shape),
+                          "voff": voff, "roff": roff})
+            values.append(qb)
+            rest.append(sb)
+            voff, roff = voff + len(qb), roff + len(sb)
+        else:
+            vb = e["value"].numpy().astype("<f2").tobytes()
+            table.append({"name": name, "kind": "float", "shape": list(e["value"].shape), "roff": roff})
+            rest.append(vb)
+            roff += len(vb)
+    config = {k: getattr(args, k) for k in MODEL_CONFIG_FIELDS}
+    header = json.dumps({"config": config, "tensors": table}, separators=(",", ":")).encode()
+    head = ARTIFACT_MAGIC + struct.pack("<II", len(header), voff) + header
+    return head + b"".join(values) + b"".join(rest), len(head), voff
+
+
+def unpack_entries(blob: bytes) -> tuple[dict, dict]:
+    if blob[:4] != ARTIFACT_MAGIC:
+        raise ArtifactError("artifact payload has a bad magic (not a packed model)")
+    hlen, vlen = struct.unpack("<II", blob[4:12])
+    header = json.loads(blob[12:12 + hlen])
+    vbase = 12 + hlen
+    rbase = vbase + vlen
+    entries = {}
+    for t in header["tensors"]:
+        shape = t["shape"]
+        if t["kind"] == "int":
+            n = int(np.prod(shape))
+            q = np.frombuffer(blob, dtype=np.int8, count=n, offset=vbase + t["voff"]).reshape(shape)
+            s = np.frombuffer(blob, dtype="<f2", count=shape[0], offset=rbase + t["roff"])
+            entries[t["name"]] = {"kind": "int", "bits": t["bits"], "q": torch.from_numpy(q.copy()),
+                                  "scale": torch.from_numpy(s.copy())}
+        else:
+            n = int(np.prod(shape)) if shape else 1
+            v = np.frombuffer(blob, dtype="<f2", count=n, offset=rbase + t["roff"]).reshape(shape)
+            entries[t["name"]] = {"kind": "float", "value": torch.from_numpy(v.copy())}
+    return entries, header["config"]
+
+
+CODECS = {"lzma": b"L", "zstd": b"Z"}
+
+
+def compress(blob: bytes, codec: str) -> bytes:
+    if codec == "lzma":
+        return CODECS[codec] + lzma.compress(blob, preset=9 | lzma.PRESET_EXTREME)
+    if zstandard is None:
+        raise ArtifactError("zstd requested but the zstandard package is not installed")
+    return CODECS[codec] + zstandard.ZstdCompressor(level=22).compress(blob)
+
+
+def decompress(data: bytes) -> bytes:
+    tag, body = data[:1], data[1:]
+    if tag == b"L":
+        return lzma.decompress(body)
+    if tag == b"Z":
+        if zstandard is None:
+            raise ArtifactError("artifact is zstd-compressed but the zstandard package is not installed")
+        return zstandard.ZstdDecompressor().decompress(body)
+    raise ArtifactError(f"unknown artifact codec tag {tag!r}")
+
+
+def compress_best(blob: bytes, codecs: list[str]) -> tuple[bytes, str]:
+    """Compress with every available codec in parallel threads (both release the GIL)."""
+    codecs = [c for c in codecs if c != "zstd" or zstandard is not None] or ["lzma"]
+    results = {}
+    threads = [threading.Thread(target=lambda c=c: results.__setitem__(c, compress(blob, c))) for c in codecs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    best = min(codecs, key=lambda c: len(results[c]))
+    return results[best], best
+
+
+def _proxy_size(blob: bytes) -> int:
+    """Fast size estimate used to steer the pruning search (scaled to the real codec)."""
+    if zstandard is not None:
+        return len(zstandard.ZstdCompressor(level=3).compress(blob))
+    return len(zlib.compress(blob, 1))
+
+
+def prune_candidates(entries: dict, values_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (in the values section) of +-1 quantized weights of the int-N matrices, sorted
+    by the damage of zeroing them: scale_row^2 x H_jj (or scale_row^2 without a Hessian)."""
+    pos_parts, cost_parts, off = [], [], 0
+    for e in entries.values():
+        if e["kind"] != "int":
+            continue
+        q = e["q"].numpy().reshape(e["q"].shape[0], -1)
+        if e["bits"] < 8:
+            rows, cols = np.nonzero(np.abs(q) == 1)
+            s2 = e["scale"].numpy().astype(np.float64)[rows] ** 2
+            h = e["hdiag"].numpy().astype(np.float64)[cols] if e.get("hdiag") is not None else 1.0
+            pos_parts.append(off + rows * q.shape[1] + cols)
+            cost_parts.append(s2 * h)
+        off += q.size
+    assert off == values_len
+    if not pos_parts:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    pos, cost = np.concatenate(pos_parts), np.concatenate(cost_parts)
+    order = np.argsort(cost, kind="stable")
+    return pos[order], cost[order]
+
+
+def pack_to_budget(entries: dict, args: Hyperparameters, budget_bytes: int, log) -> tuple[bytes, dict]:
+    """Pack and compress; if over budget, zero the cheapest +-1 values, searching the count
+    with a fast proxy codec and verifying each guess with the real codecs; stop at the
+    first fit. Raises ArtifactError when even full pruning does not fit."""
+    blob, voff, vlen = pack_entries(entries, args)
+    codecs = args.compressors.split(",")
+    data, codec = compress_best(blob, codecs)
+    info = {"pruned": 0, "codec": codec, "raw_bytes": len(blob), "candidates": 0}
+    if len(data) <= budget_bytes:
+        return data, info
+    pos, _ = prune_candidates(entries, vlen)
+    info["candidates"] = len(pos)
+    base = bytearray(blob)
+
+    def with_pruned(k: int) -> bytes:
+        b = bytearray(base)
+        view = np.frombuffer(b, dtype=np.int8, count=vlen, offset=voff)
+        view.setflags(write=True)
+        view[pos[:k]] = 0
+        return bytes(b)
+
+    k_lo, target = 0, budget_bytes
+    for attempt in range(8):
+        ratio = len(data) / _proxy_size(with_pruned(k_lo))  # real/proxy at the current point
+        lo, hi = k_lo, len(pos)
+        while lo < hi:  # smallest k whose scaled proxy size fits
+            mid = (lo + hi) // 2
+            if _proxy_size(with_pruned(mid)) * ratio <= target:
+                hi = mid
+            else:
+                lo = mid + 1
+        k = lo
+        data, codec = compress_best(with_pruned(k), codecs)
+        log(f"prune attempt {attempt}: zero {k}/{len(pos)} +-1 values -> {len(data)} bytes (budget {budget_bytes})")
+        if len(data) <= budget_bytes:
+            info.update(pruned=k, codec=codec)
+            _apply_pruning(entries, pos[:k])
+            return data, info
+        if k >= len(pos):
+            break
+        k_lo, target = k, target - (len(data) - budget_bytes) - 1024
+    raise ArtifactError(f"model does not fit: {len(data)} compressed bytes > budget {budget_bytes} even after "
+                        f"pruning; shrink the model (e.g. BIGRAM_VOCAB, MLP_MULT)")
+
+
+def _apply_pruning(entries: dict, positions: np.ndarray) -> None:
+    """Mirror the pruning into the entries so they equal what was packed."""
+    flat_pos = np.sort(positions)
+    off = 0
+    for e in entries.values():
+        if e["kind"] != "int":
+            continue
+        n = e["q"].numel()
+        lo, hi = np.searchsorted(flat_pos, [off, off + n])
+        if hi > lo:
+            flat = e["q"].view(-1)
+            flat[torch.from_numpy(flat_pos[lo:hi] - off)] = 0
+        off += n
+
+
+def write_artifact(path: str, data: bytes, code_bytes: int) -> int:
+    total = code_bytes + len(data)
+    if total > ARTIFACT_CAP_BYTES:
+        raise ArtifactError(f"artifact is {total} bytes (code {code_bytes} + model {len(data)}) > cap {ARTIFACT_CAP_BYTES}")
+    with open(path, "wb") as f:
+        f.write(data)
+    return total
+
+
+def load_artifact(path: str) -> tuple[dict, dict]:
+    """Read an artifact file -> (state dict of dequantized weights, model config)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ArtifactError(f"cannot read artifact {path}: {e.strerror}") from None
+    try:
+        blob = decompress(data)
+    except (lzma.LZMAError, ValueError) as e:
+        raise ArtifactError(f"artifact {path} is corrupt: {e}") from None
+    entries, config = unpack_entries(blob)
+    return entries, config
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+class ByteLUTs:
+    """Per-token byte accounting from the SentencePiece model."""
+
+    def __init__(self, base: torch.Tensor, space: torch.Tensor, boundary: torch.Tensor):
+        self.base, self.space, self.boundary = base, space, boundary
+
+    def to(self, device):
+        return ByteLUTs(self.base.to(device), self.space.to(device), self.boundary.to(device))
+
+    def target_bytes(self, prev: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        """UTF-8 bytes of `tgt`; its leading-space marker counts only after a non-boundary token."""
+        return self.base[tgt] + (self.space[tgt] & ~self.boundary[prev]).to(self.base.dtype)
+
+
+def load_tokenizer_luts(tokenizer_path: str, vocab_size: int) -> ByteLUTs:
+    import sentencepiece as spm
+    if not os.path.isfile(tokenizer_path):
+        raise DataError(f"tokenizer {tokenizer_path} not found (TOKENIZER_PATH)")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises generic errors
+        raise DataError(f"tokenizer {tokenizer_path} is not a SentencePiece model: {e}") from None
+    if sp.vocab_size() != vocab_size:
+        raise DataError(f"tokenizer {tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    base = torch.zeros(vocab_size, dtype=torch.int64)
+    space = torch.zeros(vocab_size, dtype=torch.bool)
+    boundary = torch.zeros(vocab_size, dtype=torch.bool)
+    for i in range(vocab_size):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True  # BOS/EOS/UNK: zero bytes, and they start a fresh text
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            if piece.startswith("\u2581"):
+                space[i], piece = True, piece[1:]
+            base[i] = len(piece.encode("utf-8"))
+    return ByteLUTs(base, space, boundary)
+
+
+def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Windows (start, length, first_scored_offset) over target positions 0..n_targets-1:
+    the first window scores all it sees, each later one only its last `stride` targets, so
+    every target is scored exactly once with the longest context the window length allows."""
+    windows, scored = [], 0
+    while scored < n_targets:
+        end = min(scored + (seq_len if scored == 0 else stride), n_targets)
+        start = max(0, end - seq_len)
+        windows.append((start, end - start, scored - start))
+        scored = end
+    return windows
+
+
+def rank_share(items: list, rank: int, world_size: int) -> list:
+    """Contiguous, disjoint, covering split of a list across ranks."""
+    per = -(-len(items) // world_size)
+    return items[rank * per:(rank + 1) * per]
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+@torch.no_grad()
+def score_windows(score_fn, tokens, luts, windows, batch, device, on_score=None) -> torch.Tensor:
+    """Sum (nll nats, bytes, tokens) in float64 over the scored part of each window.
+    Batches are padded to a fixed size (weight 0) so compiled graphs see one shape."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for b0 in range(0, len(windows), batch):
+        part = windows[b0:b0 + batch]
+        valid = torch.zeros(batch, dtype=torch.bool, device=device)
+        valid[:len(part)] = True
+        part = part + [part[-1]] * (batch - len(part))
+        length = part[0][1]
+        assert all(w[1] == length for w in part), "windows of one batch must share a length"
+        starts = torch.tensor([w[0] for w in part], device=device)
+        first = torch.tensor([w[2] for w in part], device=device)
+        pos = torch.arange(length, device=device)
+        idx = starts[:, None] + pos[None, :]
+        x, y = tokens[idx], tokens[idx + 1]
+        nll = score_fn(x, y).double()
+        mask = (pos[None, :] >= first[:, None]) & valid[:, None]
+        sums[0] += (nll * mask).sum()
+        sums[1] += (luts.target_bytes(x, y).double() * mask).sum()
+        sums[2] += mask.sum()
+        if on_score is not None:
+            for (s, ln, f), ok in zip(part, valid.tolist()):
+                if ok:
+                    on_score(s + f, s + ln)
+    return sums
+
+
+def _metrics(sums: torch.Tensor) -> dict:
+    loss, nbytes, ntok = (float(v) for v in sums)
+    return {"val_loss": loss / ntok, "val_bpb": loss / math.log(2) / nbytes, "tokens": int(ntok), "bytes": int(nbytes)}
+
+
+def evaluate(score_fn, tokens, luts, seq_len, stride, batch, rank, world_size, device, on_score=None) -> dict:
+    """val_loss (nats/token) and val_bpb over all targets of `tokens`; stride = seq_len gives
+    the plain non-overlapping evaluation (the tail window is shifted back to full length)."""
+    n = tokens.numel() - 1
+    seq_len = min(seq_len, n)
+    mine = rank_share(sliding_windows(n, seq_len, stride), rank, world_size)
+    sums = score_windows(score_fn, tokens, luts, mine, batch, device, on_score) if mine else \
+        torch.zeros(3, dtype=torch.float64, device=device)
+    return _metrics(_all_reduce_sum(sums))
+
+
+def make_score_fn(model: nn.Module, device: torch.device):
+    def score(x, y):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            return model(x, y, reduction="none")
+    return score
+
+
+def evaluate_with_ttt(model: GPT, score_fn, tokens, luts, args, rank, world_size, device, log, monitor=None) -> dict:
+    """Legal score-first test-time training: val is cut into chunks in order; each chunk is
+    first scored with the current weights (final), then the model takes SGD steps on the
+    targets scored so far and not yet trained on. No target is trained on before it is scored.
+    `monitor(kind, lo, hi)` sees every scored / trained target range (for tests)."""
+    n = tokens.numel() - 1
+    L = min(args.eval_seq_len, n)
+    windows = sliding_windows(n, L, args.eval_stride)
+    chunks, cur, cur_lo = [], [], 0
+    for w in windows:  # group windows by the chunk their first scored target falls in
+        if cur and (w[0] + w[2]) - cur_lo >= args.ttt_chunk_tokens:
+            chunks.append(cur)
+            cur, cur_lo = [], w[0] + w[2]
+        cur.append(w)
+    chunks.append(cur)
+    model.qat_mix.zero_()
+    opt = torch.optim.SGD(model.parameters(), lr=args.ttt_lr, momentum=args.ttt_momentum)
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    trained_end, t0, updating, steps = 0, time.perf_counter(), True, 0
+    for ci, chunk in enumerate(chunks):
+        mine = rank_share(chunk, rank, world_size)
+        if mine:
+            sums += score_windows(score_fn, tokens, luts, mine, args.eval_batch_seqs, device)
+        scored_end = chunk[-1][0] + chunk[-1][1]
+        if monitor is not None:
+            monitor("score", chunk[0][0] + chunk[0][2], scored_end)
+        if ci == len(chunks) - 1:
+            break
+        over = torch.tensor(float(time.perf_counter() - t0 > args.ttt_max_seconds), device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(over, op=dist.ReduceOp.MAX)
+        if updating and over.item() > 0:
+            updating = False
+            log(f"ttt: time budget {args.ttt_max_seconds}s reached after chunk {ci}; scoring only from here")
+        if not updating:
+            continue
+        ends = list(range(trained_end + L, scored_end, L)) + [scored_end]
+        train_windows = rank_share([(max(0, e - L), e) for e in ends], rank, world_size)
+        model.train()
+        for _ in range(args.ttt_epochs):
+            opt.zero_grad(set_to_none=True)
+            for s, e in train_windows:
+                if monitor is not None:
+                    monitor("train", s, e)
+                x, y = tokens[s:e][None], tokens[s + 1:e + 1][None]
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = model(x, y) * (e - s) / max(1, sum(b - a for a, b in train_windows))
+                loss.backward()
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat_all_reduce_avg([p.grad for p in model.parameters()])()
+            opt.step()
+            steps += 1
+        model.eval()
+        trained_end = scored_end
+    out = _metrics(_all_reduce_sum(sums))
+    out["ttt_steps"] = steps
+    return out
+
+
+# ----------------------------------------------------------------------------- training
+
+class PhaseTimer:
+    def __init__(self):
+        self.times = {}
+
+    def add(self, name: str, seconds: float):
+        self.times[name] = self.times.get(name, 0.0) + seconds
+
+
+def estimate_gptq_reserve(n_params: int, world_size: int) -> float:
+    """Seconds kept free at the end of the 600 s for calibration + GPTQ + pruning + packing:
+    a fixed part (generation, compression) plus a per-parameter GPTQ part split over ranks.
+    Constants measured on H100 with the default model (see README)."""
+    return 12.0 + 1.2e-6 * n_params * 8 / max(1, world_size)
+
+
+def lr_scale_at(args: Hyperparameters, step: int, elapsed_s: float, budget_s: float, step_s: float) -> float:
+    """1.0, then a linear warm-down to MIN_LR_SCALE: by steps (ITERATIONS) and by wall clock
+    (the last WARMDOWN_ITERS x measured step time before the budget ends), whichever is lower."""
+    s = 1.0
+    if args.warmdown_iters > 0:
+        if args.iterations > 0:
+            s = min(s, (args.iterations - step) / args.warmdown_iters)
+        if budget_s > 0 and step_s > 0:
+            s = min(s, (budget_s - elapsed_s) / (args.warmdown_iters * step_s))
+    return max(args.min_lr_scale, min(1.0, s))
+
+
+def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size, device, log, timer) -> dict:
+    accum = args.resolved_grad_accum(world_size)
+    micro_seqs = args.train_batch_tokens // (world_size * accum * args.train_seq_len)
+    n_params = sum(p.numel() for p in model.parameters())
+    reserve = args.gptq_reserve_seconds if args.gptq_reserve_seconds >= 0 else estimate_gptq_reserve(n_params, world_size)
+    budget = args.max_wallclock_seconds - reserve if args.max_wallclock_seconds > 0 else 0.0
+    if args.max_wallclock_seconds > 0 and budget <= 0:
+        raise ConfigError(f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds} leaves no time after the "
+                          f"{reserve:.1f}s quantization reserve")
+    log(f"batch: {args.train_batch_tokens} tokens/step = {world_size} ranks x {accum} micro-steps x "
+        f"{micro_seqs} seqs x {args.train_seq_len}; training budget {budget:.1f}s (reserve {reserve:.1f}s for GPTQ)")
+
+    def one_step(step: int, lr_scale: float) -> tuple[torch.Tensor, float]:
+        opt.set_schedule(lr_scale, step)
+        total = torch.zeros((), device=device)
+        for _ in range(accum):
+            x, y = loader.next_batch(micro_seqs, args.train_seq_len)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = compiled(x, y)
+            (loss / accum).backward()
+            total += loss.detach()
+        norm = opt.step()
+        opt.zero_grad()
+        return total / accum, norm
+
+    # compile warm-up: real steps, then weights, optimizer state and data position restored
+    if args.warmup_steps > 0:
+        t0 = time.perf_counter()
+        saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(), loader.stream.state())
+        for i in range(args.warmup_steps):
+            one_step(0, 1.0)
+        model.load_state_dict(saved[0])
+        opt.load_state_dict(saved[1])
+        loader.stream.restore(saved[2])
+        _sync(device)
+        timer.add("compile_warmup (not counted)", time.perf_counter() - t0)
+        log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t0:.1f}s, state restored")
+
+    params = list(model.parameters())
+    ema = [p.detach().float().clone() for p in params] if args.ema_decay > 0 else None
+    swa, swa_count = None, 0
+    train_s, step, step_s, last_log = 0.0, 0, 0.0, 0.0
+    qat_on_step = None
+    losses = []
+    _sync(device)
+    while True:
+        if args.iterations > 0 and step >= args.iterations:
+            break
+        scale = lr_scale_at(args, step, train_s, budget, step_s)
+        if args.qat_start_scale > 0 and qat_on_step is None and scale < args.qat_start_scale:
+            model.qat_mix.fill_(1.0)
+            qat_on_step = step
+            log(f"late QAT on at step {step} (lr scale {scale:.3f})")
+        t0 = time.perf_counter()
+        loss, norm = one_step(step, scale)
+        if ema is not None:
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - args.ema_decay)
+        if args.swa_enabled and scale < args.swa_start_scale and step % args.swa_every == 0:
+            if swa is None:
+                swa = [p.detach().float().clone() for p in params]
+            else:
+                torch._foreach_add_(swa, [p.detach().float() for p in params])
+            swa_count += 1
+        loss_v = loss.item()  # also a sync, so the host clock measures finished work
+        if not math.isfinite(loss_v):
+            raise FloatingPointError(f"non-finite train loss {loss_v} at step {step}: stopping (lower the learning rates?)")
+        dt = time.perf_counter() - t0
+        train_s += dt
+        step += 1
+        step_s = train_s / step
+        losses.append(loss_v)
+        stop = torch.tensor(float(budget > 0 and train_s >= budget), device=device)
+        if world_size > 1:
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops on the same step
+        last = bool(stop.item()) or (args.iterations > 0 and step >= args.iterations)
+        if args.train_log_every > 0 and (step % args.train_log_every == 0 or step <= 5 or last):
+            left = max(0.0, budget - train_s) if budget > 0 else (args.iterations - step) * step_s
+            log(f"step:{step} train_loss:{loss_v:.4f} grad_norm:{norm:.3f} lr_scale:{scale:.3f} "
+                f"elapsed:{train_s:.1f}s step_avg:{step_s * 1000:.1f}ms eta:{left:.0f}s")
+        if args.val_every > 0 and (step % args.val_every == 0 or last):
+            t1 = time.perf_counter()
+            model.eval()
+            m = evaluate(make_score_fn(compiled, device), val_tokens, luts, args.train_seq_len, args.train_seq_len,
+                         args.eval_batch_seqs, rank, world_size, device)
+            model.train()
+            log(f"step:{step} val_loss:{m['val_loss']:.4f} val_bpb:{m['val_bpb']:.4f} ({time.perf_counter() - t1:.1f}s, not counted)")
+        if last:
+            break
+    timer.add("training", train_s)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        final = None
+        if swa is not None and swa_count > 0:
+            final, how = [t / swa_count for t in swa], f"SWA average of {swa_count} snapshots"
+        elif ema is not None:
+            final, how = ema, f"EMA (decay {args.ema_decay})"
+        if final is not None:
+            for p, t in zip(params, final):
+                p.copy_(t.to(p.dtype))
+            log(f"final weights: {how}")
+    model.qat_mix.zero_()
+    timer.add("weights_average", time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
+    log(f"training done: {step} steps in {train_s:.1f}s ({step_s * 1000:.1f} ms/step), peak memory {peak:.0f} MiB")
+    return {"steps": step, "train_seconds": train_s, "step_avg_ms": step_s * 1000, "peak_mem_mib": peak,
+            "reserve_seconds": reserve, "qat_step": qat_on_step, "final_train_loss": losses[-1] if losses else None}
+
+
+# ----------------------------------------------------------------------------- main
+
+class Logger:
+    def __init__(self, path: str | None, rank: int):
+        self.rank = rank
+        self.file = open(path, "a") if (path and rank == 0) else None
+
+    def __call__(self, msg: str):
+        if self.rank != 0:
+            return
+        print(msg, flush=True)
+        if self.file:
+            self.file.write(msg + "\n")
+            self.file.flush()
+
+
+def setup_distributed(device_pref: str):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return rank, world, device
+
+
+def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, device, log, timer) -> dict:
+    """Load the artifact into `model`, then plain, sliding and (optionally) TTT evaluation."""
+    t0 = time.perf_counter()
+    entries, _ = load_artifact(path)
+    model.load_state_dict(dequantize_entries(entries, args), strict=True)
+    model.eval()
+    timer.add("eval_artifact_load", time.perf_counter() - t0)
+    compiled = torch.compile(model, dynamic=False) if _use_compile(args, device) else model
+    score = make_score_fn(compiled, device)
+    res = {}
+    t0 = time.perf_counter()
+    res["roundtrip"] = evaluate(score, val_tokens, luts, args.eval_seq_len, args.eval_seq_len,
+                                args.eval_batch_seqs, rank, world_size, device)
+    timer.add("eval_roundtrip_plain", time.perf_counter() - t0)
+    log(f"final_int{args.quant_bits}_roundtrip val_loss:{res['roundtrip']['val_loss']:.8f} "
+        f"val_bpb:{res['roundtrip']['val_bpb']:.8f} ({time.perf_counter() - t0:.1f}s)")
+    if not args.skip_sliding_eval:
+        t0 = time.perf_counter()
+        res["sliding"] = evaluate(score, val_tokens, luts, args.eval_seq_len, args.eval_stride,
+                                  args.eval_batch_seqs, rank, world_size, device)
+        timer.add("eval_sliding", time.perf_counter() - t0)
+        log(f"final_int{args.quant_bits}_sliding_window val_loss:{res['sliding']['val_loss']:.8f} "
+            f"val_bpb:{res['sliding']['val_bpb']:.8f} (stride {args.eval_stride}, {time.perf_counter() - t0:.1f}s)")
+    if args.ttt_enabled:
+        t0 = time.perf_counter()
+        res["ttt"] = evaluate_with_ttt(model, score, val_tokens, luts, args, rank, world_size, device, log)
+        timer.add("eval_ttt", time.perf_counter() - t0)
+        ref = res.get("sliding", res["roundtrip"])["val_bpb"]
+        log(f"final_int{args.quant_bits}_ttt val_loss:{res['ttt']['val_loss']:.8f} val_bpb:{res['ttt']['val_bpb']:.8f} "
+            f"(gain {res['ttt']['val_bpb'] - ref:+.5f} vs no TTT, {res['ttt']['ttt_steps']} steps, {time.perf_counter() - t0:.1f}s)")
+    return res
+
+
+def log_timing_table(log, timer: PhaseTimer):
+    log("phase timings:")
+    for name, sec in timer.times.items():
+        log(f"  {name:<34s} {sec:9.2f} s")
+
+
+def run_eval_only(args, rank, world_size, device, log) -> dict:
+    """EVAL_ONLY: rebuild the model from the artifact and score it. Reads only the artifact,
+    the tokenizer and the validation shards (never a train shard)."""
+    timer = PhaseTimer()
+    entries, config = load_artifact(args.eval_only)
+    for k, v in config.items():
+        setattr(args, k, v)
+    luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(device)
+    val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit).to(device)
+    log(f"eval-only: {args.eval_only} ({os.path.getsize(args.eval_only)} bytes), {val_tokens.numel() - 1} val targets")
+    set_attention_backend(args.attn_backend, device)
+    model = build_model(args, device)
+    res = evaluate_artifact(args, model, args.eval_only, val_tokens, luts, rank, world_size, device, log, timer)
+    log_timing_table(log, timer)
+    return res
+
+
+def main():
+    t_start = time.perf_counter()
+    args = Hyperparameters.from_env()
+    rank, world_size, device = setup_distributed(args.device)
+    args.validate(world_size)
+    run_id = args.run_id or f"seed{args.seed}"
+    os.makedirs(args.out_dir, exist_ok=True)
+    log = Logger(os.path.join(args.out_dir, f"train_{run_id}.log"), rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.eval_only:
+        run_eval_only(args, rank, world_size, device, log)
+        return
+    backend = set_attention_backend(args.attn_backend, device)
+    code_bytes = os.path.getsize(os.path.abspath(__file__))
+    log(f"train_gpt.py: {code_bytes} bytes; torch {torch.__version__}; world_size {world_size}; device "
+        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; attention {backend}")
+    log("config: " + json.dumps(dataclasses.asdict(args), sort_keys=True))
+    timer = PhaseTimer()
+
+    luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(device)
+    train_files = find_shards(args.data_path, "train")
+    val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit).to(device)
+    loader = DistributedLoader(train_files, args.vocab_size, rank, world_size, device)
+    log(f"data: {len(train_files)} train shards, {val_tokens.numel() - 1} val targets")
+
+    model = build_model(args, device)
+    n_params = sum(p.numel() for p in model.parameters())
+    banks, tables, projections, scalars = model.param_groups()
+    log(f"parameters: {n_params} total = banks {sum(p.numel() for p in banks)} + tables "
+        f"{sum(p.numel() for p in tables)} + projections {sum(p.numel() for p in projections)} + "
+        f"scalars {sum(p.numel() for p in scalars)}")
+    compiled = torch.compile(model, dynamic=False) if _use_compile(args, device) else model
+    opt = Optimizers(model, args, world_size, device)
+    timer.add("startup", time.perf_counter() - t_start)
+
+    stats = train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size, device, log, timer)
+
+    # quantization, inside the training budget
+    t_q = time.perf_counter()
+    model.eval()
+    hessians, ctimes = collect_hessians(model, args, device, rank, world_size, log)
+    for k, v in ctimes.items():
+        timer.add(k, v)
+    t0 = time.perf_counter()
+    entries = quantize_model(model, hessians, args, rank, world_size)
+    _sync(device)
+    timer.add("gptq", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    artifact_path = os.path.join(args.out_dir, f"final_model_{run_id}.int{args.quant_bits}.ptz")
+    data = None
+    if rank == 0:
+        data, pinfo = pack_to_budget(entries, args, args.artifact_target_bytes - code_bytes, log)
+        total = write_artifact(artifact_path, data, code_bytes)
+        groups = {}
+        for name, e in entries.items():
+            g = name.split(".")[0]
+            groups[g] = groups.get(g, 0) + (e["q"].numel() + 2 * e["scale"].numel() if e["kind"] == "int" else 2 * e["value"].numel())
+        log("raw bytes per tensor group: " + ", ".join(f"{g} {b}" for g, b in groups.items()))
+        log(f"artifact: {artifact_path} model {len(data)} bytes ({pinfo['codec']}, raw {pinfo['raw_bytes']}, "
+            f"pruned {pinfo['pruned']}/{pinfo['candidates']} +-1 values) + code {code_bytes} = {total} bytes "
+            f"(cap {ARTIFACT_CAP_BYTES})")
+    if world_size > 1:
+        dist.barrier()
+    timer.add("prune_pack_write", time.perf_counter() - t0)
+    quant_s = time.perf_counter() - t_q
+    within = stats["train_seconds"] + timer.times.get("weights_average", 0) + quant_s
+    log(f"quantization total {quant_s:.1f}s (reserve was {stats['reserve_seconds']:.1f}s); training + quantization "
+        f"= {within:.1f}s of the {args.max_wallclock_seconds:.0f}s budget")
+    if args.max_wallclock_seconds > 0 and within > args.max_wallclock_seconds:
+        log(f"WARNING: training + quantization took {within:.1f}s > MAX_WALLCLOCK_SECONDS: this run is NOT compliant")
+
+    # evaluation: pre-quant float score, then the round-tripped artifact
+    t0 = time.perf_counter()
+    pre = evaluate(make_score_fn(compiled, device), val_tokens, luts, args.eval_seq_len, args.eval_seq_len,
+                   args.eval_batch_seqs, rank, world_size, device)
+    timer.add("eval_prequant_plain", time.perf_counter() - t0)
+    log(f"prequant_float val_loss:{pre['val_loss']:.8f} val_bpb:{pre['val_bpb']:.8f}")
+    res = evaluate_artifact(args, model, artifact_path, val_tokens, luts, rank, world_size, device, log, timer)
+    log(f"quantization gap (plain): {res['roundtrip']['val_bpb'] - pre['val_bpb']:+.5f} bpb")
+    log_timing_table(log, timer)
+    if rank == 0:
+        final = res.get("ttt", res.get("sliding", res["roundtrip"]))
+        results = {"seed": args.seed, "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
+                   "prequant_val_bpb": pre["val_bpb"], "roundtrip_val_bpb": res["roundtrip"]["val_bpb"],
+                   "sliding_val_bpb": res.get("sliding", {}).get("val_bpb"), "val_tokens": final["tokens"],
+                   "artifact_bytes": total, "model_bytes": len(data), "code_bytes": code_bytes,
+                   "steps": stats["steps"], "step_avg_ms": stats["step_avg_ms"], "train_seconds": stats["train_seconds"],
+                   "quant_seconds": quant_s, "peak_mem_mib": stats["peak_mem_mib"], "world_size": world_size,
+                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   "torch": torch.__version__, "phase_seconds": timer.times}
+        with open(os.path.join(args.out_dir, f"results_{run_id}.json"), "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, DataError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
