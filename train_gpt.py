@@ -424,6 +424,7 @@ class Block(nn.Module):
             v = v + ve.view(B, T, Hkv, D)
         q, k = gpt.rotary(rms_norm(q), offset), gpt.rotary(rms_norm(k), offset)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
+        q, k = q.to(v.dtype), k.to(v.dtype)  # rms_norm may run in fp32 under autocast
         if cache is None:
             y = causal_attention(q, k, v)
         else:  # single-token decode against the layer's KV cache
