@@ -324,7 +324,7 @@ class DistributedLoader:
 # ----------------------------------------------------------------------------- model
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return F.rms_norm(x, (x.size(-1),))
+    return F.rms_norm(x, (x.size(-1),)).to(x.dtype)  # autocast would return fp32
 
 
 def fake_quantize_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -386,12 +386,16 @@ class Rotary(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, offset: int = 0) -> torch.Tensor:  # x: (B,T,H,D)
+    def forward(self, x: torch.Tensor, offset=0) -> torch.Tensor:  # x: (B,T,H,D)
+        """offset: int, or a 1-element position tensor (single-token decode, graph-safe)."""
         if self.dims == 0:
             return x
         T, half = x.size(1), self.dims // 2
-        cos = self.cos[offset:offset + T, None, :].to(x.dtype)
-        sin = self.sin[offset:offset + T, None, :].to(x.dtype)
+        if isinstance(offset, torch.Tensor):
+            cos, sin = self.cos.index_select(0, offset)[:, None, :], self.sin.index_select(0, offset)[:, None, :]
+        else:
+            cos, sin = self.cos[offset:offset + T, None, :], self.sin[offset:offset + T, None, :]
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x1, x2, rest = x[..., :half], x[..., half:self.dims], x[..., self.dims:]
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
@@ -414,7 +418,8 @@ class Block(nn.Module):
         L, a = gpt.args.num_layers, self.layer
         B, T, _ = x.shape
         H, Hkv, D = gpt.args.num_heads, gpt.args.num_kv_heads, gpt.args.head_dim
-        x_in = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        mix = self.resid_mix.to(x.dtype)
+        x_in = mix[0] * x + mix[1] * x0
         h = rms_norm(x_in) * self.ln_scale
         gpt.capture(a, "qkv", h)
         q = F.linear(h, w["qo"][a]).view(B, T, H, D)
@@ -427,26 +432,27 @@ class Block(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)  # rms_norm may run in fp32 under autocast
         if cache is None:
             y = causal_attention(q, k, v)
-        else:  # single-token decode against the layer's KV cache
-            kc, vc = cache
-            kc[:, offset:offset + T] = k
-            vc[:, offset:offset + T] = v
-            rep = H // Hkv
-            kk = kc[:, :offset + T].transpose(1, 2).repeat_interleave(rep, dim=1)
-            vv = vc[:, :offset + T].transpose(1, 2).repeat_interleave(rep, dim=1)
-            y = _math_attention(q.transpose(1, 2), kk, vv, causal=True).transpose(1, 2)
+        else:  # single-token decode at position `offset` (tensor) against a full-length cache
+            kc, vc = cache  # (B, Tmax, Hkv, D)
+            kc.index_copy_(1, offset, k.to(kc.dtype))
+            vc.index_copy_(1, offset, v.to(vc.dtype))
+            qg = q.view(B, Hkv, H // Hkv, D).to(kc.dtype)
+            att = (qg @ kc.permute(0, 2, 3, 1)).float() * D ** -0.5  # (B, Hkv, rep, Tmax)
+            future = torch.arange(kc.size(1), device=kc.device) > offset
+            att = att.masked_fill(future, float("-inf")).softmax(-1).to(vc.dtype)
+            y = (att @ vc.transpose(1, 2)).reshape(B, T, H, D).to(v.dtype)
         if self.use_xsa:  # remove each head's component along its own token's value
             yg = y.view(B, T, Hkv, H // Hkv, D)
             vh = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
             y = (yg - (yg * vh).sum(-1, keepdim=True) * vh).view(B, T, H, D)
         y = y.reshape(B, T, H * D)
         gpt.capture(a, "out", y)
-        x = x_in + self.attn_scale * F.linear(y, w["qo"][L + a])
+        x = x_in + self.attn_scale.to(x.dtype) * F.linear(y, w["qo"][L + a])
         h = rms_norm(x) * self.ln_scale
         gpt.capture(a, "up", h)
         u = F.leaky_relu(F.linear(h, w["up"][a]), gpt.args.leaky_slope).square()
         gpt.capture(a, "down", u)
-        return x + self.mlp_scale * F.linear(u, w["down"][a])
+        return x + self.mlp_scale.to(x.dtype) * F.linear(u, w["down"][a])
 
 
 class GPT(nn.Module):
@@ -524,6 +530,8 @@ class GPT(nn.Module):
 
     def hidden(self, ids, offset=0, caches=None, prev_ids=None, prev_x=None):
         x, x_emb = self.embed(ids, prev_ids, prev_x)
+        if torch.is_autocast_enabled(x.device.type):  # residual stream in the autocast dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         x0 = x
         w = self._bank_weights()
         ve_all = None
@@ -532,7 +540,7 @@ class GPT(nn.Module):
         skips = []
         for l, block in enumerate(self.blocks):
             if l >= self.num_enc and skips:
-                x = x + self.skip_weights[l - self.num_enc] * skips.pop()
+                x = x + self.skip_weights[l - self.num_enc].to(x.dtype) * skips.pop()
             ve = None
             if ve_all is not None and l in self.ve_layers:
                 ve = ve_all * self.ve_layer_scales[self.ve_layers.index(l)]
@@ -556,29 +564,57 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, batch: int, length: int, temperature: float, generator: torch.Generator,
                  use_cache: bool = True) -> torch.Tensor:
-        """Sample `batch` sequences of `length` tokens starting from BOS (inverse-CDF sampling
-        with pre-drawn uniforms, so cached and uncached decoding are comparable)."""
+        """Sample `batch` sequences of `length` tokens starting from BOS. Cached decoding uses a
+        full-length KV cache and static shapes (replayed as a CUDA graph on GPU). Sampling is
+        inverse-CDF with pre-drawn uniforms, so cached and uncached decoding are comparable."""
         a, dev = self.args, self.tok_emb.weight.device
         ids = torch.full((batch, length), a.bos_id, dtype=torch.long, device=dev)
         uniforms = torch.rand(batch, length, generator=generator, device=generator.device).to(dev)
-        dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        on_gpu = dev.type == "cuda"
         kvd = (batch, length, a.num_kv_heads, a.head_dim)
+        dtype = torch.bfloat16 if on_gpu else torch.float32
         caches = [(torch.zeros(kvd, device=dev, dtype=dtype), torch.zeros(kvd, device=dev, dtype=dtype))
-                  for _ in range(a.num_layers)] if use_cache else None
-        prev_x = None
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            for t in range(length - 1):
-                if use_cache:
-                    prev = ids[:, t - 1:t] if t > 0 else None
-                    h, x_emb = self.hidden(ids[:, t:t + 1], offset=t, caches=caches, prev_ids=prev, prev_x=prev_x)
-                    prev_x = x_emb
-                    logits = self.logits_from_hidden(h[:, -1])
-                else:
+                  for _ in range(a.num_layers)]
+        cur = torch.full((batch, 1), a.bos_id, dtype=torch.long, device=dev)
+        prev_id = torch.full((batch, 1), -1, dtype=torch.long, device=dev)
+        prev_x = torch.zeros(batch, 1, a.model_dim, device=dev)
+        pos = torch.zeros(1, dtype=torch.long, device=dev)
+
+        def decode_step():
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
+                h, x_emb = self.hidden(cur, offset=pos, caches=caches, prev_ids=prev_id, prev_x=prev_x)
+                prev_x.copy_(x_emb)
+                return self.logits_from_hidden(h[:, -1])
+
+        step_fn = decode_step
+        if use_cache and on_gpu:  # one CUDA graph replay per token instead of ~hundreds of launches
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                decode_step()
+            torch.cuda.current_stream().wait_stream(side)
+            prev_x.zero_()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_logits = decode_step()
+            prev_x.zero_()
+
+            def step_fn():
+                graph.replay()
+                return static_logits
+        for t in range(length - 1):
+            if use_cache:
+                logits = step_fn()
+            else:
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=on_gpu):
                     logits = self.logits_from_hidden(self.hidden(ids[:, :t + 1])[0][:, -1])
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                cdf = probs.cumsum(-1)
-                nxt = torch.searchsorted(cdf, (uniforms[:, t:t + 1] * cdf[:, -1:]).contiguous())
-                ids[:, t + 1] = nxt.squeeze(1).clamp_max(a.vocab_size - 1)
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            cdf = probs.cumsum(-1)
+            nxt = torch.searchsorted(cdf, (uniforms[:, t:t + 1] * cdf[:, -1:]).contiguous()).clamp_max(a.vocab_size - 1)
+            ids[:, t + 1] = nxt.squeeze(1)
+            prev_id.copy_(cur)
+            cur.copy_(nxt)
+            pos.add_(1)
         return ids
 
     def param_groups(self):
@@ -1656,6 +1692,7 @@ def main():
     entries = quantize_model(model, hessians, args, rank, world_size)
     _sync(device)
     timer.add("gptq", time.perf_counter() - t0)
+    log(f"gptq: {sum(b.size(0) for b in model.banks().values())} matrices in {time.perf_counter() - t0:.2f}s")
     t0 = time.perf_counter()
     artifact_path = os.path.join(args.out_dir, f"final_model_{run_id}.int{args.quant_bits}.ptz")
     data = None
