@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 try:  # FlashAttention-3 (Hopper); optional
     from flash_attn_interface import flash_attn_func as _fa3_func
@@ -354,12 +355,17 @@ def causal_attention(q, k, v):
         out = _fa3_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if _ATTN_BACKEND == "sdpa_flash":
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return out.transpose(1, 2)
     if _ATTN_BACKEND in ("math", "sdpa_cudnn"):
         rep = q.size(1) // k.size(1)  # expand KV heads: math reference / cuDNN want equal heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if _ATTN_BACKEND == "math":
             return _math_attention(q, k, v).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     else:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     return out.transpose(1, 2)
@@ -433,14 +439,14 @@ class Block(nn.Module):
         if cache is None:
             y = causal_attention(q, k, v)
         else:  # single-token decode at position `offset` (tensor) against a full-length cache
-            kc, vc = cache  # (B, Tmax, Hkv, D)
-            kc.index_copy_(1, offset, k.to(kc.dtype))
-            vc.index_copy_(1, offset, v.to(vc.dtype))
+            kc, vc = cache  # (B, Hkv, Tmax, D)
+            kc.index_copy_(2, offset, k.transpose(1, 2).to(kc.dtype))
+            vc.index_copy_(2, offset, v.transpose(1, 2).to(vc.dtype))
             qg = q.view(B, Hkv, H // Hkv, D).to(kc.dtype)
-            att = (qg @ kc.permute(0, 2, 3, 1)).float() * D ** -0.5  # (B, Hkv, rep, Tmax)
-            future = torch.arange(kc.size(1), device=kc.device) > offset
+            att = (qg @ kc.transpose(-1, -2)).float() * D ** -0.5  # (B, Hkv, rep, Tmax)
+            future = torch.arange(kc.size(2), device=kc.device) > offset
             att = att.masked_fill(future, float("-inf")).softmax(-1).to(vc.dtype)
-            y = (att @ vc.transpose(1, 2)).reshape(B, T, H, D).to(v.dtype)
+            y = (att @ vc).reshape(B, T, H, D).to(v.dtype)
         if self.use_xsa:  # remove each head's component along its own token's value
             yg = y.view(B, T, Hkv, H // Hkv, D)
             vh = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
@@ -571,7 +577,7 @@ class GPT(nn.Module):
         ids = torch.full((batch, length), a.bos_id, dtype=torch.long, device=dev)
         uniforms = torch.rand(batch, length, generator=generator, device=generator.device).to(dev)
         on_gpu = dev.type == "cuda"
-        kvd = (batch, length, a.num_kv_heads, a.head_dim)
+        kvd = (batch, a.num_kv_heads, length, a.head_dim)
         dtype = torch.bfloat16 if on_gpu else torch.float32
         caches = [(torch.zeros(kvd, device=dev, dtype=dtype), torch.zeros(kvd, device=dev, dtype=dtype))
                   for _ in range(a.num_layers)]
@@ -981,14 +987,16 @@ def _sync(device):
 
 
 @torch.no_grad()
-def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, rank: int = 0, world_size: int = 1):
-    """Quantize the model: bank matrices int-N (GPTQ if Hessians are given, else RTN), tables
-    int8 per row, everything else fp16. Banks are split across ranks and gathered back.
-    Returns {name: entry} in a fixed order, entries holding CPU tensors."""
-    qmax6 = 2 ** (args.quant_bits - 1) - 1
+def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, rank: int = 0, world_size: int = 1,
+                   bits: dict | None = None):
+    """Quantize the model: bank matrices int-N (GPTQ if Hessians are given, else RTN; N per
+    bank from `bits`, default QUANT_BITS), tables int8 per row, everything else fp16. Banks
+    are split across ranks and gathered back. Returns {name: entry} (CPU tensors)."""
     keys = bank_hessian_keys(args)
     entries = {}
     for bank_name, bank in model.banks().items():
+        nbits = (bits or {}).get(bank_name, args.quant_bits)
+        qmax6 = 2 ** (nbits - 1) - 1
         n = bank.size(0)
         mine = list(range(rank, n, world_size))
         q = torch.zeros(bank.shape, dtype=torch.int8, device=bank.device)
@@ -1008,7 +1016,7 @@ def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, ran
         if hessians is not None:
             hdiag = torch.stack([hessians[k].diagonal() for k in keys[bank_name]]).cpu()
         for i in range(n):
-            entries[f"{bank_name}_bank.{i}"] = {"kind": "int", "bits": args.quant_bits, "q": q[i].cpu(),
+            entries[f"{bank_name}_bank.{i}"] = {"kind": "int", "bits": nbits, "q": q[i].cpu(),
                                                "scale": s[i].cpu(), "hdiag": None if hdiag is None else hdiag[i]}
     for name, t in model.state_dict().items():
         if name.endswith("_bank"):
@@ -1020,6 +1028,16 @@ def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, ran
         else:
             entries[name] = {"kind": "float", "value": t.half().cpu()}
     return entries
+
+
+def bit_plans(bits: int) -> list[dict]:
+    """Bit widths per bank, best first: when a plan cannot fit the byte budget even with
+    pruning, the next one lowers the MLP banks (2/3 of the weights), then everything."""
+    plans = []
+    for attn, mlp in ((bits, bits), (bits, bits - 1), (bits - 1, bits - 1), (bits - 1, bits - 2), (bits - 2, bits - 2)):
+        if mlp >= 2:
+            plans.append({"qo": attn, "kv": attn, "up": mlp, "down": mlp})
+    return plans
 
 
 def dequantize_entries(entries: dict, args: Hyperparameters) -> dict[str, torch.Tensor]:
@@ -1094,36 +1112,56 @@ def unpack_entries(blob: bytes) -> tuple[dict, dict]:
 
 
 CODECS = {"lzma": b"L", "zstd": b"Z"}
+COMPRESS_CHUNKS = 8  # independent chunks, compressed in parallel threads (both codecs release the GIL)
 
 
-def compress(blob: bytes, codec: str) -> bytes:
+def _codec_fns(codec: str):
     if codec == "lzma":
-        return CODECS[codec] + lzma.compress(blob, preset=9 | lzma.PRESET_EXTREME)
+        return (lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME)), lzma.decompress
     if zstandard is None:
-        raise ArtifactError("zstd requested but the zstandard package is not installed")
-    return CODECS[codec] + zstandard.ZstdCompressor(level=22).compress(blob)
+        raise ArtifactError("zstd codec needed but the zstandard package is not installed")
+    return (lambda b: zstandard.ZstdCompressor(level=22).compress(b)), (lambda b: zstandard.ZstdDecompressor().decompress(b))
 
 
-def decompress(data: bytes) -> bytes:
-    tag, body = data[:1], data[1:]
-    if tag == b"L":
-        return lzma.decompress(body)
-    if tag == b"Z":
-        if zstandard is None:
-            raise ArtifactError("artifact is zstd-compressed but the zstandard package is not installed")
-        return zstandard.ZstdDecompressor().decompress(body)
-    raise ArtifactError(f"unknown artifact codec tag {tag!r}")
-
-
-def compress_best(blob: bytes, codecs: list[str]) -> tuple[bytes, str]:
-    """Compress with every available codec in parallel threads (both release the GIL)."""
-    codecs = [c for c in codecs if c != "zstd" or zstandard is not None] or ["lzma"]
-    results = {}
-    threads = [threading.Thread(target=lambda c=c: results.__setitem__(c, compress(blob, c))) for c in codecs]
+def _parallel_map(fn, items: list) -> list:
+    out = [None] * len(items)
+    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(items[i]))) for i in range(len(items))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    return out
+
+
+def compress(blob: bytes, codec: str, chunks: int = COMPRESS_CHUNKS) -> bytes:
+    """tag byte + chunk count + chunk sizes + chunks (a few MB each: costs ~0.1% in size,
+    saves minutes of single-threaded lzma)."""
+    comp, _ = _codec_fns(codec)
+    step = -(-len(blob) // chunks) if blob else 1
+    parts = _parallel_map(comp, [blob[i:i + step] for i in range(0, max(len(blob), 1), step)])
+    return CODECS[codec] + struct.pack(f"<B{len(parts)}I", len(parts), *map(len, parts)) + b"".join(parts)
+
+
+def decompress(data: bytes) -> bytes:
+    codec = {v: k for k, v in CODECS.items()}.get(data[:1])
+    if codec is None:
+        raise ArtifactError(f"unknown artifact codec tag {data[:1]!r}")
+    _, decomp = _codec_fns(codec)
+    n = data[1]
+    sizes = struct.unpack_from(f"<{n}I", data, 2)
+    off, parts = 2 + 4 * n, []
+    for sz in sizes:
+        parts.append(data[off:off + sz])
+        off += sz
+    if off != len(data):
+        raise ArtifactError("artifact is truncated or has trailing bytes")
+    return b"".join(_parallel_map(decomp, parts))
+
+
+def compress_best(blob: bytes, codecs: list[str]) -> tuple[bytes, str]:
+    """Compress with every available codec; keep the smallest."""
+    codecs = [c for c in codecs if c != "zstd" or zstandard is not None] or ["lzma"]
+    results = {c: compress(blob, c) for c in codecs}
     best = min(codecs, key=lambda c: len(results[c]))
     return results[best], best
 
@@ -1179,6 +1217,9 @@ def pack_to_budget(entries: dict, args: Hyperparameters, budget_bytes: int, log)
         view[pos[:k]] = 0
         return bytes(b)
 
+    if len(compress_best(with_pruned(len(pos)), codecs)[0]) > budget_bytes:  # cheap rejection
+        raise ArtifactError(f"model does not fit: {len(data)} compressed bytes > budget {budget_bytes} and pruning "
+                            f"all {len(pos)} +-1 values is not enough")
     k_lo, target = 0, budget_bytes
     for attempt in range(8):
         ratio = len(data) / _proxy_size(with_pruned(k_lo))  # real/proxy at the current point
@@ -1688,17 +1729,33 @@ def main():
     hessians, ctimes = collect_hessians(model, args, device, rank, world_size, log)
     for k, v in ctimes.items():
         timer.add(k, v)
-    t0 = time.perf_counter()
-    entries = quantize_model(model, hessians, args, rank, world_size)
-    _sync(device)
-    timer.add("gptq", time.perf_counter() - t0)
-    log(f"gptq: {sum(b.size(0) for b in model.banks().values())} matrices in {time.perf_counter() - t0:.2f}s")
-    t0 = time.perf_counter()
     artifact_path = os.path.join(args.out_dir, f"final_model_{run_id}.int{args.quant_bits}.ptz")
     data = None
+    for plan in bit_plans(args.quant_bits):
+        t0 = time.perf_counter()
+        entries = quantize_model(model, hessians, args, rank, world_size, plan)
+        _sync(device)
+        timer.add("gptq", time.perf_counter() - t0)
+        log(f"gptq {plan}: {sum(b.size(0) for b in model.banks().values())} matrices in {time.perf_counter() - t0:.2f}s")
+        t0 = time.perf_counter()
+        fits = torch.ones((), device=device)
+        if rank == 0:
+            try:
+                data, pinfo = pack_to_budget(entries, args, args.artifact_target_bytes - code_bytes, log)
+            except ArtifactError as e:
+                log(f"bit plan {plan} does not fit: {e}")
+                fits.zero_()
+        if world_size > 1:
+            dist.broadcast(fits, 0)
+        timer.add("prune_pack", time.perf_counter() - t0)
+        if fits.item():
+            break
+    else:
+        raise ArtifactError("no bit plan fits the byte budget; shrink the model")
+    t0 = time.perf_counter()
     if rank == 0:
-        data, pinfo = pack_to_budget(entries, args, args.artifact_target_bytes - code_bytes, log)
         total = write_artifact(artifact_path, data, code_bytes)
+        log(f"bit plan: {plan}")
         groups = {}
         for name, e in entries.items():
             g = name.split(".")[0]
@@ -1709,7 +1766,7 @@ def main():
             f"(cap {ARTIFACT_CAP_BYTES})")
     if world_size > 1:
         dist.barrier()
-    timer.add("prune_pack_write", time.perf_counter() - t0)
+    timer.add("artifact_write", time.perf_counter() - t0)
     quant_s = time.perf_counter() - t_q
     within = stats["train_seconds"] + timer.times.get("weights_average", 0) + quant_s
     log(f"quantization total {quant_s:.1f}s (reserve was {stats['reserve_seconds']:.1f}s); training + quantization "
