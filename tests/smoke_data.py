@@ -31,12 +31,22 @@ def sentence(rng: random.Random) -> str:
         a, b = rng.randrange(100), rng.randrange(100)
         return f"The sum of {a} and {b} is {a + b}."
     noun = rng.choice(NOUNS)
-    return f"Every {noun} in {rng.choice(PLACES)} {rng.choice(VERBS)} another {noun}; café naïve über."
+    tail = "" if ascii_only else " café naïve über."
+    return f"Every {noun} in {rng.choice(PLACES)} {rng.choice(VERBS)} another {noun};{tail}"
+
+
+ascii_only = False
 
 
 def make_docs(n: int, seed: int) -> list[str]:
     rng = random.Random(seed)
     return [" ".join(sentence(rng) for _ in range(rng.randrange(3, 12))) for _ in range(n)]
+
+
+def _encode_block(job):
+    tok_path, n, seed = job
+    import sentencepiece as spm
+    return encode_docs(spm.SentencePieceProcessor(model_file=tok_path), make_docs(n, seed))
 
 
 def train_tokenizer(docs: list[str], vocab: int, path: str) -> None:
@@ -66,6 +76,20 @@ def encode_docs(sp, docs: list[str]) -> np.ndarray:
     return np.asarray(out, dtype=np.uint16)
 
 
+def build_large(out_dir: str, tokenizer: str, train_docs: int, val_docs: int, train_shards: int, workers: int = 8):
+    """Many documents with an existing tokenizer (e.g. the challenge's sp1024), in parallel."""
+    from multiprocessing import Pool
+    os.makedirs(os.path.join(out_dir, "data"), exist_ok=True)
+    per = -(-train_docs // train_shards)
+    jobs = [(tokenizer, val_docs, 10_000)] + [(tokenizer, per, i + 1) for i in range(train_shards)]
+    with Pool(workers) as pool:
+        parts = pool.map(_encode_block, jobs)
+    write_shard(os.path.join(out_dir, "data", "fineweb_val_000000.bin"), parts[0])
+    for i, p in enumerate(parts[1:]):
+        write_shard(os.path.join(out_dir, "data", f"fineweb_train_{i:06d}.bin"), p)
+    return os.path.join(out_dir, "data"), tokenizer
+
+
 def build(out_dir: str, vocab: int = 512, train_docs: int = 3000, val_docs: int = 300, train_shards: int = 3,
           seed: int = 0) -> tuple[str, str]:
     import sentencepiece as spm
@@ -89,6 +113,12 @@ if __name__ == "__main__":
     p.add_argument("--train-docs", type=int, default=3000)
     p.add_argument("--val-docs", type=int, default=300)
     p.add_argument("--train-shards", type=int, default=3)
+    p.add_argument("--tokenizer", help="use this SentencePiece model instead of training one (ASCII text only)")
+    p.add_argument("--workers", type=int, default=8)
     a = p.parse_args()
-    data, tok = build(a.out_dir, a.vocab, a.train_docs, a.val_docs, a.train_shards)
+    if a.tokenizer:
+        ascii_only = True  # the challenge tokenizers have no byte fallback for accented letters
+        data, tok = build_large(a.out_dir, a.tokenizer, a.train_docs, a.val_docs, a.train_shards, a.workers)
+    else:
+        data, tok = build(a.out_dir, a.vocab, a.train_docs, a.val_docs, a.train_shards)
     print(f"DATA_PATH={data} TOKENIZER_PATH={tok}")

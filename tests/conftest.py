@@ -1,0 +1,21 @@
+"""Shared pytest setup: make `import train_gpt` and `import smoke_data` work from any cwd,
+and provide a session-wide synthetic data set (SentencePiece tokenizer + shards)."""
+import os
+import sys
+
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+for _p in (REPO_ROOT, TESTS_DIR):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+
+@pytest.fixture(scope="session")
+def smoke_dataset(tmp_path_factory):
+    """(data_dir, tokenizer_path, vocab) of a small smoke_data set: 3 train shards + 1 val shard."""
+    import smoke_data
+    out = tmp_path_factory.mktemp("smoke")
+    data_dir, tok = smoke_data.build(str(out), vocab=512, train_docs=600, val_docs=80, train_shards=3)
+    return data_dir, tok, 512

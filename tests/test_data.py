@@ -1,0 +1,358 @@
+"""Shards, config parsing/validation, the token stream and the distributed loader, and the
+script's CLI error path (DataError / ConfigError -> one 'error:' line, exit code 2)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as T
+from smoke_data import write_shard
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_gpt.py")
+
+
+def _header(ntok, magic=T.SHARD_MAGIC, version=T.SHARD_VERSION):
+    h = np.zeros(T.SHARD_HEADER_INTS, dtype="<i4")
+    h[:3] = (magic, version, ntok)
+    return h.tobytes()
+
+
+def _raw(path, data: bytes):
+    with open(path, "wb") as f:
+        f.write(data)
+    return str(path)
+
+
+# ----------------------------------------------------------------------------- shards
+
+def test_good_shard_round_trips_exactly(tmp_path):
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, 1000, size=5000).astype(np.uint16)
+    toks[7] = 999  # the largest legal id for vocab 1000
+    p = str(tmp_path / "fineweb_train_000000.bin")
+    write_shard(p, toks)
+    assert os.path.getsize(p) == 256 * 4 + 2 * 5000
+    assert T.read_shard_header(p) == 5000
+    got = T.load_shard(p, 1000)
+    assert got.dtype == np.dtype("<u2")
+    np.testing.assert_array_equal(np.asarray(got), toks)
+
+
+def test_shard_ids_above_32767_are_read_unsigned(tmp_path):
+    toks = np.array([1, 40000, 65535, 2], dtype=np.uint16)
+    p = str(tmp_path / "s.bin")
+    write_shard(p, toks)
+    np.testing.assert_array_equal(np.asarray(T.load_shard(p, 65536)).astype(np.int64), [1, 40000, 65535, 2])
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "truncated_header", "bad_magic", "bad_version",
+                                  "too_short", "too_long", "zero_tokens", "negative_count"])
+def test_bad_shard_raises_dataerror_naming_file(tmp_path, case):
+    p = str(tmp_path / f"fineweb_train_{case}.bin")
+    body = np.arange(100, dtype="<u2").tobytes()
+    if case == "missing":
+        pass
+    elif case == "empty":
+        _raw(p, b"")
+    elif case == "truncated_header":
+        _raw(p, _header(100)[:500])
+    elif case == "bad_magic":
+        _raw(p, _header(100, magic=12345) + body)
+    elif case == "bad_version":
+        _raw(p, _header(100, version=2) + body)
+    elif case == "too_short":
+        _raw(p, _header(100) + body[:-2])
+    elif case == "too_long":
+        _raw(p, _header(100) + body + b"\x00\x00")
+    elif case == "zero_tokens":
+        _raw(p, _header(0))
+    elif case == "negative_count":
+        _raw(p, _header(-5) + body)
+    with pytest.raises(T.DataError) as ei:
+        T.read_shard_header(p)
+    assert p in str(ei.value)
+    with pytest.raises(T.DataError) as ei:
+        T.load_shard(p, 1 << 16)
+    assert p in str(ei.value)
+    # a stream over a list containing the bad shard (even not first) fails up front
+    good = str(tmp_path / "good.bin")
+    write_shard(good, np.arange(50, dtype=np.uint16))
+    with pytest.raises(T.DataError) as ei:
+        T.TokenStream([good, p], 1 << 16)
+    assert p in str(ei.value)
+
+
+def test_specific_messages(tmp_path):
+    p = _raw(tmp_path / "m.bin", _header(3, magic=7) + b"\x00" * 6)
+    with pytest.raises(T.DataError, match="bad magic 7"):
+        T.read_shard_header(p)
+    p = _raw(tmp_path / "v.bin", _header(3, version=9) + b"\x00" * 6)
+    with pytest.raises(T.DataError, match="version 9"):
+        T.read_shard_header(p)
+    p = _raw(tmp_path / "s.bin", _header(3) + b"\x00" * 4)
+    with pytest.raises(T.DataError, match="header says 3 tokens"):
+        T.read_shard_header(p)
+
+
+def test_token_id_out_of_vocab(tmp_path):
+    p = str(tmp_path / "fineweb_val_000000.bin")
+    write_shard(p, np.array([1, 5, 1024, 3], dtype=np.uint16))
+    with pytest.raises(T.DataError) as ei:
+        T.load_shard(p, 1024)
+    assert p in str(ei.value) and "1024" in str(ei.value)
+    assert T.load_shard(p, 1025).shape == (4,)  # the same shard is fine with a larger vocab
+
+
+def test_find_shards(tmp_path):
+    with pytest.raises(T.DataError, match="not a directory"):
+        T.find_shards(str(tmp_path / "nope"), "train")
+    with pytest.raises(T.DataError, match="no fineweb_train"):
+        T.find_shards(str(tmp_path), "train")
+    for name in ["fineweb_train_000002.bin", "fineweb_train_000000.bin", "fineweb_val_000000.bin",
+                 "fineweb_train_000001.bin", "other.bin"]:
+        write_shard(str(tmp_path / name), np.arange(4, dtype=np.uint16))
+    got = [os.path.basename(f) for f in T.find_shards(str(tmp_path), "train")]
+    assert got == ["fineweb_train_000000.bin", "fineweb_train_000001.bin", "fineweb_train_000002.bin"]
+    assert [os.path.basename(f) for f in T.find_shards(str(tmp_path), "val")] == ["fineweb_val_000000.bin"]
+    with pytest.raises(T.DataError):  # a missing DATA_PATH / empty dir is caught by the val loader too
+        T.load_validation_tokens(str(tmp_path / "nope"), 100)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(T.DataError, match="no fineweb_val"):
+        T.load_validation_tokens(str(empty), 100)
+
+
+def test_load_validation_tokens_concatenates_in_order(tmp_path):
+    a = np.arange(0, 30, dtype=np.uint16)
+    b = np.arange(100, 140, dtype=np.uint16)
+    write_shard(str(tmp_path / "fineweb_val_000001.bin"), b)
+    write_shard(str(tmp_path / "fineweb_val_000000.bin"), a)
+    write_shard(str(tmp_path / "fineweb_train_000000.bin"), np.full(10, 7, dtype=np.uint16))
+    v = T.load_validation_tokens(str(tmp_path), 200)
+    assert v.dtype == torch.int64
+    assert v.tolist() == list(range(30)) + list(range(100, 140))
+    assert T.load_validation_tokens(str(tmp_path), 200, limit=35).tolist() == list(range(30)) + list(range(100, 106))
+    with pytest.raises(T.DataError):  # ids up to 139 don't fit vocab 120
+        T.load_validation_tokens(str(tmp_path), 120)
+
+
+def test_validation_needs_two_tokens(tmp_path):
+    write_shard(str(tmp_path / "fineweb_val_000000.bin"), np.array([1], dtype=np.uint16))
+    with pytest.raises(T.DataError, match="fewer than 2"):
+        T.load_validation_tokens(str(tmp_path), 10)
+
+
+# ----------------------------------------------------------------------------- config
+
+def test_from_env_parses_types():
+    env = {"NUM_LAYERS": "3", "TRAIN_BATCH_TOKENS": "5e5", "MATRIX_LR": "0.5", "SWA_ENABLED": "true",
+           "SKIP_SLIDING_EVAL": "0", "TTT_ENABLED": " Yes ", "RUN_ID": "abc", "MLP_MULT": "2",
+           "MAX_WALLCLOCK_SECONDS": "1e2", "VE_LAYERS": "0,2", "UNRELATED": "x"}
+    a = T.Hyperparameters.from_env(env)
+    assert a.num_layers == 3 and type(a.num_layers) is int
+    assert a.train_batch_tokens == 500_000 and type(a.train_batch_tokens) is int
+    assert a.matrix_lr == 0.5 and type(a.matrix_lr) is float
+    assert a.mlp_mult == 2.0 and type(a.mlp_mult) is float
+    assert a.max_wallclock_seconds == 100.0
+    assert a.swa_enabled is True and a.skip_sliding_eval is False and a.ttt_enabled is True
+    assert a.run_id == "abc" and a.ve_layer_list() == [0, 2]
+    d = T.Hyperparameters()
+    assert a.model_dim == d.model_dim and a.seed == d.seed  # unset fields keep defaults
+    assert T.Hyperparameters.from_env({}) == d
+
+
+@pytest.mark.parametrize("key,val", [("NUM_LAYERS", "three"), ("NUM_LAYERS", "2.5"), ("MATRIX_LR", "fast"),
+                                     ("SEED", "")])
+def test_from_env_bad_value(key, val):
+    with pytest.raises(T.ConfigError, match=key):
+        T.Hyperparameters.from_env({key: val})
+
+
+def _valid(**kw):
+    base = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, vocab_size=512,
+                train_seq_len=32, train_batch_tokens=2 * 4 * 32, grad_accum_steps=0, eval_seq_len=32, eval_stride=8)
+    base.update(kw)
+    return T.Hyperparameters(**base)
+
+
+def test_validate_accepts_consistent_config():
+    _valid().validate(1)  # 1 x 8 x 32 = 256 tokens per step
+    _valid(train_batch_tokens=256).validate(4)  # 4 x 2 x 32
+    _valid(train_batch_tokens=3 * 2 * 32, grad_accum_steps=3).validate(2)
+    T.Hyperparameters().validate(8)  # the defaults are valid on 8 GPUs
+    T.Hyperparameters().validate(1)
+
+
+@pytest.mark.parametrize("kw,world,pattern", [
+    (dict(num_heads=3), 1, "NUM_HEADS=3 must divide MODEL_DIM=64"),
+    (dict(num_heads=8, num_kv_heads=3), 1, "NUM_KV_HEADS=3 must divide NUM_HEADS=8"),
+    (dict(train_batch_tokens=1000), 1, "TRAIN_BATCH_TOKENS=1000 must be a multiple"),
+    (dict(train_batch_tokens=384), 4, "world_size\\(4\\) x grad_accum\\(2\\) x TRAIN_SEQ_LEN\\(32\\) = 256"),
+    (dict(train_batch_tokens=2 * 32, grad_accum_steps=1), 4, "world_size\\(4\\) x grad_accum\\(1\\)"),
+    (dict(attn_backend="flash"), 1, "unknown ATTN_BACKEND=flash"),
+    (dict(rope_dims=32), 1, "ROPE_DIMS"),
+    (dict(bos_id=512), 1, "BOS_ID"),
+    (dict(compressors="lzma,gzip"), 1, "gzip"),
+    (dict(eval_stride=64), 1, "EVAL_STRIDE"),
+    (dict(ve_layers="0,5"), 1, "VE_LAYERS"),
+])
+def test_validate_rejects(kw, world, pattern):
+    args = _valid(**kw)
+    with pytest.raises(T.ConfigError, match=pattern):
+        args.validate(world)
+
+
+def test_grad_accum_needs_world_dividing_8():
+    with pytest.raises(T.ConfigError, match="world_size=3"):
+        _valid(train_batch_tokens=3 * 32 * 8).validate(3)
+    _valid(train_batch_tokens=3 * 32 * 2, grad_accum_steps=2).validate(3)
+    assert _valid().resolved_grad_accum(2) == 4 and _valid(grad_accum_steps=5).resolved_grad_accum(2) == 5
+
+
+# ----------------------------------------------------------------------------- stream / loader
+
+@pytest.fixture
+def three_shards(tmp_path):
+    """Three shards whose tokens are distinct consecutive ids, so positions are recognizable."""
+    lens = [37, 50, 23]
+    files, start = [], 0
+    for i, n in enumerate(lens):
+        p = str(tmp_path / f"fineweb_train_{i:06d}.bin")
+        write_shard(p, np.arange(start, start + n, dtype=np.uint16))
+        files.append(p)
+        start += n
+    return files, start  # total 110 tokens, ids 0..109
+
+
+def test_stream_crosses_shards_in_order_and_wraps(three_shards):
+    files, total = three_shards
+    s = T.TokenStream(files, 200)
+    got = np.concatenate([s.take(n) for n in (10, 30, 1, 44, 60, 7, 111)])
+    expect = np.arange(sum((10, 30, 1, 44, 60, 7, 111))) % total
+    np.testing.assert_array_equal(got, expect)
+    assert got.dtype == np.int64
+    # one take spanning all shards several times
+    s2 = T.TokenStream(files, 200)
+    np.testing.assert_array_equal(s2.take(3 * total + 5), np.arange(3 * total + 5) % total)
+
+
+def test_stream_state_restore(three_shards):
+    files, total = three_shards
+    s = T.TokenStream(files, 200)
+    s.take(45)  # inside shard 1
+    st = s.state()
+    assert st == (1, 45 - 37)
+    a = s.take(100)  # wraps into shard 0 again
+    assert s.state()[0] == 0
+    s.restore(st)
+    assert s.state() == st
+    np.testing.assert_array_equal(s.take(100), a)
+    # restoring onto a fresh stream (another process) gives the same continuation
+    fresh = T.TokenStream(files, 200)
+    fresh.restore(st)
+    np.testing.assert_array_equal(fresh.take(100), a)
+    # back to the start
+    s.restore((0, 0))
+    np.testing.assert_array_equal(s.take(5), np.arange(5))
+
+
+def test_stream_single_shard_wraps(tmp_path):
+    p = str(tmp_path / "fineweb_train_000000.bin")
+    write_shard(p, np.arange(10, 17, dtype=np.uint16))
+    s = T.TokenStream([p], 100)
+    np.testing.assert_array_equal(s.take(20), 10 + np.arange(20) % 7)
+
+
+def test_stream_lazily_checks_vocab_of_later_shards(tmp_path):
+    a, b = str(tmp_path / "a.bin"), str(tmp_path / "b.bin")
+    write_shard(a, np.arange(5, dtype=np.uint16))
+    write_shard(b, np.array([1, 2, 300], dtype=np.uint16))
+    s = T.TokenStream([a, b], 100)
+    s.take(5)
+    with pytest.raises(T.DataError) as ei:
+        s.take(1)
+    assert b in str(ei.value)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_distributed_loader_slices_partition_stream(three_shards, world):
+    files, total = three_shards
+    seqs, seq_len = 2, 5
+    span = seqs * seq_len + 1
+    ref = T.TokenStream(files, 200)
+    loaders = [T.DistributedLoader(files, 200, r, world, torch.device("cpu")) for r in range(world)]
+    for step in range(7):  # several steps, crossing shard boundaries and the wrap-around
+        chunk = ref.take(span * world)
+        xs, ys = zip(*(ld.next_batch(seqs, seq_len) for ld in loaders))
+        for r, (x, y) in enumerate(zip(xs, ys)):
+            assert x.shape == y.shape == (seqs, seq_len) and x.dtype == torch.int64
+            mine = chunk[r * span:(r + 1) * span]
+            np.testing.assert_array_equal(x.reshape(-1).numpy(), mine[:-1])
+            np.testing.assert_array_equal(y.reshape(-1).numpy(), mine[1:])
+            np.testing.assert_array_equal(y[:, :-1].numpy(), x[:, 1:].numpy())  # y is x shifted by one
+        # concatenated rank slices cover the chunk exactly, disjointly
+        cover = np.concatenate([np.concatenate([x.reshape(-1).numpy(), y.reshape(-1)[-1:].numpy()]) for x, y in zip(xs, ys)])
+        np.testing.assert_array_equal(cover, chunk)
+        assert len(set(cover.tolist())) == len(cover)  # ids are distinct within < total tokens -> disjoint
+        for ld in loaders:
+            assert ld.stream.state() == ref.state()
+
+
+def test_distributed_loader_deterministic(three_shards):
+    files, _ = three_shards
+    runs = []
+    for _ in range(2):
+        ld = T.DistributedLoader(files, 200, 1, 2, torch.device("cpu"))
+        runs.append([ld.next_batch(3, 4) for _ in range(5)])
+    for (x1, y1), (x2, y2) in zip(*runs):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+# ----------------------------------------------------------------------------- CLI error path
+
+def _run_script(tmp_path, **env_over):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
+                    TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", EVAL_STRIDE="16", TRAIN_BATCH_TOKENS="256",
+                    GPTQ_CALIB_LEN="32", GPTQ_CALIB_SEQS="2", ITERATIONS="2", MAX_WALLCLOCK_SECONDS="0",
+                    WARMUP_STEPS="0", COMPILE="0", DEVICE="cpu", OUT_DIR=str(tmp_path / "out")))
+    env.update(env_over)
+    return subprocess.run([sys.executable, SCRIPT], env=env, capture_output=True, text=True, timeout=120,
+                          cwd=str(tmp_path))
+
+
+def _assert_one_error_line(proc, *needles):
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_cli_missing_data_dir(tmp_path, smoke_dataset):
+    _, tok, vocab = smoke_dataset
+    missing = str(tmp_path / "no_such_dir")
+    proc = _run_script(tmp_path, DATA_PATH=missing, TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab))
+    _assert_one_error_line(proc, missing, "not a directory")
+
+
+def test_cli_bad_train_shard(tmp_path, smoke_dataset):
+    data, tok, vocab = smoke_dataset
+    d = tmp_path / "data"
+    d.mkdir()
+    with open(os.path.join(data, "fineweb_val_000000.bin"), "rb") as f:
+        (d / "fineweb_val_000000.bin").write_bytes(f.read())
+    bad = _raw(d / "fineweb_train_000000.bin", _header(10, magic=1) + b"\x00" * 20)
+    proc = _run_script(tmp_path, DATA_PATH=str(d), TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab))
+    _assert_one_error_line(proc, bad, "bad magic")
+
+
+def test_cli_config_error(tmp_path, smoke_dataset):
+    data, tok, vocab = smoke_dataset
+    proc = _run_script(tmp_path, DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab), NUM_KV_HEADS="3")
+    _assert_one_error_line(proc, "NUM_KV_HEADS=3")
