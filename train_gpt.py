@@ -1124,12 +1124,20 @@ def _codec_fns(codec: str):
 
 
 def _parallel_map(fn, items: list) -> list:
-    out = [None] * len(items)
-    threads = [threading.Thread(target=lambda i=i: out.__setitem__(i, fn(items[i]))) for i in range(len(items))]
+    out, errors = [None] * len(items), []
+
+    def run(i):
+        try:
+            out[i] = fn(items[i])
+        except Exception as e:  # noqa: BLE001 - re-raised in the calling thread
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(items))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    if errors:
+        raise errors[0]
     return out
 
 
@@ -1147,6 +1155,8 @@ def decompress(data: bytes) -> bytes:
     if codec is None:
         raise ArtifactError(f"unknown artifact codec tag {data[:1]!r}")
     _, decomp = _codec_fns(codec)
+    if len(data) < 2 or len(data) < 2 + 4 * data[1]:
+        raise ArtifactError("artifact is truncated (chunk table)")
     n = data[1]
     sizes = struct.unpack_from(f"<{n}I", data, 2)
     off, parts = 2 + 4 * n, []
@@ -1276,11 +1286,11 @@ def load_artifact(path: str) -> tuple[dict, dict]:
     except OSError as e:
         raise ArtifactError(f"cannot read artifact {path}: {e.strerror}") from None
     try:
-        blob = decompress(data)
-    except (lzma.LZMAError, ValueError) as e:
+        return unpack_entries(decompress(data))
+    except ArtifactError:
+        raise
+    except Exception as e:  # noqa: BLE001 - LZMAError, ZstdError, bad JSON, short sections...
         raise ArtifactError(f"artifact {path} is corrupt: {e}") from None
-    entries, config = unpack_entries(blob)
-    return entries, config
 
 
 # ----------------------------------------------------------------------------- evaluation

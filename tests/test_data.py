@@ -125,6 +125,16 @@ def test_find_shards(tmp_path):
         T.load_validation_tokens(str(empty), 100)
 
 
+def test_find_shards_path_with_glob_metacharacters(tmp_path):
+    """KNOWN BUG (train_gpt.py find_shards): DATA_PATH is pasted into a glob pattern unescaped,
+    so a directory whose name contains [ ] * ? (e.g. 'runs[1]') reports 'no shards' although
+    they are there. Fix: glob.glob(os.path.join(glob.escape(data_path), ...))."""
+    d = tmp_path / "data[1]"
+    d.mkdir()
+    write_shard(str(d / "fineweb_train_000000.bin"), np.arange(4, dtype=np.uint16))
+    assert T.find_shards(str(d), "train") == [str(d / "fineweb_train_000000.bin")]
+
+
 def test_load_validation_tokens_concatenates_in_order(tmp_path):
     a = np.arange(0, 30, dtype=np.uint16)
     b = np.arange(100, 140, dtype=np.uint16)
@@ -203,6 +213,17 @@ def test_validate_rejects(kw, world, pattern):
     args = _valid(**kw)
     with pytest.raises(T.ConfigError, match=pattern):
         args.validate(world)
+
+
+@pytest.mark.parametrize("kw", [dict(num_heads=0), dict(num_kv_heads=0), dict(train_seq_len=0),
+                                dict(train_batch_tokens=0)])
+def test_validate_rejects_zero_sizes(kw):
+    """KNOWN BUG (train_gpt.py Hyperparameters.validate): zero NUM_HEADS / NUM_KV_HEADS /
+    TRAIN_SEQ_LEN crash with ZeroDivisionError (a traceback, exit 1, instead of 'error: ...' and
+    exit 2), and TRAIN_BATCH_TOKENS=0 is accepted (0 sequences per micro-step -> NaN loss at step 0).
+    Fix: check these are >= 1 before the divisibility checks."""
+    with pytest.raises(T.ConfigError):
+        _valid(**kw).validate(1)
 
 
 def test_grad_accum_needs_world_dividing_8():
@@ -301,6 +322,24 @@ def test_distributed_loader_slices_partition_stream(three_shards, world):
             assert ld.stream.state() == ref.state()
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_step_data_independent_of_world_size(three_shards, world):
+    """With world x grad_accum fixed (as the default 8 // world_size does), one optimizer step
+    sees exactly the same micro-batches whatever the world size: micro-step j of rank r gets
+    what micro-step j * world + r gets in a single process."""
+    files, _ = three_shards
+    total_micro, seqs, seq_len = 4, 2, 3
+    single = T.DistributedLoader(files, 200, 0, 1, torch.device("cpu"))
+    ranks = [T.DistributedLoader(files, 200, r, world, torch.device("cpu")) for r in range(world)]
+    for step in range(5):
+        ref = [single.next_batch(seqs, seq_len) for _ in range(total_micro)]
+        for j in range(total_micro // world):
+            for r, ld in enumerate(ranks):
+                x, y = ld.next_batch(seqs, seq_len)
+                rx, ry = ref[j * world + r]
+                assert torch.equal(x, rx) and torch.equal(y, ry), (step, j, r)
+
+
 def test_distributed_loader_deterministic(three_shards):
     files, _ = three_shards
     runs = []
@@ -356,3 +395,10 @@ def test_cli_config_error(tmp_path, smoke_dataset):
     data, tok, vocab = smoke_dataset
     proc = _run_script(tmp_path, DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab), NUM_KV_HEADS="3")
     _assert_one_error_line(proc, "NUM_KV_HEADS=3")
+
+
+def test_cli_missing_tokenizer(tmp_path, smoke_dataset):
+    data, _, vocab = smoke_dataset
+    missing = str(tmp_path / "nope.model")
+    proc = _run_script(tmp_path, DATA_PATH=data, TOKENIZER_PATH=missing, VOCAB_SIZE=str(vocab))
+    _assert_one_error_line(proc, missing)

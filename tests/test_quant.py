@@ -1,0 +1,462 @@
+"""Quantization and artifact tests: pack/compress round trips (both codecs), artifact -> GPT
+rebuild, GPTQ vs round-to-nearest on correlated inputs, the inverse-Cholesky factor,
+pruning to a byte budget, the 16 MB cap, KV-cached generation, and quantize_model with
+self-generated calibration Hessians."""
+import copy
+import math
+import os
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_gpt as T  # noqa: E402
+
+CPU = torch.device("cpu")
+QUANTILES = [0.999, 0.9995, 0.9999, 0.99999, 1.0]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: OpenMP threads only add overhead (and stall badly on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    old_backend = T._ATTN_BACKEND
+    T.set_attention_backend("math", CPU)
+    yield
+    T._ATTN_BACKEND = old_backend
+    torch.set_num_threads(n)
+
+
+def tiny_args(**kw):
+    base = dict(vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
+                rope_dims=8, bigram_vocab=64, bigram_dim=16, ve_dim=16, train_seq_len=64, eval_seq_len=64,
+                eval_stride=32, gptq_calib_seqs=4, gptq_calib_len=48, gptq_calib_batch=2, gptq_block=32,
+                attn_backend="math", compile="0", seed=7)
+    base.update(kw)
+    return T.Hyperparameters(**base)
+
+
+def randomized_model(args, seed=0):
+    """Every parameter non-trivial (the default init zeroes the output projections, the MLP
+    down bank and the bigram/VE projections, which would make attention invisible)."""
+    model = T.build_model(args, CPU)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 3:  # banks (n, out, in)
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.size(-1)))
+            elif name == "tok_emb.weight":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            else:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+def assert_entries_equal(a: dict, b: dict):
+    assert list(a) == list(b)
+    for name in a:
+        ea, eb = a[name], b[name]
+        assert ea["kind"] == eb["kind"], name
+        if ea["kind"] == "int":
+            assert ea["bits"] == eb["bits"], name
+            assert eb["q"].dtype == torch.int8 and eb["scale"].dtype == torch.float16, name
+            assert torch.equal(ea["q"], eb["q"]), name
+            # bitwise, not numeric equality
+            assert torch.equal(ea["scale"].view(torch.int16), eb["scale"].view(torch.int16)), name
+        else:
+            assert eb["value"].dtype == torch.float16 and ea["value"].shape == eb["value"].shape, name
+            assert torch.equal(ea["value"].view(torch.int16), eb["value"].view(torch.int16)), name
+
+
+@pytest.fixture(scope="module")
+def args():
+    return tiny_args()
+
+
+@pytest.fixture(scope="module")
+def model(args):
+    return randomized_model(args, seed=1)
+
+
+@pytest.fixture(scope="module")
+def hessians(model, args):
+    logs = []
+    h, times = T.collect_hessians(model, args, CPU, 0, 1, logs.append)
+    assert set(times) == {"calib_generate", "calib_hessians"}
+    assert logs and "calibration" in logs[0]
+    return h
+
+
+@pytest.fixture(scope="module")
+def gptq_entries(model, hessians, args):
+    return T.quantize_model(model, hessians, args)
+
+
+# ----------------------------------------------------------------------------- packing / codecs
+
+@pytest.mark.parametrize("codec", ["lzma", "zstd"])
+def test_pack_compress_roundtrip_bit_exact(model, args, codec):
+    # mixed bit widths per bank, RTN (no Hessians)
+    entries = T.quantize_model(model, None, args, bits={"qo": 6, "kv": 5, "up": 4, "down": 3})
+    blob, voff, nvals = T.pack_entries(entries, args)
+    assert nvals == sum(e["q"].numel() for e in entries.values() if e["kind"] == "int")
+    assert blob[:4] == T.ARTIFACT_MAGIC
+    # the values section really holds the int8 values in entry order
+    flat = np.concatenate([e["q"].numpy().reshape(-1) for e in entries.values() if e["kind"] == "int"])
+    assert np.array_equal(np.frombuffer(blob, dtype=np.int8, count=nvals, offset=voff), flat)
+
+    data = T.compress(blob, codec)
+    assert data[:1] == T.CODECS[codec]
+    assert len(data) < len(blob)
+    assert T.decompress(data) == blob
+    back, config = T.unpack_entries(T.decompress(data))
+    assert_entries_equal(entries, back)
+    assert config == {k: getattr(args, k) for k in T.MODEL_CONFIG_FIELDS}
+    for name, e in back.items():
+        if e["kind"] == "int":
+            qmax = 2 ** (e["bits"] - 1) - 1
+            assert int(e["q"].abs().max()) <= qmax, name
+    assert back["up_bank.0"]["bits"] == 4 and back["down_bank.1"]["bits"] == 3
+    assert back["tok_emb.weight"]["bits"] == 8
+
+
+@pytest.mark.parametrize("codec", ["lzma", "zstd"])
+@pytest.mark.parametrize("chunks", [1, 3, 8])
+def test_compress_chunking_and_corruption(codec, chunks):
+    rng = np.random.default_rng(chunks)
+    blob = rng.integers(-3, 4, size=50_001).astype(np.int8).tobytes()
+    data = T.compress(blob, codec, chunks=chunks)
+    assert data[1] == min(chunks, len(blob))
+    assert T.decompress(data) == blob
+    assert T.decompress(T.compress(b"", codec)) == b""
+    with pytest.raises(T.ArtifactError):
+        T.decompress(data + b"\0")  # trailing bytes
+    with pytest.raises(T.ArtifactError):
+        T.decompress(data[:-5])  # truncated
+    with pytest.raises(T.ArtifactError):
+        T.decompress(b"Q" + data[1:])  # unknown codec tag
+
+
+def test_load_artifact_rebuilds_identical_model(model, args, gptq_entries, tmp_path):
+    entries = copy.deepcopy(gptq_entries)
+    data, info = T.pack_to_budget(entries, args, T.ARTIFACT_CAP_BYTES, lambda m: None)
+    assert info["pruned"] == 0 and info["codec"] in ("lzma", "zstd")
+    path = str(tmp_path / "model.ptz")
+    total = T.write_artifact(path, data, code_bytes=12345)
+    assert total == 12345 + len(data) and os.path.getsize(path) == len(data)
+
+    loaded, config = T.load_artifact(path)
+    assert config["num_layers"] == args.num_layers and config["model_dim"] == args.model_dim
+    assert_entries_equal(entries, loaded)
+    state = T.dequantize_entries(loaded, args)
+
+    fresh = T.build_model(tiny_args(seed=99), CPU).eval()  # different init
+    assert not torch.equal(fresh.up_bank, state["up_bank"])
+    fresh.load_state_dict(state, strict=True)
+    for bank, t in fresh.banks().items():
+        for i in range(t.size(0)):
+            e = loaded[f"{bank}_bank.{i}"]
+            expect = e["q"].float() * e["scale"].float()[:, None]
+            assert torch.equal(t.detach()[i], expect), (bank, i)
+    sd = fresh.state_dict()
+    for name, e in loaded.items():
+        if "_bank." in name:
+            continue
+        if e["kind"] == "int":
+            assert torch.equal(sd[name], e["q"].float() * e["scale"].float()[:, None]), name
+        else:
+            assert torch.equal(sd[name], e["value"].float()), name
+
+    # the quantized model is close to the source (6-bit banks, 8-bit tables)
+    src = model.state_dict()
+    for name in ("qo_bank", "kv_bank", "up_bank", "down_bank", "tok_emb.weight"):
+        rel = float((sd[name] - src[name]).norm() / src[name].norm())
+        assert rel < 0.05, (name, rel)
+
+    # source model with the same dequantized weights (from the in-memory entries) -> same logits
+    twin = copy.deepcopy(model)
+    twin.load_state_dict(T.dequantize_entries(entries, args), strict=True)
+    ids = torch.randint(0, args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = args.bos_id
+    with torch.no_grad():
+        a, b = twin(ids), fresh(ids)
+        assert torch.equal(a, b)
+        assert not torch.equal(a, model(ids))  # quantization did change something
+
+
+def test_load_artifact_missing_or_bad_magic(tmp_path):
+    with pytest.raises(T.ArtifactError):
+        T.load_artifact(str(tmp_path / "nope.ptz"))
+    bad = tmp_path / "bad.ptz"
+    bad.write_bytes(T.compress(b"XXXX" + bytes(20), "zstd"))  # valid codec, wrong magic
+    with pytest.raises(T.ArtifactError):
+        T.load_artifact(str(bad))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+@pytest.mark.parametrize("data", [
+    b"L\x01" + (5).to_bytes(4, "little") + b"hello",  # lzma tag, one junk chunk
+    b"Z\x01" + (5).to_bytes(4, "little") + b"hello",  # zstd tag, one junk chunk
+    b"L",  # no chunk count
+    b"L\x08\x00",  # chunk table cut short
+    b"",
+], ids=["lzma-junk", "zstd-junk", "one-byte", "short-table", "empty"])
+def test_load_artifact_corrupt_raises_artifact_error(tmp_path, data):
+    """Any corrupt file must surface as ArtifactError (main() turns that into a clean 'error:'
+    line and exit code 2), not a TypeError/IndexError/struct.error traceback."""
+    bad = tmp_path / "bad.ptz"
+    bad.write_bytes(data)
+    with pytest.raises(T.ArtifactError):
+        T.load_artifact(str(bad))
+
+
+def _small_blob():
+    entries = {"w": {"kind": "int", "bits": 6, "q": torch.arange(-16, 16, dtype=torch.int8).view(4, 8),
+                     "scale": torch.full((4,), 0.01, dtype=torch.float16)},
+               "f": {"kind": "float", "value": torch.ones(3, dtype=torch.float16)}}
+    return T.pack_entries(entries, tiny_args())[0]
+
+
+@pytest.mark.parametrize("payload", ["bad-json", "truncated", "short-header"])
+def test_load_artifact_bad_payload_raises_artifact_error(tmp_path, payload):
+    """A payload that decompresses fine but is not a complete packed model -> ArtifactError."""
+    blob = _small_blob()
+    assert T.unpack_entries(blob)[0]["w"]["q"].shape == (4, 8)  # the intact blob is fine
+    if payload == "bad-json":
+        blob = T.ARTIFACT_MAGIC + struct.pack("<II", 5, 0) + b"{bad}"
+    elif payload == "truncated":
+        blob = blob[:-40]
+    else:
+        blob = T.ARTIFACT_MAGIC + b"\x05"
+    bad = tmp_path / "bad.ptz"
+    bad.write_bytes(T.compress(blob, "zstd"))
+    with pytest.raises(T.ArtifactError):
+        T.load_artifact(str(bad))
+
+
+# ----------------------------------------------------------------------------- GPTQ
+
+def correlated_inputs(n_rows, cols, rank, noise, seed):
+    g = torch.Generator().manual_seed(seed)
+    Z = torch.randn(n_rows, rank, generator=g)
+    A = torch.randn(rank, cols, generator=g)
+    return Z @ A + noise * torch.randn(n_rows, cols, generator=g)
+
+
+def output_error(X, W, q, s):
+    return float((X @ W.mT - X @ (q.float() * s.float()[..., None]).mT).norm())
+
+
+@pytest.mark.parametrize("bits", [6, 4])
+def test_gptq_beats_rtn_on_correlated_inputs(bits):
+    qmax = 2 ** (bits - 1) - 1
+    X = correlated_inputs(2048, 64, rank=6, noise=0.05, seed=0)
+    corr = torch.corrcoef(X.T).abs()
+    assert corr[~torch.eye(64, dtype=torch.bool)].mean() > 0.3  # strongly correlated columns
+    H = X.T @ X / X.size(0)
+    g = torch.Generator().manual_seed(1)
+    W = torch.randn(3, 48, 64, generator=g) / 8
+    Hb = H.expand(3, 64, 64).contiguous()
+    qg, sg = T.gptq_quantize(W, Hb, qmax, QUANTILES, block=16, damp=0.01)
+    qr, sr = T.quantize_rtn(W, qmax, QUANTILES)
+    assert qg.dtype == torch.int8 and sg.dtype == torch.float16 and qg.shape == W.shape and sg.shape == (3, 48)
+    assert int(qg.abs().max()) <= qmax and int(qg.abs().max()) >= qmax - 1  # uses the range, stays inside
+    assert int(qr.abs().max()) <= qmax
+    eg = sum(output_error(X, W[i], qg[i], sg[i]) for i in range(3))
+    er = sum(output_error(X, W[i], qr[i], sr[i]) for i in range(3))
+    assert eg < 0.3 * er, (eg, er)
+    # GPTQ trades weight error for output error: the weights themselves are not closer
+    wg = float((W - qg.float() * sg.float()[..., None]).norm())
+    wr = float((W - qr.float() * sr.float()[..., None]).norm())
+    assert wr <= wg
+
+
+def test_gptq_block_size_invariant_and_dead_columns():
+    X = correlated_inputs(1024, 40, rank=5, noise=0.1, seed=2)
+    X[:, 7] = 0.0  # a dead input column
+    H = (X.T @ X / X.size(0))[None]
+    W = torch.randn(1, 24, 40, generator=torch.Generator().manual_seed(3)) / 6
+    q_small, s_small = T.gptq_quantize(W, H, 31, [1.0], block=8)
+    q_big, s_big = T.gptq_quantize(W, H, 31, [1.0], block=128)
+    assert torch.equal(s_small, s_big)
+    # lazy block updates are exact up to float rounding: (almost) identical decisions
+    assert (q_small == q_big).float().mean() > 0.99
+    assert torch.all(q_small[0, :, 7] == 0) and torch.all(q_big[0, :, 7] == 0)
+    # the input is unchanged
+    assert float(W[0, :, 7].abs().sum()) > 0
+
+
+def test_quantize_rtn_picks_best_clip_per_row():
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(16, 256, generator=g)
+    W[3, 5] = 40.0  # one outlier row: clipping the outlier should win for that row
+    q, s = T.quantize_rtn(W, 31, QUANTILES)
+    err = (W - q.float() * s.float()[:, None]).square().sum(-1)
+    for qt in QUANTILES:
+        s1 = T.row_clip_scales(W, qt, 31)
+        e1 = (W - torch.clamp(torch.round(W / s1[:, None]), -31, 31) * s1[:, None]).square().sum(-1)
+        assert torch.all(err <= e1 + 1e-6)
+    s_abs = T.row_clip_scales(W, 1.0, 31)
+    assert float(s[3]) < float(s_abs[3])  # outlier row uses a clipped scale
+
+
+def test_upper_cholesky_of_inverse():
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(2, 24, 30, generator=g, dtype=torch.float64)
+    H = A @ A.mT + 0.1 * torch.eye(24, dtype=torch.float64)
+    U = T.upper_cholesky_of_inverse(H)
+    assert torch.equal(U, torch.triu(U))
+    assert torch.all(torch.diagonal(U, dim1=-2, dim2=-1) > 0)
+    torch.testing.assert_close(U.mT @ U, torch.linalg.inv(H), rtol=1e-9, atol=1e-9)
+    # unique upper factor with positive diagonal == the classic GPTQ factor
+    torch.testing.assert_close(U, torch.linalg.cholesky(torch.linalg.inv(H), upper=True), rtol=1e-8, atol=1e-9)
+
+
+# ----------------------------------------------------------------------------- pruning / budget
+
+def test_pack_to_budget_prunes_to_fit(gptq_entries, args):
+    args = tiny_args(compressors="zstd")  # single codec: faster, same logic
+    full = copy.deepcopy(gptq_entries)
+    data0, info0 = T.pack_to_budget(copy.deepcopy(full), args, T.ARTIFACT_CAP_BYTES, lambda m: None)
+    assert info0["pruned"] == 0
+    pos_all, cost_all = T.prune_candidates(full, T.pack_entries(full, args)[2])
+    assert len(pos_all) > 1000 and np.all(np.diff(cost_all) >= 0)
+    # size with every candidate zeroed (computed here, independently of pack_to_budget)
+    blob, voff, nvals = T.pack_entries(full, args)
+    vals = np.frombuffer(blob, dtype=np.int8, count=nvals, offset=voff).copy()
+    assert np.all(np.abs(vals[pos_all]) == 1)
+    vals[pos_all] = 0
+    floor = len(T.compress(blob[:voff] + vals.tobytes() + blob[voff + nvals:], "zstd"))
+    assert floor < len(data0) - 500, (floor, len(data0))  # pruning can save something real
+    for frac in (0.9, 0.5, 0.15):
+        budget = int(floor + frac * (len(data0) - floor))
+        entries = copy.deepcopy(full)
+        logs = []
+        data, info = T.pack_to_budget(entries, args, budget, logs.append)
+        assert len(data) <= budget, (frac, len(data), budget)
+        k = info["pruned"]
+        assert k > 0 and info["candidates"] == len(pos_all)
+        assert any("prune attempt" in m for m in logs)
+        # what was written equals the (mutated) entries
+        back, _ = T.unpack_entries(T.decompress(data))
+        assert_entries_equal({n: e for n, e in entries.items()}, back)
+        # exactly the k cheapest +-1 values were zeroed, nothing else changed
+        before = np.concatenate([e["q"].numpy().reshape(-1) for e in full.values() if e["kind"] == "int"])
+        after = np.concatenate([e["q"].numpy().reshape(-1) for e in entries.values() if e["kind"] == "int"])
+        changed = np.nonzero(before != after)[0]
+        assert len(changed) == k
+        assert np.all(np.abs(before[changed]) == 1) and np.all(after[changed] == 0)
+        assert set(changed.tolist()) == set(pos_all[:k].tolist())
+        for name in full:  # scales and float tensors untouched
+            if full[name]["kind"] == "int":
+                assert torch.equal(full[name]["scale"], entries[name]["scale"])
+            else:
+                assert torch.equal(full[name]["value"], entries[name]["value"])
+
+
+def test_pack_to_budget_impossible_raises_and_leaves_entries(gptq_entries):
+    args = tiny_args(compressors="zstd")
+    entries = copy.deepcopy(gptq_entries)
+    with pytest.raises(T.ArtifactError):
+        T.pack_to_budget(entries, args, 2000, lambda m: None)
+    assert_entries_equal(gptq_entries, entries)
+
+
+def test_write_artifact_cap(tmp_path):
+    data = bytes(range(256)) * 4  # 1024 bytes
+    path = tmp_path / "over.ptz"
+    with pytest.raises(T.ArtifactError):
+        T.write_artifact(str(path), data, code_bytes=T.ARTIFACT_CAP_BYTES - len(data) + 1)
+    assert not path.exists()
+    ok = tmp_path / "exact.ptz"
+    assert T.write_artifact(str(ok), data, code_bytes=T.ARTIFACT_CAP_BYTES - len(data)) == T.ARTIFACT_CAP_BYTES
+    assert ok.read_bytes() == data
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_generate_cached_equals_uncached(model, args):
+    outs = {}
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(11)
+        outs[use_cache] = model.generate(3, 40, 1.0, g, use_cache=use_cache)
+    a, b = outs[True], outs[False]
+    assert a.shape == (3, 40) and torch.all(a[:, 0] == args.bos_id)
+    assert torch.equal(a, b)
+    assert len(torch.unique(a)) > 20  # not degenerate
+    other = model.generate(3, 40, 1.0, torch.Generator().manual_seed(12), use_cache=True)
+    assert not torch.equal(a, other)
+
+
+# ----------------------------------------------------------------------------- quantize_model with Hessians
+
+def test_hessians_cover_every_quantized_input(hessians, args):
+    d, hid = args.model_dim, args.mlp_hidden
+    expect = {(l, k) for l in range(args.num_layers) for k in ("qkv", "out", "up", "down")}
+    assert set(hessians) == expect
+    for (l, kind), H in hessians.items():
+        size = hid if kind == "down" else d
+        assert H.shape == (size, size)
+        torch.testing.assert_close(H, H.T)
+        assert float(torch.linalg.eigvalsh(H.double()).min()) > -1e-4 * float(H.diagonal().max())
+        assert float(H.diagonal().sum()) > 0
+    # qkv/up inputs are RMS-normed and scaled by 1/sqrt(layer+1): trace = d / (layer+1)
+    for l in range(args.num_layers):
+        assert abs(float(hessians[(l, "qkv")].trace()) - d / (l + 1)) < 1e-2 * d
+
+
+def test_quantize_model_with_hessians_roundtrip(model, hessians, gptq_entries, args):
+    entries = gptq_entries
+    state = T.dequantize_entries(entries, args)
+    keys = T.bank_hessian_keys(args)
+    banks = model.banks()
+    err_gptq = err_rtn = 0.0
+    rtn = T.quantize_model(model, None, args)
+    for bank_name, bank in banks.items():
+        assert state[f"{bank_name}_bank"].shape == bank.shape
+        for i in range(bank.size(0)):
+            e = entries[f"{bank_name}_bank.{i}"]
+            assert e["bits"] == 6 and e["q"].dtype == torch.int8
+            assert int(e["q"].abs().max()) <= 31
+            expect = e["q"].float() * e["scale"].float()[:, None]
+            assert torch.equal(state[f"{bank_name}_bank"][i], expect)
+            H = hessians[keys[bank_name][i]]
+            assert torch.equal(e["hdiag"], H.diagonal())
+            W = bank.detach()[i]
+            E = W - expect
+            err_gptq += float(((E @ H) * E).sum())
+            r = rtn[f"{bank_name}_bank.{i}"]
+            Er = W - r["q"].float() * r["scale"].float()[:, None]
+            err_rtn += float(((Er @ H) * Er).sum())
+    assert err_gptq < err_rtn, (err_gptq, err_rtn)
+    # every non-bank tensor of the model is present, tables as int8
+    for name, t in model.state_dict().items():
+        if name.endswith("_bank"):
+            continue
+        assert state[name].shape == t.shape
+        kind = entries[name]["kind"]
+        assert kind == ("int" if name in ("tok_emb.weight", "bigram_table", "ve_table") else "float"), name
+    # a model loaded from it works
+    m2 = T.build_model(args, CPU).eval()
+    m2.load_state_dict(state, strict=True)
+    ids = model.generate(2, 32, 1.0, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        l_src = float(model(ids[:, :-1], ids[:, 1:]))
+        l_q = float(m2(ids[:, :-1], ids[:, 1:]))
+    assert abs(l_q - l_src) < 0.05 * abs(l_src)
+
+
+def test_quantize_model_bit_plan(model, hessians, args):
+    plans = T.bit_plans(6)
+    assert plans[0] == {"qo": 6, "kv": 6, "up": 6, "down": 6}
+    assert plans[1] == {"qo": 6, "kv": 6, "up": 5, "down": 5}
+    entries = T.quantize_model(model, hessians, args, bits={"qo": 6, "kv": 6, "up": 4, "down": 4})
+    for name, e in entries.items():
+        if name.startswith(("up_bank", "down_bank")):
+            assert e["bits"] == 4 and int(e["q"].abs().max()) <= 7
+        elif name.startswith(("qo_bank", "kv_bank")):
+            assert e["bits"] == 6 and int(e["q"].abs().max()) > 7
