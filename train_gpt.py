@@ -19,6 +19,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import zlib
 from dataclasses import dataclass, field
 
@@ -191,6 +192,8 @@ class Hyperparameters:
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
+        need(min(self.model_dim, self.num_heads, self.num_kv_heads, self.train_seq_len, self.train_batch_tokens) >= 1,
+             "MODEL_DIM, NUM_HEADS, NUM_KV_HEADS, TRAIN_SEQ_LEN and TRAIN_BATCH_TOKENS must be >= 1")
         need(self.model_dim % self.num_heads == 0, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
         need(self.head_dim % 2 == 0, "head dim must be even for RoPE")
@@ -260,7 +263,7 @@ def load_shard(path: str, vocab_size: int) -> np.ndarray:
 def find_shards(data_path: str, split: str) -> list[str]:
     if not os.path.isdir(data_path):
         raise DataError(f"DATA_PATH {data_path} is not a directory (download the challenge data first)")
-    files = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    files = sorted(glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin")))
     if not files:
         raise DataError(f"no fineweb_{split}_*.bin shards in {data_path}")
     return files
@@ -601,7 +604,8 @@ class GPT(nn.Module):
             torch.cuda.current_stream().wait_stream(side)
             prev_x.zero_()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local: NCCL's watchdog thread may touch CUDA while this thread captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_logits = decode_step()
             prev_x.zero_()
 
@@ -1815,7 +1819,15 @@ if __name__ == "__main__":
         main()
     except (ConfigError, DataError, ArtifactError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    finally:
+        code = 2
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    else:
+        code = 0
         if dist.is_initialized():
             dist.destroy_process_group()
+    if code:  # a failed rank must not wait for its peers in a collective: leave now
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code) if dist.is_initialized() else sys.exit(code)

@@ -1,7 +1,6 @@
 """Newton-Schulz, ParallelMuon (1 process and 2 gloo processes vs 1 process), Optimizers
 (gradient clipping, loss actually falls), and the compile warm-up undo in train()."""
 import math
-import os
 
 import numpy as np
 import pytest
