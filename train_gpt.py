@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import glob
-import io
 import json
 import lzma
 import math
@@ -21,7 +20,7 @@ import threading
 import time
 import traceback
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,10 +55,6 @@ class ArtifactError(ValueError):
 
 
 # ----------------------------------------------------------------------------- config
-
-def _env_field(default, help_text=""):
-    return field(default=default, metadata={"help": help_text})
-
 
 @dataclass
 class Hyperparameters:
@@ -608,10 +603,7 @@ class GPT(nn.Module):
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 static_logits = decode_step()
             prev_x.zero_()
-
-            def step_fn():
-                graph.replay()
-                return static_logits
+            step_fn = lambda: (graph.replay(), static_logits)[1]  # noqa: E731
         for t in range(length - 1):
             if use_cache:
                 logits = step_fn()
@@ -1548,7 +1540,7 @@ def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size
     params = list(model.parameters())
     ema = [p.detach().float().clone() for p in params] if args.ema_decay > 0 else None
     swa, swa_count = None, 0
-    train_s, step, step_s, last_log = 0.0, 0, 0.0, 0.0
+    train_s, step, step_s = 0.0, 0, 0.0
     qat_on_step = None
     losses = []
     _sync(device)
