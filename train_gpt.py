@@ -525,7 +525,9 @@ class GPT(nn.Module):
             prev = torch.cat([first, ids[:, :-1]], dim=1)
             idx = torch.bitwise_xor(36313 * ids, 27191 * prev) % (a.bigram_vocab - 1)
             idx = torch.where((prev < 0) | is_bos, a.bigram_vocab - 1, idx)
-            x = x + self.bigram_scale * F.linear(F.embedding(idx, self.bigram_table), self.bigram_proj)
+            # scalars scale the small weight, not the (tokens x d) output: their gradient is
+            # then a tiny reduction instead of one over every activation
+            x = x + F.linear(F.embedding(idx, self.bigram_table), self.bigram_proj * self.bigram_scale)
         x = rms_norm(x)
         first_x = prev_x if prev_x is not None else torch.zeros_like(x[:, :1])
         x_prev = torch.cat([first_x, x[:, :-1]], dim=1)
@@ -538,16 +540,17 @@ class GPT(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x0 = x
         w = self._bank_weights()
-        ve_all = None
+        ve_ids = None
         if self.ve_layers:
-            ve_all = F.linear(F.embedding(ids, self.ve_table), self.ve_proj) * self.ve_scale
+            ve_ids = F.embedding(ids, self.ve_table)
         skips = []
         for l, block in enumerate(self.blocks):
             if l >= self.num_enc and skips:
                 x = x + self.skip_weights[l - self.num_enc].to(x.dtype) * skips.pop()
             ve = None
-            if ve_all is not None and l in self.ve_layers:
-                ve = ve_all * self.ve_layer_scales[self.ve_layers.index(l)]
+            if ve_ids is not None and l in self.ve_layers:
+                scale = self.ve_scale * self.ve_layer_scales[self.ve_layers.index(l)]
+                ve = F.linear(ve_ids, self.ve_proj * scale)
             x = block(self, x, x0, w, ve, offset, None if caches is None else caches[l])
             if l < self.num_enc:
                 skips.append(x)

@@ -223,7 +223,8 @@ def test_two_process_step_equals_single_process(two_process_results, case):
     # tolerance: bf16 Newton-Schulz turns the ~1e-7 fp32 differences of the averaged gradients into
     # occasional bf16 rounding flips, which change its output by ~2% (its own accuracy floor);
     # a wrong shard / scatter / average / gather is off by O(lr) = 0.05 per step, i.e. ~100%.
-    max_tol, rel_tol = (5e-3, 0.1) if not fp32 else (2e-5, 1e-4)
+    # fp32: Adam elements whose gradient is near eps react to summation order (seen: 2.2e-5).
+    max_tol, rel_tol = (5e-3, 0.1) if not fp32 else (1e-4, 1e-4)
     for k in ref:
         diff = f0[k] - ref[k]
         moved = ref[k] - init[k]
