@@ -189,8 +189,8 @@ def _valid(**kw):
 
 
 def test_validate_accepts_consistent_config():
-    _valid().validate(1)  # 1 x 8 x 32 = 256 tokens per step
-    _valid(train_batch_tokens=256).validate(4)  # 4 x 2 x 32
+    _valid().validate(1)  # 1 x 4 x 32 = 128 tokens per micro-step set
+    _valid(train_batch_tokens=128).validate(4)  # 4 x 1 x 32
     _valid(train_batch_tokens=3 * 2 * 32, grad_accum_steps=3).validate(2)
     T.Hyperparameters().validate(8)  # the defaults are valid on 8 GPUs
     T.Hyperparameters().validate(1)
@@ -200,7 +200,7 @@ def test_validate_accepts_consistent_config():
     (dict(num_heads=3), 1, "NUM_HEADS=3 must divide MODEL_DIM=64"),
     (dict(num_heads=8, num_kv_heads=3), 1, "NUM_KV_HEADS=3 must divide NUM_HEADS=8"),
     (dict(train_batch_tokens=1000), 1, "TRAIN_BATCH_TOKENS=1000 must be a multiple"),
-    (dict(train_batch_tokens=384), 4, "world_size\\(4\\) x grad_accum\\(2\\) x TRAIN_SEQ_LEN\\(32\\) = 256"),
+    (dict(train_batch_tokens=192), 2, "world_size\\(2\\) x grad_accum\\(2\\) x TRAIN_SEQ_LEN\\(32\\) = 128"),
     (dict(train_batch_tokens=2 * 32, grad_accum_steps=1), 4, "world_size\\(4\\) x grad_accum\\(1\\)"),
     (dict(attn_backend="flash"), 1, "unknown ATTN_BACKEND=flash"),
     (dict(rope_dims=32), 1, "ROPE_DIMS"),
@@ -230,7 +230,8 @@ def test_grad_accum_needs_world_dividing_8():
     with pytest.raises(T.ConfigError, match="world_size=3"):
         _valid(train_batch_tokens=3 * 32 * 8).validate(3)
     _valid(train_batch_tokens=3 * 32 * 2, grad_accum_steps=2).validate(3)
-    assert _valid().resolved_grad_accum(2) == 4 and _valid(grad_accum_steps=5).resolved_grad_accum(2) == 5
+    assert [_valid().resolved_grad_accum(w) for w in (1, 2, 4, 8)] == [4, 2, 1, 1]
+    assert _valid(grad_accum_steps=5).resolved_grad_accum(2) == 5
 
 
 # ----------------------------------------------------------------------------- stream / loader
@@ -324,7 +325,7 @@ def test_distributed_loader_slices_partition_stream(three_shards, world):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_step_data_independent_of_world_size(three_shards, world):
-    """With world x grad_accum fixed (as the default 8 // world_size does), one optimizer step
+    """With the step's sequences fixed, one optimizer step
     sees exactly the same micro-batches whatever the world size: micro-step j of rank r gets
     what micro-step j * world + r gets in a single process."""
     files, _ = three_shards
