@@ -1175,7 +1175,7 @@ def decompress(data: bytes) -> bytes:
 def compress_best(blob: bytes, codecs: list[str]) -> tuple[bytes, str]:
     """Compress with every available codec; keep the smallest."""
     codecs = [c for c in codecs if c != "zstd" or zstandard is not None] or ["lzma"]
-    results = {c: compress(blob, c) for c in codecs}
+    results = dict(zip(codecs, _parallel_map(lambda c: compress(blob, c), codecs)))  # codecs side by side
     best = min(codecs, key=lambda c: len(results[c]))
     return results[best], best
 
@@ -1223,6 +1223,7 @@ def pack_to_budget(entries: dict, args: Hyperparameters, budget_bytes: int, log)
     pos, _ = prune_candidates(entries, vlen)
     info["candidates"] = len(pos)
     base = bytearray(blob)
+    codecs = [codec]  # pruning does not change which codec wins; one real codec per try halves the time
 
     def with_pruned(k: int) -> bytes:
         b = bytearray(base)
@@ -1231,7 +1232,9 @@ def pack_to_budget(entries: dict, args: Hyperparameters, budget_bytes: int, log)
         view[pos[:k]] = 0
         return bytes(b)
 
-    if len(compress_best(with_pruned(len(pos)), codecs)[0]) > budget_bytes:  # cheap rejection
+    all_pruned = with_pruned(len(pos))
+    clearly_over = _proxy_size(all_pruned) * len(data) / _proxy_size(blob) > 1.03 * budget_bytes
+    if clearly_over or len(compress_best(all_pruned, codecs)[0]) > budget_bytes:  # cheap rejection first
         raise ArtifactError(f"model does not fit: {len(data)} compressed bytes > budget {budget_bytes} and pruning "
                             f"all {len(pos)} +-1 values is not enough")
     k_lo, target = 0, budget_bytes

@@ -332,7 +332,7 @@ def test_pack_to_budget_prunes_to_fit(gptq_entries, args):
     vals[pos_all] = 0
     floor = len(T.compress(blob[:voff] + vals.tobytes() + blob[voff + nvals:], "zstd"))
     assert floor < len(data0) - 500, (floor, len(data0))  # pruning can save something real
-    for frac in (0.9, 0.5, 0.15):
+    for frac in (0.9, 0.5, 0.15, 0.0):  # 0.0: only pruning every candidate fits
         budget = int(floor + frac * (len(data0) - floor))
         entries = copy.deepcopy(full)
         logs = []
