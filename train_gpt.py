@@ -1819,8 +1819,9 @@ def main():
     timer.add("artifact_write", time.perf_counter() - t0)
     quant_s = time.perf_counter() - t_q
     within = stats["train_seconds"] + timer.times.get("weights_average", 0) + quant_s
+    budget_note = f" of the {args.max_wallclock_seconds:.0f}s budget" if args.max_wallclock_seconds > 0 else " (no wall-clock limit)"
     log(f"quantization total {quant_s:.1f}s (reserve was {stats['reserve_seconds']:.1f}s); training + quantization "
-        f"= {within:.1f}s of the {args.max_wallclock_seconds:.0f}s budget")
+        f"= {within:.1f}s{budget_note}")
     if args.max_wallclock_seconds > 0 and within > args.max_wallclock_seconds:
         log(f"WARNING: training + quantization took {within:.1f}s > MAX_WALLCLOCK_SECONDS: this run is NOT compliant")
 
