@@ -217,7 +217,7 @@ class Hyperparameters:
 
     def resolved_grad_accum(self, world_size: int) -> int:
         """Default micro-steps: 4 on 1 GPU, 2 on 2, 1 on 4 or 8. At the default batch a micro-step is
-        96 sequences (48 on 8 GPUs): larger micro-batches measured faster on one H100 (~45 GB peak)."""
+        96 sequences (48 on 8 GPUs): larger micro-batches measured faster on one H100 (42 GB peak)."""
         if self.grad_accum_steps > 0:
             return self.grad_accum_steps
         if 8 % world_size != 0:
@@ -1223,7 +1223,7 @@ def pack_to_budget(entries: dict, args: Hyperparameters, budget_bytes: int, log)
     pos, _ = prune_candidates(entries, vlen)
     info["candidates"] = len(pos)
     base = bytearray(blob)
-    codecs = [codec]  # pruning does not change which codec wins; one real codec per try halves the time
+    codecs = [codec]  # the winner on the unpruned blob; one real codec per try halves the time
 
     def with_pruned(k: int) -> bytes:
         b = bytearray(base)
