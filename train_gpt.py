@@ -648,10 +648,10 @@ def build_model(args: Hyperparameters, device: torch.device) -> GPT:
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonalize each matrix of a (n, r, c) batch (bf16 quintic iteration)."""
+def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximately orthogonalize each matrix of a (n, r, c) batch (quintic iteration, bf16 by default)."""
     a, b, c = NS_COEFFS
-    X = G.to(torch.bfloat16)
+    X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT

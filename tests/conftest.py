@@ -1,9 +1,11 @@
 """Shared pytest setup: make `import train_gpt` and `import smoke_data` work from any cwd,
-and provide a session-wide synthetic data set (SentencePiece tokenizer + shards)."""
+provide a session-wide synthetic data set (SentencePiece tokenizer + shards), and the
+single-thread math-attention setting of the model tests."""
 import os
 import sys
 
 import pytest
+import torch
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
@@ -19,3 +21,17 @@ def smoke_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke")
     data_dir, tok = smoke_data.build(str(out), vocab=512, train_docs=600, val_docs=80, train_shards=3)
     return data_dir, tok, 512
+
+
+@pytest.fixture(scope="module")
+def one_thread_math():
+    """Tiny matrices: OpenMP threads only add overhead (and stall badly on a busy 2-core box).
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread_math")`."""
+    import train_gpt as T
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    old_backend = T._ATTN_BACKEND
+    T.set_attention_backend("math", torch.device("cpu"))
+    yield
+    T._ATTN_BACKEND = old_backend
+    torch.set_num_threads(n)

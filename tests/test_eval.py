@@ -15,28 +15,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(TESTS_DIR)
-for _p in (REPO_ROOT, TESTS_DIR):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-import smoke_data  # noqa: E402
-import train_gpt as T  # noqa: E402
+import smoke_data
+import train_gpt as T
+from conftest import REPO_ROOT
+from helpers import randomized_model
+
+pytestmark = pytest.mark.usefixtures("one_thread_math")
 
 CPU = torch.device("cpu")
 FINEWEB_TOKENIZER = "/work/shared/tokenizers/fineweb_1024_bpe.model"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: OpenMP threads only add overhead (and stall badly on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    old_backend = T._ATTN_BACKEND
-    T.set_attention_backend("math", CPU)
-    yield
-    T._ATTN_BACKEND = old_backend
-    torch.set_num_threads(n)
 
 
 def tiny_args(**kw):
@@ -45,22 +32,6 @@ def tiny_args(**kw):
                 eval_stride=16, eval_batch_seqs=3, gptq_calib_len=64, attn_backend="math", compile="0", seed=5)
     base.update(kw)
     return T.Hyperparameters(**base)
-
-
-def randomized_model(args, seed=0):
-    """Every parameter non-trivial (default init zeroes the output projections and the MLP
-    down bank, so context would not matter at all)."""
-    model = T.build_model(args, CPU)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 3:
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.size(-1)))
-            elif name == "tok_emb.weight":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            else:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import train_gpt as T
+from helpers import randomized_model
 
 CPU = torch.device("cpu")
 
@@ -16,22 +17,6 @@ def tiny_args(**kw):
                 train_seq_len=32, eval_seq_len=32, gptq_calib_len=64, compile="0", seed=3)
     base.update(kw)
     return T.Hyperparameters(**base)
-
-
-def randomized_model(args, seed=0):
-    """A model with every parameter non-trivial: the default init zeroes output projections,
-    the MLP down bank and the bigram/VE projections, which would hide attention entirely."""
-    model = T.build_model(args, CPU)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 3:  # banks: (n, out, in)
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.size(-1)))
-            elif name == "tok_emb.weight":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
-            else:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
 
 
 @pytest.fixture
@@ -81,7 +66,7 @@ def test_causal_attention_backends_match_reference(backend, H, Hkv):
 
 def test_model_logits_math_vs_sdpa(backend):
     args = tiny_args()
-    model = randomized_model(args)
+    model = randomized_model(args, emb_std=0.15)
     ids = torch.randint(0, args.vocab_size, (3, 32), generator=torch.Generator().manual_seed(1))
     ids[:, 0] = args.bos_id
     ids[1, 10] = args.bos_id
@@ -108,7 +93,7 @@ def test_model_logits_math_vs_sdpa(backend):
 
 def test_model_is_causal():
     args = tiny_args()
-    model = randomized_model(args, seed=4)
+    model = randomized_model(args, seed=4, emb_std=0.15)
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, args.vocab_size, (2, 32), generator=g)
     ids2 = ids.clone()
@@ -121,7 +106,7 @@ def test_model_is_causal():
 
 def test_embedding_does_not_cross_bos():
     args = tiny_args()
-    model = randomized_model(args, seed=5)
+    model = randomized_model(args, seed=5, emb_std=0.15)
     ids = torch.tensor([[5, 9, args.bos_id, 7, 8], [6, 3, args.bos_id, 7, 8]])
     with torch.no_grad():
         x, _ = model.embed(ids)
@@ -134,7 +119,7 @@ def test_embedding_does_not_cross_bos():
 def test_xsa_removes_own_value_component():
     """In XSA layers each head's attention output is orthogonal to its own token's value."""
     args = tiny_args(ve_dim=0)
-    model = randomized_model(args, seed=6)
+    model = randomized_model(args, seed=6, emb_std=0.15)
     L, H, Hkv, D = args.num_layers, args.num_heads, args.num_kv_heads, args.head_dim
     caps = {}
     model._capture = lambda layer, kind, x: caps.__setitem__((layer, kind), x.detach().clone())
@@ -162,7 +147,7 @@ def test_xsa_removes_own_value_component():
                                 dict(num_kv_heads=1, rope_dims=16, xsa_layers=-1)])
 def test_kv_cached_generation_equals_uncached(kw):
     args = tiny_args(**kw)
-    model = randomized_model(args, seed=7)
+    model = randomized_model(args, seed=7, emb_std=0.15)
     logs = {}
 
     def run(use_cache):

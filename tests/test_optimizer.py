@@ -1,5 +1,6 @@
 """Newton-Schulz, ParallelMuon (1 process and 2 gloo processes vs 1 process), Optimizers
 (gradient clipping, loss actually falls), and the compile warm-up undo in train()."""
+import functools
 import math
 
 import numpy as np
@@ -10,20 +11,6 @@ import torch.multiprocessing as mp
 import train_gpt as T
 
 CPU = torch.device("cpu")
-
-
-def ns_fp32(G, steps=5):
-    """The script's Newton-Schulz iteration, in float32 (for tight distributed comparisons)."""
-    a, b, c = T.NS_COEFFS
-    X = G.float()
-    tr = X.size(-2) > X.size(-1)
-    if tr:
-        X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        A = X @ X.mT
-        X = a * X + (b * A + c * (A @ A)) @ X
-    return X.mT if tr else X
 
 
 def polar(G):
@@ -162,7 +149,7 @@ def run_steps(args, batches, rank=0, world=1, fp32_ns=False):
     init = {k: v.clone() for k, v in model.state_dict().items()}
     opt = T.Optimizers(model, args, world, CPU)
     if fp32_ns:
-        opt.muon.ns_fn = ns_fp32
+        opt.muon.ns_fn = functools.partial(T.newton_schulz, dtype=torch.float32)  # tight comparisons
     norms = []
     for step, (x, y) in enumerate(batches):
         opt.set_schedule(1.0 - 0.1 * step, step)

@@ -3,32 +3,20 @@ rebuild, GPTQ vs round-to-nearest on correlated inputs, the inverse-Cholesky fac
 pruning to a byte budget, the 16 MB cap, KV-cached generation, and quantize_model with
 self-generated calibration Hessians."""
 import copy
-import math
 import os
 import struct
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_gpt as T  # noqa: E402
+import train_gpt as T
+from helpers import randomized_model
+
+pytestmark = pytest.mark.usefixtures("one_thread_math")
 
 CPU = torch.device("cpu")
 QUANTILES = [0.999, 0.9995, 0.9999, 0.99999, 1.0]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matrices: OpenMP threads only add overhead (and stall badly on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    old_backend = T._ATTN_BACKEND
-    T.set_attention_backend("math", CPU)
-    yield
-    T._ATTN_BACKEND = old_backend
-    torch.set_num_threads(n)
 
 
 def tiny_args(**kw):
@@ -38,22 +26,6 @@ def tiny_args(**kw):
                 attn_backend="math", compile="0", seed=7)
     base.update(kw)
     return T.Hyperparameters(**base)
-
-
-def randomized_model(args, seed=0):
-    """Every parameter non-trivial (the default init zeroes the output projections, the MLP
-    down bank and the bigram/VE projections, which would make attention invisible)."""
-    model = T.build_model(args, CPU)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 3:  # banks (n, out, in)
-                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.size(-1)))
-            elif name == "tok_emb.weight":
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-            else:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
 
 
 def assert_entries_equal(a: dict, b: dict):
