@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import glob
 import json
 import lzma
@@ -1232,18 +1233,21 @@ def pack_to_budget(entries: dict, args: Hyperparameters, budget_bytes: int, log)
         view[pos[:k]] = 0
         return bytes(b)
 
-    all_pruned = with_pruned(len(pos))
-    clearly_over = _proxy_size(all_pruned) * len(data) / _proxy_size(blob) > 1.03 * budget_bytes
-    if clearly_over or len(compress_best(all_pruned, codecs)[0]) > budget_bytes:  # cheap rejection first
+    @functools.lru_cache(maxsize=None)  # the search revisits counts (0, its bounds)
+    def proxy_at(k: int) -> int:
+        return _proxy_size(with_pruned(k))
+
+    clearly_over = proxy_at(len(pos)) * len(data) / proxy_at(0) > 1.03 * budget_bytes
+    if clearly_over or len(compress_best(with_pruned(len(pos)), codecs)[0]) > budget_bytes:  # cheap rejection first
         raise ArtifactError(f"model does not fit: {len(data)} compressed bytes > budget {budget_bytes} and pruning "
                             f"all {len(pos)} +-1 values is not enough")
     k_lo, target = 0, budget_bytes
     for attempt in range(8):
-        ratio = len(data) / _proxy_size(with_pruned(k_lo))  # real/proxy at the current point
+        ratio = len(data) / proxy_at(k_lo)  # real/proxy at the current point
         lo, hi = k_lo, len(pos)
         while lo < hi:  # smallest k whose scaled proxy size fits
             mid = (lo + hi) // 2
-            if _proxy_size(with_pruned(mid)) * ratio <= target:
+            if proxy_at(mid) * ratio <= target:
                 hi = mid
             else:
                 lo = mid + 1
