@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import functools
 import glob
+import hashlib
 import json
 import lzma
 import math
@@ -40,6 +42,9 @@ except Exception:  # noqa: BLE001
     zstandard = None
 
 ARTIFACT_CAP_BYTES = 16_000_000
+CLIP_RANGE = (3.0, 64.0)  # clip_sigmas the rate control may choose (below ~3 sigmas, clipping costs more than a finer grid gains)
+RATE_BAND = 0.985  # the rate control stops once the model fills this much of its byte budget
+EMBED_TABLES = ("tok_emb.weight", "bigram_table", "ve_table")
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 
 
@@ -56,6 +61,10 @@ class ArtifactError(ValueError):
 
 
 # ----------------------------------------------------------------------------- config
+
+_TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_NON_SETTING_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOG_NOTE", "AUTHOR", "GITHUB_ID",
+                     "RUN_NAME", "BLURB")
 
 @dataclass
 class Hyperparameters:
@@ -75,7 +84,10 @@ class Hyperparameters:
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0: max(1, 4 // world_size)
     warmup_steps: int = 20  # compile warm-up, undone afterwards
-    warmdown_iters: int = 4000
+    # schedule as fractions of the run (its wall-clock budget, or ITERATIONS if that binds
+    # first): one GPU's ~950 steps get the same shape as 8 GPUs' ~6,900 (record B: warm-down
+    # 4,000 and momentum warm-up 1,500 of ~6,900 steps)
+    warmdown_frac: float = 0.58
     min_lr_scale: float = 0.0
     train_log_every: int = 100
     val_every: int = 0
@@ -102,7 +114,7 @@ class Hyperparameters:
     muon_wd: float = 0.04
     muon_momentum: float = 0.99
     muon_momentum_start: float = 0.92
-    muon_momentum_warmup_steps: int = 1500
+    muon_momentum_warmup_frac: float = 0.22
     muon_ns_steps: int = 5
     embed_lr: float = 0.035
     scalar_lr: float = 0.025
@@ -111,10 +123,9 @@ class Hyperparameters:
     adam_eps: float = 1e-8
     adam_wd: float = 0.04
     grad_clip_norm: float = 0.3
-    ema_decay: float = 0.997  # 0 disables
-    swa_enabled: bool = False
-    swa_every: int = 50
-    swa_start_scale: float = 0.2
+    # EMA time constant as a fraction of the run (0 disables): 0.05 is record B's decay 0.997
+    # at its 86.7 ms/step and ~560 s
+    ema_horizon: float = 0.05
     qat_start_scale: float = 0.15  # 0 disables late QAT
     # quantization / artifact
     quant_bits: int = 6
@@ -124,7 +135,12 @@ class Hyperparameters:
     gptq_calib_batch: int = 64
     gptq_block: int = 128
     gptq_damp: float = 0.01
-    gptq_clip_quantiles: str = "0.999,0.9995,0.9999,0.99999,1.0"
+    # SDClip: each row's int-N step is clip_sigmas x its RMS / qmax, so the clip sets the bits
+    # per value; the rate control moves CLIP_SIGMAS until the artifact fills its budget
+    clip_sigmas: float = 5.0  # attention banks, first guess (MLP banks: x CLIP_MLP_RATIO)
+    clip_mlp_ratio: float = 0.885  # 11.5 / 13, the frontier records' MLP/attention ratio
+    embed_clip_sigmas: float = 0.0  # int8 embedding tables; 0: the row's absmax
+    rate_tries: int = 3  # GPTQ + compress rounds of the rate control
     artifact_target_bytes: int = 15_950_000
     compressors: str = "lzma,zstd"
     # evaluation
@@ -145,16 +161,22 @@ class Hyperparameters:
     device: str = "auto"
 
     @classmethod
-    def from_env(cls, env=None) -> "Hyperparameters":
+    def from_env(cls, env=None, warn=None) -> "Hyperparameters":
+        """Read every field from its upper-case variable. Malformed values raise ConfigError;
+        upper-case variables that look like a misspelt setting (NUM_LAYER) are reported to `warn`."""
         env = os.environ if env is None else env
+        names = {f.name.upper(): f for f in dataclasses.fields(cls)}
         kwargs = {}
-        for f in dataclasses.fields(cls):
-            raw = env.get(f.name.upper())
+        for key, f in names.items():
+            raw = env.get(key)
             if raw is None:
                 continue
             try:
                 if f.type in ("bool", bool):
-                    kwargs[f.name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                    word = raw.strip().lower()
+                    if word not in _TRUE_WORDS + _FALSE_WORDS:
+                        raise ValueError
+                    kwargs[f.name] = word in _TRUE_WORDS
                 elif f.type in ("int", int):
                     kwargs[f.name] = int(float(raw)) if "e" in raw.lower() else int(raw)
                 elif f.type in ("float", float):
@@ -162,7 +184,14 @@ class Hyperparameters:
                 else:
                     kwargs[f.name] = raw
             except ValueError:
-                raise ConfigError(f"{f.name.upper()}={raw!r} is not a valid {f.type}") from None
+                raise ConfigError(f"{key}={raw!r} is not a valid {f.type}"
+                                  + (f" (use one of {_TRUE_WORDS + _FALSE_WORDS})" if f.type in ("bool", bool) else "")) from None
+        if warn is not None:
+            for key in env:
+                if key.isupper() and key not in names and key not in _NON_SETTING_VARS:
+                    close = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
+                    if close:
+                        warn(f"warning: environment variable {key} is not a setting; did you mean {close[0]}?")
         return cls(**kwargs)
 
     # derived quantities
@@ -181,8 +210,8 @@ class Hyperparameters:
             return list(range(max(0, self.num_layers - 2), self.num_layers))
         return [int(s) for s in self.ve_layers.split(",") if s.strip()]
 
-    def clip_quantiles(self) -> list[float]:
-        return [float(s) for s in self.gptq_clip_quantiles.split(",") if s.strip()]
+    def bank_clip(self, bank: str, clip_sigmas: float) -> float:
+        return clip_sigmas * (self.clip_mlp_ratio if bank in ("up", "down") else 1.0)
 
     def validate(self, world_size: int) -> None:
         def need(cond, msg):
@@ -208,10 +237,14 @@ class Hyperparameters:
         need(self.eval_stride >= 1 and self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE must be in 1..EVAL_SEQ_LEN")
         need(2 <= self.quant_bits <= 8, "QUANT_BITS must be in 2..8")
         need(self.artifact_target_bytes <= ARTIFACT_CAP_BYTES, f"ARTIFACT_TARGET_BYTES must be <= {ARTIFACT_CAP_BYTES}")
-        need(self.clip_quantiles() and all(0 < q <= 1 for q in self.clip_quantiles()), "GPTQ_CLIP_QUANTILES must be in (0, 1]")
+        need(CLIP_RANGE[0] <= self.clip_sigmas <= CLIP_RANGE[1] and self.clip_mlp_ratio > 0,
+             f"CLIP_SIGMAS must be in {CLIP_RANGE} and CLIP_MLP_RATIO > 0")
+        need(self.embed_clip_sigmas >= 0 and self.rate_tries >= 1, "EMBED_CLIP_SIGMAS must be >= 0 and RATE_TRIES >= 1")
         need(self.attn_backend in ("auto", "fa3", "sdpa", "sdpa_cudnn", "sdpa_flash", "math"), f"unknown ATTN_BACKEND={self.attn_backend}")
         need(self.attn_backend != "fa3" or _fa3_func is not None, "ATTN_BACKEND=fa3 but flash_attn_interface is not importable")
         need(self.max_wallclock_seconds > 0 or self.iterations > 0, "set ITERATIONS or MAX_WALLCLOCK_SECONDS")
+        for key in ("warmdown_frac", "muon_momentum_warmup_frac", "min_lr_scale", "ema_horizon"):
+            need(0 <= getattr(self, key) <= 1, f"{key.upper()}={getattr(self, key)} must be a fraction in 0..1")
         need(self.gptq_calib_seqs >= 1 and self.gptq_calib_len >= 2, "GPTQ_CALIB_SEQS/LEN too small")
         for c in self.compressors.split(","):
             need(c in ("lzma", "zstd"), f"unknown compressor {c!r} in COMPRESSORS")
@@ -329,10 +362,20 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),)).to(x.dtype)  # autocast would return fp32
 
 
-def fake_quantize_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per-row symmetric fake quantization (absmax scale) for late QAT."""
+def sdclip_scales(W: torch.Tensor, clip_sigmas: float, qmax: int) -> torch.Tensor:
+    """Per-row scale of a symmetric int-N grid: the clip is `clip_sigmas` x the row's RMS
+    ("SDClip"; <= 0: the row's absmax), divided by qmax and rounded to fp16 (as stored). The
+    step relative to the row's spread sets the entropy of the values, about
+    log2(qmax / clip_sigmas) + 2.05 bits for a Gaussian row: the knob trading bytes for error."""
+    W = W.detach().float()
+    clip = W.abs().amax(-1) if clip_sigmas <= 0 else clip_sigmas * W.square().mean(-1).sqrt()
+    return (clip.clamp_min(1e-8) / qmax).half().clamp_min(6e-8).float()
+
+
+def fake_quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
+    """Late QAT: the GPTQ grid (SDClip rows), rounded to nearest."""
     qmax = 2 ** (bits - 1) - 1
-    scale = w.detach().abs().amax(dim=-1, keepdim=True).clamp_min(1e-8) / qmax
+    scale = sdclip_scales(w, clip_sigmas, qmax)[..., None].to(w.dtype)
     return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
 
 
@@ -519,7 +562,9 @@ class GPT(nn.Module):
         if not torch.is_grad_enabled():
             return w
         # late QAT: straight-through fake quantization, switched by a tensor (no recompile)
-        return {k: t + self.qat_mix * (fake_quantize_rows(t, self.args.quant_bits) - t).detach() for k, t in w.items()}
+        a = self.args
+        return {k: t + self.qat_mix * (fake_quantize_rows(t, a.quant_bits, a.bank_clip(k, a.clip_sigmas)) - t).detach()
+                for k, t in w.items()}
 
     def embed(self, ids, prev_ids=None, prev_x=None):
         """Token + BigramHash embedding, RMSNorm, SmearGate. Nothing crosses a BOS."""
@@ -632,7 +677,7 @@ class GPT(nn.Module):
         """Split parameters by optimizer: Muon banks, embedding tables, projections, gains."""
         banks = [self.qo_bank, self.kv_bank, self.up_bank, self.down_bank]
         named = dict(self.named_parameters())
-        tables = [named[n] for n in ("tok_emb.weight", "bigram_table", "ve_table") if n in named]
+        tables = [named[n] for n in EMBED_TABLES if n in named]
         projections = [named[n] for n in ("bigram_proj", "ve_proj") if n in named]
         taken = {id(p) for p in banks + tables + projections}
         scalars = [p for p in self.parameters() if id(p) not in taken]
@@ -780,12 +825,14 @@ class Optimizers:
                                       fused=device.type == "cuda")
         self.other_params = [p for g in groups for p in g["params"]]
 
-    def set_schedule(self, lr_scale: float, step: int):
+    def set_schedule(self, lr_scale: float, progress: float):
+        """Learning rates times lr_scale; Muon momentum warmed up over the first
+        MUON_MOMENTUM_WARMUP_FRAC of the run (`progress` in 0..1)."""
         a = self.args
         for g in self.adam.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
         self.muon.lr = a.matrix_lr * lr_scale
-        frac = min(1.0, step / max(1, a.muon_momentum_warmup_steps))
+        frac = min(1.0, progress / a.muon_momentum_warmup_frac) if a.muon_momentum_warmup_frac > 0 else 1.0
         self.muon.momentum = (1 - frac) * a.muon_momentum_start + frac * a.muon_momentum
 
     def step(self) -> float:
@@ -830,30 +877,6 @@ def _use_compile(args: Hyperparameters, device: torch.device) -> bool:
 
 # ----------------------------------------------------------------------------- quantization
 
-def row_clip_scales(W: torch.Tensor, quantile: float, qmax: int) -> torch.Tensor:
-    """Per-row scale = quantile of |w| / qmax, rounded to fp16 (the stored precision)."""
-    a = W.abs()
-    clip = a.amax(dim=-1) if quantile >= 1.0 else torch.quantile(a, quantile, dim=-1)
-    return (clip.clamp_min(1e-8) / qmax).half().clamp_min(6e-8).float()
-
-
-def quantize_rtn(W: torch.Tensor, qmax: int, quantiles: list[float]):
-    """Round-to-nearest per row with the best clip quantile per row (plain squared error)."""
-    best_err = best_q = best_s = None
-    for qt in quantiles:
-        s = row_clip_scales(W, qt, qmax)
-        q = torch.clamp(torch.round(W / s[..., None]), -qmax, qmax)
-        err = (W - q * s[..., None]).square().sum(-1)
-        if best_err is None:
-            best_err, best_q, best_s = err, q, s
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_q = torch.where(better[..., None], q, best_q)
-            best_s = torch.where(better, s, best_s)
-    return best_q.to(torch.int8), best_s.half()
-
-
 def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
     """Upper factor U' with U'^T U' = H^-1, via the reverse-Cholesky route: flip H, take the
     lower Cholesky factor, flip back to an upper U with U U^T = H; then U' = U^-1."""
@@ -886,39 +909,28 @@ def _gptq_pass(W, Hinv_u, s, qmax, block):
     return Q
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, qmax: int, quantiles: list[float],
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, qmax: int, clip_sigmas: float,
                   block: int = 128, damp: float = 0.01):
-    """Full-Hessian GPTQ for a batch of matrices W (n, r, c) with input Hessians H (n, c, c):
-    dead columns zeroed, damping, act-order, lazy block updates, and a per-row clip search
-    (each row keeps the candidate scale with the least output error e H e^T).
-    Returns int8 values in [-qmax, qmax] (n, r, c) and fp16 row scales (n, r)."""
-    W, H = W.float().clone(), H.float().clone()
+    """Full-Hessian GPTQ for a batch of matrices W (n, r, c) with input Hessians H (n, c, c) on
+    the SDClip grid: dead columns zeroed, damping, act-order, lazy block updates. H = None is
+    the identity: plain round-to-nearest. Returns int8 values in [-qmax, qmax] (n, r, c) and
+    fp16 row scales (n, r)."""
+    W = W.float().clone()
     n, r, c = W.shape
+    H = torch.eye(c, device=W.device).expand(n, c, c).clone() if H is None else H.float().clone()
     diag = H.diagonal(dim1=-2, dim2=-1)
     dead = diag <= 0
     W.masked_fill_(dead[:, None, :], 0.0)
+    s = sdclip_scales(W, clip_sigmas, qmax)
     diag.add_(dead.float())
     diag.add_(damp * diag.mean(-1, keepdim=True))
-    perm = torch.argsort(diag, dim=-1, descending=True)
+    perm = torch.argsort(diag, dim=-1, descending=True, stable=True)
     inv_perm = torch.argsort(perm, dim=-1)
     Wp = W.gather(2, perm[:, None, :].expand(n, r, c))
     Hp = H.gather(1, perm[:, :, None].expand(n, c, c)).gather(2, perm[:, None, :].expand(n, c, c))
-    Hinv_u = upper_cholesky_of_inverse(Hp)
-    best_err = best_q = best_s = None
-    for qt in quantiles:
-        s = row_clip_scales(W, qt, qmax)
-        Q = _gptq_pass(Wp, Hinv_u, s, qmax, block)
-        E = Wp - Q * s[..., None]
-        err = ((E @ Hp) * E).sum(-1)
-        if best_err is None:
-            best_err, best_q, best_s = err, Q, s
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_q = torch.where(better[..., None], Q, best_q)
-            best_s = torch.where(better, s, best_s)
-    Q = best_q.gather(2, inv_perm[:, None, :].expand(n, r, c))
-    return Q.to(torch.int8), best_s.half()
+    Q = _gptq_pass(Wp, upper_cholesky_of_inverse(Hp), s, qmax, block)
+    Q = Q.gather(2, inv_perm[:, None, :].expand(n, r, c))
+    return Q.to(torch.int8), s.half()
 
 
 class HessianCollector:
@@ -992,28 +1004,24 @@ def _sync(device):
 
 
 @torch.no_grad()
-def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, rank: int = 0, world_size: int = 1,
-                   bits: dict | None = None):
-    """Quantize the model: bank matrices int-N (GPTQ if Hessians are given, else RTN; N per
-    bank from `bits`, default QUANT_BITS), tables int8 per row, everything else fp16. Banks
-    are split across ranks and gathered back. Returns {name: entry} (CPU tensors)."""
+def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, clip_sigmas: float, rank: int = 0,
+                   world_size: int = 1):
+    """Quantize the model: bank matrices int-QUANT_BITS by GPTQ on the SDClip grid at
+    `clip_sigmas` (x CLIP_MLP_RATIO for the MLP; round-to-nearest without Hessians), split
+    across ranks and gathered back; embedding tables int8 per row (EMBED_CLIP_SIGMAS);
+    everything else fp16. Returns {name: entry} (CPU tensors)."""
     keys = bank_hessian_keys(args)
+    qmax = 2 ** (args.quant_bits - 1) - 1
     entries = {}
     for bank_name, bank in model.banks().items():
-        nbits = (bits or {}).get(bank_name, args.quant_bits)
-        qmax6 = 2 ** (nbits - 1) - 1
         n = bank.size(0)
         mine = list(range(rank, n, world_size))
         q = torch.zeros(bank.shape, dtype=torch.int8, device=bank.device)
         s = torch.zeros(bank.shape[:2], dtype=torch.float16, device=bank.device)
         if mine:
-            W = bank.detach()[mine]
-            if hessians is not None:
-                H = torch.stack([hessians[keys[bank_name][i]] for i in mine])
-                qi, si = gptq_quantize(W, H, qmax6, args.clip_quantiles(), args.gptq_block, args.gptq_damp)
-            else:
-                qi, si = quantize_rtn(W.float(), qmax6, args.clip_quantiles())
-            q[mine], s[mine] = qi, si
+            H = None if hessians is None else torch.stack([hessians[keys[bank_name][i]] for i in mine])
+            q[mine], s[mine] = gptq_quantize(bank.detach()[mine], H, qmax, args.bank_clip(bank_name, clip_sigmas),
+                                             args.gptq_block, args.gptq_damp)
         if world_size > 1:  # each rank filled its own rows; the others are zero
             dist.all_reduce(q)  # int8 sums of one non-zero term are exact
             dist.all_reduce(s)
@@ -1021,28 +1029,79 @@ def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, ran
         if hessians is not None:
             hdiag = torch.stack([hessians[k].diagonal() for k in keys[bank_name]]).cpu()
         for i in range(n):
-            entries[f"{bank_name}_bank.{i}"] = {"kind": "int", "bits": nbits, "q": q[i].cpu(),
+            entries[f"{bank_name}_bank.{i}"] = {"kind": "int", "bits": args.quant_bits, "q": q[i].cpu(),
                                                "scale": s[i].cpu(), "hdiag": None if hdiag is None else hdiag[i]}
     for name, t in model.state_dict().items():
         if name.endswith("_bank"):
             continue
-        t = t.detach().float()
-        if name in ("tok_emb.weight", "bigram_table", "ve_table"):
-            q, s = quantize_rtn(t, 127, args.clip_quantiles())
-            entries[name] = {"kind": "int", "bits": 8, "q": q.cpu(), "scale": s.cpu(), "hdiag": None}
+        if name in EMBED_TABLES:
+            q, s = gptq_quantize(t[None], None, 127, args.embed_clip_sigmas)
+            entries[name] = {"kind": "int", "bits": 8, "q": q[0].cpu(), "scale": s[0].cpu(), "hdiag": None}
         else:
-            entries[name] = {"kind": "float", "value": t.half().cpu()}
+            entries[name] = {"kind": "float", "value": t.detach().half().cpu()}
     return entries
 
 
-def bit_plans(bits: int) -> list[dict]:
-    """Bit widths per bank, best first: when a plan cannot fit the byte budget even with
-    pruning, the next one lowers the MLP banks (2/3 of the weights), then everything."""
-    plans = []
-    for attn, mlp in ((bits, bits), (bits, bits - 1), (bits - 1, bits - 1), (bits - 1, bits - 2), (bits - 2, bits - 2)):
-        if mlp >= 2:
-            plans.append({"qo": attn, "kv": attn, "up": mlp, "down": mlp})
-    return plans
+@torch.no_grad()
+def code_entropy_bytes(model: GPT, args: Hyperparameters, clip_sigmas: float) -> float:
+    """Order-0 entropy, in bytes, of every bank's round-to-nearest codes at `clip_sigmas`. lzma
+    lands close to it, and its change with the clip predicts the change of the compressed size."""
+    qmax = 2 ** (args.quant_bits - 1) - 1
+    total = 0.0
+    for name, bank in model.banks().items():
+        W = bank.detach().float()
+        s = sdclip_scales(W, args.bank_clip(name, clip_sigmas), qmax)
+        codes = torch.clamp(torch.round(W / s[..., None]), -qmax, qmax).long() + qmax
+        p = torch.bincount(codes.flatten(), minlength=2 * qmax + 1).double() / codes.numel()
+        p = p[p > 0]
+        total += float(-(p * p.log2()).sum()) * codes.numel() / 8
+    return total
+
+
+def clip_for_size_change(model: GPT, args: Hyperparameters, clip_sigmas: float, delta_bytes: float) -> float:
+    """The clip whose code entropy differs from that at `clip_sigmas` by `delta_bytes`
+    (geometric bisection; entropy falls as the clip grows), within CLIP_RANGE."""
+    base = code_entropy_bytes(model, args, clip_sigmas)
+    lo, hi = CLIP_RANGE
+    for _ in range(24):
+        mid = math.sqrt(lo * hi)
+        if code_entropy_bytes(model, args, mid) - base > delta_bytes:
+            lo = mid  # still too many bytes: a wider clip
+        else:
+            hi = mid
+    return hi
+
+
+def quantize_to_budget(model: GPT, hessians: dict | None, args: Hyperparameters, budget: int, rank: int,
+                       world_size: int, device, log) -> tuple[dict, bytes | None, float, list]:
+    """Rate control: GPTQ at a clip, compress, and move the clip by the entropy model until the
+    compressed model fills RATE_BAND of the budget (up to RATE_TRIES rounds). Returns the entries
+    and compressed bytes (rank 0) of the smallest clip that fit, else of the smallest size
+    (pruning then closes the gap), the clip, and the tries as (clip, bytes)."""
+    clip, tries, best = args.clip_sigmas, [], None
+    for attempt in range(args.rate_tries):
+        entries = quantize_model(model, hessians, args, clip, rank, world_size)
+        size, data = torch.zeros((), dtype=torch.float64, device=device), None
+        if rank == 0:
+            data = compress_best(pack_entries(entries, args)[0], args.compressors.split(","))
+            size += len(data[0])
+        if world_size > 1:
+            dist.broadcast(size, 0)
+        size = int(size.item())
+        tries.append((clip, size))
+        log(f"rate control {attempt}: clip {clip:.3f} sigmas (MLP x{args.clip_mlp_ratio}) -> {size} bytes "
+            f"(budget {budget})")
+        fits = size <= budget
+        if best is None or (fits and (not best[2] or clip < best[1])) or (not fits and not best[2] and size < best[3]):
+            best = (entries, clip, fits, size, data)
+        if fits and (size >= RATE_BAND * budget or clip <= CLIP_RANGE[0]):
+            break
+        if attempt + 1 < args.rate_tries:
+            new_clip = clip_for_size_change(model, args, clip, (1 + RATE_BAND) / 2 * budget - size)
+            if new_clip == clip:
+                break
+            clip = new_clip
+    return best[0], best[4], best[1], tries
 
 
 def dequantize_entries(entries: dict, args: Hyperparameters) -> dict[str, torch.Tensor]:
@@ -1091,6 +1150,29 @@ def pack_entries(entries: dict, args: Hyperparameters) -> tuple[bytes, int, int]
     header = json.dumps({"config": config, "tensors": table}, separators=(",", ":")).encode()
     head = ARTIFACT_MAGIC + struct.pack("<II", len(header), voff) + header
     return head + b"".join(values) + b"".join(rest), len(head), voff
+
+
+def entropy_by_group(entries: dict) -> dict[str, tuple[float, float]]:
+    """Per tensor group (the name before its first '.'; floats together as 'fp16'): estimated
+    compressed bytes (order-0 entropy of the int values + 2-byte scales, 2 bytes per float) and
+    bits per value. Says where the bytes go without compressing each group."""
+    hists, out = {}, {}
+    for name, e in entries.items():
+        if e["kind"] == "int":
+            g = name.split(".")[0]
+            h, n, extra = hists.get(g, (0, 0, 0))
+            q = e["q"].numpy().ravel().astype(np.int64)
+            hists[g] = (h + np.bincount(q + 128, minlength=256), n + q.size, extra + 2 * e["scale"].numel())
+        else:
+            h, n, extra = hists.get("fp16", (None, 0, 0))
+            hists["fp16"] = (None, n + e["value"].numel(), extra + 2 * e["value"].numel())
+    for g, (h, n, extra) in hists.items():
+        bits = 0.0
+        if h is not None:
+            p = h[h > 0] / n
+            bits = float(-(p * np.log2(p)).sum())
+        out[g] = (n * bits / 8 + extra, bits if h is not None else 16.0)
+    return out
 
 
 def unpack_entries(blob: bytes) -> tuple[dict, dict]:
@@ -1502,19 +1584,49 @@ def estimate_gptq_reserve(n_params: int, world_size: int) -> float:
     return 20.0 + 0.75e-6 * n_params
 
 
-def lr_scale_at(args: Hyperparameters, step: int, elapsed_s: float, budget_s: float, step_s: float) -> float:
-    """1.0, then a linear warm-down to MIN_LR_SCALE: by steps (ITERATIONS) and by wall clock
-    (the last WARMDOWN_ITERS x measured step time before the budget ends), whichever is lower."""
-    s = 1.0
-    if args.warmdown_iters > 0:
-        if args.iterations > 0:
-            s = min(s, (args.iterations - step) / args.warmdown_iters)
-        if budget_s > 0 and step_s > 0:
-            s = min(s, (budget_s - elapsed_s) / (args.warmdown_iters * step_s))
+def run_progress(args: Hyperparameters, step: int, elapsed_s: float, budget_s: float) -> float:
+    """Fraction of the run done (0..1), by whichever limit binds first: ITERATIONS steps or
+    the training budget on the shared wall clock."""
+    p = step / args.iterations if args.iterations > 0 else 0.0
+    if budget_s > 0:
+        p = max(p, elapsed_s / budget_s)
+    return min(1.0, p)
+
+
+def lr_scale_at(args: Hyperparameters, progress: float) -> float:
+    """1.0, then linear to 0 over the last WARMDOWN_FRAC of the run, floored at MIN_LR_SCALE."""
+    s = (1.0 - progress) / args.warmdown_frac if args.warmdown_frac > 0 else 1.0
     return max(args.min_lr_scale, min(1.0, s))
 
 
-def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size, device, log, timer) -> dict:
+class SharedClock:
+    """Rank 0's wall clock since training started, given to every rank by the one per-step
+    collective, so that every decision (learning rate, momentum, QAT, EMA, stop) is taken from
+    the same number everywhere. `clock` is injectable (tests skew one rank's)."""
+
+    def __init__(self, rank: int, world_size: int, device, clock=time.perf_counter):
+        self.rank, self.world_size, self.device, self.clock = rank, world_size, device, clock
+        self.t0, self.paused = clock(), 0.0
+
+    def start(self):
+        self.t0, self.paused = self.clock(), 0.0
+
+    def pause(self, seconds: float):
+        """Leave `seconds` (periodic validation) off the training clock."""
+        self.paused += seconds
+
+    def local(self) -> float:
+        return self.clock() - self.t0 - self.paused
+
+    def shared(self) -> float:
+        t = torch.tensor([self.local() if self.rank == 0 else 0.0], dtype=torch.float64, device=self.device)
+        if self.world_size > 1:
+            dist.broadcast(t, 0)
+        return float(t.item())
+
+
+def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size, device, log, timer,
+          clock: SharedClock) -> dict:
     accum = args.resolved_grad_accum(world_size)
     micro_seqs = args.train_batch_tokens // (world_size * accum * args.train_seq_len)
     n_params = sum(p.numel() for p in model.parameters())
@@ -1526,8 +1638,8 @@ def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size
     log(f"batch: {args.train_batch_tokens} tokens/step = {world_size} ranks x {accum} micro-steps x "
         f"{micro_seqs} seqs x {args.train_seq_len}; training budget {budget:.1f}s (reserve {reserve:.1f}s for GPTQ)")
 
-    def one_step(step: int, lr_scale: float) -> tuple[torch.Tensor, float]:
-        opt.set_schedule(lr_scale, step)
+    def one_step(progress: float, lr_scale: float) -> tuple[torch.Tensor, float]:
+        opt.set_schedule(lr_scale, progress)
         total = torch.zeros((), device=device)
         for _ in range(accum):
             x, y = loader.next_batch(micro_seqs, args.train_seq_len)
@@ -1544,7 +1656,7 @@ def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size
         t0 = time.perf_counter()
         saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(), loader.stream.state())
         for i in range(args.warmup_steps):
-            one_step(0, 1.0)
+            one_step(0.0, 1.0)
         model.load_state_dict(saved[0])
         opt.load_state_dict(saved[1])
         loader.stream.restore(saved[2])
@@ -1553,73 +1665,63 @@ def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size
         log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t0:.1f}s, state restored")
 
     params = list(model.parameters())
-    ema = [p.detach().float().clone() for p in params] if args.ema_decay > 0 else None
-    swa, swa_count = None, 0
-    train_s, step, step_s = 0.0, 0, 0.0
-    qat_on_step = None
-    losses = []
+    ema = [p.detach().float().clone() for p in params] if args.ema_horizon > 0 else None
+    step, elapsed, progress, step_s, qat_on_step, losses = 0, 0.0, 0.0, 0.0, None, []
     _sync(device)
+    if world_size > 1:
+        dist.barrier()  # the ranks start the clock together
+    clock.start()
     while True:
-        if args.iterations > 0 and step >= args.iterations:
-            break
-        scale = lr_scale_at(args, step, train_s, budget, step_s)
+        scale = lr_scale_at(args, progress)
         if args.qat_start_scale > 0 and qat_on_step is None and scale < args.qat_start_scale:
             model.qat_mix.fill_(1.0)
             qat_on_step = step
             log(f"late QAT on at step {step} (lr scale {scale:.3f})")
-        t0 = time.perf_counter()
-        loss, norm = one_step(step, scale)
-        if ema is not None:
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - args.ema_decay)
-        if args.swa_enabled and scale < args.swa_start_scale and step % args.swa_every == 0:
-            if swa is None:
-                swa = [p.detach().float().clone() for p in params]
-            else:
-                torch._foreach_add_(swa, [p.detach().float() for p in params])
-            swa_count += 1
-        loss_v = loss.item()  # also a sync, so the host clock measures finished work
+        loss, norm = one_step(progress, scale)
+        loss_v = loss.item()  # a sync: the clock then measures finished work
         if not math.isfinite(loss_v):
             raise FloatingPointError(f"non-finite train loss {loss_v} at step {step}: stopping (lower the learning rates?)")
-        dt = time.perf_counter() - t0
-        train_s += dt
         step += 1
-        step_s = train_s / step
+        elapsed = clock.shared()
+        step_s = elapsed / step
+        new_progress = run_progress(args, step, elapsed, budget)
+        if ema is not None:  # time constant EMA_HORIZON of the run, whatever the step time
+            weight = 1.0 - math.exp(-(new_progress - progress) / args.ema_horizon)
+            torch._foreach_lerp_(ema, [p.detach() for p in params], weight)
+        progress = new_progress
         losses.append(loss_v)
-        stop = torch.tensor(float(budget > 0 and train_s >= budget), device=device)
-        if world_size > 1:
-            dist.all_reduce(stop, op=dist.ReduceOp.MAX)  # every rank stops on the same step
-        last = bool(stop.item()) or (args.iterations > 0 and step >= args.iterations)
+        # stop before a step that would end past the budget
+        last = (args.iterations > 0 and step >= args.iterations) or (budget > 0 and elapsed + step_s > budget)
         if args.train_log_every > 0 and (step % args.train_log_every == 0 or step <= 5 or last):
-            left = max(0.0, budget - train_s) if budget > 0 else (args.iterations - step) * step_s
-            log(f"step:{step} train_loss:{loss_v:.4f} grad_norm:{norm:.3f} lr_scale:{scale:.3f} "
-                f"elapsed:{train_s:.1f}s step_avg:{step_s * 1000:.1f}ms eta:{left:.0f}s")
+            left = max(0.0, budget - elapsed) if budget > 0 else (args.iterations - step) * step_s
+            log(f"step:{step} train_loss:{loss_v:.4f} grad_norm:{norm:.3f} lr_scale:{scale:.3f} progress:{progress:.3f} "
+                f"elapsed:{elapsed:.1f}s step_avg:{step_s * 1000:.1f}ms eta:{left:.0f}s")
         if args.val_every > 0 and (step % args.val_every == 0 or last):
             t1 = time.perf_counter()
             model.eval()
             m = evaluate(make_score_fn(compiled, device), val_tokens, luts, args.train_seq_len, args.train_seq_len,
                          args.eval_batch_seqs, rank, world_size, device)
             model.train()
+            clock.pause(time.perf_counter() - t1)
             log(f"step:{step} val_loss:{m['val_loss']:.4f} val_bpb:{m['val_bpb']:.4f} ({time.perf_counter() - t1:.1f}s, not counted)")
         if last:
             break
-    timer.add("training", train_s)
+    timer.add("training", elapsed)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        final = None
-        if swa is not None and swa_count > 0:
-            final, how = [t / swa_count for t in swa], f"SWA average of {swa_count} snapshots"
-        elif ema is not None:
-            final, how = ema, f"EMA (decay {args.ema_decay})"
-        if final is not None:
-            for p, t in zip(params, final):
+    raw = None
+    if ema is not None:
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in params]  # scored after the artifact is written
+            for p, t in zip(params, ema):
                 p.copy_(t.to(p.dtype))
-            log(f"final weights: {how}")
+        log(f"final weights: EMA (time constant {args.ema_horizon} of the run)")
     model.qat_mix.zero_()
     timer.add("weights_average", time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
-    log(f"training done: {step} steps in {train_s:.1f}s ({step_s * 1000:.1f} ms/step), peak memory {peak:.0f} MiB")
-    return {"steps": step, "train_seconds": train_s, "step_avg_ms": step_s * 1000, "peak_mem_mib": peak,
-            "reserve_seconds": reserve, "qat_step": qat_on_step, "final_train_loss": losses[-1] if losses else None}
+    log(f"training done: {step} steps in {elapsed:.1f}s ({step_s * 1000:.1f} ms/step), peak memory {peak:.0f} MiB")
+    return {"steps": step, "train_seconds": elapsed, "step_avg_ms": step_s * 1000, "peak_mem_mib": peak,
+            "reserve_seconds": reserve, "qat_step": qat_on_step, "final_train_loss": losses[-1] if losses else None,
+            "raw_weights": raw}
 
 
 # ----------------------------------------------------------------------------- main
@@ -1706,22 +1808,34 @@ def run_eval_only(args, rank, world_size, device, log) -> dict:
     return res
 
 
-def write_submission(out_dir: str, path: str) -> dict:
-    """submission.json from the results_*.json this script wrote (one per seed): nothing is
-    copied by hand, and nothing is claimed that no run measured."""
-    runs = []
-    for f in sorted(glob.glob(os.path.join(glob.escape(out_dir), "results_*.json"))):
+def config_id(args: Hyperparameters, code: bytes) -> str:
+    """Fingerprint of the code and every setting but the seed and the output names: runs that
+    share it are seeds of one configuration."""
+    cfg = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("seed", "run_id", "out_dir")}
+    return hashlib.sha256(code + json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def write_submission(out_dir: str, path: str, config: str) -> dict:
+    """submission.json from the results_*.json this script wrote for configuration `config`
+    (one per seed, the newest of each): nothing is copied by hand, nothing is mixed in from
+    other configurations, and nothing is claimed that no run measured."""
+    runs = {}
+    files = glob.glob(os.path.join(glob.escape(out_dir), "results_*.json"))
+    for f in sorted(files, key=os.path.getmtime):
         with open(f) as fh:
-            runs.append(json.load(fh))
+            r = json.load(fh)
+        if r.get("config_id") == config:
+            runs[r["seed"]] = r
+    runs = [runs[s] for s in sorted(runs)]
     if not runs:
-        raise DataError(f"no results_*.json in {out_dir}: no measured run to report")
+        raise DataError(f"no results_*.json of configuration {config} in {out_dir}: no measured run to report")
     env = os.environ
     sub = {"author": env.get("AUTHOR", ""), "github_id": env.get("GITHUB_ID", ""),
-           "name": env.get("RUN_NAME", "11L XSA partial-RoPE GPT, parallel Muon banks, GPTQ int6 + lzma"),
+           "name": env.get("RUN_NAME", "11L XSA partial-RoPE GPT, parallel Muon banks, SDClip GPTQ int6 + lzma"),
            "blurb": env.get("BLURB", "11 layers, XSA on all layers, partial RoPE, BigramHash, value embeddings, "
-                                     "EMA, late QAT, self-calibrated full-Hessian GPTQ with a bit-plan ladder "
-                                     "and +-1 pruning to the byte cap, sliding-window eval."),
-           "date": time.strftime("%Y-%m-%d"), "track": "10min_16mb",
+                                     "run-length-relative schedule and EMA, late QAT, self-calibrated full-Hessian "
+                                     "GPTQ on an SDClip grid with rate control to the byte cap, sliding-window eval."),
+           "date": time.strftime("%Y-%m-%d"), "track": "10min_16mb", "config_id": config,
            "val_loss": sum(r["val_loss"] for r in runs) / len(runs),
            "val_bpb": sum(r["val_bpb"] for r in runs) / len(runs),
            "seeds": [r["seed"] for r in runs],
@@ -1738,7 +1852,7 @@ def write_submission(out_dir: str, path: str) -> dict:
 
 def main():
     t_start = time.perf_counter()
-    args = Hyperparameters.from_env()
+    args = Hyperparameters.from_env(warn=lambda m: print(m, file=sys.stderr, flush=True))
     rank, world_size, device = setup_distributed(args.device)
     args.validate(world_size)
     run_id = args.run_id or f"seed{args.seed}"
@@ -1750,8 +1864,14 @@ def main():
     if args.eval_only:
         run_eval_only(args, rank, world_size, device, log)
         return
+    with open(os.path.abspath(__file__), "rb") as f:
+        code = f.read()
+    code_bytes = len(code)
+    budget_bytes = args.artifact_target_bytes - code_bytes
+    if budget_bytes < 100_000:  # checked before training, not after it
+        raise ConfigError(f"ARTIFACT_TARGET_BYTES={args.artifact_target_bytes} leaves {budget_bytes} bytes for the model "
+                          f"next to train_gpt.py's {code_bytes} bytes")
     backend = set_attention_backend(args.attn_backend, device)
-    code_bytes = os.path.getsize(os.path.abspath(__file__))
     if os.environ.get("LOG_NOTE"):
         log(f"note: {os.environ['LOG_NOTE']}")
     log(f"train_gpt.py: {code_bytes} bytes; torch {torch.__version__}; world_size {world_size}; device "
@@ -1775,83 +1895,81 @@ def main():
     opt = Optimizers(model, args, world_size, device)
     timer.add("startup", time.perf_counter() - t_start)
 
-    stats = train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size, device, log, timer)
+    clock = SharedClock(rank, world_size, device)
+    stats = train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size, device, log, timer, clock)
 
-    # quantization, inside the training budget
+    # quantization, on the same clock as training
     t_q = time.perf_counter()
     model.eval()
     hessians, ctimes = collect_hessians(model, args, device, rank, world_size, log)
     for k, v in ctimes.items():
         timer.add(k, v)
+    t0 = time.perf_counter()
+    entries, data, clip, tries = quantize_to_budget(model, hessians, args, budget_bytes, rank, world_size, device, log)
+    timer.add("gptq_rate_control", time.perf_counter() - t0)
     artifact_path = os.path.join(args.out_dir, f"final_model_{run_id}.int{args.quant_bits}.ptz")
-    data = None
-    for plan in bit_plans(args.quant_bits):
-        t0 = time.perf_counter()
-        entries = quantize_model(model, hessians, args, rank, world_size, plan)
-        _sync(device)
-        timer.add("gptq", time.perf_counter() - t0)
-        log(f"gptq {plan}: {sum(b.size(0) for b in model.banks().values())} matrices in {time.perf_counter() - t0:.2f}s")
-        t0 = time.perf_counter()
-        fits = torch.ones((), device=device)
-        if rank == 0:
-            try:
-                data, pinfo = pack_to_budget(entries, args, args.artifact_target_bytes - code_bytes, log)
-            except ArtifactError as e:
-                log(f"bit plan {plan} does not fit: {e}")
-                fits.zero_()
-        if world_size > 1:
-            dist.broadcast(fits, 0)
-        timer.add("prune_pack", time.perf_counter() - t0)
-        if fits.item():
-            break
-    else:
-        raise ArtifactError("no bit plan fits the byte budget; shrink the model")
     t0 = time.perf_counter()
     if rank == 0:
+        pinfo = {"pruned": 0, "candidates": 0, "codec": data[1], "raw_bytes": None}
+        if len(data[0]) <= budget_bytes:
+            data = data[0]
+        else:  # the last resort: zero the cheapest +-1 values
+            data, pinfo = pack_to_budget(entries, args, budget_bytes, log)
         total = write_artifact(artifact_path, data, code_bytes)
-        log(f"bit plan: {plan}")
-        groups = {}
-        for name, e in entries.items():
-            g = name.split(".")[0]
-            groups[g] = groups.get(g, 0) + (e["q"].numel() + 2 * e["scale"].numel() if e["kind"] == "int" else 2 * e["value"].numel())
-        log("raw bytes per tensor group: " + ", ".join(f"{g} {b}" for g, b in groups.items()))
-        log(f"artifact: {artifact_path} model {len(data)} bytes ({pinfo['codec']}, raw {pinfo['raw_bytes']}, "
-            f"pruned {pinfo['pruned']}/{pinfo['candidates']} +-1 values) + code {code_bytes} = {total} bytes "
-            f"(cap {ARTIFACT_CAP_BYTES})")
     if world_size > 1:
         dist.barrier()
-    timer.add("artifact_write", time.perf_counter() - t0)
+    timer.add("prune_pack_write", time.perf_counter() - t0)
+    wall = clock.local()  # rank 0's: training + quantization, from the end of the warm-up
     quant_s = time.perf_counter() - t_q
-    within = stats["train_seconds"] + timer.times.get("weights_average", 0) + quant_s
+    if rank == 0:
+        log(f"quantization: clip {clip:.3f} sigmas after {len(tries)} rate-control rounds " +
+            ", ".join(f"{c:.3f}->{b}" for c, b in tries))
+        log("compressed-size estimate per tensor group (order-0 entropy of the values + 2-byte scales): " +
+            ", ".join(f"{g} {b / 1e6:.3f} MB ({bits:.2f} bits/value)" for g, (b, bits) in entropy_by_group(entries).items()))
+        log(f"artifact: {artifact_path} model {len(data)} bytes ({pinfo['codec']}, pruned {pinfo['pruned']}/"
+            f"{pinfo['candidates']} +-1 values) + code {code_bytes} = {total} bytes (cap {ARTIFACT_CAP_BYTES})")
     budget_note = f" of the {args.max_wallclock_seconds:.0f}s budget" if args.max_wallclock_seconds > 0 else " (no wall-clock limit)"
-    log(f"quantization total {quant_s:.1f}s (reserve was {stats['reserve_seconds']:.1f}s); training + quantization "
-        f"= {within:.1f}s{budget_note}")
-    if args.max_wallclock_seconds > 0 and within > args.max_wallclock_seconds:
-        log(f"WARNING: training + quantization took {within:.1f}s > MAX_WALLCLOCK_SECONDS: this run is NOT compliant")
+    log(f"wall clock from the end of the compile warm-up to the artifact written: {wall:.1f}s{budget_note} "
+        f"(training {stats['train_seconds']:.1f}s, quantization {quant_s:.1f}s, reserve was {stats['reserve_seconds']:.1f}s)")
+    if args.max_wallclock_seconds > 0 and wall > args.max_wallclock_seconds:
+        log(f"WARNING: training + quantization took {wall:.1f}s > MAX_WALLCLOCK_SECONDS: this run is NOT compliant")
 
-    # evaluation: pre-quant float score, then the round-tripped artifact
+    # evaluation: float scores (averaged and raw weights), then the round-tripped artifact
     t0 = time.perf_counter()
-    pre = evaluate(make_score_fn(compiled, device), val_tokens, luts, args.eval_seq_len, args.eval_seq_len,
-                   args.eval_batch_seqs, rank, world_size, device)
+    score = make_score_fn(compiled, device)
+    pre = evaluate(score, val_tokens, luts, args.eval_seq_len, args.eval_seq_len, args.eval_batch_seqs, rank,
+                   world_size, device)
+    log(f"prequant_float val_loss:{pre['val_loss']:.8f} val_bpb:{pre['val_bpb']:.8f}"
+        + (" (EMA weights)" if stats["raw_weights"] is not None else ""))
+    raw_bpb = None
+    if stats["raw_weights"] is not None:
+        with torch.no_grad():
+            for p, t in zip(model.parameters(), stats["raw_weights"]):
+                p.copy_(t)
+        raw_bpb = evaluate(score, val_tokens, luts, args.eval_seq_len, args.eval_seq_len, args.eval_batch_seqs, rank,
+                           world_size, device)["val_bpb"]
+        log(f"prequant_float_raw_weights val_bpb:{raw_bpb:.8f} (EMA {pre['val_bpb'] - raw_bpb:+.5f} bpb)")
     timer.add("eval_prequant_plain", time.perf_counter() - t0)
-    log(f"prequant_float val_loss:{pre['val_loss']:.8f} val_bpb:{pre['val_bpb']:.8f}")
     res = evaluate_artifact(args, model, artifact_path, val_tokens, luts, rank, world_size, device, log, timer)
     log(f"quantization gap (plain): {res['roundtrip']['val_bpb'] - pre['val_bpb']:+.5f} bpb")
     log_timing_table(log, timer)
     if rank == 0:
         final = res.get("ttt", res.get("sliding", res["roundtrip"]))
-        results = {"seed": args.seed, "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
-                   "prequant_val_bpb": pre["val_bpb"], "roundtrip_val_bpb": res["roundtrip"]["val_bpb"],
+        cid = config_id(args, code)
+        results = {"seed": args.seed, "config_id": cid, "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
+                   "prequant_val_bpb": pre["val_bpb"], "prequant_raw_val_bpb": raw_bpb,
+                   "roundtrip_val_bpb": res["roundtrip"]["val_bpb"],
                    "sliding_val_bpb": res.get("sliding", {}).get("val_bpb"), "val_tokens": final["tokens"],
-                   "artifact_bytes": total, "model_bytes": len(data), "code_bytes": code_bytes,
-                   "steps": stats["steps"], "step_avg_ms": stats["step_avg_ms"], "train_seconds": stats["train_seconds"],
-                   "quant_seconds": quant_s, "peak_mem_mib": stats["peak_mem_mib"], "world_size": world_size,
+                   "artifact_bytes": total, "model_bytes": len(data), "code_bytes": code_bytes, "clip_sigmas": clip,
+                   "pruned": pinfo["pruned"], "steps": stats["steps"], "step_avg_ms": stats["step_avg_ms"],
+                   "train_seconds": stats["train_seconds"], "quant_seconds": quant_s, "wall_seconds": wall,
+                   "peak_mem_mib": stats["peak_mem_mib"], "world_size": world_size,
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "torch": torch.__version__, "python": sys.version.split()[0],
                    "note": os.environ.get("LOG_NOTE", ""), "phase_seconds": timer.times}
         with open(os.path.join(args.out_dir, f"results_{run_id}.json"), "w") as f:
             json.dump(results, f, indent=2)
-        write_submission(args.out_dir, os.path.join(args.out_dir, "submission.json"))
+        write_submission(args.out_dir, os.path.join(args.out_dir, "submission.json"), cid)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,7 @@ def test_validation_needs_two_tokens(tmp_path):
 # ----------------------------------------------------------------------------- config
 
 def test_from_env_parses_types():
-    env = {"NUM_LAYERS": "3", "TRAIN_BATCH_TOKENS": "5e5", "MATRIX_LR": "0.5", "SWA_ENABLED": "true",
+    env = {"NUM_LAYERS": "3", "TRAIN_BATCH_TOKENS": "5e5", "MATRIX_LR": "0.5", "COMPILE": "0",
            "SKIP_SLIDING_EVAL": "0", "TTT_ENABLED": " Yes ", "RUN_ID": "abc", "MLP_MULT": "2",
            "MAX_WALLCLOCK_SECONDS": "1e2", "VE_LAYERS": "0,2", "UNRELATED": "x"}
     a = T.Hyperparameters.from_env(env)
@@ -167,7 +167,7 @@ def test_from_env_parses_types():
     assert a.matrix_lr == 0.5 and type(a.matrix_lr) is float
     assert a.mlp_mult == 2.0 and type(a.mlp_mult) is float
     assert a.max_wallclock_seconds == 100.0
-    assert a.swa_enabled is True and a.skip_sliding_eval is False and a.ttt_enabled is True
+    assert a.compile == "0" and a.skip_sliding_eval is False and a.ttt_enabled is True
     assert a.run_id == "abc" and a.ve_layer_list() == [0, 2]
     d = T.Hyperparameters()
     assert a.model_dim == d.model_dim and a.seed == d.seed  # unset fields keep defaults
@@ -175,10 +175,30 @@ def test_from_env_parses_types():
 
 
 @pytest.mark.parametrize("key,val", [("NUM_LAYERS", "three"), ("NUM_LAYERS", "2.5"), ("MATRIX_LR", "fast"),
-                                     ("SEED", "")])
+                                     ("SEED", ""), ("TTT_ENABLED", "y"), ("SKIP_SLIDING_EVAL", "2"),
+                                     ("TTT_ENABLED", "")])
 def test_from_env_bad_value(key, val):
     with pytest.raises(T.ConfigError, match=key):
         T.Hyperparameters.from_env({key: val})
+
+
+@pytest.mark.parametrize("word,value", [("1", True), ("TRUE", True), ("on", True), ("yes", True),
+                                        ("0", False), ("False", False), ("off", False), (" no ", False)])
+def test_from_env_boolean_spellings(word, value):
+    assert T.Hyperparameters.from_env({"TTT_ENABLED": word}).ttt_enabled is value
+
+
+def test_from_env_warns_on_misspelt_settings():
+    seen = []
+    env = {"NUM_LAYER": "9", "WARMDOWN_FRACT": "0.5", "PATH": "/bin", "HOME": "/root", "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "lower_case": "1", "SEED": "3"}
+    a = T.Hyperparameters.from_env(env, warn=seen.append)
+    assert a.seed == 3 and a.num_layers == T.Hyperparameters().num_layers
+    assert len(seen) == 2, seen
+    assert "NUM_LAYER " in seen[0] and "NUM_LAYERS" in seen[0]
+    assert "WARMDOWN_FRACT" in seen[1] and "WARMDOWN_FRAC?" in seen[1]
+
+
 
 
 def _valid(**kw):
@@ -208,6 +228,11 @@ def test_validate_accepts_consistent_config():
     (dict(compressors="lzma,gzip"), 1, "gzip"),
     (dict(eval_stride=64), 1, "EVAL_STRIDE"),
     (dict(ve_layers="0,5"), 1, "VE_LAYERS"),
+    (dict(warmdown_frac=1.5), 1, "WARMDOWN_FRAC"),
+    (dict(ema_horizon=-0.1), 1, "EMA_HORIZON"),
+    (dict(muon_momentum_warmup_frac=2.0), 1, "MUON_MOMENTUM_WARMUP_FRAC"),
+    (dict(clip_sigmas=1.0), 1, "CLIP_SIGMAS"),
+    (dict(rate_tries=0), 1, "RATE_TRIES"),
 ])
 def test_validate_rejects(kw, world, pattern):
     args = _valid(**kw)
@@ -403,3 +428,20 @@ def test_cli_missing_tokenizer(tmp_path, smoke_dataset):
     missing = str(tmp_path / "nope.model")
     proc = _run_script(tmp_path, DATA_PATH=data, TOKENIZER_PATH=missing, VOCAB_SIZE=str(vocab))
     _assert_one_error_line(proc, missing)
+
+
+def test_cli_warns_on_misspelt_setting(tmp_path, smoke_dataset):
+    _, tok, vocab = smoke_dataset
+    proc = _run_script(tmp_path, DATA_PATH=str(tmp_path / "missing"), TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab),
+                       NUM_LAYER="9")
+    assert proc.returncode == 2
+    assert "warning: environment variable NUM_LAYER is not a setting; did you mean NUM_LAYERS?" in proc.stderr
+
+
+def test_cli_artifact_target_below_code_size_fails_before_training(tmp_path, smoke_dataset):
+    data, tok, vocab = smoke_dataset
+    proc = _run_script(tmp_path, DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab),
+                       ARTIFACT_TARGET_BYTES="50000", ITERATIONS="100000")
+    _assert_one_error_line(proc, "ARTIFACT_TARGET_BYTES=50000", "train_gpt.py")
+    assert not os.path.exists(tmp_path / "out" / "train_seed42.log") or "step:" not in \
+        (tmp_path / "out" / "train_seed42.log").read_text()

@@ -9,6 +9,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,7 +25,8 @@ from helpers import randomized_model
 pytestmark = pytest.mark.usefixtures("one_thread_math")
 
 CPU = torch.device("cpu")
-FINEWEB_TOKENIZER = "/work/shared/tokenizers/fineweb_1024_bpe.model"
+# the challenge's tokenizers, in the shared/ folder beside the checkout (CI has it there)
+SHARED_TOKENIZERS = os.path.join(os.path.dirname(REPO_ROOT), "shared", "tokenizers")
 
 
 def tiny_args(**kw):
@@ -107,11 +110,15 @@ def test_byte_luts_flags(sp_and_luts):
         assert luts.space[p] and luts.base[p] == len("café".encode())
 
 
-@pytest.mark.skipif(not os.path.isfile(FINEWEB_TOKENIZER), reason="challenge tokenizer not available")
-def test_byte_accounting_challenge_tokenizer():
+@pytest.mark.parametrize("vocab", [1024, 8192])
+def test_byte_accounting_challenge_tokenizer(vocab):
     import sentencepiece as spm
-    sp = spm.SentencePieceProcessor(model_file=FINEWEB_TOKENIZER)
-    luts = T.load_tokenizer_luts(FINEWEB_TOKENIZER, 1024)
+    path = os.path.join(SHARED_TOKENIZERS, f"fineweb_{vocab}_bpe.model")
+    if not os.path.isfile(path):
+        assert not os.environ.get("CI"), f"CI must have the challenge tokenizer at {path}"
+        pytest.skip(f"challenge tokenizer not at {path}")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    luts = T.load_tokenizer_luts(path, vocab)
     texts = smoke_data.make_docs(20, seed=5)
     texts = [t.replace("café naïve über", "cafe naive uber") for t in texts] + [
         "The quick brown fox jumps over the lazy dog. 1234567890",
@@ -419,7 +426,7 @@ def clean_env(**kw):
 
 TINY_RUN = dict(VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2,
                 ROPE_DIMS=8, BIGRAM_VOCAB=64, BIGRAM_DIM=16, VE_DIM=16, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512,
-                GRAD_ACCUM_STEPS=1, ITERATIONS=4, MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=1, WARMDOWN_ITERS=2,
+                GRAD_ACCUM_STEPS=1, ITERATIONS=4, MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=1, WARMDOWN_FRAC=0.5,
                 EVAL_SEQ_LEN=64, EVAL_STRIDE=32, EVAL_BATCH_SEQS=8, VAL_TOKENS_LIMIT=1024, GPTQ_CALIB_SEQS=4,
                 GPTQ_CALIB_LEN=64, GPTQ_CALIB_BATCH=4, GPTQ_BLOCK=32, RUN_ID="t", SEED=1)
 
@@ -455,6 +462,42 @@ def test_training_run_artifact_and_results(trained_run):
     _, bpb = final_line(stdout, "sliding_window")
     assert float(bpb) == pytest.approx(results["sliding_val_bpb"], abs=1e-8) == pytest.approx(results["val_bpb"])
     assert 0 < results["val_bpb"] < 20
+    # averaged and raw weights are both scored; one wall clock covers training + quantization
+    assert f"prequant_float_raw_weights val_bpb:{results['prequant_raw_val_bpb']:.8f}" in stdout
+    assert "(EMA weights)" in stdout
+    assert "wall clock from the end of the compile warm-up to the artifact written" in stdout
+    assert results["wall_seconds"] >= results["train_seconds"] > 0
+    assert results["pruned"] == 0 and T.CLIP_RANGE[0] <= results["clip_sigmas"] <= T.CLIP_RANGE[1]
+    sub = json.loads((Path(artifact).parent / "submission.json").read_text())
+    assert sub["seeds"] == [1] and sub["config_id"] == results["config_id"]
+    assert sub["val_bpb"] == results["val_bpb"]
+
+
+def _fake_results(d, run_id, seed, config, bpb):
+    r = {"seed": seed, "config_id": config, "val_loss": bpb * 2, "val_bpb": bpb, "artifact_bytes": 100,
+         "steps": 3, "step_avg_ms": 1.0, "code_bytes": 10, "world_size": 1, "device": "cpu", "torch": "x"}
+    (d / f"results_{run_id}.json").write_text(json.dumps(r))
+    time.sleep(0.01)  # distinct modification times: the newest of a seed wins
+
+
+def test_write_submission_counts_only_this_configuration(tmp_path):
+    _fake_results(tmp_path, "old42", 42, "aaaa", 1.50)  # an older configuration in the same folder
+    _fake_results(tmp_path, "seed42_first", 42, "bbbb", 1.30)
+    _fake_results(tmp_path, "seed42", 42, "bbbb", 1.20)  # rerun of the same seed: the newest counts
+    _fake_results(tmp_path, "seed7", 7, "bbbb", 1.10)
+    sub = T.write_submission(str(tmp_path), str(tmp_path / "submission.json"), "bbbb")
+    assert sub["seeds"] == [7, 42]
+    assert sub["val_bpb"] == pytest.approx((1.20 + 1.10) / 2)
+    assert json.loads((tmp_path / "submission.json").read_text())["seed_results"]["42"]["val_bpb"] == 1.20
+    with pytest.raises(T.DataError, match="cccc"):
+        T.write_submission(str(tmp_path), str(tmp_path / "s.json"), "cccc")
+
+
+def test_config_id_ignores_seed_and_names_only():
+    a = T.Hyperparameters()
+    assert T.config_id(a, b"code") == T.config_id(T.Hyperparameters(seed=7, run_id="x", out_dir="/o"), b"code")
+    assert T.config_id(a, b"code") != T.config_id(T.Hyperparameters(num_layers=9), b"code")
+    assert T.config_id(a, b"code") != T.config_id(a, b"code2")
 
 
 def test_eval_only_opens_no_train_shard(trained_run, smoke_dataset, tmp_path):

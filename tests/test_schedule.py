@@ -1,0 +1,109 @@
+"""The schedule follows the run's length (fractions of its time budget), and every rank takes
+every decision from one clock: rank 0's, shared in the per-step collective."""
+import math
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import train_gpt as T
+from test_optimizer import _train_args
+
+CPU = torch.device("cpu")
+
+
+def schedule_curve(total_steps: int, step_ms: float):
+    """(lr scale, Muon momentum, EMA decay) at every step of a time-bound run of `total_steps`
+    steps at a constant step time, with the default settings."""
+    args = T.Hyperparameters(compile="0")
+    budget = total_steps * step_ms / 1000
+    model = T.build_model(T.Hyperparameters(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8,
+                                            vocab_size=64, bigram_vocab=0, ve_dim=0, compile="0"), CPU)
+    opt = T.Optimizers(model, args, 1, CPU)
+    out = []
+    for k in range(total_steps):
+        p = T.run_progress(args, k, k * step_ms / 1000, budget)
+        scale = T.lr_scale_at(args, p)
+        opt.set_schedule(scale, p)
+        p_next = T.run_progress(args, k + 1, (k + 1) * step_ms / 1000, budget)
+        out.append((scale, opt.muon.momentum, math.exp(-(p_next - p) / args.ema_horizon)))
+    return out
+
+
+def test_schedule_has_the_record_shape_at_6900_steps_and_the_same_at_950():
+    big, small = schedule_curve(6900, 86.7), schedule_curve(950, 587.7)
+    for curve, n in ((big, 6900), (small, 950)):
+        first_warmdown = next(k for k, c in enumerate(curve) if c[0] < 1.0)
+        momentum_done = next(k for k, c in enumerate(curve) if c[1] >= 0.99 - 1e-12)
+        # record B: warm-down over the last 4,000 of ~6,900 steps, momentum warmed over 1,500
+        assert abs(first_warmdown - 0.42 * n) <= 1, (n, first_warmdown)
+        assert abs(momentum_done - 0.22 * n) <= 1, (n, momentum_done)
+        assert curve[0][0] == 1.0 and curve[-1][0] < 2.0 / n / 0.58  # ends at ~0
+        assert curve[0][1] == pytest.approx(0.92)
+    assert abs(4000 - (6900 - next(k for k, c in enumerate(big) if c[0] < 1.0))) < 10
+    # the same shape: the curves agree at every fraction of the run
+    for frac in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99):
+        b, s = big[int(frac * 6900)], small[int(frac * 950)]
+        assert b[0] == pytest.approx(s[0], abs=3e-3) and b[1] == pytest.approx(s[1], abs=1e-3), frac
+    # EMA: record B's per-step decay 0.997 at 8 GPUs' step time; at one GPU's 7x longer steps the
+    # average still spans the same 5 % of the run (0.979 per step, not 0.997)
+    assert big[100][2] == pytest.approx(0.99710, abs=2e-5)
+    assert small[100][2] == pytest.approx(math.exp(-1 / (0.05 * 950)), abs=1e-6)
+    assert (1 - small[100][2]) * 950 == pytest.approx((1 - big[100][2]) * 6900, rel=0.01)
+
+
+def test_progress_takes_the_binding_limit():
+    args = T.Hyperparameters(iterations=100)
+    assert T.run_progress(args, 50, 10.0, 100.0) == 0.5  # steps bind
+    assert T.run_progress(args, 5, 60.0, 100.0) == 0.6  # the clock binds
+    assert T.run_progress(T.Hyperparameters(iterations=0), 5, 60.0, 0.0) == 0.0
+    assert T.run_progress(args, 500, 0.0, 0.0) == 1.0
+    assert T.lr_scale_at(T.Hyperparameters(min_lr_scale=0.1), 0.999) == 0.1
+
+
+def _clock_worker(rank, world, init_file, data_dir, vocab, out_prefix):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        args = _train_args(data_dir, vocab, iterations=0, max_wallclock_seconds=4.0, gptq_reserve_seconds=1.0,
+                           warmdown_frac=0.6, qat_start_scale=0.5, ema_horizon=0.1, muon_momentum_warmup_frac=0.3,
+                           warmup_steps=0)
+        files = T.find_shards(args.data_path, "train")
+        loader = T.DistributedLoader(files, vocab, rank, world, CPU)
+        model = T.build_model(args, CPU)
+        opt = T.Optimizers(model, args, world, CPU)
+        seen = []
+        orig = opt.set_schedule
+
+        def recording(scale, progress):
+            orig(scale, progress)
+            seen.append((scale, progress, opt.muon.momentum, float(model.qat_mix)))
+        opt.set_schedule = recording
+        # rank 1's clock runs 3x fast from another origin: a rank reading its own clock would warm
+        # down, switch QAT and stop far earlier than rank 0
+        skewed = (lambda: 3.0 * time.perf_counter() + 1000.0) if rank == 1 else time.perf_counter
+        clock = T.SharedClock(rank, world, CPU, clock=skewed)
+        stats = T.train(args, model, model, opt, loader, None, None, rank, world, CPU, lambda m: None,
+                        T.PhaseTimer(), clock)
+        torch.save({"seen": seen, "steps": stats["steps"], "qat_step": stats["qat_step"], "local": clock.local(),
+                    "train_seconds": stats["train_seconds"], "state": model.state_dict()}, f"{out_prefix}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_skewed_clock_ranks_share_every_decision(smoke_dataset, tmp_path):
+    data_dir, _, vocab = smoke_dataset
+    mp.spawn(_clock_worker, args=(2, str(tmp_path / "init"), data_dir, vocab, str(tmp_path / "res")), nprocs=2,
+             join=True)
+    r0, r1 = (torch.load(str(tmp_path / f"res.{r}")) for r in range(2))
+    assert r1["local"] > 2.5 * r0["local"]  # the skew was real
+    assert r0["steps"] == r1["steps"] >= 10
+    assert r0["qat_step"] == r1["qat_step"] is not None
+    assert r0["seen"] == r1["seen"]  # learning rate, progress, momentum, QAT, step by step
+    assert r0["train_seconds"] == r1["train_seconds"] <= 3.0 + 0.5
+    scales = [s for s, *_ in r0["seen"]]
+    assert scales[0] == 1.0 and min(scales) < 0.3  # it did warm down
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
