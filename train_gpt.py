@@ -139,7 +139,8 @@ class Hyperparameters:
     # per value; the rate control moves CLIP_SIGMAS until the artifact fills its budget
     clip_sigmas: float = 5.0  # attention banks, first guess (MLP banks: x CLIP_MLP_RATIO)
     clip_mlp_ratio: float = 0.885  # 11.5 / 13, the frontier records' MLP/attention ratio
-    embed_clip_sigmas: float = 0.0  # int8 embedding tables; 0: the row's absmax
+    embed_bits: int = 8  # embedding tables (the tied one by GPTQ with the head's Hessian)
+    embed_clip_sigmas: float = 0.0  # 0: the row's absmax
     rate_tries: int = 3  # GPTQ + compress rounds of the rate control
     artifact_target_bytes: int = 15_950_000
     compressors: str = "lzma,zstd"
@@ -240,6 +241,7 @@ class Hyperparameters:
         need(CLIP_RANGE[0] <= self.clip_sigmas <= CLIP_RANGE[1] and self.clip_mlp_ratio > 0,
              f"CLIP_SIGMAS must be in {CLIP_RANGE} and CLIP_MLP_RATIO > 0")
         need(self.embed_clip_sigmas >= 0 and self.rate_tries >= 1, "EMBED_CLIP_SIGMAS must be >= 0 and RATE_TRIES >= 1")
+        need(2 <= self.embed_bits <= 8, "EMBED_BITS must be in 2..8")
         need(self.attn_backend in ("auto", "fa3", "sdpa", "sdpa_cudnn", "sdpa_flash", "math"), f"unknown ATTN_BACKEND={self.attn_backend}")
         need(self.attn_backend != "fa3" or _fa3_func is not None, "ATTN_BACKEND=fa3 but flash_attn_interface is not importable")
         need(self.max_wallclock_seconds > 0 or self.iterations > 0, "set ITERATIONS or MAX_WALLCLOCK_SECONDS")
@@ -987,7 +989,7 @@ def collect_hessians(model: GPT, args, device, rank, world_size, log) -> tuple[d
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             for ids in seqs:
                 for chunk in ids.split(8):
-                    model.hidden(chunk)
+                    collector(-1, "head", model.hidden(chunk)[0])  # the tied embedding's input as the head
     finally:
         model._capture = None
     hessians = collector.averaged()
@@ -1008,8 +1010,8 @@ def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, cli
                    world_size: int = 1):
     """Quantize the model: bank matrices int-QUANT_BITS by GPTQ on the SDClip grid at
     `clip_sigmas` (x CLIP_MLP_RATIO for the MLP; round-to-nearest without Hessians), split
-    across ranks and gathered back; embedding tables int8 per row (EMBED_CLIP_SIGMAS);
-    everything else fp16. Returns {name: entry} (CPU tensors)."""
+    across ranks and gathered back; embedding tables int-EMBED_BITS per row (EMBED_CLIP_SIGMAS;
+    the tied embedding by GPTQ with the head's Hessian); everything else fp16. Returns {name: entry} (CPU tensors)."""
     keys = bank_hessian_keys(args)
     qmax = 2 ** (args.quant_bits - 1) - 1
     entries = {}
@@ -1035,8 +1037,10 @@ def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, cli
         if name.endswith("_bank"):
             continue
         if name in EMBED_TABLES:
-            q, s = gptq_quantize(t[None], None, 127, args.embed_clip_sigmas)
-            entries[name] = {"kind": "int", "bits": 8, "q": q[0].cpu(), "scale": s[0].cpu(), "hdiag": None}
+            H = (hessians or {}).get((-1, "head")) if name == "tok_emb.weight" else None
+            q, s = gptq_quantize(t[None], None if H is None else H[None], 2 ** (args.embed_bits - 1) - 1,
+                                 args.embed_clip_sigmas, args.gptq_block, args.gptq_damp)
+            entries[name] = {"kind": "int", "bits": args.embed_bits, "q": q[0].cpu(), "scale": s[0].cpu(), "hdiag": None}
         else:
             entries[name] = {"kind": "float", "value": t.detach().half().cpu()}
     return entries
@@ -1271,14 +1275,14 @@ def _proxy_size(blob: bytes) -> int:
 
 
 def prune_candidates(entries: dict, values_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Positions (in the values section) of +-1 quantized weights of the int-N matrices, sorted
+    """Positions (in the values section) of +-1 quantized weights of the bank matrices, sorted
     by the damage of zeroing them: scale_row^2 x H_jj (or scale_row^2 without a Hessian)."""
     pos_parts, cost_parts, off = [], [], 0
-    for e in entries.values():
+    for name, e in entries.items():
         if e["kind"] != "int":
             continue
         q = e["q"].numpy().reshape(e["q"].shape[0], -1)
-        if e["bits"] < 8:
+        if "_bank." in name:
             rows, cols = np.nonzero(np.abs(q) == 1)
             s2 = e["scale"].numpy().astype(np.float64)[rows] ** 2
             h = e["hdiag"].numpy().astype(np.float64)[cols] if e.get("hdiag") is not None else 1.0

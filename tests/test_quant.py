@@ -422,10 +422,10 @@ def test_generate_cached_equals_uncached(model, args):
 
 def test_hessians_cover_every_quantized_input(hessians, args):
     d, hid = args.model_dim, args.mlp_hidden
-    expect = {(l, k) for l in range(args.num_layers) for k in ("qkv", "out", "up", "down")}
+    expect = {(l, k) for l in range(args.num_layers) for k in ("qkv", "out", "up", "down")} | {(-1, "head")}
     assert set(hessians) == expect
     for (l, kind), H in hessians.items():
-        size = hid if kind == "down" else d
+        size = hid if kind == "down" else d  # the head's input: the final normed hidden state
         assert H.shape == (size, size)
         torch.testing.assert_close(H, H.T)
         assert float(torch.linalg.eigvalsh(H.double()).min()) > -1e-4 * float(H.diagonal().max())
@@ -459,6 +459,14 @@ def test_quantize_model_with_hessians_roundtrip(model, hessians, gptq_entries, a
             Er = W - r["q"].float() * r["scale"].float()[:, None]
             err_rtn += float(((Er @ H) * Er).sum())
     assert err_gptq < err_rtn, (err_gptq, err_rtn)
+    # the tied embedding: GPTQ with the head's Hessian (its input is the final hidden state)
+    H = hessians[(-1, "head")]
+    W = model.tok_emb.weight.detach()
+    errs = []
+    for ent in (entries, rtn):
+        E = W - ent["tok_emb.weight"]["q"].float() * ent["tok_emb.weight"]["scale"].float()[:, None]
+        errs.append(float(((E @ H) * E).sum()))
+    assert errs[0] < errs[1], errs
     # every non-bank tensor of the model is present, tables as int8
     for name, t in model.state_dict().items():
         if name.endswith("_bank"):
