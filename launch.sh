@@ -16,7 +16,7 @@ if [[ "${1:-}" == "--smoke" || "${SMOKE:-0}" == "1" ]]; then
   export BIGRAM_VOCAB=256 BIGRAM_DIM=16 VE_DIM=16 TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=4096
   export ITERATIONS=${ITERATIONS:-150} MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-300}
   export WARMUP_STEPS=2 TRAIN_LOG_EVERY=25
-  export GPTQ_CALIB_SEQS=8 GPTQ_CALIB_LEN=128 GPTQ_CALIB_BATCH=8 GPTQ_RESERVE_SECONDS=20
+  export GPTQ_CALIB_SEQS=8 GPTQ_CALIB_LEN=128 GPTQ_RESERVE_SECONDS=20
   export EVAL_SEQ_LEN=128 EVAL_STRIDE=32 EVAL_BATCH_SEQS=16 RUN_ID="smoke_seed$SEED"
   export LOG_NOTE="smoke run: CPU, synthetic structured text from tests/smoke_data.py, tokenizer trained on it"
   exec python3 train_gpt.py

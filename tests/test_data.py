@@ -225,7 +225,6 @@ def test_validate_accepts_consistent_config():
     (dict(attn_backend="flash"), 1, "unknown ATTN_BACKEND=flash"),
     (dict(rope_dims=32), 1, "ROPE_DIMS"),
     (dict(bos_id=512), 1, "BOS_ID"),
-    (dict(compressors="lzma,gzip"), 1, "gzip"),
     (dict(eval_stride=64), 1, "EVAL_STRIDE"),
     (dict(ve_layers="0,5"), 1, "VE_LAYERS"),
     (dict(warmdown_frac=1.5), 1, "WARMDOWN_FRAC"),

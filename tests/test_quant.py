@@ -1,7 +1,7 @@
-"""Quantization and artifact tests: pack/compress round trips (both codecs), artifact -> GPT
-rebuild, GPTQ vs round-to-nearest on correlated inputs, the SDClip grid and its bytes per
-parameter, the rate control, the inverse-Cholesky factor, pruning to a byte budget, the 16 MB
-cap, KV-cached generation, and quantize_model with self-generated calibration Hessians."""
+"""Quantization and artifact tests: pack/compress round trips, artifact -> GPT rebuild, GPTQ
+vs round-to-nearest on correlated inputs, the SDClip grid and its bytes per parameter, the rate
+control, the inverse-Cholesky factor, pruning to a byte budget, the 16 MB cap, and
+quantize_model with Hessians calibrated on training sequences."""
 import copy
 import os
 import struct
@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 def tiny_args(**kw):
     base = dict(vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
                 rope_dims=8, bigram_vocab=64, bigram_dim=16, ve_dim=16, train_seq_len=64, eval_seq_len=64,
-                eval_stride=32, gptq_calib_seqs=4, gptq_calib_len=48, gptq_calib_batch=2, gptq_block=32,
+                eval_stride=32, gptq_calib_seqs=12, gptq_calib_len=48, gptq_block=32,
                 attn_backend="math", compile="0", seed=7)
     base.update(kw)
     return T.Hyperparameters(**base)
@@ -54,11 +54,15 @@ def model(args):
 
 
 @pytest.fixture(scope="module")
-def hessians(model, args):
+def hessians(model, args, smoke_dataset):
+    data_dir, _, vocab = smoke_dataset
+    assert vocab == args.vocab_size
+    loader = T.DistributedLoader(T.find_shards(data_dir, "train"), vocab, 0, 1, CPU)
     logs = []
-    h, times = T.collect_hessians(model, args, CPU, 0, 1, logs.append)
-    assert set(times) == {"calib_generate", "calib_hessians"}
-    assert logs and "calibration" in logs[0]
+    h = T.collect_hessians(model, args, loader, CPU, 1, logs.append)
+    assert logs and "calibration: 12 training seqs x 48 tokens" in logs[0]
+    # it took the next 12 x 48 (+1) training tokens: two batches of 8 and 4 sequences
+    assert loader.stream.state() == (0, (8 * 48 + 1) + (4 * 48 + 1))
     return h
 
 
@@ -69,10 +73,8 @@ def gptq_entries(model, hessians, args):
 
 # ----------------------------------------------------------------------------- packing / codecs
 
-@pytest.mark.parametrize("codec", ["lzma", "zstd"])
-def test_pack_compress_roundtrip_bit_exact(model, args, codec):
-    # RTN (no Hessians), a wide clip on the MLP banks
-    entries = T.quantize_model(model, None, tiny_args(clip_mlp_ratio=3.0), 4.0)
+def test_pack_compress_roundtrip_bit_exact(model, args):
+    entries = T.quantize_model(model, None, args, 4.0)  # RTN (no Hessians)
     blob, voff, nvals = T.pack_entries(entries, args)
     assert nvals == sum(e["q"].numel() for e in entries.values() if e["kind"] == "int")
     assert blob[:4] == T.ARTIFACT_MAGIC
@@ -80,8 +82,8 @@ def test_pack_compress_roundtrip_bit_exact(model, args, codec):
     flat = np.concatenate([e["q"].numpy().reshape(-1) for e in entries.values() if e["kind"] == "int"])
     assert np.array_equal(np.frombuffer(blob, dtype=np.int8, count=nvals, offset=voff), flat)
 
-    data = T.compress(blob, codec)
-    assert data[:1] == T.CODECS[codec]
+    data = T.compress(blob)
+    assert data[:1] == T.CODEC_TAG
     assert len(data) < len(blob)
     assert T.decompress(data) == blob
     back, config = T.unpack_entries(T.decompress(data))
@@ -93,19 +95,16 @@ def test_pack_compress_roundtrip_bit_exact(model, args, codec):
             assert int(e["q"].abs().max()) <= qmax, name
     assert back["up_bank.0"]["bits"] == 6 and back["down_bank.1"]["bits"] == 6
     assert back["tok_emb.weight"]["bits"] == 8
-    # the clip sets the grid: |q| <= clip / 1 sigma... the MLP's 12-sigma clip uses few levels
-    assert int(back["up_bank.0"]["q"].abs().max()) < int(back["qo_bank.0"]["q"].abs().max())
 
 
-@pytest.mark.parametrize("codec", ["lzma", "zstd"])
 @pytest.mark.parametrize("chunks", [1, 3, 8])
-def test_compress_chunking_and_corruption(codec, chunks):
+def test_compress_chunking_and_corruption(chunks):
     rng = np.random.default_rng(chunks)
     blob = rng.integers(-3, 4, size=50_001).astype(np.int8).tobytes()
-    data = T.compress(blob, codec, chunks=chunks)
+    data = T.compress(blob, chunks=chunks)
     assert data[1] == min(chunks, len(blob))
     assert T.decompress(data) == blob
-    assert T.decompress(T.compress(b"", codec)) == b""
+    assert T.decompress(T.compress(b"")) == b""
     with pytest.raises(T.ArtifactError):
         T.decompress(data + b"\0")  # trailing bytes
     with pytest.raises(T.ArtifactError):
@@ -117,7 +116,7 @@ def test_compress_chunking_and_corruption(codec, chunks):
 def test_load_artifact_rebuilds_identical_model(model, args, gptq_entries, tmp_path):
     entries = copy.deepcopy(gptq_entries)
     data, info = T.pack_to_budget(entries, args, T.ARTIFACT_CAP_BYTES, lambda m: None)
-    assert info["pruned"] == 0 and info["codec"] in ("lzma", "zstd")
+    assert info["pruned"] == 0
     path = str(tmp_path / "model.ptz")
     total = T.write_artifact(path, data, code_bytes=12345)
     assert total == 12345 + len(data) and os.path.getsize(path) == len(data)
@@ -168,7 +167,7 @@ def test_load_artifact_missing_or_bad_magic(tmp_path):
     with pytest.raises(T.ArtifactError):
         T.load_artifact(str(tmp_path / "nope.ptz"))
     bad = tmp_path / "bad.ptz"
-    bad.write_bytes(T.compress(b"XXXX" + bytes(20), "zstd"))  # valid codec, wrong magic
+    bad.write_bytes(T.compress(b"XXXX" + bytes(20)))  # valid codec, wrong magic
     with pytest.raises(T.ArtifactError):
         T.load_artifact(str(bad))
 
@@ -176,11 +175,11 @@ def test_load_artifact_missing_or_bad_magic(tmp_path):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 @pytest.mark.parametrize("data", [
     b"L\x01" + (5).to_bytes(4, "little") + b"hello",  # lzma tag, one junk chunk
-    b"Z\x01" + (5).to_bytes(4, "little") + b"hello",  # zstd tag, one junk chunk
+    b"Z\x01" + (5).to_bytes(4, "little") + b"hello",  # an unknown tag
     b"L",  # no chunk count
     b"L\x08\x00",  # chunk table cut short
     b"",
-], ids=["lzma-junk", "zstd-junk", "one-byte", "short-table", "empty"])
+], ids=["lzma-junk", "unknown-tag", "one-byte", "short-table", "empty"])
 def test_load_artifact_corrupt_raises_artifact_error(tmp_path, data):
     """Any corrupt file must surface as ArtifactError (main() turns that into a clean 'error:'
     line and exit code 2), not a TypeError/IndexError/struct.error traceback."""
@@ -209,7 +208,7 @@ def test_load_artifact_bad_payload_raises_artifact_error(tmp_path, payload):
     else:
         blob = T.ARTIFACT_MAGIC + b"\x05"
     bad = tmp_path / "bad.ptz"
-    bad.write_bytes(T.compress(blob, "zstd"))
+    bad.write_bytes(T.compress(blob))
     with pytest.raises(T.ArtifactError):
         T.load_artifact(str(bad))
 
@@ -320,7 +319,7 @@ def test_compressed_bytes_per_parameter_bound():
         q, s = T.gptq_quantize(W, None, 31, clip)
         entries = {"w": {"kind": "int", "bits": 6, "q": q[0], "scale": s[0]}}
         blob = T.pack_entries(entries, tiny_args())[0]
-        sizes[clip] = len(T.compress(blob, "lzma")) / W.numel()
+        sizes[clip] = len(T.compress(blob)) / W.numel()
         ests[clip] = T.entropy_by_group(entries)["w"][0] / W.numel()
         assert abs(ests[clip] - sizes[clip]) < 0.05 * sizes[clip], (clip, ests[clip], sizes[clip])
     for a, b in ((3.0, 5.0), (4.0, 8.0)):
@@ -345,7 +344,7 @@ def test_upper_cholesky_of_inverse():
 # ----------------------------------------------------------------------------- pruning / budget
 
 def test_pack_to_budget_prunes_to_fit(gptq_entries, args):
-    args = tiny_args(compressors="zstd")  # single codec: faster, same logic
+    args = tiny_args()
     full = copy.deepcopy(gptq_entries)
     data0, info0 = T.pack_to_budget(copy.deepcopy(full), args, T.ARTIFACT_CAP_BYTES, lambda m: None)
     assert info0["pruned"] == 0
@@ -356,7 +355,7 @@ def test_pack_to_budget_prunes_to_fit(gptq_entries, args):
     vals = np.frombuffer(blob, dtype=np.int8, count=nvals, offset=voff).copy()
     assert np.all(np.abs(vals[pos_all]) == 1)
     vals[pos_all] = 0
-    floor = len(T.compress(blob[:voff] + vals.tobytes() + blob[voff + nvals:], "zstd"))
+    floor = len(T.compress(blob[:voff] + vals.tobytes() + blob[voff + nvals:]))
     assert floor < len(data0) - 500, (floor, len(data0))  # pruning can save something real
     for frac in (0.9, 0.5, 0.15, 0.0):  # 0.0: only pruning every candidate fits
         budget = int(floor + frac * (len(data0) - floor))
@@ -385,7 +384,7 @@ def test_pack_to_budget_prunes_to_fit(gptq_entries, args):
 
 
 def test_pack_to_budget_impossible_raises_and_leaves_entries(gptq_entries):
-    args = tiny_args(compressors="zstd")
+    args = tiny_args()
     entries = copy.deepcopy(gptq_entries)
     with pytest.raises(T.ArtifactError):
         T.pack_to_budget(entries, args, 2000, lambda m: None)
@@ -404,19 +403,6 @@ def test_write_artifact_cap(tmp_path):
 
 
 # ----------------------------------------------------------------------------- generation
-
-def test_generate_cached_equals_uncached(model, args):
-    outs = {}
-    for use_cache in (True, False):
-        g = torch.Generator().manual_seed(11)
-        outs[use_cache] = model.generate(3, 40, 1.0, g, use_cache=use_cache)
-    a, b = outs[True], outs[False]
-    assert a.shape == (3, 40) and torch.all(a[:, 0] == args.bos_id)
-    assert torch.equal(a, b)
-    assert len(torch.unique(a)) > 20  # not degenerate
-    other = model.generate(3, 40, 1.0, torch.Generator().manual_seed(12), use_cache=True)
-    assert not torch.equal(a, other)
-
 
 # ----------------------------------------------------------------------------- quantize_model with Hessians
 
@@ -477,7 +463,8 @@ def test_quantize_model_with_hessians_roundtrip(model, hessians, gptq_entries, a
     # a model loaded from it works
     m2 = T.build_model(args, CPU).eval()
     m2.load_state_dict(state, strict=True)
-    ids = model.generate(2, 32, 1.0, torch.Generator().manual_seed(0))
+    ids = torch.randint(0, args.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = args.bos_id
     with torch.no_grad():
         l_src = float(model(ids[:, :-1], ids[:, 1:]))
         l_q = float(m2(ids[:, :-1], ids[:, 1:]))
@@ -490,21 +477,21 @@ def test_rate_control_fills_the_budget(model, hessians, args):
     stops at the narrowest clip, an impossible one returns its smallest try (pruning's turn)."""
     def size_at(clip):
         e = T.quantize_model(model, hessians, args, clip)
-        return len(T.compress_best(T.pack_entries(e, args)[0], ["lzma"])[0])
-    a = tiny_args(compressors="lzma", rate_tries=4)
+        return len(T.compress(T.pack_entries(e, args)[0]))
+    a = tiny_args(rate_tries=4)
     lo, hi = size_at(10.0), size_at(4.0)
     assert lo < hi - 2000
     budget = (lo + hi) // 2
     logs = []
     entries, data, clip, tries = T.quantize_to_budget(model, hessians, a, budget, 0, 1, CPU, logs.append)
-    assert len(data[0]) <= budget and len(data[0]) >= T.RATE_BAND * budget - 1500, (tries, budget)
+    assert len(data) <= budget and len(data) >= T.RATE_BAND * budget - 1500, (tries, budget)
     assert 4.0 < clip < 10.0 and len(logs) == len(tries) <= 4
     assert [c for c, _ in tries][0] == a.clip_sigmas
-    back, _ = T.unpack_entries(T.decompress(data[0]))
+    back, _ = T.unpack_entries(T.decompress(data))
     assert_entries_equal(entries, back)
     # a roomy budget: the narrowest clip the range allows, then stop
     _, data, clip, tries = T.quantize_to_budget(model, hessians, a, 10 * hi, 0, 1, CPU, lambda m: None)
     assert clip == pytest.approx(T.CLIP_RANGE[0], rel=1e-3) and len(tries) == 2
     # impossible: the smallest try comes back, over the budget
     _, data, clip, tries = T.quantize_to_budget(model, hessians, a, 3000, 0, 1, CPU, lambda m: None)
-    assert len(data[0]) > 3000 and len(data[0]) == min(b for _, b in tries)
+    assert len(data) > 3000 and len(data) == min(b for _, b in tries)
