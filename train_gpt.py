@@ -1695,6 +1695,13 @@ def run_eval_only(args, rank, world_size, device, log) -> dict:
     return res
 
 
+def weights_checksum(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode() + t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def config_id(args: Hyperparameters, code: bytes) -> str:
     """Fingerprint of the code and every setting but the seed and the output names: runs that
     share it are seeds of one configuration."""
@@ -1817,6 +1824,16 @@ def main():
         f"(training {stats['train_seconds']:.1f}s, quantization {quant_s:.1f}s, reserve was {stats['reserve_seconds']:.1f}s)")
     if args.max_wallclock_seconds > 0 and wall > args.max_wallclock_seconds:
         log(f"WARNING: training + quantization took {wall:.1f}s > MAX_WALLCLOCK_SECONDS: this run is NOT compliant")
+
+    # every rank must hold the same weights (shared clock, gathered updates): show it
+    sums = [None] * world_size
+    digest = weights_checksum(model)
+    if world_size > 1:
+        dist.all_gather_object(sums, digest)
+    else:
+        sums = [digest]
+    log(f"weights checksum per rank: {' '.join(sums)}" + (" (identical)" if len(set(sums)) == 1 else
+                                                          " WARNING: ranks differ"))
 
     # evaluation: float scores (averaged and raw weights), then the round-tripped artifact
     t0 = time.perf_counter()

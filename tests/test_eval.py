@@ -467,6 +467,7 @@ def test_training_run_artifact_and_results(trained_run):
     assert "(EMA weights)" in stdout
     assert "wall clock from the end of the compile warm-up to the artifact written" in stdout
     assert results["wall_seconds"] >= results["train_seconds"] > 0
+    assert re.search(r"^weights checksum per rank: [0-9a-f]{16} \(identical\)$", stdout, re.M)
     assert results["pruned"] == 0 and T.CLIP_RANGE[0] <= results["clip_sigmas"] <= T.CLIP_RANGE[1]
     sub = json.loads((Path(artifact).parent / "submission.json").read_text())
     assert sub["seeds"] == [1] and sub["config_id"] == results["config_id"]
