@@ -1,0 +1,45 @@
+"""Quantization comparisons on the float weights + Hessians that keep_prequant.py saved
+(prequant.pt in the current folder, next to a copy of train_gpt.py; same environment as the
+run): GPTQ vs round-to-nearest at equal bytes (rate control), the tied embedding by GPTQ vs
+RTN, GPTQ vs RTN at fixed clips. Prints and appends to sweep.log."""
+import os, sys, time
+import torch
+sys.path.insert(0, os.getcwd())
+import train_gpt as T
+
+out = open("sweep.log", "a")
+def log(m):
+    print(m, flush=True); out.write(m + "\n"); out.flush()
+
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+torch.backends.cuda.matmul.allow_tf32 = True
+args = T.Hyperparameters.from_env()
+T.set_attention_backend("auto", dev)
+blob = torch.load("prequant.pt")
+state = blob["state"]
+H = {k: v.to(dev) for k, v in blob["hessians"].items()}
+fmodel = T.build_model(args, dev); fmodel.load_state_dict(state); fmodel.eval()
+emodel = T.build_model(args, dev); emodel.eval()
+luts = T.load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(dev)
+val = T.load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit).to(dev)
+score = T.make_score_fn(torch.compile(emodel, dynamic=False) if dev.type == "cuda" else emodel, dev)
+budget = args.artifact_target_bytes - os.path.getsize("train_gpt.py")
+
+def ev(sd, stride=None):
+    emodel.load_state_dict({k: v.to(dev) for k, v in sd.items()})
+    L = args.eval_seq_len
+    return T.evaluate(score, val, luts, L, stride or L, args.eval_batch_seqs, 0, 1, dev)["val_bpb"]
+
+fb = ev(state); log(f"sweep float plain {fb:.5f}")
+H_nohead = {k: v for k, v in H.items() if k != (-1, "head")}
+for label, hs, slide in (("GPTQ (train calibration)", H, True), ("RTN", None, True), ("tok_emb RTN", H_nohead, False)):
+    t0 = time.time()
+    e, data, clip, tries = T.quantize_to_budget(fmodel, hs, args, budget, 0, 1, dev, log)
+    sd = T.dequantize_entries(e, args)
+    log(f"sweep rate control [{label}]: clip {clip:.3f} {len(data)} bytes tries {tries} ({time.time()-t0:.1f}s) "
+        f"plain {ev(sd):.5f}" + (f" sliding {ev(sd, args.eval_stride):.5f}" if slide else ""))
+for c in (5.0, 8.0):
+    for label, hs in (("GPTQ", H), ("RTN", None)):
+        e = T.quantize_model(fmodel, hs, args, c)
+        log(f"sweep clip {c} {label}: {len(T.compress(T.pack_entries(e, args)[0]))} bytes plain {ev(T.dequantize_entries(e, args)):.5f}")
+log("sweep done")
