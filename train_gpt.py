@@ -37,7 +37,7 @@ try:  # FlashAttention-3 (Hopper); optional
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     _fa3_func = None
 ARTIFACT_CAP_BYTES = 16_000_000
-CLIP_RANGE = (3.0, 64.0)  # clip_sigmas the rate control may choose (below ~3 sigmas, clipping costs more than a finer grid gains)
+CLIP_RANGE = (3.0, 64.0)  # clips the rate control may choose (below ~3 sigmas clipping costs more than it gains)
 RATE_BAND = 0.985  # the rate control stops once the model fills this much of its byte budget
 EMBED_TABLES = ("tok_emb.weight", "bigram_table", "ve_table")
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
@@ -58,6 +58,12 @@ class ArtifactError(ValueError):
 # ----------------------------------------------------------------------------- config
 
 _TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+# settings of earlier revisions: a run that still sets one is stopped, with what replaces it
+_REMOVED_SETTINGS = {"WARMDOWN_ITERS": "WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_STEPS": "MUON_MOMENTUM_WARMUP_FRAC",
+                     "EMA_DECAY": "EMA_HORIZON", "SWA_ENABLED": "EMA_HORIZON", "SWA_EVERY": "EMA_HORIZON",
+                     "SWA_START_SCALE": "EMA_HORIZON", "GPTQ_CLIP_QUANTILES": "CLIP_SIGMAS",
+                     "COMPRESSORS": "nothing (lzma only)", "GPTQ_CALIB_TEMP": "nothing (training-data calibration)",
+                     "GPTQ_CALIB_BATCH": "nothing (training-data calibration)"}
 _NON_SETTING_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOG_NOTE", "AUTHOR", "GITHUB_ID",
                      "RUN_NAME", "BLURB")
 
@@ -158,6 +164,9 @@ class Hyperparameters:
         upper-case variables that look like a misspelt setting (NUM_LAYER) are reported to `warn`."""
         env = os.environ if env is None else env
         names = {f.name.upper(): f for f in dataclasses.fields(cls)}
+        for key, new in _REMOVED_SETTINGS.items():
+            if key in env:
+                raise ConfigError(f"{key} is no longer a setting (the schedule follows the run's length); use {new}")
         kwargs = {}
         for key, f in names.items():
             raw = env.get(key)
@@ -229,6 +238,8 @@ class Hyperparameters:
         need(CLIP_RANGE[0] <= self.clip_sigmas <= CLIP_RANGE[1], f"CLIP_SIGMAS must be in {CLIP_RANGE}")
         need(self.embed_clip_sigmas >= 0 and self.rate_tries >= 1, "EMBED_CLIP_SIGMAS must be >= 0 and RATE_TRIES >= 1")
         need(2 <= self.embed_bits <= 8, "EMBED_BITS must be in 2..8")
+        need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile} must be auto, 0 or 1")
+        need(self.device in ("auto", "cuda", "cpu"), f"DEVICE={self.device} must be auto, cuda or cpu")
         need(self.attn_backend in ("auto", "fa3", "sdpa", "sdpa_cudnn", "sdpa_flash", "math"), f"unknown ATTN_BACKEND={self.attn_backend}")
         need(self.attn_backend != "fa3" or _fa3_func is not None, "ATTN_BACKEND=fa3 but flash_attn_interface is not importable")
         need(self.max_wallclock_seconds > 0 or self.iterations > 0, "set ITERATIONS or MAX_WALLCLOCK_SECONDS")
@@ -481,7 +492,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The one model class used for training, calibration, generation and evaluation."""
+    """The one model class used for training, calibration and evaluation."""
 
     BANK_NAMES = ("qo", "kv", "up", "down")
 
@@ -913,7 +924,7 @@ def _sync(device):
 def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, clip_sigmas: float, rank: int = 0,
                    world_size: int = 1):
     """Quantize the model: bank matrices int-QUANT_BITS by GPTQ on the SDClip grid at
-    `clip_sigmas` (x CLIP_MLP_RATIO for the MLP; round-to-nearest without Hessians), split
+    `clip_sigmas` (round-to-nearest without Hessians), split
     across ranks and gathered back; embedding tables int-EMBED_BITS per row (EMBED_CLIP_SIGMAS;
     the tied embedding by GPTQ with the head's Hessian); everything else fp16. Returns {name: entry} (CPU tensors)."""
     keys = bank_hessian_keys(args)
@@ -1004,11 +1015,15 @@ def quantize_to_budget(model: GPT, hessians: dict | None, args: Hyperparameters,
             best = (key, entries, data, clip)
         if fits and (size >= RATE_BAND * budget or clip <= CLIP_RANGE[0]):
             break
-        if attempt + 1 < args.rate_tries:
-            new_clip = clip_for_size_change(model, args, clip, (1 + RATE_BAND) / 2 * budget - size)
-            if new_clip == clip:
+        if attempt + 1 < args.rate_tries:  # rank 0 decides the next clip for every rank
+            new_clip = torch.zeros((), dtype=torch.float64, device=device)
+            if rank == 0:
+                new_clip += clip_for_size_change(model, args, clip, (1 + RATE_BAND) / 2 * budget - size)
+            if world_size > 1:
+                dist.broadcast(new_clip, 0)
+            if float(new_clip) == clip:
                 break
-            clip = new_clip
+            clip = float(new_clip)
     return best[1], best[2], best[3], tries
 
 
@@ -1182,12 +1197,13 @@ def prune_candidates(entries: dict, values_len: int) -> tuple[np.ndarray, np.nda
     return pos[order], cost[order]
 
 
-def pack_to_budget(entries: dict, args: Hyperparameters, budget_bytes: int, log) -> tuple[bytes, dict]:
-    """Pack and compress; if over budget, zero the cheapest +-1 values, searching the count
-    with a fast proxy codec and verifying each guess with lzma; stop at the first fit.
-    Raises ArtifactError when even full pruning does not fit."""
+def pack_to_budget(entries: dict, args: Hyperparameters, budget_bytes: int, log,
+                   data: bytes | None = None) -> tuple[bytes, dict]:
+    """Pack and compress (`data`: the entries already compressed); if over budget, zero the
+    cheapest +-1 values, searching the count with a fast proxy codec and verifying each guess
+    with lzma; stop at the first fit. Raises ArtifactError when even full pruning does not fit."""
     blob, voff, vlen = pack_entries(entries, args)
-    data = compress(blob)
+    data = compress(blob) if data is None else data
     info = {"pruned": 0, "candidates": 0}
     if len(data) <= budget_bytes:
         return data, info
@@ -1269,7 +1285,7 @@ def load_artifact(path: str) -> tuple[dict, dict]:
         return unpack_entries(decompress(data))
     except ArtifactError:
         raise
-    except Exception as e:  # noqa: BLE001 - LZMAError, ZstdError, bad JSON, short sections...
+    except Exception as e:  # noqa: BLE001 - LZMAError, bad JSON, short sections...
         raise ArtifactError(f"artifact {path} is corrupt: {e}") from None
 
 
@@ -1463,7 +1479,7 @@ class PhaseTimer:
         self.times[name] = self.times.get(name, 0.0) + seconds
 
 
-def estimate_gptq_reserve(n_params: int, world_size: int) -> float:
+def estimate_gptq_reserve(n_params: int) -> float:
     """Seconds kept free at the end of the 600 s for calibration + GPTQ rate control + packing:
     a fixed part plus a per-parameter part (GPTQ and compression scale with the model). 1xH200,
     default model: Hessians 0.9 s, two rate-control rounds (GPTQ + lzma) 6.1 s; a third round
@@ -1517,7 +1533,7 @@ def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size
     accum = args.resolved_grad_accum(world_size)
     micro_seqs = args.train_batch_tokens // (world_size * accum * args.train_seq_len)
     n_params = sum(p.numel() for p in model.parameters())
-    reserve = args.gptq_reserve_seconds if args.gptq_reserve_seconds >= 0 else estimate_gptq_reserve(n_params, world_size)
+    reserve = args.gptq_reserve_seconds if args.gptq_reserve_seconds >= 0 else estimate_gptq_reserve(n_params)
     budget = args.max_wallclock_seconds - reserve if args.max_wallclock_seconds > 0 else 0.0
     if args.max_wallclock_seconds > 0 and budget <= 0:
         raise ConfigError(f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds} leaves no time after the "
@@ -1702,23 +1718,23 @@ def weights_checksum(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def config_id(args: Hyperparameters, code: bytes) -> str:
-    """Fingerprint of the code and every setting but the seed and the output names: runs that
-    share it are seeds of one configuration."""
+def config_id(args: Hyperparameters, code: bytes, world_size: int, device_name: str) -> str:
+    """Fingerprint of the code, the machine (ranks x device) and every setting but the seed and
+    the output names: runs that share it are seeds of one configuration."""
     cfg = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("seed", "run_id", "out_dir")}
+    cfg["machine"] = f"{world_size}x {device_name}"
     return hashlib.sha256(code + json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_submission(out_dir: str, path: str, config: str) -> dict:
     """submission.json from the results_*.json this script wrote for configuration `config`
-    (one per seed, the newest of each): nothing is copied by hand, nothing is mixed in from
-    other configurations, and nothing is claimed that no run measured."""
+    (one per seed, the last finished of each): nothing is copied by hand, nothing is mixed in
+    from other configurations, and nothing is claimed that no run measured."""
     runs = {}
-    files = glob.glob(os.path.join(glob.escape(out_dir), "results_*.json"))
-    for f in sorted(files, key=os.path.getmtime):
+    for f in glob.glob(os.path.join(glob.escape(out_dir), "results_*.json")):
         with open(f) as fh:
             r = json.load(fh)
-        if r.get("config_id") == config:
+        if r.get("config_id") == config and r.get("finished", 0) >= runs.get(r["seed"], {}).get("finished", 0):
             runs[r["seed"]] = r
     runs = [runs[s] for s in sorted(runs)]
     if not runs:
@@ -1727,8 +1743,8 @@ def write_submission(out_dir: str, path: str, config: str) -> dict:
     sub = {"author": env.get("AUTHOR", ""), "github_id": env.get("GITHUB_ID", ""),
            "name": env.get("RUN_NAME", "11L XSA partial-RoPE GPT, parallel Muon banks, SDClip GPTQ int6 + lzma"),
            "blurb": env.get("BLURB", "11 layers, XSA on all layers, partial RoPE, BigramHash, value embeddings, "
-                                     "run-length-relative schedule and EMA, late QAT, self-calibrated full-Hessian "
-                                     "GPTQ on an SDClip grid with rate control to the byte cap, sliding-window eval."),
+                                     "run-length-relative schedule and EMA, late QAT, full-Hessian GPTQ calibrated on "
+                                     "training data, SDClip grid with rate control to the byte cap, sliding-window eval."),
            "date": time.strftime("%Y-%m-%d"), "track": "10min_16mb", "config_id": config,
            "val_loss": sum(r["val_loss"] for r in runs) / len(runs),
            "val_bpb": sum(r["val_bpb"] for r in runs) / len(runs),
@@ -1746,7 +1762,8 @@ def write_submission(out_dir: str, path: str, config: str) -> dict:
 
 def main():
     t_start = time.perf_counter()
-    args = Hyperparameters.from_env(warn=lambda m: print(m, file=sys.stderr, flush=True))
+    quiet = os.environ.get("RANK", "0") != "0"  # one copy of each warning, not one per rank
+    args = Hyperparameters.from_env(warn=None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
     rank, world_size, device = setup_distributed(args.device)
     args.validate(world_size)
     run_id = args.run_id or f"seed{args.seed}"
@@ -1802,13 +1819,22 @@ def main():
     timer.add("gptq_rate_control", time.perf_counter() - t0)
     artifact_path = os.path.join(args.out_dir, f"final_model_{run_id}.int{args.quant_bits}.ptz")
     t0 = time.perf_counter()
+    written, failure = torch.ones((), device=device), None
     if rank == 0:
-        pinfo = {"pruned": 0, "candidates": 0}
-        if len(data) > budget_bytes:  # the last resort: zero the cheapest +-1 values
-            data, pinfo = pack_to_budget(entries, args, budget_bytes, log)
-        total = write_artifact(artifact_path, data, code_bytes)
+        try:
+            pinfo = {"pruned": 0, "candidates": 0}
+            if len(data) > budget_bytes:  # the last resort: zero the cheapest +-1 values
+                data, pinfo = pack_to_budget(entries, args, budget_bytes, log, data)
+            total = write_artifact(artifact_path, data, code_bytes)
+        except ArtifactError as e:
+            failure = e
+            written.zero_()
     if world_size > 1:
-        dist.barrier()
+        dist.broadcast(written, 0)  # every rank stops if rank 0 could not write the artifact
+    if failure is not None:
+        raise failure
+    if not written.item():
+        raise ArtifactError("rank 0 could not write the artifact")
     timer.add("prune_pack_write", time.perf_counter() - t0)
     wall = clock.local()  # rank 0's: training + quantization, from the end of the warm-up
     quant_s = time.perf_counter() - t_q
@@ -1856,7 +1882,8 @@ def main():
     log_timing_table(log, timer)
     if rank == 0:
         final = res.get("ttt", res.get("sliding", res["roundtrip"]))
-        cid = config_id(args, code)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        cid = config_id(args, code, world_size, device_name)
         results = {"seed": args.seed, "config_id": cid, "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
                    "prequant_val_bpb": pre["val_bpb"], "prequant_raw_val_bpb": raw_bpb,
                    "roundtrip_val_bpb": res["roundtrip"]["val_bpb"],
@@ -1864,9 +1891,8 @@ def main():
                    "artifact_bytes": total, "model_bytes": len(data), "code_bytes": code_bytes, "clip_sigmas": clip,
                    "pruned": pinfo["pruned"], "steps": stats["steps"], "step_avg_ms": stats["step_avg_ms"],
                    "train_seconds": stats["train_seconds"], "quant_seconds": quant_s, "wall_seconds": wall,
-                   "peak_mem_mib": stats["peak_mem_mib"], "world_size": world_size,
-                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   "torch": torch.__version__, "python": sys.version.split()[0],
+                   "peak_mem_mib": stats["peak_mem_mib"], "world_size": world_size, "device": device_name,
+                   "finished": time.time(), "torch": torch.__version__, "python": sys.version.split()[0],
                    "note": os.environ.get("LOG_NOTE", ""), "phase_seconds": timer.times}
         with open(os.path.join(args.out_dir, f"results_{run_id}.json"), "w") as f:
             json.dump(results, f, indent=2)

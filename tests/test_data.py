@@ -199,8 +199,6 @@ def test_from_env_warns_on_misspelt_settings():
     assert "WARMDOWN_FRACT" in seen[1] and "WARMDOWN_FRAC?" in seen[1]
 
 
-
-
 def _valid(**kw):
     base = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, vocab_size=512,
                 train_seq_len=32, train_batch_tokens=2 * 4 * 32, grad_accum_steps=0, eval_seq_len=32, eval_stride=8)
@@ -232,6 +230,8 @@ def test_validate_accepts_consistent_config():
     (dict(muon_momentum_warmup_frac=2.0), 1, "MUON_MOMENTUM_WARMUP_FRAC"),
     (dict(clip_sigmas=1.0), 1, "CLIP_SIGMAS"),
     (dict(rate_tries=0), 1, "RATE_TRIES"),
+    (dict(compile="true"), 1, "COMPILE=true"),
+    (dict(device="gpu"), 1, "DEVICE=gpu"),
 ])
 def test_validate_rejects(kw, world, pattern):
     args = _valid(**kw)
@@ -427,6 +427,13 @@ def test_cli_missing_tokenizer(tmp_path, smoke_dataset):
     missing = str(tmp_path / "nope.model")
     proc = _run_script(tmp_path, DATA_PATH=data, TOKENIZER_PATH=missing, VOCAB_SIZE=str(vocab))
     _assert_one_error_line(proc, missing)
+
+
+@pytest.mark.parametrize("key,new", [("WARMDOWN_ITERS", "WARMDOWN_FRAC"), ("EMA_DECAY", "EMA_HORIZON"),
+                                     ("SWA_ENABLED", "EMA_HORIZON"), ("COMPRESSORS", "lzma only")])
+def test_from_env_rejects_removed_settings(key, new):
+    with pytest.raises(T.ConfigError, match=f"{key} is no longer a setting.*{new}"):
+        T.Hyperparameters.from_env({key: "1"})
 
 
 def test_cli_warns_on_misspelt_setting(tmp_path, smoke_dataset):

@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -474,18 +473,18 @@ def test_training_run_artifact_and_results(trained_run):
     assert sub["val_bpb"] == results["val_bpb"]
 
 
-def _fake_results(d, run_id, seed, config, bpb):
+def _fake_results(d, run_id, seed, config, bpb, finished):
     r = {"seed": seed, "config_id": config, "val_loss": bpb * 2, "val_bpb": bpb, "artifact_bytes": 100,
-         "steps": 3, "step_avg_ms": 1.0, "code_bytes": 10, "world_size": 1, "device": "cpu", "torch": "x"}
+         "steps": 3, "step_avg_ms": 1.0, "code_bytes": 10, "world_size": 1, "device": "cpu", "torch": "x",
+         "finished": finished}
     (d / f"results_{run_id}.json").write_text(json.dumps(r))
-    time.sleep(0.01)  # distinct modification times: the newest of a seed wins
 
 
 def test_write_submission_counts_only_this_configuration(tmp_path):
-    _fake_results(tmp_path, "old42", 42, "aaaa", 1.50)  # an older configuration in the same folder
-    _fake_results(tmp_path, "seed42_first", 42, "bbbb", 1.30)
-    _fake_results(tmp_path, "seed42", 42, "bbbb", 1.20)  # rerun of the same seed: the newest counts
-    _fake_results(tmp_path, "seed7", 7, "bbbb", 1.10)
+    _fake_results(tmp_path, "old42", 42, "aaaa", 1.50, 100.0)  # an older configuration in the same folder
+    _fake_results(tmp_path, "seed42", 42, "bbbb", 1.20, 300.0)  # rerun of the same seed: the last finished counts
+    _fake_results(tmp_path, "seed42_first", 42, "bbbb", 1.30, 200.0)
+    _fake_results(tmp_path, "seed7", 7, "bbbb", 1.10, 250.0)
     sub = T.write_submission(str(tmp_path), str(tmp_path / "submission.json"), "bbbb")
     assert sub["seeds"] == [7, 42]
     assert sub["val_bpb"] == pytest.approx((1.20 + 1.10) / 2)
@@ -495,10 +494,11 @@ def test_write_submission_counts_only_this_configuration(tmp_path):
 
 
 def test_config_id_ignores_seed_and_names_only():
-    a = T.Hyperparameters()
-    assert T.config_id(a, b"code") == T.config_id(T.Hyperparameters(seed=7, run_id="x", out_dir="/o"), b"code")
-    assert T.config_id(a, b"code") != T.config_id(T.Hyperparameters(num_layers=9), b"code")
-    assert T.config_id(a, b"code") != T.config_id(a, b"code2")
+    a, m = T.Hyperparameters(), (8, "NVIDIA H100")
+    assert T.config_id(a, b"code", *m) == T.config_id(T.Hyperparameters(seed=7, run_id="x", out_dir="/o"), b"code", *m)
+    assert T.config_id(a, b"code", *m) != T.config_id(T.Hyperparameters(num_layers=9), b"code", *m)
+    assert T.config_id(a, b"code", *m) != T.config_id(a, b"code2", *m)
+    assert T.config_id(a, b"code", *m) != T.config_id(a, b"code", 1, "NVIDIA H200")  # another machine
 
 
 def test_eval_only_opens_no_train_shard(trained_run, smoke_dataset, tmp_path):
