@@ -961,6 +961,12 @@ def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, cli
     return entries
 
 
+def order0_bits(counts: np.ndarray) -> float:
+    """Entropy in bits per symbol of a histogram of symbol counts."""
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
 @torch.no_grad()
 def code_entropy_bytes(model: GPT, args: Hyperparameters, clip_sigmas: float) -> float:
     """Order-0 entropy, in bytes, of every bank's round-to-nearest codes at `clip_sigmas`. lzma
@@ -971,9 +977,7 @@ def code_entropy_bytes(model: GPT, args: Hyperparameters, clip_sigmas: float) ->
         W = bank.detach().float()
         s = sdclip_scales(W, clip_sigmas, qmax)
         codes = torch.clamp(torch.round(W / s[..., None]), -qmax, qmax).long() + qmax
-        p = torch.bincount(codes.flatten(), minlength=2 * qmax + 1).double() / codes.numel()
-        p = p[p > 0]
-        total += float(-(p * p.log2()).sum()) * codes.numel() / 8
+        total += order0_bits(torch.bincount(codes.flatten()).cpu().numpy()) * codes.numel() / 8
     return total
 
 
@@ -1090,10 +1094,7 @@ def entropy_by_group(entries: dict) -> dict[str, tuple[float, float]]:
             h, n, extra = hists.get("fp16", (None, 0, 0))
             hists["fp16"] = (None, n + e["value"].numel(), extra + 2 * e["value"].numel())
     for g, (h, n, extra) in hists.items():
-        bits = 0.0
-        if h is not None:
-            p = h[h > 0] / n
-            bits = float(-(p * np.log2(p)).sum())
+        bits = 0.0 if h is None else order0_bits(h)
         out[g] = (n * bits / 8 + extra, bits if h is not None else 16.0)
     return out
 
@@ -1863,9 +1864,9 @@ def main():
 
     # evaluation: float scores (averaged and raw weights), then the round-tripped artifact
     t0 = time.perf_counter()
-    score = make_score_fn(compiled, device)
-    pre = evaluate(score, val_tokens, luts, args.eval_seq_len, args.eval_seq_len, args.eval_batch_seqs, rank,
-                   world_size, device)
+    plain_eval = functools.partial(evaluate, make_score_fn(compiled, device), val_tokens, luts, args.eval_seq_len,
+                                   args.eval_seq_len, args.eval_batch_seqs, rank, world_size, device)
+    pre = plain_eval()
     log(f"prequant_float val_loss:{pre['val_loss']:.8f} val_bpb:{pre['val_bpb']:.8f}"
         + (" (EMA weights)" if stats["raw_weights"] is not None else ""))
     raw_bpb = None
@@ -1873,8 +1874,7 @@ def main():
         with torch.no_grad():
             for p, t in zip(model.parameters(), stats["raw_weights"]):
                 p.copy_(t)
-        raw_bpb = evaluate(score, val_tokens, luts, args.eval_seq_len, args.eval_seq_len, args.eval_batch_seqs, rank,
-                           world_size, device)["val_bpb"]
+        raw_bpb = plain_eval()["val_bpb"]
         log(f"prequant_float_raw_weights val_bpb:{raw_bpb:.8f} (EMA {pre['val_bpb'] - raw_bpb:+.5f} bpb)")
     timer.add("eval_prequant_plain", time.perf_counter() - t0)
     res = evaluate_artifact(args, model, artifact_path, val_tokens, luts, rank, world_size, device, log, timer)
