@@ -36,6 +36,10 @@ try:  # FlashAttention-3 (Hopper); optional
     from flash_attn_interface import flash_attn_func as _fa3_func
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     _fa3_func = None
+try:  # FlexAttention: document-masked attention that skips the masked blocks
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except Exception:  # noqa: BLE001
+    create_block_mask = flex_attention = None
 ARTIFACT_CAP_BYTES = 16_000_000
 CLIP_RANGE = (3.0, 64.0)  # clips the rate control may choose (below ~3 sigmas clipping costs more than it gains)
 RATE_BAND = 0.985  # the rate control stops once the model fills this much of its byte budget
@@ -67,12 +71,19 @@ _REMOVED_SETTINGS = {"WARMDOWN_ITERS": "WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_ST
 _NON_SETTING_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOG_NOTE", "AUTHOR", "GITHUB_ID",
                      "RUN_NAME", "BLURB")
 
+def _layer_list(text: str, key: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"{key}={text!r} must be a comma list of layer numbers") from None
+
+
 @dataclass
 class Hyperparameters:
     # data / run
-    data_path: str = "./data/datasets/fineweb10B_sp1024"
-    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
-    vocab_size: int = 1024
+    data_path: str = "./data/datasets/fineweb10B_sp8192"
+    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe.model"
+    vocab_size: int = 8192
     bos_id: int = 1
     seed: int = 42
     run_id: str = ""
@@ -88,8 +99,8 @@ class Hyperparameters:
     # schedule as fractions of the run (its wall-clock budget, or ITERATIONS if that binds
     # first): one GPU's ~950 steps get the same shape as 8 GPUs' ~6,900 (record B: warm-down
     # 4,000 and momentum warm-up 1,500 of ~6,900 steps)
-    warmdown_frac: float = 0.58
-    min_lr_scale: float = 0.0
+    warmdown_frac: float = 0.85
+    min_lr_scale: float = 0.1
     train_log_every: int = 100
     val_every: int = 0
     val_tokens_limit: int = 0  # 0: full validation split
@@ -98,31 +109,43 @@ class Hyperparameters:
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
-    mlp_mult: float = 3.0
+    mlp_mult: float = 4.0
     leaky_slope: float = 0.5
     xsa_layers: int = -1  # last N layers use XSA; -1: all
     rope_dims: int = 16
     rope_base: float = 10000.0
-    qk_gain_init: float = 1.5
+    qk_gain_init: float = 5.0
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
     bigram_vocab: int = 3072
     bigram_dim: int = 112
     ve_dim: int = 128
     ve_layers: str = ""  # comma list; "": last two layers
+    skip_gates: bool = True  # each U-Net skip enters through a learned sigmoid gate
+    parallel_from: int = 8  # layers from this one on run attention and MLP side by side (>= NUM_LAYERS: off)
+    recur_layers: str = "auto"  # consecutive layers run 1 + RECUR_PASSES times ("": off; auto: 3,4,5 of 11)
+    # off by default: on one GPU (~600 steps) its +48 % step time cost more than the depth gave
+    # (200 s screen: sliding 1.4343 with, 1.3778 without); the 8-GPU run (~4,900 steps) may differ
+    recur_passes: int = 0
+    recur_start_frac: float = 0.35  # recurrence starts at this fraction of the run
+    attn_gate_width: int = 12  # per-head output gate from the first N channels of the block input (0: off)
+    doc_mask: bool = True  # attention never crosses a BOS (training and evaluation)
     # optimizer
-    matrix_lr: float = 0.025
-    muon_wd: float = 0.04
-    muon_momentum: float = 0.99
+    matrix_lr: float = 0.026
+    muon_wd: float = 0.095
+    muon_momentum: float = 0.97
     muon_momentum_start: float = 0.92
     muon_momentum_warmup_frac: float = 0.22
     muon_ns_steps: int = 5
-    embed_lr: float = 0.035
-    scalar_lr: float = 0.025
+    muon_ns: str = "polar"  # polar (Polar-Express coefficients per iteration) | quintic (one fixed tuple)
+    muon_row_norm: bool = True  # rows of the momentum update normalised before Newton-Schulz (MuonEq-R)
+    embed_lr: float = 0.03
+    scalar_lr: float = 0.02
     adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
+    adam_beta2: float = 0.99
     adam_eps: float = 1e-8
-    adam_wd: float = 0.04
+    adam_wd: float = 0.02
+    embed_wd: float = 0.085
     grad_clip_norm: float = 0.3
     # EMA time constant as a fraction of the run (0 disables): 0.05 is record B's decay 0.997
     # at its 86.7 ms/step and ~560 s
@@ -137,8 +160,8 @@ class Hyperparameters:
     # SDClip: each row's int-N step is clip_sigmas x its RMS / qmax, so the clip sets the bits
     # per value; the rate control moves CLIP_SIGMAS until the artifact fills its budget
     clip_sigmas: float = 6.5  # first guess, and the late-QAT grid (the proxy run's model settled at 6.3-6.8)
-    embed_bits: int = 8  # embedding tables (the tied one by GPTQ with the head's Hessian)
-    embed_clip_sigmas: float = 0.0  # 0: the row's absmax
+    embed_bits: int = 7  # embedding tables (the tied one by GPTQ with the head's Hessian)
+    embed_clip_sigmas: float = 14.0  # 0: the row's absmax
     rate_tries: int = 3  # GPTQ + compress rounds of the rate control
     artifact_target_bytes: int = 15_950_000
     # evaluation
@@ -154,7 +177,7 @@ class Hyperparameters:
     ttt_epochs: int = 1
     ttt_max_seconds: float = 300.0
     # runtime
-    attn_backend: str = "auto"  # auto | fa3 | sdpa | sdpa_cudnn | sdpa_flash | math
+    attn_backend: str = "auto"  # auto | fa3 | flex | sdpa | sdpa_cudnn | sdpa_flash | math
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
     device: str = "auto"
 
@@ -209,7 +232,15 @@ class Hyperparameters:
             return []
         if not self.ve_layers:
             return list(range(max(0, self.num_layers - 2), self.num_layers))
-        return [int(s) for s in self.ve_layers.split(",") if s.strip()]
+        return _layer_list(self.ve_layers, "VE_LAYERS")
+
+    def recur_layer_list(self, even_if_off: bool = False) -> list[int]:
+        if self.recur_passes <= 0 and not even_if_off:
+            return []
+        if self.recur_layers == "auto":  # the same place in any depth: layers 3..5 of 11
+            first, n = round(3 * self.num_layers / 11), max(1, round(3 * self.num_layers / 11))
+            return list(range(min(first, self.num_layers - 1), min(first + n, self.num_layers)))
+        return _layer_list(self.recur_layers, "RECUR_LAYERS")
 
     def validate(self, world_size: int) -> None:
         def need(cond, msg):
@@ -227,6 +258,14 @@ class Hyperparameters:
         need(self.vocab_size <= 65536, "VOCAB_SIZE must fit uint16 shards")
         need(all(0 <= l < self.num_layers for l in self.ve_layer_list()), f"VE_LAYERS={self.ve_layers} outside 0..{self.num_layers - 1}")
         need(self.bigram_vocab == 0 or self.bigram_vocab >= 2, "BIGRAM_VOCAB must be 0 (off) or >= 2")
+        rec = self.recur_layer_list(even_if_off=True)
+        need(not rec or (rec == list(range(rec[0], rec[-1] + 1)) and 0 <= rec[0] and rec[-1] < self.num_layers),
+             f"RECUR_LAYERS={self.recur_layers} must be consecutive layers in 0..{self.num_layers - 1}")
+        need(self.recur_passes >= 0 and self.parallel_from >= 0, "RECUR_PASSES and PARALLEL_FROM must be >= 0")
+        need(0 <= self.attn_gate_width <= self.model_dim, f"ATTN_GATE_WIDTH must be in 0..MODEL_DIM")
+        need(self.muon_ns in ("polar", "quintic"), f"MUON_NS={self.muon_ns} must be polar or quintic")
+        need(not (self.doc_mask and self.attn_backend.startswith("fa3")),
+             "DOC_MASK=1 runs on flex (CUDA) or math/sdpa attention; FA3 varlen is not built: set ATTN_BACKEND=auto")
         accum = self.resolved_grad_accum(world_size)
         per_micro = world_size * accum * self.train_seq_len
         need(self.train_batch_tokens % per_micro == 0,
@@ -240,10 +279,10 @@ class Hyperparameters:
         need(2 <= self.embed_bits <= 8, "EMBED_BITS must be in 2..8")
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile} must be auto, 0 or 1")
         need(self.device in ("auto", "cuda", "cpu"), f"DEVICE={self.device} must be auto, cuda or cpu")
-        need(self.attn_backend in ("auto", "fa3", "sdpa", "sdpa_cudnn", "sdpa_flash", "math"), f"unknown ATTN_BACKEND={self.attn_backend}")
+        need(self.attn_backend in ("auto", "fa3", "flex", "sdpa", "sdpa_cudnn", "sdpa_flash", "math"), f"unknown ATTN_BACKEND={self.attn_backend}")
         need(self.attn_backend != "fa3" or _fa3_func is not None, "ATTN_BACKEND=fa3 but flash_attn_interface is not importable")
         need(self.max_wallclock_seconds > 0 or self.iterations > 0, "set ITERATIONS or MAX_WALLCLOCK_SECONDS")
-        for key in ("warmdown_frac", "muon_momentum_warmup_frac", "min_lr_scale", "ema_horizon"):
+        for key in ("warmdown_frac", "muon_momentum_warmup_frac", "min_lr_scale", "ema_horizon", "recur_start_frac"):
             need(0 <= getattr(self, key) <= 1, f"{key.upper()}={getattr(self, key)} must be a fraction in 0..1")
         need(self.gptq_calib_seqs >= 1 and self.gptq_calib_len >= 2, "GPTQ_CALIB_SEQS/LEN too small")
 
@@ -370,34 +409,63 @@ def sdclip_scales(W: torch.Tensor, clip_sigmas: float, qmax: int) -> torch.Tenso
     return (clip.clamp_min(1e-8) / qmax).half().clamp_min(6e-8).float()
 
 
-def fake_quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: float) -> torch.Tensor:
-    """Late QAT: the GPTQ grid (SDClip rows), rounded to nearest."""
+def fake_quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: torch.Tensor) -> torch.Tensor:
+    """Late QAT: the GPTQ grid (SDClip rows, as sdclip_scales), rounded to nearest. The clip is
+    a tensor so that choosing it at the start of QAT does not recompile the model."""
     qmax = 2 ** (bits - 1) - 1
-    scale = sdclip_scales(w, clip_sigmas, qmax)[..., None].to(w.dtype)
+    rms = w.detach().float().square().mean(-1).sqrt()
+    scale = (clip_sigmas * rms / qmax).clamp_min(1e-8 / qmax).half().clamp_min(6e-8).float()[..., None].to(w.dtype)
     return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
 
 
 _ATTN_BACKEND = "math"
 
 
-def set_attention_backend(name: str, device: torch.device) -> str:
-    """Resolve ATTN_BACKEND once per process; returns the name in use."""
+def set_attention_backend(name: str, device: torch.device, doc_mask: bool = False) -> str:
+    """Resolve ATTN_BACKEND once per process; returns the name in use. Document masking on
+    CUDA runs on FlexAttention (measured faster than dense causal SDPA: it skips blocks)."""
     global _ATTN_BACKEND
     if name == "auto":
-        name = "fa3" if (device.type == "cuda" and _fa3_func is not None) else ("sdpa" if device.type == "cuda" else "math")
+        name = "math" if device.type != "cuda" else ("flex" if doc_mask else ("fa3" if _fa3_func is not None else "sdpa"))
     if device.type != "cuda" and name != "math":
         name = "math"
+    if doc_mask and name == "fa3":  # eval-only runs take DOC_MASK from the artifact, after validate()
+        raise ConfigError("the model uses document masking, which FA3 (not varlen) cannot do: set ATTN_BACKEND=auto")
+    if name == "flex" and flex_attention is None:
+        raise ConfigError("ATTN_BACKEND=flex but torch.nn.attention.flex_attention is not available")
     _ATTN_BACKEND = name
     return name
 
 
-def causal_attention(q, k, v):
-    """q: (B,T,H,D); k, v: (B,T,Hkv,D) -> (B,T,H,D), causal, scale 1/sqrt(D)."""
+def attention_mask(ids: torch.Tensor, bos_id: int, doc_mask: bool):
+    """What the attention needs to mask, for the backend in use: None (plain causal), a dense
+    (B,1,T,T) boolean mask (True = may attend), or a FlexAttention block mask. With `doc_mask`
+    a token attends only to earlier tokens of its own document (documents start at a BOS).
+    Flex serves training only: its inference kernels crashed on the H200 (torch 2.11, illegal
+    address), so evaluation takes SDPA with the dense mask (same function, tested equal)."""
+    flex = _ATTN_BACKEND == "flex" and torch.is_grad_enabled()
+    if not doc_mask and not flex:
+        return None
+    B, T = ids.shape
+    doc = torch.cumsum((ids == bos_id).int(), dim=1) if doc_mask else torch.zeros_like(ids, dtype=torch.int32)
+    if flex:
+        def same_doc_causal(b, h, q, kv):
+            return (q >= kv) & (doc[b, q] == doc[b, kv])
+        return create_block_mask(same_doc_causal, B, None, T, T, device=ids.device)
+    causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
+
+
+def causal_attention(q, k, v, mask=None):
+    """q: (B,T,H,D); k, v: (B,T,Hkv,D) -> (B,T,H,D), causal (and masked by `mask` from
+    attention_mask), scale 1/sqrt(D)."""
     if _ATTN_BACKEND == "fa3":
         out = _fa3_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if _ATTN_BACKEND == "sdpa_flash":
+    if _ATTN_BACKEND == "flex" and mask is not None and not isinstance(mask, torch.Tensor):
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=True).transpose(1, 2)
+    if _ATTN_BACKEND == "sdpa_flash" and mask is None:
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         return out.transpose(1, 2)
@@ -405,20 +473,20 @@ def causal_attention(q, k, v):
         rep = q.size(1) // k.size(1)  # expand KV heads: math reference / cuDNN want equal heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if _ATTN_BACKEND == "math":
-            return _math_attention(q, k, v).transpose(1, 2)
+            return _math_attention(q, k, v, mask).transpose(1, 2)
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
     return out.transpose(1, 2)
 
 
-def _math_attention(q, k, v, causal=True):
+def _math_attention(q, k, v, mask=None):
     att = (q @ k.transpose(-1, -2)) * (q.size(-1) ** -0.5)
-    if causal:
+    if mask is None:
         tq, tk = q.size(-2), k.size(-2)
         mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
-        att = att.masked_fill(~mask, float("-inf"))
+    att = att.masked_fill(~mask, float("-inf"))
     return att.float().softmax(-1).to(v.dtype) @ v
 
 
@@ -456,8 +524,12 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init))
+        self.parallel = layer >= args.parallel_from
+        if args.attn_gate_width > 0:  # zero init: every head's gate starts at 1
+            self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_width))
 
-    def forward(self, gpt: "GPT", x, x0, w, ve):
+    def forward(self, gpt: "GPT", x, x0, w, ve, mask):
+        """Returns the new residual stream and the MLP's output (the parallel lane's share)."""
         L, a = gpt.args.num_layers, self.layer
         B, T, _ = x.shape
         H, Hkv, D = gpt.args.num_heads, gpt.args.num_kv_heads, gpt.args.head_dim
@@ -474,21 +546,26 @@ class Block(nn.Module):
         q, k = gpt.rotary(rms_norm(q)), gpt.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         q, k = q.to(v.dtype), k.to(v.dtype)  # rms_norm may run in fp32 under autocast
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, mask)
         if self.use_xsa:  # remove each head's component along its own token's value
             yg = y.view(B, T, Hkv, H // Hkv, D)
             vh = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
             y = (yg - (yg * vh).sum(-1, keepdim=True) * vh).view(B, T, H, D)
+        if hasattr(self, "attn_gate"):  # per-head gate in (0, 2) read from a few input channels
+            gate = 2 * torch.sigmoid(0.5 * F.linear(h[..., :self.attn_gate.size(1)], self.attn_gate.to(h.dtype)))
+            y = y * gate[..., None].to(y.dtype)
         y = y.reshape(B, T, H * D)
         gpt.capture(a, "out", y)
         # per-channel output scales act on the weight rows (same function): their gradient is
         # then a reduction over the small weight, not over every token's activation
         x = x_in + F.linear(y, w["qo"][L + a] * self.attn_scale[:, None])
-        h = rms_norm(x) * self.ln_scale
+        if not self.parallel:  # parallel layers: the MLP reads the attention's input, not its output
+            h = rms_norm(x) * self.ln_scale
         gpt.capture(a, "up", h)
         u = F.leaky_relu(F.linear(h, w["up"][a]), gpt.args.leaky_slope).square()
         gpt.capture(a, "down", u)
-        return x + F.linear(u, w["down"][a] * self.mlp_scale[:, None])
+        m = F.linear(u, w["down"][a] * self.mlp_scale[:, None])
+        return x + m, m
 
 
 class GPT(nn.Module):
@@ -516,6 +593,13 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(a, l) for l in range(L))
         self.num_enc = L // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_enc, L - self.num_enc), d))
+        if a.skip_gates:  # sigmoid gate per channel: how much of the stream the skip replaces (0.5 at init)
+            self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights))
+        if a.parallel_from < L:  # final mix of the two lanes: stream + lane_mix * (sum of parallel MLP outputs)
+            self.lane_mix = nn.Parameter(torch.zeros(d))
+        self.recur_layers = a.recur_layer_list()
+        # depth recurrence is part of the model (evaluation runs it); training turns it on late
+        self.recurrence_active = bool(self.recur_layers)
         self.smear_w = nn.Parameter(torch.zeros(d))
         if a.bigram_vocab > 0:
             # the doc's table is zero-init, but zero table x zero projection never gets a
@@ -531,6 +615,7 @@ class GPT(nn.Module):
             self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
         self.rotary = Rotary(a.rope_dims, a.rope_base, max(a.train_seq_len, a.eval_seq_len, a.gptq_calib_len))
         self.register_buffer("qat_mix", torch.zeros(()), persistent=False)
+        self.register_buffer("qat_clip", torch.tensor(float(a.clip_sigmas)), persistent=False)
         self._capture = None
 
     def banks(self) -> dict[str, torch.Tensor]:
@@ -546,7 +631,7 @@ class GPT(nn.Module):
             return w
         # late QAT: straight-through fake quantization, switched by a tensor (no recompile)
         a = self.args
-        return {k: t + self.qat_mix * (fake_quantize_rows(t, a.quant_bits, a.clip_sigmas) - t).detach()
+        return {k: t + self.qat_mix * (fake_quantize_rows(t, a.quant_bits, self.qat_clip) - t).detach()
                 for k, t in w.items()}
 
     def embed(self, ids):
@@ -566,26 +651,47 @@ class GPT(nn.Module):
         g = torch.sigmoid(self.smear_w).to(x.dtype) * (~is_bos).unsqueeze(-1).to(x.dtype)
         return x + g * (x_prev - x)
 
+    def layer_order(self) -> list[int]:
+        """Layers in the order they run: with recurrence on, the RECUR_LAYERS block repeats."""
+        order = list(range(self.args.num_layers))
+        if self.recurrence_active and self.recur_layers:
+            end = self.recur_layers[-1] + 1
+            order = order[:end] + self.recur_layers * self.args.recur_passes + order[end:]
+        return order
+
     def hidden(self, ids):
         x = self.embed(ids)
         if torch.is_autocast_enabled(x.device.type):  # residual stream in the autocast dtype
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x0 = x
         w = self._bank_weights()
+        mask = attention_mask(ids, self.args.bos_id, self.args.doc_mask)
         ve_ids = None
         if self.ve_layers:
             ve_ids = F.embedding(ids, self.ve_table)
-        skips = []
-        for l, block in enumerate(self.blocks):
-            if l >= self.num_enc and skips:
-                x = x + self.skip_weights[l - self.num_enc].to(x.dtype) * skips.pop()
+        order = self.layer_order()
+        last_pass = {l: i for i, l in enumerate(order)}
+        skips, lane = [], None
+        for i, l in enumerate(order):
+            final = last_pass[l] == i  # U-Net skips pair the layers' last passes
+            if final and l >= self.num_enc and skips:
+                j = l - self.num_enc
+                skip = self.skip_weights[j].to(x.dtype) * skips.pop()
+                if hasattr(self, "skip_gates"):
+                    x = torch.lerp(x, skip, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
+                else:
+                    x = x + skip
             ve = None
             if ve_ids is not None and l in self.ve_layers:
                 scale = self.ve_scale * self.ve_layer_scales[self.ve_layers.index(l)]
                 ve = F.linear(ve_ids, self.ve_proj * scale)
-            x = block(self, x, x0, w, ve)
-            if l < self.num_enc:
+            x, m = self.blocks[l](self, x, x0, w, ve, mask)
+            if self.blocks[l].parallel:
+                lane = m if lane is None else lane + m
+            if final and l < self.num_enc:
                 skips.append(x)
+        if lane is not None:
+            x = x + self.lane_mix.to(x.dtype) * lane
         return rms_norm(x)
 
     def logits_from_hidden(self, h):
@@ -618,18 +724,30 @@ def build_model(args: Hyperparameters, device: torch.device) -> GPT:
 
 # ----------------------------------------------------------------------------- optimizer
 
-NS_COEFFS = (3.4445, -4.7750, 2.0315)
+QUINTIC_COEFFS = ((3.4445, -4.7750, 2.0315),) * 5
+# Polar Express: per iteration, the odd quintic closest to 1 (minimax) on the interval the
+# singular values occupy after the previous ones, from [1e-3, 1] (derived by tools/polar_express.py)
+POLAR_EXPRESS_COEFFS = ((8.386464162225812, -24.36964994371728, 17.725116517530434),
+                        (4.142307386676976, -3.0181404252012447, 0.5525975307690401),
+                        (3.9285939967086696, -2.872330367692898, 0.5365258516486148),
+                        (3.276250648937841, -2.4117831443389117, 0.4860086014020963),
+                        (2.301824959283198, -1.676277824901709, 0.42295236416328996))
 
 
-def newton_schulz(G: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Approximately orthogonalize each matrix of a (n, r, c) batch (quintic iteration, bf16 by default)."""
-    a, b, c = NS_COEFFS
+def ns_coeffs(args: Hyperparameters) -> tuple:
+    base = POLAR_EXPRESS_COEFFS if args.muon_ns == "polar" else QUINTIC_COEFFS
+    return tuple(base[min(i, len(base) - 1)] for i in range(args.muon_ns_steps))
+
+
+def newton_schulz(G: torch.Tensor, coeffs: tuple = QUINTIC_COEFFS, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximately orthogonalize each matrix of a (n, r, c) batch: one odd quintic X <- aX +
+    (bA + cA^2)X per (a, b, c) of `coeffs` (bf16 by default)."""
     X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for a, b, c in coeffs:
         A = X @ X.mT
         X = a * X + (b * A + c * (A @ A)) @ X
     return X.mT if transposed else X
@@ -667,9 +785,10 @@ class ParallelMuon:
     """Muon on 3-D parameter banks. Distributed: reduce-scatter the gradient along the layer
     axis, momentum + Newton-Schulz on this rank's shard only, all-gather the updates."""
 
-    def __init__(self, banks, lr, weight_decay, ns_steps, world_size, ns_fn=newton_schulz):
+    def __init__(self, banks, lr, weight_decay, coeffs, world_size, ns_fn=newton_schulz, row_norm=False):
         self.banks = sorted(banks, key=lambda p: -p.numel())  # biggest first: longest comm first
-        self.lr, self.weight_decay, self.ns_steps, self.momentum = lr, weight_decay, ns_steps, 0.95
+        self.lr, self.weight_decay, self.coeffs, self.momentum = lr, weight_decay, coeffs, 0.95
+        self.row_norm = row_norm
         self.world, self.ns_fn = world_size, ns_fn
         self.state = {}
         for p in self.banks:
@@ -708,7 +827,10 @@ class ParallelMuon:
                 g = g * clip_coef
             buf = st["buf"]
             buf.mul_(mu).add_(g)
-            update = self.ns_fn(g.add(buf, alpha=mu), self.ns_steps) * st["scale"]
+            u = g.add(buf, alpha=mu)
+            if self.row_norm:  # MuonEq-R: every row of the update enters with the same norm
+                u = u / (u.norm(dim=-1, keepdim=True) + 1e-7)
+            update = self.ns_fn(u, self.coeffs) * st["scale"]
             pending.append((p, all_gather_rows(update) if self.world > 1 else (lambda u=update: u)))
         for p, wait in pending:  # gathers overlap the following banks' Newton-Schulz
             update = wait()[: p.size(0)]
@@ -740,8 +862,9 @@ class Optimizers:
         banks, tables, projections, scalars = model.param_groups()
         self.args = args
         ns_fn = torch.compile(newton_schulz) if _use_compile(args, device) else newton_schulz
-        self.muon = ParallelMuon(banks, args.matrix_lr, args.muon_wd, args.muon_ns_steps, world_size, ns_fn)
-        groups = [{"params": tables, "lr": args.embed_lr, "weight_decay": args.adam_wd},
+        self.muon = ParallelMuon(banks, args.matrix_lr, args.muon_wd, ns_coeffs(args), world_size, ns_fn,
+                                 args.muon_row_norm)
+        groups = [{"params": tables, "lr": args.embed_lr, "weight_decay": args.embed_wd},
                   {"params": projections, "lr": args.scalar_lr, "weight_decay": args.adam_wd},
                   # gains, gates and mixing weights: no decay (decay would pull them to 0)
                   {"params": scalars, "lr": args.scalar_lr, "weight_decay": 0.0}]
@@ -1051,7 +1174,8 @@ def dequantize_entries(entries: dict, args: Hyperparameters) -> dict[str, torch.
 ARTIFACT_MAGIC = b"PGQ1"
 MODEL_CONFIG_FIELDS = ("vocab_size", "bos_id", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                        "leaky_slope", "xsa_layers", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap",
-                       "bigram_vocab", "bigram_dim", "ve_dim", "ve_layers", "quant_bits", "train_seq_len")
+                       "bigram_vocab", "bigram_dim", "ve_dim", "ve_layers", "quant_bits", "train_seq_len", "skip_gates",
+                       "parallel_from", "recur_layers", "recur_passes", "attn_gate_width", "doc_mask")
 
 
 def pack_entries(entries: dict, args: Hyperparameters) -> tuple[bytes, int, int]:
@@ -1529,8 +1653,22 @@ class SharedClock:
         return float(t.item())
 
 
+def qat_clip_for_budget(model: GPT, args: Hyperparameters, budget_bytes: int, rank: int, world_size: int,
+                        device) -> float:
+    """The clip whose round-to-nearest artifact would fill the rate band of the budget with the
+    weights as they are now (compress at CLIP_SIGMAS, then the entropy model): chosen when QAT
+    starts, so that QAT trains onto the grid the artifact will use. Rank 0 decides."""
+    clip = torch.tensor(float(args.clip_sigmas), dtype=torch.float64, device=device)
+    if rank == 0:
+        size = len(compress(pack_entries(quantize_model(model, None, args, args.clip_sigmas), args)[0]))
+        clip.fill_(clip_for_size_change(model, args, args.clip_sigmas, (1 + RATE_BAND) / 2 * budget_bytes - size))
+    if world_size > 1:
+        dist.broadcast(clip, 0)
+    return float(clip)
+
+
 def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size, device, log, timer,
-          clock: SharedClock) -> dict:
+          clock: SharedClock, budget_bytes: int = 0) -> dict:
     accum = args.resolved_grad_accum(world_size)
     micro_seqs = args.train_batch_tokens // (world_size * accum * args.train_seq_len)
     n_params = sum(p.numel() for p in model.parameters())
@@ -1559,7 +1697,8 @@ def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size
     if args.warmup_steps > 0:
         t0 = time.perf_counter()
         saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(), loader.stream.state())
-        for i in range(args.warmup_steps):
+        for i in range(args.warmup_steps):  # compile both depths: the switch mid-run must not recompile
+            model.recurrence_active = bool(model.recur_layers) and i >= args.warmup_steps // 2
             one_step(0.0, 1.0)
         model.load_state_dict(saved[0])
         opt.load_state_dict(saved[1])
@@ -1574,13 +1713,22 @@ def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size
     _sync(device)
     if world_size > 1:
         dist.barrier()  # the ranks start the clock together
+    model.recurrence_active = bool(model.recur_layers) and args.recur_start_frac <= 0
     clock.start()
     while True:
         scale = lr_scale_at(args, progress)
+        if model.recur_layers and not model.recurrence_active and progress >= args.recur_start_frac:
+            model.recurrence_active = True
+            log(f"depth recurrence on at step {step}: layers run {model.layer_order()}")
         if args.qat_start_scale > 0 and qat_on_step is None and scale < args.qat_start_scale:
+            t1 = time.perf_counter()
+            if budget_bytes > 0:
+                args.clip_sigmas = qat_clip_for_budget(model, args, budget_bytes, rank, world_size, device)
+            model.qat_clip.fill_(args.clip_sigmas)
             model.qat_mix.fill_(1.0)
             qat_on_step = step
-            log(f"late QAT on at step {step} (lr scale {scale:.3f})")
+            log(f"late QAT on at step {step} (lr scale {scale:.3f}), grid clip {args.clip_sigmas:.3f} sigmas "
+                f"(chosen in {time.perf_counter() - t1:.1f}s)")
         loss, norm = one_step(progress, scale)
         loss_v = loss.item()  # a sync: the clock then measures finished work
         if not math.isfinite(loss_v):
@@ -1611,6 +1759,9 @@ def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size
         if last:
             break
     timer.add("training", elapsed)
+    if model.recur_layers and not model.recurrence_active:
+        log("WARNING: the run ended before depth recurrence started; the artifact is evaluated with it")
+    model.recurrence_active = bool(model.recur_layers)
     t0 = time.perf_counter()
     raw = None
     if ema is not None:
@@ -1705,7 +1856,7 @@ def run_eval_only(args, rank, world_size, device, log) -> dict:
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(device)
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit).to(device)
     log(f"eval-only: {args.eval_only} ({os.path.getsize(args.eval_only)} bytes), {val_tokens.numel() - 1} val targets")
-    set_attention_backend(args.attn_backend, device)
+    set_attention_backend(args.attn_backend, device, args.doc_mask)
     model = build_model(args, device)
     res = evaluate_artifact(args, model, args.eval_only, val_tokens, luts, rank, world_size, device, log, timer)
     log_timing_table(log, timer)
@@ -1783,7 +1934,7 @@ def main():
     if budget_bytes < 100_000:  # checked before training, not after it
         raise ConfigError(f"ARTIFACT_TARGET_BYTES={args.artifact_target_bytes} leaves {budget_bytes} bytes for the model "
                           f"next to train_gpt.py's {code_bytes} bytes (at least 100000 needed)")
-    backend = set_attention_backend(args.attn_backend, device)
+    backend = set_attention_backend(args.attn_backend, device, args.doc_mask)
     if os.environ.get("LOG_NOTE"):
         log(f"note: {os.environ['LOG_NOTE']}")
     log(f"train_gpt.py: {code_bytes} bytes; torch {torch.__version__}; world_size {world_size}; device "
@@ -1808,7 +1959,8 @@ def main():
     timer.add("startup", time.perf_counter() - t_start)
 
     clock = SharedClock(rank, world_size, device)
-    stats = train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size, device, log, timer, clock)
+    stats = train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size, device, log, timer, clock,
+                  budget_bytes)
 
     # quantization, on the same clock as training
     t_q = time.perf_counter()

@@ -212,6 +212,8 @@ def test_validate_accepts_consistent_config():
     _valid(train_batch_tokens=3 * 2 * 32, grad_accum_steps=3).validate(2)
     T.Hyperparameters().validate(8)  # the defaults are valid on 8 GPUs
     T.Hyperparameters().validate(1)
+    _valid(num_layers=11, recur_layers="3,4,5", muon_ns="quintic", parallel_from=11).validate(1)
+    _valid(recur_layers="", doc_mask=False, attn_backend="flex").validate(1)
 
 
 @pytest.mark.parametrize("kw,world,pattern", [
@@ -232,6 +234,16 @@ def test_validate_accepts_consistent_config():
     (dict(rate_tries=0), 1, "RATE_TRIES"),
     (dict(compile="true"), 1, "COMPILE=true"),
     (dict(device="gpu"), 1, "DEVICE=gpu"),
+    (dict(num_layers=11, recur_layers="3,5"), 1, "RECUR_LAYERS=3,5 must be consecutive"),
+    (dict(num_layers=11, recur_layers="4,3"), 1, "RECUR_LAYERS=4,3 must be consecutive"),
+    (dict(num_layers=11, recur_layers="9,10,11"), 1, "RECUR_LAYERS=9,10,11 must be consecutive layers in 0..10"),
+    (dict(num_layers=11, recur_layers="-1,0"), 1, "RECUR_LAYERS=-1,0"),
+    (dict(recur_passes=-1, recur_layers="1"), 1, "RECUR_PASSES"),
+    (dict(recur_start_frac=1.5), 1, "RECUR_START_FRAC"),
+    (dict(parallel_from=-1), 1, "PARALLEL_FROM"),
+    (dict(attn_gate_width=65), 1, "ATTN_GATE_WIDTH"),
+    (dict(doc_mask=True, attn_backend="fa3"), 1, "DOC_MASK=1"),
+    (dict(muon_ns="foo"), 1, "MUON_NS=foo"),
 ])
 def test_validate_rejects(kw, world, pattern):
     args = _valid(**kw)

@@ -118,12 +118,16 @@ def test_embedding_does_not_cross_bos():
 
 def test_xsa_removes_own_value_component():
     """In XSA layers each head's attention output is orthogonal to its own token's value."""
-    args = tiny_args(ve_dim=0)
+    # QK gain 1.5, not the default 5: sharper attention puts almost all weight on the token
+    # itself at some early positions, where XSA then leaves ~1e-7 and the cosine is noise
+    args = tiny_args(ve_dim=0, attn_gate_width=0, qk_gain_init=1.5)
     model = randomized_model(args, seed=6, emb_std=0.15)
     L, H, Hkv, D = args.num_layers, args.num_heads, args.num_kv_heads, args.head_dim
     caps = {}
     model._capture = lambda layer, kind, x: caps.__setitem__((layer, kind), x.detach().clone())
-    ids = torch.randint(0, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    # no BOS in the ids: with DOC_MASK a BOS starts a new document and attends only to itself
+    # (its XSA output is ~0, so its cosine is noise); the only document start is position 0
+    ids = torch.randint(args.bos_id + 1, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         model(ids)
     model._capture = None
@@ -161,3 +165,253 @@ def test_build_model_is_seeded():
     c = T.build_model(tiny_args(seed=4), CPU).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["qo_bank"], c["qo_bank"])
+
+
+# ----------------------------------------------------------------------------- document masking
+
+def reference_doc_mask(ids, bos_id):
+    """(B,1,T,T): query i may attend key j iff j <= i and no BOS in j+1..i (same document)."""
+    B, Tn = ids.shape
+    m = torch.zeros(B, 1, Tn, Tn, dtype=torch.bool)
+    for b in range(B):
+        for i in range(Tn):
+            for j in range(i + 1):
+                m[b, 0, i, j] = not (ids[b, j + 1:i + 1] == bos_id).any()
+    return m
+
+
+def test_attention_mask_is_causal_and_stops_at_bos(backend):
+    backend("math")
+    ids = torch.randint(2, 50, (3, 12), generator=torch.Generator().manual_seed(0))
+    ids[0, [0, 5, 6]] = 1  # two BOS in a row: a one-token document
+    ids[1, 0] = 1
+    ids[2, 4] = 1  # text before the first BOS (a window starting mid-document) is a document too
+    mask = T.attention_mask(ids, 1, doc_mask=True)
+    assert mask.dtype == torch.bool and mask.shape == (3, 1, 12, 12)
+    assert torch.equal(mask, reference_doc_mask(ids, 1))
+    assert not mask.triu(1).any()  # causal
+    assert mask.diagonal(dim1=-2, dim2=-1).all()  # every token sees itself
+    assert not mask[0, 0, 5:, :5].any() and not mask[0, 0, 6:, 5].any()  # nothing crosses a BOS
+    assert torch.equal(mask[1, 0], torch.ones(12, 12, dtype=torch.bool).tril())  # one document: plain causal
+    assert T.attention_mask(ids, 1, doc_mask=False) is None  # plain causal needs no mask
+
+
+def test_doc_mask_logits_equal_separate_documents(backend):
+    """[BOS a b c BOS d e f] in one row gives each document's logits as if run alone (math
+    backend, float32); without DOC_MASK the second document sees the first."""
+    backend("math")
+    args = tiny_args()
+    assert args.doc_mask
+    model = randomized_model(args, seed=7, emb_std=0.15)
+    bos = args.bos_id
+    doc1, doc2 = [bos, 5, 9, 17, 3, 40], [bos, 22, 8, 31, 12]
+    both = torch.tensor([doc1 + doc2])
+    with torch.no_grad():
+        joint = model(both)
+        alone = torch.cat([model(torch.tensor([doc1])), model(torch.tensor([doc2]))], dim=1)
+        args.doc_mask = False  # the model reads its args at every forward
+        try:
+            unmasked = model(both)
+        finally:
+            args.doc_mask = True
+    assert joint.abs().amax() > 1.0  # non-trivial logits
+    torch.testing.assert_close(joint, alone, atol=1e-5, rtol=0)
+    n1 = len(doc1)
+    torch.testing.assert_close(unmasked[:, :n1], joint[:, :n1], atol=1e-5, rtol=0)  # causal anyway
+    assert (unmasked[:, n1:] - joint[:, n1:]).abs().amax() > 0.1
+
+
+def _flex_runs_on_cpu():
+    if T.flex_attention is None:
+        return "torch.nn.attention.flex_attention is not importable"
+    try:
+        q = torch.randn(1, 2, 8, 4)
+        bm = T.create_block_mask(lambda b, h, qi, kv: qi >= kv, 1, None, 8, 8, device="cpu")
+        T.flex_attention(q, q, q, block_mask=bm)
+    except Exception as e:  # noqa: BLE001 - any failure: this torch cannot run it on CPU
+        return f"FlexAttention does not run on CPU in torch {torch.__version__}: {type(e).__name__}: {e}"
+    return None
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_backend_matches_math_with_doc_mask(backend):
+    reason = _flex_runs_on_cpu()
+    if reason:
+        pytest.skip(reason)
+    args = tiny_args()
+    model = randomized_model(args, seed=8, emb_std=0.15)
+    ids = torch.randint(2, args.vocab_size, (2, 32), generator=torch.Generator().manual_seed(4))
+    ids[:, 0] = args.bos_id
+    ids[0, [9, 10, 21]] = args.bos_id
+    ids[1, 17] = args.bos_id
+    logits = {}
+    for name in ("math", "flex"):
+        backend(name)
+        mask = T.attention_mask(ids, args.bos_id, doc_mask=True)
+        assert mask is not None and isinstance(mask, torch.Tensor) == (name == "math")  # flex: a BlockMask
+        with torch.no_grad():
+            logits[name] = model(ids)
+    torch.testing.assert_close(logits["flex"], logits["math"], atol=1e-4, rtol=1e-4)
+    # the attention itself, GQA included, against the dense reference mask
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 32, 4, 8, generator=g)
+    k, v = torch.randn(2, 32, 2, 8, generator=g), torch.randn(2, 32, 2, 8, generator=g)
+    backend("flex")
+    out_flex = T.causal_attention(q, k, v, T.attention_mask(ids, args.bos_id, True))
+    backend("math")
+    out_math = T.causal_attention(q, k, v, reference_doc_mask(ids, args.bos_id))
+    torch.testing.assert_close(out_flex, out_math, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- depth recurrence
+
+def record_blocks(model, events):
+    """Make every block append ("block", layer, input, output, mlp_out) to `events` when it runs."""
+    for blk in model.blocks:
+        def forward(gpt, x, x0, w, ve, mask, blk=blk, orig=blk.forward):
+            out, m = orig(gpt, x, x0, w, ve, mask)
+            events.append(("block", blk.layer, x, out, m))
+            return out, m
+        blk.forward = forward
+
+
+def test_layer_order_with_and_without_recurrence():
+    args = tiny_args(num_layers=11, model_dim=32, num_heads=2, num_kv_heads=1, ve_dim=0, bigram_vocab=0, recur_passes=2)
+    assert args.recur_layers == "auto" and args.recur_layer_list() == [3, 4, 5] and args.recur_passes == 2
+    model = T.build_model(args, CPU)
+    assert model.recurrence_active  # evaluation (and a built model) runs the recurrence
+    assert model.layer_order() == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    model.recurrence_active = False
+    assert model.layer_order() == list(range(11))
+    off = T.build_model(tiny_args(num_layers=11, model_dim=32, num_heads=2, num_kv_heads=1, recur_layers=""), CPU)
+    assert off.layer_order() == list(range(11)) and not off.recurrence_active
+    assert tiny_args(recur_layers="1", recur_passes=1).recur_layer_list() == [1]
+    assert tiny_args(recur_passes=0).recur_layer_list() == []
+
+
+def test_recurrence_changes_logits_and_keeps_unet_pairs(monkeypatch):
+    """Recurrence changes the function; the U-Net skips pair the same layers in both modes, each
+    encoder layer's last pass pushing exactly once and each decoder layer popping on its last pass."""
+    args = tiny_args(num_layers=11, model_dim=32, num_heads=2, num_kv_heads=1, ve_dim=0, bigram_vocab=0, recur_passes=2)
+    model = randomized_model(args, seed=9, emb_std=0.15)
+    with torch.no_grad():
+        model.skip_weights.fill_(1.0)  # then the skip handed to lerp is the pushed tensor itself
+    events = []
+    record_blocks(model, events)
+    lerp = torch.lerp
+    monkeypatch.setattr(torch, "lerp", lambda a, b, w: (events.append(("skip", b)), lerp(a, b, w))[1])
+    ids = torch.randint(2, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(6))
+    ids[:, 0] = args.bos_id
+    logits, pairs = {}, {}
+    for active in (True, False):
+        events.clear()
+        model.recurrence_active = active
+        with torch.no_grad():
+            logits[active] = model(ids)
+        blocks = [(k, e) for k, e in enumerate(events) if e[0] == "block"]
+        assert [e[1] for _, e in blocks] == model.layer_order()
+        last = {e[1]: k for k, e in blocks}  # event index of each layer's last pass
+        pairs[active] = []
+        for k, e in enumerate(events):
+            if e[0] != "skip":
+                continue
+            consumer = next(b for kb, b in blocks if kb > k)[1]
+            producers = [(kb, b[1]) for kb, b in blocks if kb < k and torch.equal(b[3], e[1])]
+            assert len(producers) == 1
+            kp, producer = producers[0]
+            assert kp == last[producer] and k < last[consumer]  # last passes only
+            pairs[active].append((consumer, producer))
+    assert pairs[True] == pairs[False] == [(5, 4), (6, 3), (7, 2), (8, 1), (9, 0)]
+    assert (logits[True] - logits[False]).abs().amax() > 0.1
+
+
+# ----------------------------------------------------------------------------- parallel lanes
+
+def test_parallel_layers_mlp_reads_attention_input_and_lane_mix():
+    args = tiny_args(parallel_from=1, recur_passes=2)  # layers 1, 2 parallel; layer 1 also recurrent (3 passes)
+    model = randomized_model(args, seed=10, emb_std=0.15)
+    assert [b.parallel for b in model.blocks] == [False, True, True] and model.layer_order() == [0, 1, 1, 1, 2]
+    caps, events = {}, []
+    model._capture = lambda layer, kind, x: caps.setdefault((layer, kind), []).append(x.clone())
+    record_blocks(model, events)
+    ids = torch.randint(2, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
+    ids[:, 0] = args.bos_id
+    with torch.no_grad():
+        h = model.hidden(ids)
+    model._capture = None
+    for layer, passes in ((0, 1), (1, 3), (2, 1)):
+        assert len(caps[(layer, "qkv")]) == len(caps[(layer, "up")]) == passes
+        for a, b in zip(caps[(layer, "qkv")], caps[(layer, "up")]):
+            assert a.shape == b.shape == (2, 16, args.model_dim)
+            assert torch.equal(a, b) == (layer >= 1), layer  # the same normed input, for parallel layers only
+    # the end: stream + lane_mix * (sum of every parallel pass's MLP output), then RMSNorm
+    lane = sum(e[4] for e in events if e[1] >= 1)
+    assert sum(e[1] >= 1 for e in events) == 4 and lane.shape == (2, 16, args.model_dim)
+    assert model.lane_mix.abs().amax() > 0.1
+    torch.testing.assert_close(h, T.rms_norm(events[-1][3] + model.lane_mix * lane), atol=1e-5, rtol=1e-5)
+    assert not hasattr(T.build_model(tiny_args(), CPU), "lane_mix")  # PARALLEL_FROM >= NUM_LAYERS: off
+
+
+def test_full_stack_trains_on_a_fixed_batch():
+    """Every new piece on (skip gates, parallel lanes, recurrence, attention gate, document mask,
+    Polar Express, MuonEq-R): a few steps on one batch lower its loss, and every new parameter learns."""
+    args = tiny_args(num_layers=4, parallel_from=1, recur_layers="1,2", recur_passes=2, eval_stride=16, matrix_lr=0.05,
+                     embed_lr=0.05, scalar_lr=0.05)
+    assert args.skip_gates and args.attn_gate_width > 0 and args.doc_mask
+    assert args.muon_ns == "polar" and args.muon_row_norm
+    args.validate(1)
+    model = T.build_model(args, CPU)
+    assert model.layer_order() == [0, 1, 2, 1, 2, 1, 2, 3]
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = T.Optimizers(model, args, 1, CPU)
+    opt.set_schedule(1.0, 1.0)
+    ids = torch.randint(2, args.vocab_size, (4, 33), generator=torch.Generator().manual_seed(8))
+    ids[:, 0] = args.bos_id
+    ids[:2, 15] = args.bos_id
+    x, y = ids[:, :-1], ids[:, 1:]
+    losses = []
+    for _ in range(12):
+        loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < 0.3 * losses[0], losses  # measured: 4.16 -> 0.17
+    for name in ("skip_gates", "lane_mix", "blocks.1.attn_gate", "blocks.3.attn_gate"):
+        assert (dict(model.named_parameters())[name] - init[name]).abs().amax() > 1e-3, name
+
+
+# ----------------------------------------------------------------------------- attention gate
+
+def test_zero_attention_gate_is_identity_and_gate_scales_heads():
+    args = tiny_args()
+    assert args.attn_gate_width == 12
+    gated = randomized_model(args, seed=11, emb_std=0.15)
+    with torch.no_grad():
+        for blk in gated.blocks:
+            blk.attn_gate.zero_()  # its init: every head's gate 2 * sigmoid(0) = 1
+    plain = T.build_model(tiny_args(attn_gate_width=0), CPU).eval()
+    assert not any("attn_gate" in n for n, _ in plain.named_parameters())
+    plain.load_state_dict({k: v for k, v in gated.state_dict().items() if "attn_gate" not in k}, strict=True)
+    ids = torch.randint(2, args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(9))
+    ids[:, 0] = args.bos_id
+    with torch.no_grad():
+        assert torch.equal(gated(ids), plain(ids))
+    # a non-zero gate: layer 0's attention output per head times 2 sigmoid(0.5 W h[..., :width])
+    W = torch.randn(args.num_heads, 12, generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        gated.blocks[0].attn_gate.copy_(W)
+    caps = {}
+    for m in (gated, plain):
+        m._capture = lambda layer, kind, x, m=m: caps.setdefault((id(m), layer, kind), x.clone())
+        with torch.no_grad():
+            caps[id(m)] = m(ids)
+        m._capture = None
+    h = caps[(id(plain), 0, "qkv")]
+    gate = 2 * torch.sigmoid(0.5 * h[..., :12] @ W.T)  # (B, T, H)
+    assert gate.min() < 0.5 and gate.max() > 1.5
+    y_plain = caps[(id(plain), 0, "out")].view(2, 24, args.num_heads, args.head_dim)
+    y_gated = caps[(id(gated), 0, "out")].view(2, 24, args.num_heads, args.head_dim)
+    torch.testing.assert_close(y_gated, y_plain * gate[..., None], atol=1e-5, rtol=1e-5)
+    assert (caps[id(gated)] - caps[id(plain)]).abs().amax() > 0.1

@@ -33,16 +33,21 @@ def schedule_curve(total_steps: int, step_ms: float):
 
 
 def test_schedule_has_the_record_shape_at_6900_steps_and_the_same_at_950():
+    args = T.Hyperparameters()
     big, small = schedule_curve(6900, 86.7), schedule_curve(950, 587.7)
     for curve, n in ((big, 6900), (small, 950)):
         first_warmdown = next(k for k, c in enumerate(curve) if c[0] < 1.0)
-        momentum_done = next(k for k, c in enumerate(curve) if c[1] >= 0.99 - 1e-12)
-        # record B: warm-down over the last 4,000 of ~6,900 steps, momentum warmed over 1,500
-        assert abs(first_warmdown - 0.42 * n) <= 1, (n, first_warmdown)
-        assert abs(momentum_done - 0.22 * n) <= 1, (n, momentum_done)
-        assert curve[0][0] == 1.0 and curve[-1][0] < 2.0 / n / 0.58  # ends at ~0
-        assert curve[0][1] == pytest.approx(0.92)
-    assert abs(4000 - (6900 - next(k for k, c in enumerate(big) if c[0] < 1.0))) < 10
+        momentum_done = next(k for k, c in enumerate(curve) if c[1] >= args.muon_momentum - 1e-12)
+        floor_from = next(k for k, c in enumerate(curve) if c[0] <= args.min_lr_scale)
+        # warm-down over the last WARMDOWN_FRAC of the run, linear towards 0 and floored at
+        # MIN_LR_SCALE; momentum warmed up over the first MUON_MOMENTUM_WARMUP_FRAC
+        assert abs(first_warmdown - (1 - args.warmdown_frac) * n) <= 1, (n, first_warmdown)
+        assert abs(floor_from - (1 - args.warmdown_frac * args.min_lr_scale) * n) <= 1, (n, floor_from)
+        assert abs(momentum_done - args.muon_momentum_warmup_frac * n) <= 1, (n, momentum_done)
+        assert curve[0][0] == 1.0 and curve[-1][0] == args.min_lr_scale
+        assert curve[0][1] == pytest.approx(args.muon_momentum_start) and curve[-1][1] == args.muon_momentum
+        mid = int((1 - args.warmdown_frac / 2) * n)  # half-way through the warm-down: scale 1/2
+        assert curve[mid][0] == pytest.approx(0.5, abs=2 / (args.warmdown_frac * n))
     # the same shape: the curves agree at every fraction of the run
     for frac in (0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 0.99):
         b, s = big[int(frac * 6900)], small[int(frac * 950)]
