@@ -22,10 +22,10 @@ if [[ "${1:-}" == "--smoke" || "${SMOKE:-0}" == "1" ]]; then
   exec python3 train_gpt.py
 fi
 
-export DATA_PATH=${DATA_PATH:-./data/datasets/fineweb10B_sp1024}
-export TOKENIZER_PATH=${TOKENIZER_PATH:-./data/tokenizers/fineweb_1024_bpe.model}
+export DATA_PATH=${DATA_PATH:-./data/datasets/fineweb10B_sp8192}
+export TOKENIZER_PATH=${TOKENIZER_PATH:-./data/tokenizers/fineweb_8192_bpe.model}
 export RUN_ID=${RUN_ID:-seed$SEED} OUT_DIR=${OUT_DIR:-.}
-get_data="python3 data/cached_challenge_fineweb.py --variant sp1024 (from the parameter-golf repository)"
+get_data="python3 data/cached_challenge_fineweb.py --variant sp8192 (from the parameter-golf repository)"
 command -v nvidia-smi >/dev/null 2>&1 || fail "no NVIDIA GPU found (nvidia-smi missing); for a CPU run use: bash launch.sh --smoke"
 ngpu=${NPROC_PER_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
 [[ "$ngpu" -ge 1 ]] || fail "no GPU visible to nvidia-smi; for a CPU run use: bash launch.sh --smoke"
