@@ -270,6 +270,10 @@ class Hyperparameters:
         need(not rec or (rec == list(range(rec[0], rec[-1] + 1)) and 0 <= rec[0] and rec[-1] < self.num_layers),
              f"RECUR_LAYERS={self.recur_layers} must be consecutive layers in 0..{self.num_layers - 1}")
         need(self.recur_passes >= 0 and self.parallel_from >= 0, "RECUR_PASSES and PARALLEL_FROM must be >= 0")
+        need(not rec or self.recur_passes == 0 or self.warmup_steps != 1,
+             "WARMUP_STEPS=1 cannot compile both depths of the recurrence: use 0 or >= 2")
+        need(self.lqer_tensors >= 0 and self.lqer_rank >= 1, "LQER_TENSORS must be >= 0 and LQER_RANK >= 1")
+        need(min(self.ttt_lr, self.ttt_wd, self.ttt_global_lr) >= 0, "TTT_LR, TTT_WD and TTT_GLOBAL_LR must be >= 0")
         need(0 <= self.attn_gate_width <= self.model_dim, f"ATTN_GATE_WIDTH must be in 0..MODEL_DIM")
         need(self.muon_ns in ("polar", "quintic"), f"MUON_NS={self.muon_ns} must be polar or quintic")
         need(not (self.doc_mask and self.attn_backend.startswith("fa3")),
@@ -1523,7 +1527,7 @@ def evaluate_with_ttt(model: GPT, tokens, luts, args, rank, world_size, device, 
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     if world_size > 1:
         dist.barrier()
-    t0, adapting, steps, n_tok = time.perf_counter(), True, 0, 0
+    t0, adapting, stopped, steps, n_tok = time.perf_counter(), True, False, 0, 0
     per_phase = -(-len(spans) // args.ttt_phases)
     for ph in range(0, len(spans), per_phase):
         mine = sorted(spans[ph:ph + per_phase], key=lambda se: se[0] - se[1])[rank::world_size]  # longest first
@@ -1537,15 +1541,17 @@ def evaluate_with_ttt(model: GPT, tokens, luts, args, rank, world_size, device, 
             model.adapters = adapters
             n_chunks = -(-max(e - s for s, e in batch) // C)
             for c in range(n_chunks):
-                Wc = min(W, max(64, 1 << ((c + 1) * C - 1).bit_length()))  # a few window sizes: a few graphs
+                Wc = min(W, max(256, 1 << ((c + 1) * C - 1).bit_length()))  # 4 window sizes: 4 graphs
                 end = torch.clamp(length, max=(c + 1) * C)
                 pos = (end - Wc).clamp_min(0)[:, None] + torch.arange(Wc, device=device)  # offsets in the document
                 inside = pos < end[:, None]  # padding after the document: causal attention never sees it
                 idx = start[:, None] + torch.where(inside, pos, 0)
                 x, y = torch.where(inside, tokens[idx], args.bos_id), torch.where(inside, tokens[idx + 1], 0)
                 score = inside & (pos >= c * C)
+                # this rank's adapters only: its own clock (the collective decisions come below)
+                adapting = adapting and time.perf_counter() - t0 < args.ttt_max_seconds
                 train_now = adapting and c + 1 < n_chunks
-                with torch.set_grad_enabled(train_now), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                with torch.enable_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                     nll = fwd(x, y, reduction="none").float()
                 sums += torch.stack([(nll.detach() * score).sum(), (luts.target_bytes(x, y) * score).sum(),
                                      score.sum()]).double()
@@ -1563,25 +1569,24 @@ def evaluate_with_ttt(model: GPT, tokens, luts, args, rank, world_size, device, 
                     if monitor is not None:
                         for lo, hi in ranges:
                             monitor("train", lo, hi)
-                    # this rank's adapters only: its own clock (the collective decisions come below)
-                    adapting = time.perf_counter() - t0 <= args.ttt_max_seconds
             model.adapters = None
-        over = torch.tensor(float(not adapting or time.perf_counter() - t0 > args.ttt_max_seconds), device=device)
+        over = torch.tensor(float(not adapting or time.perf_counter() - t0 >= args.ttt_max_seconds), device=device)
         if world_size > 1:
             dist.all_reduce(over, op=dist.ReduceOp.MAX)
-        if adapting and over.item():
+        if over.item() and not stopped:
             log(f"ttt: {args.ttt_max_seconds}s spent after {steps} adapter steps; scoring only from here")
-        adapting = not over.item()
+        adapting, stopped = not over.item(), bool(over.item())
         if adapting and ph + per_phase < len(spans):  # global pass over this group's scored documents
             model.requires_grad_(True)
             xs = torch.cat([tokens[s:e] for s, e in mine] + [tokens[:0]])
             ys = torch.cat([tokens[s + 1:e + 1] for s, e in mine] + [tokens[:0]])
-            rows = torch.tensor(xs.numel() // W, device=device)
+            have = xs.numel() // W // D * D  # whole blocks of D rows: one graph
+            rows = torch.tensor(have, device=device)
             if world_size > 1:
                 dist.all_reduce(rows, op=dist.ReduceOp.MAX)  # every rank takes as many steps
             sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
             for r0 in range(0, int(rows), D):
-                r1 = min(r0 + D, xs.numel() // W)
+                r1 = min(r0 + D, have)
                 if r1 > r0:
                     with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
                         fwd(xs[r0 * W:r1 * W].view(-1, W), ys[r0 * W:r1 * W].view(-1, W)).backward()
@@ -1597,7 +1602,7 @@ def evaluate_with_ttt(model: GPT, tokens, luts, args, rank, world_size, device, 
     model.requires_grad_(True)
     out = _metrics(_all_reduce_sum(sums))
     seconds = time.perf_counter() - t0
-    total = _all_reduce_sum(torch.tensor(float(n_tok), device=device)).item()
+    total = _all_reduce_sum(torch.tensor(float(n_tok), dtype=torch.float64, device=device)).item()
     out.update(ttt_steps=steps, seconds=seconds, tokens_per_s_per_gpu=total / seconds / world_size)
     return out
 
@@ -1937,6 +1942,9 @@ def main():
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # every compiled wrapper of GPT.forward shares one graph cache: training (two depths), evaluation
+    # and TTT's window sizes need more than the default 8 entries (past it, dynamo runs eager)
+    torch._dynamo.config.recompile_limit = 64
     if args.eval_only:
         run_eval_only(args, rank, world_size, device, log)
         return
@@ -1947,6 +1955,8 @@ def main():
     if budget_bytes < 100_000:  # checked before training, not after it
         raise ConfigError(f"ARTIFACT_TARGET_BYTES={args.artifact_target_bytes} leaves {budget_bytes} bytes for the model "
                           f"next to train_gpt.py's {code_bytes} bytes (at least 100000 needed)")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    cid = config_id(args, code, world_size, device_name)  # before training sets the QAT clip in args
     backend = set_attention_backend(args.attn_backend, device, args.doc_mask)
     if os.environ.get("LOG_NOTE"):
         log(f"note: {os.environ['LOG_NOTE']}")
@@ -2047,8 +2057,6 @@ def main():
     log_timing_table(log, timer)
     if rank == 0:
         final = res.get("ttt", res.get("sliding", res["roundtrip"]))
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        cid = config_id(args, code, world_size, device_name)
         results = {"seed": args.seed, "config_id": cid, "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
                    "prequant_val_bpb": pre["val_bpb"], "prequant_raw_val_bpb": raw_bpb,
                    "roundtrip_val_bpb": res["roundtrip"]["val_bpb"],

@@ -463,3 +463,19 @@ def test_cli_artifact_target_below_code_size_fails_before_training(tmp_path, smo
     _assert_one_error_line(proc, "ARTIFACT_TARGET_BYTES=50000", "train_gpt.py")
     assert not os.path.exists(tmp_path / "out" / "train_seed42.log") or "step:" not in \
         (tmp_path / "out" / "train_seed42.log").read_text()
+
+
+def test_cli_model_over_budget_fails_without_writing(tmp_path, smoke_dataset):
+    """A model that needs more bytes than its budget at every clip (8-bit absmax embedding
+    tables: the rate control cannot shrink them) ends with the one-line error after the rate
+    control, and no artifact or results file is written."""
+    data, tok, vocab = smoke_dataset
+    code = os.path.getsize(SCRIPT)
+    proc = _run_script(tmp_path, DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab), OMP_NUM_THREADS="1",
+                       ITERATIONS="1", GRAD_ACCUM_STEPS="1", GPTQ_BLOCK="32", BIGRAM_VOCAB="4096",
+                       BIGRAM_DIM="16", EMBED_BITS="8", EMBED_CLIP_SIGMAS="0",
+                       ARTIFACT_TARGET_BYTES=str(code + 100_000))  # the smallest model budget allowed
+    _assert_one_error_line(proc, "the model needs", "the budget is 100000")
+    assert "rate control 1:" in proc.stdout  # it failed after trying, not before
+    out = tmp_path / "out"
+    assert not list(out.glob("*.ptz")) and not list(out.glob("results_*.json")), os.listdir(out)

@@ -1,6 +1,7 @@
 """Evaluation tests: byte accounting against SentencePiece decoding, the sliding-window plan
 and its split across ranks, evaluate() against independent references (plain and sliding),
 score-first test-time training, and EVAL_ONLY never touching a train shard."""
+import bisect
 import copy
 import json
 import math
@@ -9,11 +10,13 @@ import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import smoke_data
@@ -256,140 +259,430 @@ def test_evaluate_sliding_matches_brute_force(model, sp_and_luts, val_tokens, n,
 
 
 # ----------------------------------------------------------------------------- test-time training
+# Per-document LoRA TTT on a tiny model (vocab 64, 3 layers, width 32; doc-masked math attention):
+# token streams of documents that each start with BOS, byte LUTs with a few bytes per token.
+
+BOS = 1
+
 
 def ttt_args(**kw):
-    base = dict(eval_seq_len=64, eval_stride=32, eval_batch_seqs=4, ttt_chunk_tokens=160, ttt_lr=0.0,
-                ttt_momentum=0.9, ttt_epochs=1, ttt_max_seconds=1e9)
+    base = dict(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2.0, rope_dims=8,
+                bigram_vocab=31, bigram_dim=8, ve_dim=8, train_seq_len=64, eval_seq_len=64, eval_stride=16,
+                eval_batch_seqs=4, attn_backend="math", compile="0", seed=5, ttt_enabled=True, ttt_rank=4,
+                ttt_chunk=16, ttt_batch_docs=3, ttt_phases=3, ttt_lr=0.0, ttt_global_lr=0.0, ttt_wd=0.5,
+                ttt_max_seconds=1e9)
     base.update(kw)
-    return tiny_args(**base)
+    return T.Hyperparameters(**base)
 
 
-def run_ttt(model, tokens, luts, args, record=None, monitored=True):
-    events = []
+@pytest.fixture(scope="module")
+def ttt_model():
+    return randomized_model(ttt_args(), seed=2, emb_std=0.15)
+
+
+def make_docs(lengths, seed=0):
+    """Documents of the given lengths (inputs; each predicts up to the next document's BOS)."""
+    g = torch.Generator().manual_seed(seed)
+    docs = []
+    for n in lengths:
+        d = torch.randint(2, 64, (n,), generator=g)
+        d[0] = BOS
+        docs.append(d)
+    return docs
+
+
+def as_stream(docs):
+    return torch.cat(list(docs) + [torch.tensor([BOS])])  # the last document predicts a BOS too
+
+
+def ttt_luts():
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(1, 4, (64,), generator=g)
+    space = torch.rand(64, generator=g) < 0.3
+    boundary = torch.zeros(64, dtype=torch.bool)
+    base[BOS], boundary[BOS] = 0, True
+    return T.ByteLUTs(base, space, boundary)
+
+
+LUTS = ttt_luts()
+
+
+def run_ttt(model, tokens, args, rank=0, world=1):
+    """TTT on a copy of `model`: (result, monitor events, the adapted copy, log lines)."""
     m = copy.deepcopy(model)
-    base_score = T.make_score_fn(m, CPU)
-
-    def score(x, y):
-        out = base_score(x, y)
-        if record is not None:
-            record.append(("call", x.clone(), y.clone(), out.detach().clone()))
-        return out
-
-    def monitor(kind, lo, hi):
-        events.append((kind, lo, hi))
-        if record is not None:
-            record.append((kind, lo, hi))
-    res = T.evaluate_with_ttt(m, score, tokens, luts, args, 0, 1, CPU, lambda s: None,
-                              monitor=monitor if monitored else None)
-    return res, events, m
+    events, logs = [], []
+    res = T.evaluate_with_ttt(m, tokens, LUTS, args, rank, world, CPU, logs.append,
+                              monitor=lambda kind, lo, hi: events.append((kind, lo, hi)))
+    return res, events, m, logs
 
 
-def check_ttt_events(events, n):
-    scored_end, scored = 0, []
-    trained = np.zeros(n, dtype=bool)
+def sliding_reference(model, tokens, args):
+    return T.evaluate(T.make_score_fn(model, CPU), tokens, LUTS, args.eval_seq_len, args.eval_stride,
+                      args.eval_batch_seqs, 0, 1, CPU)
+
+
+def assert_scored_once(events, n):
+    """The "score" ranges tile the targets 0..n-1: each scored exactly once."""
+    hits = np.zeros(n, dtype=int)
     for kind, lo, hi in events:
-        assert 0 <= lo < hi <= n
         if kind == "score":
-            scored.append((lo, hi))
-            scored_end = max(scored_end, hi)
-        else:
-            assert kind == "train"
-            assert hi <= scored_end, f"trained on targets [{lo},{hi}) before they were scored (<{scored_end})"
-            trained[lo:hi] = True
-    assert scored[0][0] == 0 and scored[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(scored[:-1], scored[1:]))  # every target exactly once
-    return scored, trained
+            assert 0 <= lo < hi <= n
+            hits[lo:hi] += 1
+    assert (hits == 1).all(), np.nonzero(hits != 1)[0][:10]
 
 
-def test_ttt_with_zero_lr_equals_sliding_eval(model, sp_and_luts, val_tokens):
-    _, luts = sp_and_luts
-    tokens = val_tokens[:700 + 1]
-    args = ttt_args(ttt_lr=0.0)
-    res, events, m = run_ttt(model, tokens, luts, args)
-    scored, _ = check_ttt_events(events, 700)
-    assert len(scored) >= 4 and res["ttt_steps"] == len(scored) - 1
-    ref = T.evaluate(T.make_score_fn(model, CPU), tokens, luts, args.eval_seq_len, args.eval_stride,
-                     args.eval_batch_seqs, 0, 1, CPU)
-    assert res["tokens"] == ref["tokens"] == 700 and res["bytes"] == ref["bytes"]
+def phase_docs(spans, args, world=1, rank=0):
+    """Per phase: this rank's documents in the order the code concatenates them for the global
+    pass (the split the docstring describes: phases in stream order, longest first per rank)."""
+    per = -(-len(spans) // args.ttt_phases)
+    return [sorted(spans[p:p + per], key=lambda se: se[0] - se[1])[rank::world] for p in range(0, len(spans), per)]
+
+
+def phase_of_target(spans, args):
+    per = -(-len(spans) // args.ttt_phases)
+    starts = [s for s, _ in spans]
+    return lambda t: (bisect.bisect_right(starts, t) - 1) // per
+
+
+def test_document_spans():
+    # starts at every BOS; the stream's last token (a BOS here) is a target only
+    tokens = torch.tensor([1, 5, 6, 1, 7, 1, 1, 8, 9, 1])
+    assert T.document_spans(tokens, 1) == [(0, 3), (3, 5), (5, 6), (6, 9)]
+    # a stream that does not start with BOS: its head is a document of its own
+    assert T.document_spans(torch.tensor([4, 5, 1, 6, 7]), 1) == [(0, 2), (2, 4)]
+    assert T.document_spans(torch.tensor([4, 5, 6, 7]), 1) == [(0, 3)]  # no BOS at all
+    assert T.document_spans(torch.tensor([4, 5, 1]), 1) == [(0, 2)]  # a BOS only as the last target
+    # random streams: the spans tile the targets 0..n-1 and each (but a headless first) starts at a BOS
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        tokens = torch.randint(0, 6, (int(torch.randint(2, 80, (1,), generator=g)),), generator=g)
+        n = tokens.numel() - 1
+        spans = T.document_spans(tokens, 1)
+        assert spans[0][0] == 0 and spans[-1][1] == n
+        assert all(s < e for s, e in spans) and all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+        assert [s for s, _ in spans[1:]] == [i for i in range(1, n) if tokens[i] == 1]
+
+
+def test_doc_adapters_are_per_row_lora_starting_at_zero(ttt_model):
+    """DocAdapters: A (docs, r, in) random, B (docs, out, r) zero after reset(), so the adapted
+    model starts exactly at the model; delta(x) = x A^T B^T per row; reset() restarts both."""
+    args = ttt_args(ttt_rank=3)
+    ad = T.DocAdapters(args, 2, CPU)
+    ad.reset()
+    d, hid = args.model_dim, args.mlp_hidden
+    kv = args.num_kv_heads * args.head_dim
+    expect = {"qkv": (d, d + 2 * kv), "out": (d, d), "up": (d, hid), "down": (hid, d)}
+    assert set(ad.A) == {(l, k) for l in range(args.num_layers) for k in expect} | {(-1, "head")}
+    for key, A in ad.A.items():
+        i, o = expect[key[1]] if key[0] >= 0 else (d, args.vocab_size)
+        assert A.shape == (2, 3, i) and ad.B[key].shape == (2, o, 3)
+        assert A.requires_grad and ad.B[key].requires_grad
+        assert not torch.equal(A[0], A[1]) and float(A.detach().std()) == pytest.approx(i ** -0.5, rel=0.4)
+        assert not ad.B[key].any()
+    x = torch.randn(2, 5, d)
+    with torch.no_grad():
+        ad.B[(0, "out")].normal_()
+        ref = torch.stack([x[b] @ ad.A[(0, "out")][b].T @ ad.B[(0, "out")][b].T for b in range(2)])
+        torch.testing.assert_close(ad(0, "out", x), ref)
+        old_a = ad.A[(0, "out")].clone()
+    ad.reset()
+    assert not ad.B[(0, "out")].any() and not torch.equal(ad.A[(0, "out")], old_a)  # a fresh draw
+
+    # in the model: zero B changes nothing (bit for bit); a row's B acts on its own row only
+    m = copy.deepcopy(ttt_model)
+    ids = torch.cat(make_docs([20, 20], seed=3)).view(2, 20)
+    with torch.no_grad():
+        base = m(ids, ids, reduction="none")
+        m.adapters = ad
+        assert torch.equal(m(ids, ids, reduction="none"), base)
+        ad.B[(1, "up")][1].normal_()
+        ad.B[(-1, "head")][1].normal_()
+        out = m(ids, ids, reduction="none")
+        assert torch.equal(out[0], base[0]) and (out[1] - base[1]).abs().max() > 1e-3
+
+
+def test_ttt_with_zero_lr_equals_sliding_eval(ttt_model):
+    """lr 0 (adapters and global passes): every target scored once, with the same context as
+    the doc-masked sliding evaluation when no document is longer than EVAL_SEQ_LEN -
+    EVAL_STRIDE, so the same loss, tokens and bytes; the weights are untouched."""
+    args = ttt_args(ttt_phases=3, ttt_batch_docs=2)
+    lengths = (5, 40, 48, 17, 48, 3, 33, 30, 46, 1, 25, 47, 12, 44, 38, 29, 46, 21, 36, 41, 8, 45)
+    assert max(lengths) <= args.eval_seq_len - args.eval_stride
+    tokens = as_stream(make_docs(lengths))
+    n = tokens.numel() - 1
+    res, events, m, _ = run_ttt(ttt_model, tokens, args)
+    assert_scored_once(events, n)
+    kinds = {k for k, _, _ in events}
+    assert kinds == {"score", "train", "global"} and res["ttt_steps"] > 0  # everything ran, at lr 0
+    ref = sliding_reference(ttt_model, tokens, args)
+    assert res["tokens"] == ref["tokens"] == n and res["bytes"] == ref["bytes"] > n
     assert res["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-6)
     assert res["val_bpb"] == pytest.approx(ref["val_bpb"], rel=1e-6)
-    for a, b in zip(m.parameters(), model.parameters()):
+    for (name, a), b in zip(m.named_parameters(), ttt_model.parameters()):
+        assert torch.equal(a, b), name
+        assert a.requires_grad, name  # handed back trainable
+    assert m.adapters is None and not m.training
+
+
+def record_score_calls(m, calls):
+    """Record every scoring forward (reduction="none") of `m`: (inputs, targets, nll)."""
+    forward = m.forward
+
+    def recording(ids, targets=None, reduction="mean"):
+        out = forward(ids, targets, reduction)
+        if reduction == "none":
+            calls.append((ids.clone(), targets.clone(), out.detach().clone()))
+        return out
+    m.forward = recording
+
+
+def test_ttt_is_score_first(ttt_model):
+    """Adapters and global passes with real learning rates, 3 phases, documents of several
+    chunks, more documents than a batch holds. The monitor: a chunk is trained only after its
+    score event; each global pass trains on documents of its phase, after all of them were
+    scored, before the next phase scores anything. Independently of the monitor: editing the
+    last chunk of a phase-0 document leaves every phase-0 score of unchanged text bit-identical
+    (adapters never saw the edit before scoring it), while later phases, trained on it, change."""
+    args = ttt_args(ttt_phases=3, ttt_batch_docs=2, ttt_lr=0.02, ttt_global_lr=0.05)
+    lengths = (60, 30, 9, 37, 70, 31, 16, 44, 5, 52, 23)
+    docs = make_docs(lengths, seed=1)
+    tokens = as_stream(docs)
+    n = tokens.numel() - 1
+    spans = T.document_spans(tokens, BOS)
+    phase = phase_of_target(spans, args)
+    groups = phase_docs(spans, args)
+    assert len(groups) == 3 and all(len(g) > args.ttt_batch_docs for g in groups)
+
+    m = copy.deepcopy(ttt_model)
+    calls_a, events = [], []
+    record_score_calls(m, calls_a)
+    res = T.evaluate_with_ttt(m, tokens, LUTS, args, 0, 1, CPU, lambda s: None,
+                              monitor=lambda *e: events.append(e if e[0] != "score" else e + (len(calls_a),)))
+    assert_scored_once([e[:3] for e in events], n)
+    scored = np.zeros(n, dtype=bool)
+    trained = np.zeros(n, dtype=bool)
+    cur_phase, globals_seen = 0, {0: 0, 1: 0, 2: 0}
+    for kind, lo, hi, *_ in events:
+        if kind == "score":
+            assert phase(lo) == phase(hi - 1) >= cur_phase
+            cur_phase = phase(lo)
+            scored[lo:hi] = True
+        elif kind == "train":
+            assert scored[lo:hi].all() and not trained[lo:hi].any(), (lo, hi)
+            assert hi - lo <= args.ttt_chunk
+            trained[lo:hi] = True
+        else:
+            assert kind == "global"
+            mine = groups[cur_phase]  # rows of W tokens of the phase's documents, concatenated
+            assert 0 <= lo < hi <= sum(e - s for s, e in mine)
+            assert lo % args.eval_seq_len == 0 and hi % args.eval_seq_len == 0
+            for s, e in mine:  # every document of the phase fully scored
+                assert scored[s:e].all()
+            globals_seen[cur_phase] += 1
+    assert globals_seen[0] > 0 and globals_seen[1] > 0 and globals_seen[2] == 0  # none after the last phase
+    for s, e in spans:  # every chunk but a document's last was trained on
+        last = s + (e - s - 1) // args.ttt_chunk * args.ttt_chunk
+        assert trained[s:last].all(), (s, e)
+    assert res["ttt_steps"] > 0
+
+    # the edit: the last chunk (offsets 48..59) of the 60-token document of phase 0
+    X = spans[0]
+    assert X[1] - X[0] == 60 and phase(X[0]) == 0
+    changed = tokens.clone()
+    changed[X[0] + 52:X[0] + 56] = (tokens[X[0] + 52:X[0] + 56] - 2 + 7) % 62 + 2  # other tokens, no BOS
+    m = copy.deepcopy(ttt_model)
+    calls_b = []
+    record_score_calls(m, calls_b)
+    T.evaluate_with_ttt(m, changed, LUTS, args, 0, 1, CPU, lambda s: None)
+    assert len(calls_a) == len(calls_b)
+    first_global = next(i for i, e in enumerate(events) if e[0] == "global")
+    phase0_calls = max(e[3] for e in events[:first_global] if e[0] == "score")
+    compared_in_x = differing_later = 0
+    for i, ((xa, ya, na), (xb, yb, nb)) in enumerate(zip(calls_a, calls_b)):
+        same = (xa == xb).long().cumprod(dim=1).bool() & (ya == yb)  # unchanged prefix and target
+        if i < phase0_calls:
+            assert torch.equal(na[same], nb[same]), f"score call {i} depends on text not yet scored"
+            compared_in_x += int((same & ~(xa == xb).all(dim=1, keepdim=True)).sum())
+        else:
+            differing_later += int((na[same] != nb[same]).sum())
+    assert compared_in_x > 0  # the edited chunk's unchanged start really was compared
+    assert differing_later > 0  # the global pass trained on the edit: later phases see it
+
+
+def same_draw_at_every_reset(monkeypatch):
+    """Give every row of A the same draw at every reset(): a document's result then cannot
+    depend on its row, its batch or the documents before it, unless state leaks between them."""
+    reset = T.DocAdapters.reset
+
+    def fixed(self):
+        reset(self)
+        g = torch.Generator().manual_seed(11)
+        with torch.no_grad():
+            for A in self.A.values():
+                A.copy_(torch.randn(A.shape[1:], generator=g).mul_(A.size(-1) ** -0.5).expand_as(A))
+    monkeypatch.setattr(T.DocAdapters, "reset", fixed)
+    return fixed
+
+
+def test_ttt_adapters_reset_per_document(ttt_model, monkeypatch):
+    """One phase (no global pass): each document's TTT score is the one it gets alone, whether
+    the documents run one per batch (a reset between each) or in batches of 3 or 4 in another
+    order (rows are independent, Adam is elementwise). A reset that keeps the previous
+    document's adapters changes the result (the check is sensitive)."""
+    fixed = same_draw_at_every_reset(monkeypatch)
+    args = ttt_args(ttt_phases=1, ttt_lr=0.03, ttt_batch_docs=1)
+    docs = make_docs((40, 23, 50, 8, 33, 61, 17), seed=2)
+    alone = [run_ttt(ttt_model, as_stream([d]), args)[0] for d in docs]
+    nll_alone = sum(r["val_loss"] * r["tokens"] for r in alone)
+    n_alone = sum(r["tokens"] for r in alone)
+    lr0 = [run_ttt(ttt_model, as_stream([d]), ttt_args(ttt_phases=1))[0] for d in docs]
+    assert abs(nll_alone - sum(r["val_loss"] * r["tokens"] for r in lr0)) > 0.05  # adaptation matters
+    order = [5, 1, 3, 0, 6, 2, 4]
+    for batch_docs, ds in ((1, docs), (3, docs), (4, [docs[i] for i in order])):
+        res = run_ttt(ttt_model, as_stream(ds), ttt_args(ttt_phases=1, ttt_lr=0.03, ttt_batch_docs=batch_docs))[0]
+        assert res["tokens"] == n_alone
+        assert res["val_loss"] * res["tokens"] == pytest.approx(nll_alone, abs=1e-5 * n_alone), batch_docs
+
+    calls = []
+
+    def leaky(self):  # the first reset only: later documents start from the previous ones' adapters
+        calls.append(1)
+        if len(calls) == 1:
+            fixed(self)
+    monkeypatch.setattr(T.DocAdapters, "reset", leaky)
+    res = run_ttt(ttt_model, as_stream(docs), args)[0]
+    assert abs(res["val_loss"] * res["tokens"] - nll_alone) > 1e-2
+
+
+def fake_clock(monkeypatch):
+    """evaluate_with_ttt's clock, advanced by hand (one second per global-pass step)."""
+    now = [0.0]
+    monkeypatch.setattr(T, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    return now
+
+
+def test_ttt_zero_time_budget_scores_everything(ttt_model):
+    """TTT_MAX_SECONDS=0: no global pass, the weights stay as they are, and every target is
+    still scored (the counts of the sliding evaluation)."""
+    args = ttt_args(ttt_lr=0.05, ttt_global_lr=0.05, ttt_max_seconds=0.0)
+    tokens = as_stream(make_docs((40, 23, 50, 8, 33, 61, 17, 29), seed=4))
+    res, events, m, logs = run_ttt(ttt_model, tokens, args)
+    assert_scored_once(events, tokens.numel() - 1)
+    assert not any(k == "global" for k, _, _ in events)
+    ref = sliding_reference(ttt_model, tokens, args)
+    assert res["tokens"] == ref["tokens"] and res["bytes"] == ref["bytes"]
+    for a, b in zip(m.parameters(), ttt_model.parameters()):
         assert torch.equal(a, b)
 
 
-def test_ttt_time_budget_stops_training(model, sp_and_luts, val_tokens):
-    _, luts = sp_and_luts
-    tokens = val_tokens[:500 + 1]
-    res, events, m = run_ttt(model, tokens, luts, ttt_args(ttt_lr=0.05, ttt_max_seconds=0.0))
+def test_ttt_zero_time_budget_takes_no_adapter_step(ttt_model):
+    args = ttt_args(ttt_lr=0.05, ttt_global_lr=0.05, ttt_max_seconds=0.0)
+    tokens = as_stream(make_docs((40, 23, 50, 8, 33, 61, 17, 29), seed=4))
+    res, events, _, _ = run_ttt(ttt_model, tokens, args)
     assert res["ttt_steps"] == 0 and not any(k == "train" for k, _, _ in events)
-    check_ttt_events(events, 500)
-    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), model.parameters()))
 
 
-def _calls_by_chunk(record, counts=None):
-    """Group the recorded score calls by chunk: by the 'score' event that follows them, or
-    (for an unmonitored run) by the per-chunk call counts of a monitored one."""
-    calls = [item for item in record if item[0] == "call"]
-    if counts is not None:
-        out, i = [], 0
-        for c in counts:
-            out.append(calls[i:i + c])
-            i += c
-        assert i == len(calls)
-        return out
-    chunks, cur = [], []
-    for item in record:
-        if item[0] == "call":
-            cur.append(item)
-        elif item[0] == "score":
-            chunks.append(cur)
-            cur = []
-    return chunks
+def run_out_of_time_in_phase_1(model, monkeypatch):
+    """TTT whose clock (a fake) moves only during phase 0's global pass, one second per step,
+    past TTT_MAX_SECONDS=0.5: (result, events (kind, lo, hi, phase), logs, args, tokens)."""
+    now = fake_clock(monkeypatch)
+    args = ttt_args(ttt_phases=3, ttt_batch_docs=2, ttt_lr=0.05, ttt_global_lr=0.05, ttt_max_seconds=0.5)
+    tokens = as_stream(make_docs((40, 23, 50, 18, 33, 61, 17, 29, 44, 36, 19, 52), seed=4))
+    phase = phase_of_target(T.document_spans(tokens, BOS), args)
+    events, logs = [], []
+
+    def monitor(kind, lo, hi):
+        events.append((kind, lo, hi, phase(lo) if kind != "global" else None))
+        if kind == "global":
+            now[0] += 1.0
+    res = T.evaluate_with_ttt(copy.deepcopy(model), tokens, LUTS, args, 0, 1, CPU, logs.append, monitor=monitor)
+    return res, events, logs, args, tokens
 
 
-def test_ttt_is_score_first(model, sp_and_luts, val_tokens):
-    """With real updates: monitor invariants, and an independent leak check: editing a few
-    tokens inside chunk 2 must leave every score of chunks 0..2 (at positions whose inputs and
-    target are unchanged) bit-identical, while later chunks, on unchanged text, do see the
-    changed training."""
-    _, luts = sp_and_luts
-    n = 700
-    tokens = val_tokens[:n + 1].clone()
-    args = ttt_args(ttt_lr=0.05)
-    rec_a = []
-    res_a, events, m = run_ttt(model, tokens, luts, args, record=rec_a)
-    scored, trained = check_ttt_events(events, n)
-    assert res_a["ttt_steps"] == len(scored) - 1 >= 3
-    assert trained[:scored[-2][1]].all()  # everything scored before the last chunk was trained on
-    assert any(not torch.equal(a, b) for a, b in zip(m.parameters(), model.parameters()))
-    ref = T.evaluate(T.make_score_fn(model, CPU), tokens, luts, args.eval_seq_len, args.eval_stride,
-                     args.eval_batch_seqs, 0, 1, CPU)
-    assert res_a["tokens"] == ref["tokens"] and res_a["bytes"] == ref["bytes"]
-    assert abs(res_a["val_loss"] - ref["val_loss"]) > 1e-5  # training changed later scores
+def test_ttt_time_budget_stops_adapting_not_scoring(ttt_model, monkeypatch):
+    """The clock passes the budget during phase 1 (it moves during phase 0's global pass): phase
+    0 adapts and trains globally; phase 1 stops adapting after at most one more step and has
+    no global pass; phase 2 only scores; every target is scored once."""
+    res, events, logs, args, tokens = run_out_of_time_in_phase_1(ttt_model, monkeypatch)
+    assert_scored_once([e[:3] for e in events], tokens.numel() - 1)
+    last_score_of_0 = max(i for i, e in enumerate(events) if e[0] == "score" and e[3] == 0)
+    first_score_of_1 = min(i for i, e in enumerate(events) if e[0] == "score" and e[3] == 1)
+    glob = [i for i, e in enumerate(events) if e[0] == "global"]
+    assert glob and last_score_of_0 < min(glob) and max(glob) < first_score_of_1  # phase 0's pass only
+    train_1 = [(lo, hi) for k, lo, hi, p in events if k == "train" and p == 1]
+    assert len(train_1) <= args.ttt_batch_docs  # at most one step's chunks (one per document of its batch)
+    assert not any(k == "train" and p == 2 for k, _, _, p in events)
+    assert any(k == "train" and p == 0 for k, _, _, p in events)
+    ref = sliding_reference(ttt_model, tokens, args)
+    assert res["tokens"] == ref["tokens"] and res["bytes"] == ref["bytes"]
 
-    lo2, hi2 = scored[2]
-    M = (lo2 + hi2) // 2 + 1  # first changed token: target M-1 of chunk 2 and everything after
-    changed = tokens.clone()
-    g = torch.Generator().manual_seed(0)
-    changed[M:M + 4] = torch.randint(4, 512, (4,), generator=g)  # a short edit; later text unchanged
-    assert not torch.equal(changed[M:M + 4], tokens[M:M + 4])
-    rec_b = []
-    run_ttt(model, changed, luts, args, record=rec_b, monitored=False)  # no instrumentation this time
-    ca = _calls_by_chunk(rec_a)
-    cb = _calls_by_chunk(rec_b, counts=[len(c) for c in ca])
-    assert len(ca) == len(scored)
-    compared = differing_later = 0
-    for ci, (calls_a, calls_b) in enumerate(zip(ca, cb)):
-        assert len(calls_a) == len(calls_b)
-        for (_, xa, ya, na), (_, xb, yb, nb) in zip(calls_a, calls_b):
-            same = (xa == xb).long().cumprod(dim=1).bool() & (ya == yb)  # unchanged prefix and target
-            if ci <= 2:
-                assert torch.equal(na[same], nb[same]), f"chunk {ci} scores depend on later tokens"
-                compared += int(same[:, -1].sum()) if ci == 2 else 0
-            else:
-                differing_later += int((na[same] != nb[same]).sum())
-    assert compared > 0  # chunk 2 really had unchanged positions to compare
-    assert differing_later > 0  # the check is sensitive: training on changed data shows up later
+
+def test_ttt_logs_once_when_the_time_budget_runs_out(ttt_model, monkeypatch):
+    res, _, logs, _, _ = run_out_of_time_in_phase_1(ttt_model, monkeypatch)
+    spent = [s for s in logs if "scoring only from here" in s]
+    assert len(spent) == 1 and f"after {res['ttt_steps']} adapter steps" in spent[0]
+
+
+def test_ttt_learns_repeated_text(ttt_model):
+    """Documents that repeat a short random pattern: adapting to each document's own text (no
+    global pass) lowers the loss well below the model's."""
+    g = torch.Generator().manual_seed(6)
+    docs = [torch.cat([torch.tensor([BOS]), torch.randint(2, 64, (8,), generator=g).repeat(12)]) for _ in range(4)]
+    tokens = as_stream(docs)
+    base = run_ttt(ttt_model, tokens, ttt_args(ttt_phases=1, ttt_batch_docs=4))[0]
+    tuned = run_ttt(ttt_model, tokens, ttt_args(ttt_phases=1, ttt_batch_docs=4, ttt_lr=0.01))[0]
+    assert tuned["tokens"] == base["tokens"] == tokens.numel() - 1
+    assert tuned["val_loss"] < base["val_loss"] - 0.3, (tuned["val_loss"], base["val_loss"])
+
+
+# --- 2 processes (gloo): the document split across ranks, all-reduced sums and global passes
+
+# per phase of 4: rank 0 gets the longest and the third (at least 2 rows of 64 in phases 0 and 1,
+# which have a global pass), rank 1 the others (less than one row)
+TTT_DIST_LENGTHS = (120, 30, 20, 10, 100, 40, 30, 20, 33, 17, 29, 61)
+TTT_DIST_CASES = {"lr0": dict(), "lr": dict(ttt_lr=0.03, ttt_global_lr=0.05)}
+
+
+def _ttt_dist_worker(rank, world, init_file, out_prefix):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    T.set_attention_backend("math", CPU)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = randomized_model(ttt_args(), seed=2, emb_std=0.15)
+        tokens = as_stream(make_docs(TTT_DIST_LENGTHS, seed=5))
+        out = {}
+        for name, kw in TTT_DIST_CASES.items():
+            res, events, m, _ = run_ttt(model, tokens, ttt_args(ttt_phases=3, ttt_batch_docs=2, **kw), rank, world)
+            out[name] = (res, events, m.state_dict())
+        torch.save(out, f"{out_prefix}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ttt_two_processes(ttt_model, tmp_path):
+    """On 2 ranks: lr 0 gives the 1-rank loss and exactly its counts, the ranks' score ranges
+    tile the targets; with learning rates both ranks end with the same weights (the global
+    passes all-reduce the gradients), which did move, and report the same loss."""
+    mp.spawn(_ttt_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "res")), nprocs=2, join=True)
+    r0, r1 = (torch.load(str(tmp_path / f"res.{r}")) for r in range(2))
+    tokens = as_stream(make_docs(TTT_DIST_LENGTHS, seed=5))
+    n = tokens.numel() - 1
+    one = run_ttt(ttt_model, tokens, ttt_args(ttt_phases=3, ttt_batch_docs=2))[0]
+    (a, ev_a, _), (b, ev_b, _) = r0["lr0"], r1["lr0"]
+    assert a["tokens"] == b["tokens"] == one["tokens"] == n and a["bytes"] == b["bytes"] == one["bytes"]
+    assert a["val_loss"] == b["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+    assert_scored_once(ev_a + ev_b, n)
+    assert any(k == "score" for k, _, _ in ev_a) and any(k == "score" for k, _, _ in ev_b)
+    (a, ev_a, sa), (b, ev_b, sb) = r0["lr"], r1["lr"]
+    assert a["val_loss"] == b["val_loss"] and a["tokens"] == n
+    # rank 1's share of phases 0 and 1 is shorter than a row: it still takes every global step
+    # with rank 0 (zero gradients; the row count is all-reduced by MAX), or the weights would differ
+    assert any(k == "global" for k, _, _ in ev_a) and not any(k == "global" for k, _, _ in ev_b)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    init = ttt_model.state_dict()
+    assert any(not torch.equal(sa[k], init[k]) for k in sa)
 
 
 # ----------------------------------------------------------------------------- EVAL_ONLY (subprocess)
@@ -467,7 +760,8 @@ def test_training_run_artifact_and_results(trained_run):
     assert "wall clock from the end of the compile warm-up to the artifact written" in stdout
     assert results["wall_seconds"] >= results["train_seconds"] > 0
     assert re.search(r"^weights checksum per rank: [0-9a-f]{16} \(identical\)$", stdout, re.M)
-    assert results["pruned"] == 0 and T.CLIP_RANGE[0] <= results["clip_sigmas"] <= T.CLIP_RANGE[1]
+    assert "pruned" not in results and T.CLIP_RANGE[0] <= results["clip_sigmas"] <= T.CLIP_RANGE[1]
+    assert "artifact_write" in results["phase_seconds"] and "prune_pack_write" not in results["phase_seconds"]
     sub = json.loads((Path(artifact).parent / "submission.json").read_text())
     assert sub["seeds"] == [1] and sub["config_id"] == results["config_id"]
     assert sub["val_bpb"] == results["val_bpb"]
@@ -516,7 +810,8 @@ def test_eval_only_opens_no_train_shard(trained_run, smoke_dataset, tmp_path):
     # model settings deliberately wrong: the architecture must come from the artifact
     env = clean_env(EVAL_ONLY=artifact, DATA_PATH=eval_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path / "out",
                     EVAL_SEQ_LEN=64, EVAL_STRIDE=32, EVAL_BATCH_SEQS=8, VAL_TOKENS_LIMIT=1024,
-                    NUM_LAYERS=3, MODEL_DIM=128, VOCAB_SIZE=1024, TTT_ENABLED=1, TTT_CHUNK_TOKENS=256)
+                    NUM_LAYERS=3, MODEL_DIM=128, VOCAB_SIZE=1024, TTT_ENABLED=1, TTT_CHUNK=32, TTT_RANK=4,
+                    TTT_BATCH_DOCS=4, TTT_PHASES=2)
     p = subprocess.run([sys.executable, str(wrapper), str(opened_log), REPO_ROOT], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
