@@ -1,6 +1,7 @@
-"""Parameter-golf training script: 11-layer XSA / partial-RoPE GPT, parallel Muon on
-parameter banks, wall-clock-bounded training, full-Hessian GPTQ int6 + lzma packing,
-and exact sliding-window val_bpb on the round-tripped artifact.
+"""Parameter-golf training script: SP8192 11-layer XSA / partial-RoPE GPT with document-masked
+attention, parallel Muon on parameter banks, wall-clock-bounded training, full-Hessian GPTQ
+int6 + lzma packing under rate control, exact sliding-window val_bpb on the round-tripped
+artifact, and optional score-first LoRA test-time training.
 
 Launch: torchrun --standalone --nproc_per_node=N train_gpt.py   (N = 1..8; CPU works too)
 All settings come from environment variables (see Hyperparameters).
@@ -1911,10 +1912,11 @@ def write_submission(out_dir: str, path: str, config: str) -> dict:
         raise DataError(f"no results_*.json of configuration {config} in {out_dir}: no measured run to report")
     env = os.environ
     sub = {"author": env.get("AUTHOR", ""), "github_id": env.get("GITHUB_ID", ""),
-           "name": env.get("RUN_NAME", "11L XSA partial-RoPE GPT, parallel Muon banks, SDClip GPTQ int6 + lzma"),
-           "blurb": env.get("BLURB", "11 layers, XSA on all layers, partial RoPE, BigramHash, value embeddings, "
-                                     "run-length-relative schedule and EMA, late QAT, full-Hessian GPTQ calibrated on "
-                                     "training data, SDClip grid with rate control to the byte cap, sliding-window eval."),
+           "name": env.get("RUN_NAME", "SP8192 11L XSA GPT, MLP 4x, document-masked attention, SDClip GPTQ int6 + lzma"),
+           "blurb": env.get("BLURB", "SP8192, 11 layers, MLP 4x, XSA, partial RoPE, gated skips, parallel lanes, attention "
+                                     "output gate, document masking, Polar-Express MuonEq-R, run-length-relative schedule "
+                                     "and EMA, late QAT on the budget's grid, full-Hessian GPTQ with rate control to the "
+                                     "byte cap, sliding-window eval."),
            "date": time.strftime("%Y-%m-%d"), "track": "10min_16mb", "config_id": config,
            "val_loss": sum(r["val_loss"] for r in runs) / len(runs),
            "val_bpb": sum(r["val_bpb"] for r in runs) / len(runs),
