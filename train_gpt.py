@@ -67,7 +67,7 @@ _REMOVED_SETTINGS = {"WARMDOWN_ITERS": "WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_ST
                      "EMA_DECAY": "EMA_HORIZON", "SWA_ENABLED": "EMA_HORIZON", "SWA_EVERY": "EMA_HORIZON",
                      "SWA_START_SCALE": "EMA_HORIZON", "GPTQ_CLIP_QUANTILES": "CLIP_SIGMAS",
                      "COMPRESSORS": "nothing (lzma only)", "GPTQ_CALIB_TEMP": "nothing (training-data calibration)",
-                     "GPTQ_CALIB_BATCH": "nothing (training-data calibration)", "TTT_CHUNK_TOKENS": "TTT_CHUNK",
+                     "GPTQ_CALIB_BATCH": "nothing (training-data calibration)", "VAL_EVERY": "nothing (score after training)", "TTT_CHUNK_TOKENS": "TTT_CHUNK",
                      "TTT_MOMENTUM": "TTT_LR (Adam on LoRA adapters)", "TTT_EPOCHS": "TTT_PHASES"}
 _NON_SETTING_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOG_NOTE", "AUTHOR", "GITHUB_ID",
                      "RUN_NAME", "BLURB")
@@ -103,7 +103,6 @@ class Hyperparameters:
     warmdown_frac: float = 0.85
     min_lr_scale: float = 0.1
     train_log_every: int = 100
-    val_every: int = 0
     val_tokens_limit: int = 0  # 0: full validation split
     # model
     num_layers: int = 11
@@ -1648,17 +1647,13 @@ class SharedClock:
 
     def __init__(self, rank: int, world_size: int, device, clock=time.perf_counter):
         self.rank, self.world_size, self.device, self.clock = rank, world_size, device, clock
-        self.t0, self.paused = clock(), 0.0
+        self.t0 = clock()
 
     def start(self):
-        self.t0, self.paused = self.clock(), 0.0
-
-    def pause(self, seconds: float):
-        """Leave `seconds` (periodic validation) off the training clock."""
-        self.paused += seconds
+        self.t0 = self.clock()
 
     def local(self) -> float:
-        return self.clock() - self.t0 - self.paused
+        return self.clock() - self.t0
 
     def shared(self) -> float:
         t = torch.tensor([self.local() if self.rank == 0 else 0.0], dtype=torch.float64, device=self.device)
@@ -1681,8 +1676,8 @@ def qat_clip_for_budget(model: GPT, args: Hyperparameters, budget_bytes: int, ra
     return float(clip)
 
 
-def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size, device, log, timer,
-          clock: SharedClock, budget_bytes: int = 0) -> dict:
+def train(args, model, compiled, opt, loader, rank, world_size, device, log, timer, clock: SharedClock,
+          budget_bytes: int = 0) -> dict:
     accum = args.resolved_grad_accum(world_size)
     micro_seqs = args.train_batch_tokens // (world_size * accum * args.train_seq_len)
     n_params = sum(p.numel() for p in model.parameters())
@@ -1762,14 +1757,6 @@ def train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size
             left = max(0.0, budget - elapsed) if budget > 0 else (args.iterations - step) * step_s
             log(f"step:{step} train_loss:{loss_v:.4f} grad_norm:{norm:.3f} lr_scale:{scale:.3f} progress:{progress:.3f} "
                 f"elapsed:{elapsed:.1f}s step_avg:{step_s * 1000:.1f}ms eta:{left:.0f}s")
-        if args.val_every > 0 and (step % args.val_every == 0 or last):
-            t1 = time.perf_counter()
-            model.eval()
-            m = evaluate(make_score_fn(compiled, device), val_tokens, luts, args.train_seq_len, args.train_seq_len,
-                         args.eval_batch_seqs, rank, world_size, device)
-            model.train()
-            clock.pause(time.perf_counter() - t1)
-            log(f"step:{step} val_loss:{m['val_loss']:.4f} val_bpb:{m['val_bpb']:.4f} ({time.perf_counter() - t1:.1f}s, not counted)")
         if last:
             break
     timer.add("training", elapsed)
@@ -1984,8 +1971,7 @@ def main():
     timer.add("startup", time.perf_counter() - t_start)
 
     clock = SharedClock(rank, world_size, device)
-    stats = train(args, model, compiled, opt, loader, val_tokens, luts, rank, world_size, device, log, timer, clock,
-                  budget_bytes)
+    stats = train(args, model, compiled, opt, loader, rank, world_size, device, log, timer, clock, budget_bytes)
 
     # quantization, on the same clock as training
     t_q = time.perf_counter()

@@ -308,7 +308,7 @@ def _train_args(data_dir, vocab, **kw):
                 mlp_mult=2.0, rope_dims=8, bigram_vocab=256, bigram_dim=16, ve_dim=16, train_seq_len=32,
                 eval_seq_len=32, eval_stride=16, gptq_calib_len=32, train_batch_tokens=2 * 4 * 32, grad_accum_steps=2,
                 compile="0", device="cpu", max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0,
-                warmdown_frac=0.0, train_log_every=0, val_every=0, ema_horizon=0.0, qat_start_scale=0.0, seed=7)
+                warmdown_frac=0.0, train_log_every=0, ema_horizon=0.0, qat_start_scale=0.0, seed=7)
     base.update(kw)
     return T.Hyperparameters(**base)
 
@@ -331,7 +331,7 @@ def _train_on_smoke(data, vocab, **kw):
     x, y = val[:16 * 64].view(16, 64), val[1:16 * 64 + 1].view(16, 64)  # held-out text
     with torch.no_grad():
         start = float(model(x, y))
-    stats = T.train(args, model, model, opt, loader, None, None, 0, 1, CPU, lambda m: None, T.PhaseTimer(),
+    stats = T.train(args, model, model, opt, loader, 0, 1, CPU, lambda m: None, T.PhaseTimer(),
                     T.SharedClock(0, 1, CPU))
     assert stats["steps"] == 50
     with torch.no_grad():
@@ -364,7 +364,7 @@ def test_train_turns_recurrence_on_late_and_picks_the_qat_clip(smoke_dataset):
     seen, orig_step = [], opt.step
     opt.step = lambda: (seen.append((model.recurrence_active, float(model.qat_mix))), orig_step())[1]
     logs = []
-    stats = T.train(args, model, model, opt, loader, None, None, 0, 1, CPU, logs.append, T.PhaseTimer(),
+    stats = T.train(args, model, model, opt, loader, 0, 1, CPU, logs.append, T.PhaseTimer(),
                     T.SharedClock(0, 1, CPU), budget_bytes=budget)
     warm, run = seen[:4], seen[4:]
     assert [a for a, _ in warm] == [False, False, True, True]  # both graphs compiled before the clock
@@ -402,7 +402,7 @@ def test_compile_warmup_is_undone(smoke_dataset, monkeypatch, ema):
         opt.step = counting_step
         # train() calls _sync(device) right after the warm-up restore: capture the state there
         monkeypatch.setattr(T, "_sync", lambda device: calls["sync"].append(_snapshot(model, opt, loader)))
-        stats = T.train(args, model, model, opt, loader, None, None, 0, 1, CPU, lambda m: None, T.PhaseTimer(),
+        stats = T.train(args, model, model, opt, loader, 0, 1, CPU, lambda m: None, T.PhaseTimer(),
                     T.SharedClock(0, 1, CPU))
         assert stats["steps"] == 5 and calls["step"] == 5 + warm
         assert stats["qat_step"] == 4  # lr scale (1 - 4/5) / 0.6 = 1/3 < 0.5 at step 4

@@ -90,7 +90,7 @@ def _clock_worker(rank, world, init_file, data_dir, vocab, out_prefix):
         # down, switch QAT and stop far earlier than rank 0
         skewed = (lambda: 3.0 * time.perf_counter() + 1000.0) if rank == 1 else time.perf_counter
         clock = T.SharedClock(rank, world, CPU, clock=skewed)
-        stats = T.train(args, model, model, opt, loader, None, None, rank, world, CPU, lambda m: None,
+        stats = T.train(args, model, model, opt, loader, rank, world, CPU, lambda m: None,
                         T.PhaseTimer(), clock)
         torch.save({"seen": seen, "steps": stats["steps"], "qat_step": stats["qat_step"], "local": clock.local(),
                     "train_seconds": stats["train_seconds"], "state": model.state_dict()}, f"{out_prefix}.{rank}")
