@@ -1619,9 +1619,9 @@ class PhaseTimer:
 
 def estimate_gptq_reserve(n_params: int) -> float:
     """Seconds kept free at the end of the 600 s for calibration + GPTQ rate control + packing:
-    a fixed part plus a per-parameter part (GPTQ and compression scale with the model). 1xH200,
-    default model: Hessians 0.9 s, two rate-control rounds (GPTQ + lzma) 6.1 s; a third round
-    would add ~3 s. About twice that is kept."""
+    a fixed part plus a per-parameter part (GPTQ and compression scale with the model). 1xH200:
+    sp1024 model (27 M) Hessians 0.9 s + two rate-control rounds 6.1 s; SP8192 model (37 M)
+    1.6 s + 9 s of 25 s kept. A third round adds ~4 s."""
     return 10.0 + 0.4e-6 * n_params
 
 
