@@ -413,22 +413,23 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),)).to(x.dtype)  # autocast would return fp32
 
 
-def sdclip_scales(W: torch.Tensor, clip_sigmas: float, qmax: int) -> torch.Tensor:
-    """Per-row scale of a symmetric int-N grid: the clip is `clip_sigmas` x the row's RMS
-    ("SDClip"; <= 0: the row's absmax), divided by qmax and rounded to fp16 (as stored). The
-    step relative to the row's spread sets the entropy of the values, about
-    log2(qmax / clip_sigmas) + 2.05 bits for a Gaussian row: the knob trading bytes for error."""
+def sdclip_scales(W: torch.Tensor, clip_sigmas, qmax: int) -> torch.Tensor:
+    """Per-row scale of a symmetric int-N grid: the clip is `clip_sigmas` (a number or a 0-d
+    tensor) x the row's RMS ("SDClip"; a number <= 0: the row's absmax), divided by qmax and
+    rounded to fp16 (as stored). The step relative to the row's spread sets the entropy of the
+    values, about log2(qmax / clip_sigmas) + 2.05 bits for a Gaussian row: the knob trading
+    bytes for error."""
     W = W.detach().float()
-    clip = W.abs().amax(-1) if clip_sigmas <= 0 else clip_sigmas * W.square().mean(-1).sqrt()
+    absmax = not torch.is_tensor(clip_sigmas) and clip_sigmas <= 0
+    clip = W.abs().amax(-1) if absmax else clip_sigmas * W.square().mean(-1).sqrt()
     return (clip.clamp_min(1e-8) / qmax).half().clamp_min(6e-8).float()
 
 
 def fake_quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: torch.Tensor) -> torch.Tensor:
-    """Late QAT: the GPTQ grid (SDClip rows, as sdclip_scales), rounded to nearest. The clip is
-    a tensor so that choosing it at the start of QAT does not recompile the model."""
+    """Late QAT: the GPTQ grid (sdclip_scales), rounded to nearest. The clip is a tensor so
+    that choosing it at the start of QAT does not recompile the model."""
     qmax = 2 ** (bits - 1) - 1
-    rms = w.detach().float().square().mean(-1).sqrt()
-    scale = (clip_sigmas * rms / qmax).clamp_min(1e-8 / qmax).half().clamp_min(6e-8).float()[..., None].to(w.dtype)
+    scale = sdclip_scales(w, clip_sigmas, qmax)[..., None].to(w.dtype)
     return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
 
 
