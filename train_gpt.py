@@ -1,10 +1,8 @@
-"""Parameter-golf training script: SP8192 11-layer XSA / partial-RoPE GPT with document-masked
-attention, parallel Muon on parameter banks, wall-clock-bounded training, full-Hessian GPTQ
-int6 + lzma packing under rate control, exact sliding-window val_bpb on the round-tripped
-artifact, and optional score-first LoRA test-time training.
+"""Parameter-golf training script: SP8192 11-layer XSA GPT, parallel Muon, full-Hessian GPTQ
+int6 + lzma under rate control, sliding-window val_bpb of the artifact, optional LoRA TTT.
 
 Launch: torchrun --standalone --nproc_per_node=N train_gpt.py   (N = 1..8; CPU works too)
-All settings come from environment variables (see Hyperparameters).
+Settings come from environment variables (see Hyperparameters).
 """
 from __future__ import annotations
 
@@ -33,17 +31,17 @@ import torch.nn.functional as F
 
 try:  # FlashAttention-3 (Hopper); optional
     from flash_attn_interface import flash_attn_func as _fa3_func
-except Exception:  # noqa: BLE001 - any import failure means "not available"
+except Exception:  # noqa: BLE001
     _fa3_func = None
-try:  # FlexAttention: document-masked attention that skips the masked blocks
+try:  # FlexAttention: skips fully masked blocks
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except Exception:  # noqa: BLE001
     create_block_mask = flex_attention = None
 ARTIFACT_CAP_BYTES = 16_000_000
-CLIP_RANGE = (3.0, 64.0)  # clips the rate control may choose (below ~3 sigmas clipping costs more than it gains)
-RATE_BAND = 0.985  # the rate control stops once the model fills this much of its byte budget
+CLIP_RANGE = (3.0, 64.0)  # rate-control clips (sigmas); below ~3, clipping costs more than it saves
+RATE_BAND = 0.985  # rate control stops once the model fills this much of its budget
 EMBED_TABLES = ("tok_emb.weight", "bigram_table", "ve_table")
-FINEWEB_VAL_TOKENS = {1024: 62_000_000, 8192: 48_000_000}  # targets of the challenge's validation set
+FINEWEB_VAL_TOKENS = {1024: 62_000_000, 8192: 48_000_000}  # challenge validation targets
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 
 
@@ -62,7 +60,7 @@ class ArtifactError(ValueError):
 # ----------------------------------------------------------------------------- config
 
 _TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
-# settings of earlier revisions: a run that still sets one is stopped, with what replaces it
+# removed settings -> replacements (a run setting one stops)
 _REMOVED_SETTINGS = {"WARMDOWN_ITERS": "WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_STEPS": "MUON_MOMENTUM_WARMUP_FRAC",
                      "EMA_DECAY": "EMA_HORIZON", "SWA_ENABLED": "EMA_HORIZON", "SWA_EVERY": "EMA_HORIZON",
                      "SWA_START_SCALE": "EMA_HORIZON", "GPTQ_CLIP_QUANTILES": "CLIP_SIGMAS",
@@ -92,14 +90,12 @@ class Hyperparameters:
     # budget
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
-    gptq_reserve_seconds: float = -1.0  # <0: estimate from model size
+    gptq_reserve_seconds: float = -1.0  # <0: from model size
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0: max(1, 4 // world_size)
     warmup_steps: int = 20  # compile warm-up, undone afterwards
-    # schedule as fractions of the run (its wall-clock budget, or ITERATIONS if that binds
-    # first): one GPU's ~950 steps get the same shape as 8 GPUs' ~6,900 (record B: warm-down
-    # 4,000 and momentum warm-up 1,500 of ~6,900 steps)
+    # schedule in fractions of the run (budget or ITERATIONS): same shape on 1 and 8 GPUs
     warmdown_frac: float = 0.85
     min_lr_scale: float = 0.1
     train_log_every: int = 100
@@ -121,15 +117,13 @@ class Hyperparameters:
     bigram_dim: int = 112
     ve_dim: int = 128
     ve_layers: str = ""  # comma list; "": last two layers
-    skip_gates: bool = True  # each U-Net skip enters through a learned sigmoid gate
-    parallel_from: int = 8  # layers from this one on run attention and MLP side by side (>= NUM_LAYERS: off)
-    recur_layers: str = "auto"  # consecutive layers run 1 + RECUR_PASSES times ("": off; auto: 3,4,5 of 11)
-    # off by default: on one GPU (~600 steps) its +48 % step time cost more than the depth gave
-    # (200 s screen: sliding 1.4343 with, 1.3778 without); the 8-GPU run (~4,900 steps) may differ
-    recur_passes: int = 0
-    recur_start_frac: float = 0.35  # recurrence starts at this fraction of the run
-    attn_gate_width: int = 12  # per-head output gate from the first N channels of the block input (0: off)
-    doc_mask: bool = True  # attention never crosses a BOS (training and evaluation)
+    skip_gates: bool = True  # U-Net skips enter through learned sigmoid gates
+    parallel_from: int = 8  # layers from here on run attention || MLP (>= NUM_LAYERS: off)
+    recur_layers: str = "auto"  # consecutive layers run 1 + RECUR_PASSES times ("": off)
+    recur_passes: int = 0  # off: on 1 GPU the step time cost more than the depth gave
+    recur_start_frac: float = 0.35  # fraction of the run
+    attn_gate_width: int = 12  # per-head output gate from N input channels (0: off)
+    doc_mask: bool = True  # attention never crosses a BOS
     # optimizer
     matrix_lr: float = 0.026
     muon_wd: float = 0.095
@@ -137,8 +131,8 @@ class Hyperparameters:
     muon_momentum_start: float = 0.92
     muon_momentum_warmup_frac: float = 0.22
     muon_ns_steps: int = 5
-    muon_ns: str = "polar"  # polar (Polar-Express coefficients per iteration) | quintic (one fixed tuple)
-    muon_row_norm: bool = True  # rows of the momentum update normalised before Newton-Schulz (MuonEq-R)
+    muon_ns: str = "polar"  # polar | quintic
+    muon_row_norm: bool = True  # MuonEq-R: update rows normalised before Newton-Schulz
     embed_lr: float = 0.03
     scalar_lr: float = 0.02
     adam_beta1: float = 0.9
@@ -147,9 +141,7 @@ class Hyperparameters:
     adam_wd: float = 0.02
     embed_wd: float = 0.085
     grad_clip_norm: float = 0.3
-    # EMA time constant as a fraction of the run (0 disables): 0.05 is record B's decay 0.997
-    # at its 86.7 ms/step and ~560 s
-    ema_horizon: float = 0.05
+    ema_horizon: float = 0.05  # EMA time constant, fraction of the run (0: off)
     qat_start_scale: float = 0.15  # 0 disables late QAT
     # quantization / artifact
     quant_bits: int = 6
@@ -157,13 +149,12 @@ class Hyperparameters:
     gptq_calib_len: int = 2048
     gptq_block: int = 128
     gptq_damp: float = 0.01
-    # SDClip: each row's int-N step is clip_sigmas x its RMS / qmax, so the clip sets the bits
-    # per value; the rate control moves CLIP_SIGMAS until the artifact fills its budget
-    clip_sigmas: float = 6.5  # first guess, and the late-QAT grid (the proxy run's model settled at 6.3-6.8)
-    embed_bits: int = 7  # embedding tables (the tied one by GPTQ with the head's Hessian)
+    # SDClip: row step = clip_sigmas x row RMS / qmax; rate control tunes it
+    clip_sigmas: float = 6.5  # first guess, and the late-QAT grid
+    embed_bits: int = 7  # embedding tables
     embed_clip_sigmas: float = 14.0  # 0: the row's absmax
     rate_tries: int = 3  # GPTQ + compress rounds of the rate control
-    lqer_tensors: int = 0  # LQER: low-rank corrections of the N worst-quantized bank matrices (0: off, not yet measured)
+    lqer_tensors: int = 0  # LQER: low-rank fixes of the N worst bank matrices (0: off)
     lqer_rank: int = 4
     artifact_target_bytes: int = 15_950_000
     # evaluation
@@ -172,9 +163,7 @@ class Hyperparameters:
     eval_batch_seqs: int = 32
     eval_only: str = ""  # artifact path: evaluate it, never train
     skip_sliding_eval: bool = False
-    # score-first test-time training: per-document LoRA (reset at every BOS) trained on each
-    # chunk right after it is scored; between phases, one SGD pass of the whole model over the
-    # documents already scored
+    # score-first TTT: per-document LoRA trained on each chunk once scored; SGD pass between phases
     ttt_enabled: bool = False
     ttt_rank: int = 80
     ttt_chunk: int = 48
@@ -183,7 +172,7 @@ class Hyperparameters:
     ttt_wd: float = 0.5
     ttt_phases: int = 3
     ttt_global_lr: float = 0.002
-    ttt_max_seconds: float = 450.0  # adaptation stops (scoring goes on) after this much time
+    ttt_max_seconds: float = 450.0  # then adaptation stops; scoring goes on
     # runtime
     attn_backend: str = "auto"  # auto | fa3 | flex | sdpa | math
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
@@ -191,8 +180,7 @@ class Hyperparameters:
 
     @classmethod
     def from_env(cls, env=None, warn=None) -> "Hyperparameters":
-        """Read every field from its upper-case variable. Malformed values raise ConfigError;
-        upper-case variables that look like a misspelt setting (NUM_LAYER) are reported to `warn`."""
+        """Each field from its upper-case variable; likely misspellings go to `warn`."""
         env = os.environ if env is None else env
         names = {f.name.upper(): f for f in dataclasses.fields(cls)}
         for key, new in _REMOVED_SETTINGS.items():
@@ -226,7 +214,6 @@ class Hyperparameters:
                         warn(f"warning: environment variable {key} is not a setting; did you mean {close[0]}?")
         return cls(**kwargs)
 
-    # derived quantities
     @property
     def head_dim(self) -> int:
         return self.model_dim // self.num_heads
@@ -245,7 +232,7 @@ class Hyperparameters:
     def recur_layer_list(self, even_if_off: bool = False) -> list[int]:
         if self.recur_passes <= 0 and not even_if_off:
             return []
-        if self.recur_layers == "auto":  # the same place in any depth: layers 3..5 of 11
+        if self.recur_layers == "auto":  # layers 3..5 of 11, scaled to the depth
             first, n = round(3 * self.num_layers / 11), max(1, round(3 * self.num_layers / 11))
             return list(range(min(first, self.num_layers - 1), min(first + n, self.num_layers)))
         return _layer_list(self.recur_layers, "RECUR_LAYERS")
@@ -274,7 +261,7 @@ class Hyperparameters:
              "WARMUP_STEPS=1 cannot compile both depths of the recurrence: use 0 or >= 2")
         need(self.lqer_tensors >= 0 and self.lqer_rank >= 1, "LQER_TENSORS must be >= 0 and LQER_RANK >= 1")
         need(min(self.ttt_lr, self.ttt_wd, self.ttt_global_lr) >= 0, "TTT_LR, TTT_WD and TTT_GLOBAL_LR must be >= 0")
-        need(0 <= self.attn_gate_width <= self.model_dim, f"ATTN_GATE_WIDTH must be in 0..MODEL_DIM")
+        need(0 <= self.attn_gate_width <= self.model_dim, "ATTN_GATE_WIDTH must be in 0..MODEL_DIM")
         need(self.muon_ns in ("polar", "quintic"), f"MUON_NS={self.muon_ns} must be polar or quintic")
         need(not (self.doc_mask and self.attn_backend.startswith("fa3")),
              "DOC_MASK=1 runs on flex (CUDA) or math/sdpa attention; FA3 varlen is not built: set ATTN_BACKEND=auto")
@@ -301,8 +288,7 @@ class Hyperparameters:
              self.ttt_chunk <= self.eval_seq_len), "TTT_RANK/CHUNK/BATCH_DOCS/PHASES must be >= 1, TTT_CHUNK <= EVAL_SEQ_LEN")
 
     def resolved_grad_accum(self, world_size: int) -> int:
-        """Default micro-steps: 4 on 1 GPU, 2 on 2, 1 on 4 or 8. At the default batch a micro-step is
-        96 sequences (48 on 8 GPUs): larger micro-batches measured faster on one H100 (42 GB peak)."""
+        """Default micro-steps: 4 on 1 GPU, 2 on 2, 1 on 4 or 8."""
         if self.grad_accum_steps > 0:
             return self.grad_accum_steps
         if 8 % world_size != 0:
@@ -333,7 +319,7 @@ def read_shard_header(path: str) -> int:
 
 
 def load_shard(path: str, vocab_size: int) -> np.ndarray:
-    """Memory-map a validated shard's tokens (uint16) and check every id < vocab_size."""
+    """Memory-map a validated shard; check every id < vocab_size."""
     ntok = read_shard_header(path)
     tokens = np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(ntok,))
     top = int(tokens.max())
@@ -352,7 +338,7 @@ def find_shards(data_path: str, split: str) -> list[str]:
 
 
 def load_validation_tokens(data_path: str, vocab_size: int, limit: int = 0) -> torch.Tensor:
-    """All validation tokens, concatenated in order (documents start with BOS)."""
+    """All validation tokens, concatenated in order."""
     parts = [np.asarray(load_shard(f, vocab_size)) for f in find_shards(data_path, "val")]
     tokens = np.concatenate(parts).astype(np.int64)
     if limit > 0:
@@ -363,7 +349,7 @@ def load_validation_tokens(data_path: str, vocab_size: int, limit: int = 0) -> t
 
 
 class TokenStream:
-    """Reads train shards in order, one memory-mapped shard at a time, wrapping around."""
+    """Train shards in order, one memory-mapped at a time, wrapping around."""
 
     def __init__(self, files: list[str], vocab_size: int):
         for f in files:
@@ -392,7 +378,7 @@ class TokenStream:
 
 
 class DistributedLoader:
-    """Every rank walks the same stream; each takes its own disjoint slice of each chunk."""
+    """All ranks walk one stream, each taking a disjoint slice of each chunk."""
 
     def __init__(self, files, vocab_size, rank, world_size, device):
         self.stream = TokenStream(files, vocab_size)
@@ -414,11 +400,7 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def sdclip_scales(W: torch.Tensor, clip_sigmas, qmax: int) -> torch.Tensor:
-    """Per-row scale of a symmetric int-N grid: the clip is `clip_sigmas` (a number or a 0-d
-    tensor) x the row's RMS ("SDClip"; a number <= 0: the row's absmax), divided by qmax and
-    rounded to fp16 (as stored). The step relative to the row's spread sets the entropy of the
-    values, about log2(qmax / clip_sigmas) + 2.05 bits for a Gaussian row: the knob trading
-    bytes for error."""
+    """SDClip row scales: `clip_sigmas` (<= 0: absmax) x row RMS / qmax, rounded to fp16."""
     W = W.detach().float()
     absmax = not torch.is_tensor(clip_sigmas) and clip_sigmas <= 0
     clip = W.abs().amax(-1) if absmax else clip_sigmas * W.square().mean(-1).sqrt()
@@ -426,8 +408,7 @@ def sdclip_scales(W: torch.Tensor, clip_sigmas, qmax: int) -> torch.Tensor:
 
 
 def fake_quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: torch.Tensor) -> torch.Tensor:
-    """Late QAT: the GPTQ grid (sdclip_scales), rounded to nearest. The clip is a tensor so
-    that choosing it at the start of QAT does not recompile the model."""
+    """Late QAT: round to nearest on the GPTQ grid (tensor clip: no recompile)."""
     qmax = 2 ** (bits - 1) - 1
     scale = sdclip_scales(w, clip_sigmas, qmax)[..., None].to(w.dtype)
     return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
@@ -437,14 +418,13 @@ _ATTN_BACKEND = "math"
 
 
 def set_attention_backend(name: str, device: torch.device, doc_mask: bool = False) -> str:
-    """Resolve ATTN_BACKEND once per process; returns the name in use. Document masking on
-    CUDA runs on FlexAttention (measured faster than dense causal SDPA: it skips blocks)."""
+    """Resolve ATTN_BACKEND once per process; returns the name in use."""
     global _ATTN_BACKEND
     if name == "auto":
         name = "math" if device.type != "cuda" else ("flex" if doc_mask else ("fa3" if _fa3_func is not None else "sdpa"))
     if device.type != "cuda" and name != "math":
         name = "math"
-    if doc_mask and name == "fa3":  # eval-only runs take DOC_MASK from the artifact, after validate()
+    if doc_mask and name == "fa3":  # eval-only: DOC_MASK from the artifact, after validate()
         raise ConfigError("the model uses document masking, which FA3 (not varlen) cannot do: set ATTN_BACKEND=auto")
     if name == "flex" and flex_attention is None:
         raise ConfigError("ATTN_BACKEND=flex but torch.nn.attention.flex_attention is not available")
@@ -453,11 +433,8 @@ def set_attention_backend(name: str, device: torch.device, doc_mask: bool = Fals
 
 
 def attention_mask(ids: torch.Tensor, bos_id: int, doc_mask: bool):
-    """What the attention needs to mask, for the backend in use: None (plain causal), a dense
-    (B,1,T,T) boolean mask (True = may attend), or a FlexAttention block mask. With `doc_mask`
-    a token attends only to earlier tokens of its own document (documents start at a BOS).
-    Flex serves training only: its inference kernels crashed on the H200 (torch 2.11, illegal
-    address), so evaluation takes SDPA with the dense mask (same function, tested equal)."""
+    """None (causal), a dense (B,1,T,T) bool mask or a Flex block mask (training only: its
+    inference kernels crashed on H200)."""
     flex = _ATTN_BACKEND == "flex" and torch.is_grad_enabled()
     if not doc_mask and not flex:
         return None
@@ -472,8 +449,7 @@ def attention_mask(ids: torch.Tensor, bos_id: int, doc_mask: bool):
 
 
 def causal_attention(q, k, v, mask=None):
-    """q: (B,T,H,D); k, v: (B,T,Hkv,D) -> (B,T,H,D), causal (and masked by `mask` from
-    attention_mask), scale 1/sqrt(D)."""
+    """q: (B,T,H,D); k, v: (B,T,Hkv,D) -> (B,T,H,D), causal, masked by `mask`."""
     if _ATTN_BACKEND == "fa3":
         out = _fa3_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
@@ -481,7 +457,7 @@ def causal_attention(q, k, v, mask=None):
     if _ATTN_BACKEND == "flex" and mask is not None and not isinstance(mask, torch.Tensor):
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=True).transpose(1, 2)
     if _ATTN_BACKEND == "math":
-        rep = q.size(1) // k.size(1)  # expand KV heads for the reference path
+        rep = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         return _math_attention(q, k, v, mask).transpose(1, 2)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
@@ -536,7 +512,7 @@ class Block(nn.Module):
             self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_width))
 
     def forward(self, gpt: "GPT", x, x0, w, ve, mask):
-        """Returns the new residual stream and the MLP's output (the parallel lane's share)."""
+        """Returns the new residual stream and the MLP's output."""
         L, a = gpt.args.num_layers, self.layer
         B, T, _ = x.shape
         H, Hkv, D = gpt.args.num_heads, gpt.args.num_kv_heads, gpt.args.head_dim
@@ -544,7 +520,7 @@ class Block(nn.Module):
         x_in = mix[0] * x + mix[1] * x0
         h = rms_norm(x_in) * self.ln_scale
         gpt.capture(a, "qkv", h)
-        # one GEMM for q, k and v: h is read once and its gradient is one GEMM, not a sum of three
+        # one GEMM for q, k, v: h read once, one GEMM for its gradient
         qkv = gpt.adapt(a, "qkv", h, F.linear(h, torch.cat((w["qo"][a], w["kv"][a], w["kv"][L + a]))))
         q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
@@ -558,15 +534,14 @@ class Block(nn.Module):
             yg = y.view(B, T, Hkv, H // Hkv, D)
             vh = F.normalize(v.float(), dim=-1).to(y.dtype).unsqueeze(3)
             y = (yg - (yg * vh).sum(-1, keepdim=True) * vh).view(B, T, H, D)
-        if hasattr(self, "attn_gate"):  # per-head gate in (0, 2) read from a few input channels
+        if hasattr(self, "attn_gate"):  # per-head gate in (0, 2)
             gate = 2 * torch.sigmoid(0.5 * F.linear(h[..., :self.attn_gate.size(1)], self.attn_gate.to(h.dtype)))
             y = y * gate[..., None].to(y.dtype)
         y = y.reshape(B, T, H * D)
         gpt.capture(a, "out", y)
-        # per-channel output scales act on the weight rows (same function): their gradient is
-        # then a reduction over the small weight, not over every token's activation
+        # scales act on the weight rows: cheaper gradient than on activations
         x = x_in + gpt.adapt(a, "out", y, F.linear(y, w["qo"][L + a] * self.attn_scale[:, None]))
-        if not self.parallel:  # parallel layers: the MLP reads the attention's input, not its output
+        if not self.parallel:  # parallel layers: the MLP reads the attention's input
             h = rms_norm(x) * self.ln_scale
         gpt.capture(a, "up", h)
         u = F.leaky_relu(gpt.adapt(a, "up", h, F.linear(h, w["up"][a])), gpt.args.leaky_slope).square()
@@ -576,7 +551,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The one model class used for training, calibration and evaluation."""
+    """The model for training, calibration and evaluation."""
 
     BANK_NAMES = ("qo", "kv", "up", "down")
 
@@ -600,17 +575,16 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(a, l) for l in range(L))
         self.num_enc = L // 2
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_enc, L - self.num_enc), d))
-        if a.skip_gates:  # sigmoid gate per channel: how much of the stream the skip replaces (0.5 at init)
+        if a.skip_gates:  # per channel share of the stream the skip replaces
             self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights))
-        if a.parallel_from < L:  # final mix of the two lanes: stream + lane_mix * (sum of parallel MLP outputs)
+        if a.parallel_from < L:  # stream + lane_mix * (sum of parallel MLP outputs)
             self.lane_mix = nn.Parameter(torch.zeros(d))
         self.recur_layers = a.recur_layer_list()
-        # depth recurrence is part of the model (evaluation runs it); training turns it on late
+        # evaluation runs the recurrence; training turns it on late
         self.recurrence_active = bool(self.recur_layers)
         self.smear_w = nn.Parameter(torch.zeros(d))
         if a.bigram_vocab > 0:
-            # the doc's table is zero-init, but zero table x zero projection never gets a
-            # gradient; a small random table with a zero projection starts at zero output.
+            # zero table x zero projection would get no gradient
             self.bigram_table = nn.Parameter(torch.randn(a.bigram_vocab, a.bigram_dim) * 0.01)
             self.bigram_proj = nn.Parameter(torch.zeros(d, a.bigram_dim))
             self.bigram_scale = nn.Parameter(torch.tensor(0.05))
@@ -624,7 +598,7 @@ class GPT(nn.Module):
         self.register_buffer("qat_mix", torch.zeros(()), persistent=False)
         self.register_buffer("qat_clip", torch.tensor(float(a.clip_sigmas)), persistent=False)
         self._capture = None
-        self.adapters = None  # per-document LoRA of test-time training
+        self.adapters = None  # TTT's per-document LoRA
 
     def adapt(self, layer: int, kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return y if self.adapters is None else y + self.adapters(layer, kind, x)
@@ -640,7 +614,7 @@ class GPT(nn.Module):
         w = self.banks()
         if not (torch.is_grad_enabled() and self.training):
             return w
-        # late QAT: straight-through fake quantization, switched by a tensor (no recompile)
+        # late QAT: straight-through fake quantization (tensor switch: no recompile)
         a = self.args
         return {k: t + self.qat_mix * (fake_quantize_rows(t, a.quant_bits, self.qat_clip) - t).detach()
                 for k, t in w.items()}
@@ -654,8 +628,7 @@ class GPT(nn.Module):
             prev = torch.cat([torch.full_like(ids[:, :1], -1), ids[:, :-1]], dim=1)
             idx = torch.bitwise_xor(36313 * ids, 27191 * prev) % (a.bigram_vocab - 1)
             idx = torch.where((prev < 0) | is_bos, a.bigram_vocab - 1, idx)
-            # scalars scale the small weight, not the (tokens x d) output: their gradient is
-            # then a tiny reduction instead of one over every activation
+            # scale on the small weight, not the output: cheaper gradient
             x = x + F.linear(F.embedding(idx, self.bigram_table), self.bigram_proj * self.bigram_scale)
         x = rms_norm(x)
         x_prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
@@ -663,7 +636,7 @@ class GPT(nn.Module):
         return x + g * (x_prev - x)
 
     def layer_order(self) -> list[int]:
-        """Layers in the order they run: with recurrence on, the RECUR_LAYERS block repeats."""
+        """Layers in run order: with recurrence on, the RECUR_LAYERS block repeats."""
         order = list(range(self.args.num_layers))
         if self.recurrence_active and self.recur_layers:
             end = self.recur_layers[-1] + 1
@@ -672,14 +645,12 @@ class GPT(nn.Module):
 
     def hidden(self, ids):
         x = self.embed(ids)
-        if torch.is_autocast_enabled(x.device.type):  # residual stream in the autocast dtype
+        if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x0 = x
         w = self._bank_weights()
         mask = attention_mask(ids, self.args.bos_id, self.args.doc_mask)
-        ve_ids = None
-        if self.ve_layers:
-            ve_ids = F.embedding(ids, self.ve_table)
+        ve_ids = F.embedding(ids, self.ve_table) if self.ve_layers else None
         order = self.layer_order()
         last_pass = {l: i for i, l in enumerate(order)}
         skips, lane = [], None
@@ -718,8 +689,8 @@ class GPT(nn.Module):
         return loss if reduction == "mean" else loss.view(targets.shape)
 
     def param_groups(self):
-        """Split parameters by optimizer: Muon banks, embedding tables, projections, gains."""
-        banks = [self.qo_bank, self.kv_bank, self.up_bank, self.down_bank]
+        """Muon banks, embedding tables, projections, gains."""
+        banks = list(self.banks().values())
         named = dict(self.named_parameters())
         tables = [named[n] for n in EMBED_TABLES if n in named]
         projections = [named[n] for n in ("bigram_proj", "ve_proj") if n in named]
@@ -736,8 +707,7 @@ def build_model(args: Hyperparameters, device: torch.device) -> GPT:
 # ----------------------------------------------------------------------------- optimizer
 
 QUINTIC_COEFFS = ((3.4445, -4.7750, 2.0315),) * 5
-# Polar Express: per iteration, the odd quintic closest to 1 (minimax) on the interval the
-# singular values occupy after the previous ones, from [1e-3, 1] (derived by tools/polar_express.py)
+# Polar Express: the minimax odd quintic of each iteration (tools/polar_express.py)
 POLAR_EXPRESS_COEFFS = ((8.386464162225812, -24.36964994371728, 17.725116517530434),
                         (4.142307386676976, -3.0181404252012447, 0.5525975307690401),
                         (3.9285939967086696, -2.872330367692898, 0.5365258516486148),
@@ -751,8 +721,7 @@ def ns_coeffs(args: Hyperparameters) -> tuple:
 
 
 def newton_schulz(G: torch.Tensor, coeffs: tuple = QUINTIC_COEFFS, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Approximately orthogonalize each matrix of a (n, r, c) batch: one odd quintic X <- aX +
-    (bA + cA^2)X per (a, b, c) of `coeffs` (bf16 by default)."""
+    """Approximately orthogonalize a batch of matrices, one quintic per (a, b, c) of `coeffs`."""
     X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
@@ -768,9 +737,12 @@ def _is_nccl() -> bool:
     return dist.is_initialized() and dist.get_backend() == "nccl"
 
 
+def _multi() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 def reduce_scatter_avg(full: torch.Tensor, shard_rows: int):
-    """Start averaging `full` (rows = world x shard_rows) across ranks; returns a waiter that
-    yields this rank's shard. NCCL: reduce-scatter; gloo (CPU): all-reduce, then slice."""
+    """Start averaging `full` across ranks; returns a waiter yielding this rank's shard."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if _is_nccl():
         out = torch.empty((shard_rows,) + tuple(full.shape[1:]), device=full.device, dtype=full.dtype)
@@ -781,7 +753,7 @@ def reduce_scatter_avg(full: torch.Tensor, shard_rows: int):
 
 
 def all_gather_rows(shard: torch.Tensor):
-    """Start gathering every rank's shard along dim 0; returns a waiter yielding the whole."""
+    """Start gathering every rank's shard along dim 0; returns a waiter."""
     world = dist.get_world_size()
     if _is_nccl():
         out = torch.empty((shard.size(0) * world,) + tuple(shard.shape[1:]), device=shard.device, dtype=shard.dtype)
@@ -793,11 +765,10 @@ def all_gather_rows(shard: torch.Tensor):
 
 
 class ParallelMuon:
-    """Muon on 3-D parameter banks. Distributed: reduce-scatter the gradient along the layer
-    axis, momentum + Newton-Schulz on this rank's shard only, all-gather the updates."""
+    """Muon on 3-D banks, sharded over ranks along the layer axis."""
 
     def __init__(self, banks, lr, weight_decay, coeffs, world_size, ns_fn=newton_schulz, row_norm=False):
-        self.banks = sorted(banks, key=lambda p: -p.numel())  # biggest first: longest comm first
+        self.banks = sorted(banks, key=lambda p: -p.numel())  # longest comm first
         self.lr, self.weight_decay, self.coeffs, self.momentum = lr, weight_decay, coeffs, 0.95
         self.row_norm = row_norm
         self.world, self.ns_fn = world_size, ns_fn
@@ -839,19 +810,19 @@ class ParallelMuon:
             buf = st["buf"]
             buf.mul_(mu).add_(g)
             u = g.add(buf, alpha=mu)
-            if self.row_norm:  # MuonEq-R: every row of the update enters with the same norm
+            if self.row_norm:  # MuonEq-R
                 u = u / (u.norm(dim=-1, keepdim=True) + 1e-7)
             update = self.ns_fn(u, self.coeffs) * st["scale"]
             pending.append((p, all_gather_rows(update) if self.world > 1 else (lambda u=update: u)))
-        for p, wait in pending:  # gathers overlap the following banks' Newton-Schulz
+        for p, wait in pending:  # gathers overlap later Newton-Schulz
             update = wait()[: p.size(0)]
             p.mul_(1.0 - lr * wd).add_(update.to(p.dtype), alpha=-lr)
         self._shards = None
 
 
 def flat_all_reduce_avg(tensors: list[torch.Tensor]):
-    """Average a list of small gradients across ranks as one flat buffer; returns a waiter."""
-    if not dist.is_initialized() or dist.get_world_size() == 1 or not tensors:
+    """Average small tensors across ranks as one flat buffer; returns a waiter."""
+    if not _multi() or not tensors:
         return lambda: None
     flat = torch.cat([t.reshape(-1) for t in tensors])
     work = dist.all_reduce(flat, async_op=True)
@@ -867,7 +838,7 @@ def flat_all_reduce_avg(tensors: list[torch.Tensor]):
 
 
 class Optimizers:
-    """Muon for banks + AdamW for the rest, with the shared gradient sync and clipping."""
+    """Muon for banks + AdamW for the rest, with gradient sync and clipping."""
 
     def __init__(self, model: GPT, args: Hyperparameters, world_size: int, device: torch.device):
         banks, tables, projections, scalars = model.param_groups()
@@ -877,7 +848,7 @@ class Optimizers:
                                  args.muon_row_norm)
         groups = [{"params": tables, "lr": args.embed_lr, "weight_decay": args.embed_wd},
                   {"params": projections, "lr": args.scalar_lr, "weight_decay": args.adam_wd},
-                  # gains, gates and mixing weights: no decay (decay would pull them to 0)
+                  # gains, gates, mixes: no decay (it pulls them to 0)
                   {"params": scalars, "lr": args.scalar_lr, "weight_decay": 0.0}]
         groups = [g for g in groups if g["params"]]
         for g in groups:
@@ -887,8 +858,7 @@ class Optimizers:
         self.other_params = [p for g in groups for p in g["params"]]
 
     def set_schedule(self, lr_scale: float, progress: float):
-        """Learning rates times lr_scale; Muon momentum warmed up over the first
-        MUON_MOMENTUM_WARMUP_FRAC of the run (`progress` in 0..1)."""
+        """Learning rates x lr_scale; Muon momentum warm-up over MUON_MOMENTUM_WARMUP_FRAC."""
         a = self.args
         for g in self.adam.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
@@ -897,7 +867,7 @@ class Optimizers:
         self.muon.momentum = (1 - frac) * a.muon_momentum_start + frac * a.muon_momentum
 
     def step(self) -> float:
-        """Sync gradients, clip by the global norm, step both optimizers; returns the norm."""
+        """Sync, clip by global norm, step both optimizers; returns the norm."""
         for p in self.other_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -906,8 +876,8 @@ class Optimizers:
         shards = self.muon.wait_grad_sync()
         finish_small()
         bank_sq = torch.stack([s.float().square().sum() for s in shards]).sum()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(bank_sq)  # shards are disjoint, so sums add up to the full norm
+        if _multi():
+            dist.all_reduce(bank_sq)  # disjoint shards
         small_sq = sum(p.grad.float().square().sum() for p in self.other_params)
         norm = float(torch.sqrt(bank_sq + small_sq))
         coef = 1.0
@@ -936,11 +906,18 @@ def _use_compile(args: Hyperparameters, device: torch.device) -> bool:
     return args.compile == "1" or (args.compile == "auto" and device.type == "cuda")
 
 
+def _maybe_compile(model: nn.Module, args: Hyperparameters, device: torch.device) -> nn.Module:
+    return torch.compile(model, dynamic=False) if _use_compile(args, device) else model
+
+
+def _autocast(device: torch.device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 # ----------------------------------------------------------------------------- quantization
 
 def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
-    """Upper factor U' with U'^T U' = H^-1, via the reverse-Cholesky route: flip H, take the
-    lower Cholesky factor, flip back to an upper U with U U^T = H; then U' = U^-1."""
+    """Upper U' with U'^T U' = H^-1 (reverse Cholesky, inverted)."""
     L = torch.linalg.cholesky(H.flip(-2, -1))
     U = L.flip(-2, -1)
     eye = torch.eye(H.size(-1), device=H.device, dtype=H.dtype).expand_as(H)
@@ -948,7 +925,7 @@ def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
 
 
 def _gptq_pass(W, Hinv_u, s, qmax, block):
-    """One GPTQ sweep over permuted columns with fixed per-row scales s (n, r)."""
+    """One GPTQ sweep with fixed row scales s (n, r)."""
     W = W.clone()
     n, r, c = W.shape
     Q = torch.empty_like(W)
@@ -972,10 +949,7 @@ def _gptq_pass(W, Hinv_u, s, qmax, block):
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, qmax: int, clip_sigmas: float,
                   block: int = 128, damp: float = 0.01):
-    """Full-Hessian GPTQ for a batch of matrices W (n, r, c) with input Hessians H (n, c, c) on
-    the SDClip grid: dead columns zeroed, damping, act-order, lazy block updates. H = None is
-    the identity: plain round-to-nearest. Returns int8 values in [-qmax, qmax] (n, r, c) and
-    fp16 row scales (n, r)."""
+    """GPTQ of W (n, r, c) with Hessians H (None: round to nearest) -> int8 values, fp16 scales."""
     W = W.float().clone()
     n, r, c = W.shape
     H = torch.eye(c, device=W.device).expand(n, c, c).clone() if H is None else H.float().clone()
@@ -995,7 +969,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, qmax: int, clip_sigma
 
 
 class HessianCollector:
-    """Accumulates H = X^T X of each quantized linear's input, keyed (layer, kind)."""
+    """H = X^T X of each quantized linear's input, keyed (layer, kind)."""
 
     def __init__(self):
         self.H, self.rows = {}, 0
@@ -1011,7 +985,7 @@ class HessianCollector:
 
     def averaged(self) -> dict:
         rows = torch.tensor(float(self.rows), device=next(iter(self.H.values())).device)
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if _multi():
             for H in self.H.values():
                 dist.all_reduce(H)
             dist.all_reduce(rows)
@@ -1019,7 +993,7 @@ class HessianCollector:
 
 
 def bank_hessian_keys(args: Hyperparameters) -> dict[str, list[tuple[int, str]]]:
-    """For each bank, the Hessian key of each of its matrices (same order as the bank)."""
+    """For each bank, the Hessian key of each of its matrices."""
     L = args.num_layers
     return {"qo": [(l, "qkv") for l in range(L)] + [(l, "out") for l in range(L)],
             "kv": [(l, "qkv") for l in range(L)] * 2,
@@ -1029,17 +1003,16 @@ def bank_hessian_keys(args: Hyperparameters) -> dict[str, list[tuple[int, str]]]
 
 @torch.no_grad()
 def collect_hessians(model: GPT, args, loader, device, world_size, log) -> dict:
-    """Calibration on the next GPTQ_CALIB_SEQS training sequences (inside the training clock):
-    one forward pass with capture hooks, Hessians averaged over every rank's share."""
+    """Hessians from the next GPTQ_CALIB_SEQS training sequences."""
     t0 = time.perf_counter()
     per_rank = -(-args.gptq_calib_seqs // world_size)
     collector = HessianCollector()
     model._capture = collector
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with _autocast(device):
             for b0 in range(0, per_rank, 8):
                 x, _ = loader.next_batch(min(8, per_rank - b0), args.gptq_calib_len)
-                collector(-1, "head", model.hidden(x))  # the tied embedding's input as the head
+                collector(-1, "head", model.hidden(x))  # the tied head's input
     finally:
         model._capture = None
     hessians = collector.averaged()
@@ -1057,10 +1030,7 @@ def _sync(device):
 @torch.no_grad()
 def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, clip_sigmas: float, rank: int = 0,
                    world_size: int = 1):
-    """Quantize the model: bank matrices int-QUANT_BITS by GPTQ on the SDClip grid at
-    `clip_sigmas` (round-to-nearest without Hessians), split
-    across ranks and gathered back; embedding tables int-EMBED_BITS per row (EMBED_CLIP_SIGMAS;
-    the tied embedding by GPTQ with the head's Hessian); everything else fp16. Returns {name: entry} (CPU tensors)."""
+    """Banks by GPTQ at `clip_sigmas`, embedding tables at EMBED_BITS, the rest fp16."""
     keys = bank_hessian_keys(args)
     qmax = 2 ** (args.quant_bits - 1) - 1
     entries, lqer_candidates = {}, []
@@ -1073,8 +1043,8 @@ def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, cli
             H = None if hessians is None else torch.stack([hessians[keys[bank_name][i]] for i in mine])
             q[mine], s[mine] = gptq_quantize(bank.detach()[mine], H, qmax, clip_sigmas,
                                              args.gptq_block, args.gptq_damp)
-        if world_size > 1:  # each rank filled its own rows; the others are zero
-            dist.all_reduce(q)  # int8 sums of one non-zero term are exact
+        if world_size > 1:  # rows filled by one rank each: exact sums
+            dist.all_reduce(q)
             dist.all_reduce(s)
         for i in range(n):
             entries[f"{bank_name}_bank.{i}"] = {"kind": "int", "bits": args.quant_bits, "q": q[i].cpu(),
@@ -1098,11 +1068,8 @@ def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, cli
 
 
 def lqer_factors(candidates: list, args: Hyperparameters) -> dict:
-    """LQER: for the LQER_TENSORS bank matrices whose quantization error costs most (output error
-    tr(E H E^T) with the layer's Hessian, else ||E||^2), a rank-LQER_RANK correction A B of the
-    error E = W - deq(Q): SVD of E D, D = diag(sqrt(diag H)) (directions that carry activation
-    first), stored as two int4 row-quantized entries `<name>.lqer_a` (A^T, r x out) and
-    `<name>.lqer_b` (r x in); dequantize_entries adds A B to the matrix."""
+    """LQER: int4 low-rank corrections `<name>.lqer_a` (A^T) and `.lqer_b` of the LQER_TENSORS
+    bank matrices with the costliest error E (tr(E H E^T))."""
     def cost(c):
         E = c[1] - c[2]
         return float((E @ c[3] * E).sum()) if c[3] is not None else float(E.square().sum())
@@ -1118,15 +1085,14 @@ def lqer_factors(candidates: list, args: Hyperparameters) -> dict:
 
 
 def order0_bits(counts: np.ndarray) -> float:
-    """Entropy in bits per symbol of a histogram of symbol counts."""
+    """Entropy in bits per symbol of a histogram."""
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log2(p)).sum())
 
 
 @torch.no_grad()
 def code_entropy_bytes(model: GPT, args: Hyperparameters, clip_sigmas: float) -> float:
-    """Order-0 entropy, in bytes, of every bank's round-to-nearest codes at `clip_sigmas`. lzma
-    lands close to it, and its change with the clip predicts the change of the compressed size."""
+    """Order-0 entropy (bytes) of the banks' codes: predicts lzma size changes."""
     qmax = 2 ** (args.quant_bits - 1) - 1
     total = 0.0
     for name, bank in model.banks().items():
@@ -1138,14 +1104,13 @@ def code_entropy_bytes(model: GPT, args: Hyperparameters, clip_sigmas: float) ->
 
 
 def clip_for_size_change(model: GPT, args: Hyperparameters, clip_sigmas: float, delta_bytes: float) -> float:
-    """The clip whose code entropy differs from that at `clip_sigmas` by `delta_bytes`
-    (geometric bisection; entropy falls as the clip grows), within CLIP_RANGE."""
+    """The clip whose code entropy differs from that at `clip_sigmas` by `delta_bytes`."""
     base = code_entropy_bytes(model, args, clip_sigmas)
     lo, hi = CLIP_RANGE
     for _ in range(24):
         mid = math.sqrt(lo * hi)
         if code_entropy_bytes(model, args, mid) - base > delta_bytes:
-            lo = mid  # still too many bytes: a wider clip
+            lo = mid  # too many bytes: wider clip
         else:
             hi = mid
     return hi
@@ -1153,10 +1118,8 @@ def clip_for_size_change(model: GPT, args: Hyperparameters, clip_sigmas: float, 
 
 def quantize_to_budget(model: GPT, hessians: dict | None, args: Hyperparameters, budget: int, rank: int,
                        world_size: int, device, log) -> tuple[dict, bytes | None, float, list]:
-    """Rate control: GPTQ at a clip, compress, and move the clip by the entropy model until the
-    compressed model fills RATE_BAND of the budget (RATE_TRIES rounds; up to 4 more, each aiming
-    lower, while nothing fits). Returns the entries and compressed bytes (rank 0) of the narrowest
-    clip that fit, else of the smallest size, the clip, and the tries as (clip, bytes)."""
+    """Rate control: GPTQ, compress, move the clip until the model fills RATE_BAND of the budget
+    (RATE_TRIES rounds, up to 4 more while nothing fits) -> entries, bytes, clip, tries."""
     clip, tries, best = args.clip_sigmas, [], None
     for attempt in range(args.rate_tries + 4):
         if attempt >= args.rate_tries and best[0][0] == 1:
@@ -1172,12 +1135,12 @@ def quantize_to_budget(model: GPT, hessians: dict | None, args: Hyperparameters,
         tries.append((clip, size))
         log(f"rate control {attempt}: clip {clip:.3f} sigmas -> {size} bytes (budget {budget})")
         fits = size <= budget
-        key = (1, -clip) if fits else (0, -size)  # the narrowest clip that fits; else the smallest size
+        key = (1, -clip) if fits else (0, -size)
         if best is None or key > best[0]:
             best = (key, entries, data, clip)
         if fits and (size >= RATE_BAND * budget or clip <= CLIP_RANGE[0]):
             break
-        if attempt + 1 < args.rate_tries or not fits:  # rank 0 decides the next clip for every rank
+        if attempt + 1 < args.rate_tries or not fits:  # rank 0 picks the next clip
             aim = ((1 + RATE_BAND) / 2) ** max(1, attempt + 2 - args.rate_tries) * budget
             new_clip = torch.zeros((), dtype=torch.float64, device=device)
             if rank == 0:
@@ -1191,7 +1154,7 @@ def quantize_to_budget(model: GPT, hessians: dict | None, args: Hyperparameters,
 
 
 def dequantize_entries(entries: dict, args: Hyperparameters) -> dict[str, torch.Tensor]:
-    """Rebuild a full state dict (banks reassembled) from quantized entries."""
+    """Full state dict from quantized entries."""
     state, banks, lqer = {}, {}, {}
     for name, e in entries.items():
         t = e["q"].float() * e["scale"].float()[:, None] if e["kind"] == "int" else e["value"].float()
@@ -1202,7 +1165,7 @@ def dequantize_entries(entries: dict, args: Hyperparameters) -> dict[str, torch.
             banks.setdefault(bank, {})[int(idx)] = t
         else:
             state[name] = t
-    for name, A_t in lqer.items():  # LQER: add the low-rank correction A B to its matrix
+    for name, A_t in lqer.items():
         if name.endswith(".lqer_a"):
             bank, idx = name[:-len(".lqer_a")].rsplit(".", 1)
             banks[bank][int(idx)] = banks[bank][int(idx)] + A_t.T @ lqer[name[:-1] + "b"]
@@ -1221,8 +1184,7 @@ MODEL_CONFIG_FIELDS = ("vocab_size", "bos_id", "num_layers", "model_dim", "num_h
 
 
 def pack_entries(entries: dict, args: Hyperparameters) -> tuple[bytes, int, int]:
-    """Serialize entries to one blob: header (JSON tensor table + model config), then all
-    quantized values, then scales and float tensors. Returns (blob, values_offset, n_values)."""
+    """One blob: JSON header, int values, then scales and floats -> (blob, values_offset, n_values)."""
     table, values, rest = [], [], []
     voff = roff = 0
     for name, e in entries.items():
@@ -1246,9 +1208,7 @@ def pack_entries(entries: dict, args: Hyperparameters) -> tuple[bytes, int, int]
 
 
 def entropy_by_group(entries: dict) -> dict[str, tuple[float, float]]:
-    """Per tensor group (the name before its first '.'; floats together as 'fp16'): estimated
-    compressed bytes (order-0 entropy of the int values + 2-byte scales, 2 bytes per float) and
-    bits per value. Says where the bytes go without compressing each group."""
+    """Per tensor group: estimated bytes (order-0 entropy + scales) and bits per value."""
     hists, out = {}, {}
     for name, e in entries.items():
         if e["kind"] == "int":
@@ -1288,8 +1248,8 @@ def unpack_entries(blob: bytes) -> tuple[dict, dict]:
     return entries, header["config"]
 
 
-CODEC_TAG = b"L"  # lzma preset 9e: it beat zstd-22 (by 1-4 %) and a single chunk on every payload measured
-COMPRESS_CHUNKS = 8  # independent chunks, compressed in parallel threads (lzma releases the GIL)
+CODEC_TAG = b"L"  # lzma preset 9e: beat zstd-22 by 1-4 %
+COMPRESS_CHUNKS = 8  # compressed in parallel threads (lzma releases the GIL)
 
 
 def _parallel_map(fn, items: list) -> list:
@@ -1298,7 +1258,7 @@ def _parallel_map(fn, items: list) -> list:
     def run(i):
         try:
             out[i] = fn(items[i])
-        except Exception as e:  # noqa: BLE001 - re-raised in the calling thread
+        except Exception as e:  # noqa: BLE001
             errors.append(e)
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(items))]
     for t in threads:
@@ -1311,8 +1271,7 @@ def _parallel_map(fn, items: list) -> list:
 
 
 def compress(blob: bytes, chunks: int = COMPRESS_CHUNKS) -> bytes:
-    """tag byte + chunk count + chunk sizes + lzma chunks (a few MB each: 8 chunks came out
-    1.6 % smaller than one on the proxy run's model, and 8x faster)."""
+    """tag byte + chunk count + chunk sizes + lzma chunks."""
     step = -(-len(blob) // chunks) if blob else 1
     parts = _parallel_map(lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME),
                           [blob[i:i + step] for i in range(0, max(len(blob), 1), step)])
@@ -1345,7 +1304,7 @@ def write_artifact(path: str, data: bytes, code_bytes: int) -> int:
 
 
 def load_artifact(path: str) -> tuple[dict, dict]:
-    """Read an artifact file -> (state dict of dequantized weights, model config)."""
+    """Read an artifact file -> (quantized entries, model config)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -1355,7 +1314,7 @@ def load_artifact(path: str) -> tuple[dict, dict]:
         return unpack_entries(decompress(data))
     except ArtifactError:
         raise
-    except Exception as e:  # noqa: BLE001 - LZMAError, bad JSON, short sections...
+    except Exception as e:  # noqa: BLE001
         raise ArtifactError(f"artifact {path} is corrupt: {e}") from None
 
 
@@ -1371,7 +1330,7 @@ class ByteLUTs:
         return ByteLUTs(self.base.to(device), self.space.to(device), self.boundary.to(device))
 
     def target_bytes(self, prev: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
-        """UTF-8 bytes of `tgt`; its leading-space marker counts only after a non-boundary token."""
+        """UTF-8 bytes of `tgt`; a leading space counts only after a non-boundary token."""
         return self.base[tgt] + (self.space[tgt] & ~self.boundary[prev]).to(self.base.dtype)
 
 
@@ -1381,7 +1340,7 @@ def load_tokenizer_luts(tokenizer_path: str, vocab_size: int) -> ByteLUTs:
         raise DataError(f"tokenizer {tokenizer_path} not found (TOKENIZER_PATH)")
     try:
         sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
-    except Exception as e:  # noqa: BLE001 - sentencepiece raises generic errors
+    except Exception as e:  # noqa: BLE001
         raise DataError(f"tokenizer {tokenizer_path} is not a SentencePiece model: {e}") from None
     if sp.vocab_size() != vocab_size:
         raise DataError(f"tokenizer {tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
@@ -1390,7 +1349,7 @@ def load_tokenizer_luts(tokenizer_path: str, vocab_size: int) -> ByteLUTs:
     boundary = torch.zeros(vocab_size, dtype=torch.bool)
     for i in range(vocab_size):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            boundary[i] = True  # BOS/EOS/UNK: zero bytes, and they start a fresh text
+            boundary[i] = True  # BOS/EOS/UNK: zero bytes, start a fresh text
         elif sp.is_byte(i):
             base[i] = 1
         else:
@@ -1402,9 +1361,7 @@ def load_tokenizer_luts(tokenizer_path: str, vocab_size: int) -> ByteLUTs:
 
 
 def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
-    """Windows (start, length, first_scored_offset) over target positions 0..n_targets-1:
-    the first window scores all it sees, each later one only its last `stride` targets, so
-    every target is scored exactly once with the longest context the window length allows."""
+    """Windows (start, length, first_scored_offset): each target scored once."""
     windows, scored = [], 0
     while scored < n_targets:
         end = min(scored + (seq_len if scored == 0 else stride), n_targets)
@@ -1415,21 +1372,20 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int
 
 
 def rank_share(items: list, rank: int, world_size: int) -> list:
-    """Contiguous, disjoint, covering split of a list across ranks."""
+    """Contiguous split of a list across ranks."""
     per = -(-len(items) // world_size)
     return items[rank * per:(rank + 1) * per]
 
 
 def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if _multi():
         dist.all_reduce(t)
     return t
 
 
 @torch.no_grad()
 def score_windows(score_fn, tokens, luts, windows, batch, device, on_score=None) -> torch.Tensor:
-    """Sum (nll nats, bytes, tokens) in float64 over the scored part of each window.
-    Batches are padded to a fixed size (weight 0) so compiled graphs see one shape."""
+    """Sum (nll, bytes, tokens) over the scored parts; batches padded to one shape."""
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for b0 in range(0, len(windows), batch):
         part = windows[b0:b0 + batch]
@@ -1461,8 +1417,7 @@ def _metrics(sums: torch.Tensor) -> dict:
 
 
 def evaluate(score_fn, tokens, luts, seq_len, stride, batch, rank, world_size, device, on_score=None) -> dict:
-    """val_loss (nats/token) and val_bpb over all targets of `tokens`; stride = seq_len gives
-    the plain non-overlapping evaluation (the tail window is shifted back to full length)."""
+    """val_loss and val_bpb over all targets of `tokens` (stride = seq_len: non-overlapping)."""
     n = tokens.numel() - 1
     seq_len = min(seq_len, n)
     mine = rank_share(sliding_windows(n, seq_len, stride), rank, world_size)
@@ -1473,15 +1428,13 @@ def evaluate(score_fn, tokens, luts, seq_len, stride, batch, rank, world_size, d
 
 def make_score_fn(model: nn.Module, device: torch.device):
     def score(x, y):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with _autocast(device):
             return model(x, y, reduction="none")
     return score
 
 
 class DocAdapters:
-    """Rank-r LoRA of every bank matrix and of the head, one set per batch row (document):
-    delta(x) = x A^T B^T with A (docs, r, in), B (docs, out, r). B starts at zero, so each
-    document starts from the artifact's model; reset() restarts them all in place (one graph)."""
+    """Rank-r LoRA of every bank matrix and the head, one per document: x A^T B^T, B zero-init."""
 
     def __init__(self, args: Hyperparameters, docs: int, device):
         d, kv, hid, r = args.model_dim, args.num_kv_heads * args.head_dim, args.mlp_hidden, args.ttt_rank
@@ -1505,33 +1458,27 @@ class DocAdapters:
 
 
 def document_spans(tokens: torch.Tensor, bos_id: int) -> list[tuple[int, int]]:
-    """(start, end) of every document: inputs tokens[start:end] predict tokens[start+1:end+1]
-    (the next document's BOS included), so the spans cover every target exactly once."""
+    """(start, end) of every document's inputs; the spans cover every target once."""
     n = tokens.numel() - 1
     starts = [0] + [int(i) for i in torch.nonzero(tokens[1:n] == bos_id).flatten() + 1]
     return [(s, e) for s, e in zip(starts, starts[1:] + [n])]
 
 
 def evaluate_with_ttt(model: GPT, tokens, luts, args, rank, world_size, device, log, monitor=None) -> dict:
-    """Score-first TTT. Documents go in TTT_PHASES groups (in stream order); inside a group, each
-    rank takes every world_size-th document by length and runs batches of TTT_BATCH_DOCS, chunk
-    by chunk: score TTT_CHUNK targets of every document (context: its own prefix, up to
-    EVAL_SEQ_LEN), then one Adam step of each document's adapters on the chunk just scored.
-    Between groups, one SGD pass of the whole model over the group's (scored) documents. After
-    TTT_MAX_SECONDS nothing trains any more; scoring goes on. `monitor(kind, lo, hi)` sees every
-    scored / trained target range (tests)."""
+    """Score-first TTT: each TTT_CHUNK is scored, then trains its document's adapters; an SGD
+    pass over scored documents between phases. `monitor(kind, lo, hi)` is for tests."""
     C, W, D = args.ttt_chunk, args.eval_seq_len, args.ttt_batch_docs
     spans = document_spans(tokens, args.bos_id)
     model.eval().qat_mix.zero_()
     adapters = DocAdapters(args, D, device)
-    fwd = torch.compile(model, dynamic=False) if _use_compile(args, device) else model
+    fwd = _maybe_compile(model, args, device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     if world_size > 1:
         dist.barrier()
     t0, adapting, stopped, steps, n_tok = time.perf_counter(), True, False, 0, 0
     per_phase = -(-len(spans) // args.ttt_phases)
     for ph in range(0, len(spans), per_phase):
-        mine = sorted(spans[ph:ph + per_phase], key=lambda se: se[0] - se[1])[rank::world_size]  # longest first
+        mine = sorted(spans[ph:ph + per_phase], key=lambda se: se[0] - se[1])[rank::world_size]
         model.requires_grad_(False)
         for b0 in range(0, len(mine), D):
             batch = mine[b0:b0 + D]
@@ -1544,15 +1491,15 @@ def evaluate_with_ttt(model: GPT, tokens, luts, args, rank, world_size, device, 
             for c in range(n_chunks):
                 Wc = min(W, max(256, 1 << ((c + 1) * C - 1).bit_length()))  # 4 window sizes: 4 graphs
                 end = torch.clamp(length, max=(c + 1) * C)
-                pos = (end - Wc).clamp_min(0)[:, None] + torch.arange(Wc, device=device)  # offsets in the document
-                inside = pos < end[:, None]  # padding after the document: causal attention never sees it
+                pos = (end - Wc).clamp_min(0)[:, None] + torch.arange(Wc, device=device)  # in the document
+                inside = pos < end[:, None]  # causal attention never sees the padding after it
                 idx = start[:, None] + torch.where(inside, pos, 0)
                 x, y = torch.where(inside, tokens[idx], args.bos_id), torch.where(inside, tokens[idx + 1], 0)
                 score = inside & (pos >= c * C)
-                # this rank's adapters only: its own clock (the collective decisions come below)
+                # local clock: this rank's adapters only
                 adapting = adapting and time.perf_counter() - t0 < args.ttt_max_seconds
                 train_now = adapting and c + 1 < n_chunks
-                with torch.enable_grad(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                with torch.enable_grad(), _autocast(device):
                     nll = fwd(x, y, reduction="none").float()
                 sums += torch.stack([(nll.detach() * score).sum(), (luts.target_bytes(x, y) * score).sum(),
                                      score.sum()]).double()
@@ -1563,7 +1510,7 @@ def evaluate_with_ttt(model: GPT, tokens, luts, args, rank, world_size, device, 
                         monitor("score", lo, hi)
                 if train_now:
                     per_doc = (nll * score).sum(1) / score.sum(1).clamp_min(1)
-                    per_doc.sum().backward()  # documents' adapters are independent: each gets its own gradient
+                    per_doc.sum().backward()  # each document's adapters get their own gradient
                     opt.step()
                     opt.zero_grad(set_to_none=True)
                     steps += 1
@@ -1571,13 +1518,15 @@ def evaluate_with_ttt(model: GPT, tokens, luts, args, rank, world_size, device, 
                         for lo, hi in ranges:
                             monitor("train", lo, hi)
             model.adapters = None
+            if ph == b0 == 0:  # separates compile time from steady-state speed
+                log(f"ttt: first batch ({len(batch)} documents, {n_chunks} chunks) done at {time.perf_counter() - t0:.1f}s")
         over = torch.tensor(float(not adapting or time.perf_counter() - t0 >= args.ttt_max_seconds), device=device)
         if world_size > 1:
             dist.all_reduce(over, op=dist.ReduceOp.MAX)
         if over.item() and not stopped:
             log(f"ttt: {args.ttt_max_seconds}s spent after {steps} adapter steps; scoring only from here")
         adapting, stopped = not over.item(), bool(over.item())
-        if adapting and ph + per_phase < len(spans):  # global pass over this group's scored documents
+        if adapting and ph + per_phase < len(spans):  # global pass over the scored documents
             model.requires_grad_(True)
             xs = torch.cat([tokens[s:e] for s, e in mine] + [tokens[:0]])
             ys = torch.cat([tokens[s + 1:e + 1] for s, e in mine] + [tokens[:0]])
@@ -1589,7 +1538,7 @@ def evaluate_with_ttt(model: GPT, tokens, luts, args, rank, world_size, device, 
             for r0 in range(0, int(rows), D):
                 r1 = min(r0 + D, have)
                 if r1 > r0:
-                    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+                    with _autocast(device):
                         fwd(xs[r0 * W:r1 * W].view(-1, W), ys[r0 * W:r1 * W].view(-1, W)).backward()
                 for p in model.parameters():
                     if p.grad is None:
@@ -1598,8 +1547,11 @@ def evaluate_with_ttt(model: GPT, tokens, luts, args, rank, world_size, device, 
                 sgd.step()
                 sgd.zero_grad(set_to_none=True)
                 if monitor is not None and r1 > r0:
-                    monitor("global", r0 * W, r1 * W)  # offsets in this rank's concatenated documents
+                    monitor("global", r0 * W, r1 * W)  # offsets in this rank's documents
             model.requires_grad_(False)
+        log(f"ttt phase {ph // per_phase + 1}/{-(-len(spans) // per_phase)} done at {time.perf_counter() - t0:.1f}s: "
+            f"{n_tok} targets scored here, {steps} adapter steps, val_bpb so far "
+            + (f"{_metrics(sums)['val_bpb']:.5f}" if n_tok else "-"))
     model.requires_grad_(True)
     out = _metrics(_all_reduce_sum(sums))
     seconds = time.perf_counter() - t0
@@ -1619,16 +1571,12 @@ class PhaseTimer:
 
 
 def estimate_gptq_reserve(n_params: int) -> float:
-    """Seconds kept free at the end of the 600 s for calibration + GPTQ rate control + packing:
-    a fixed part plus a per-parameter part (GPTQ and compression scale with the model). 1xH200:
-    sp1024 model (27 M) Hessians 0.9 s + two rate-control rounds 6.1 s; SP8192 model (37 M)
-    1.6 s + 9 s of 25 s kept. A third round adds ~4 s."""
+    """Seconds kept for calibration, GPTQ rate control and packing."""
     return 10.0 + 0.4e-6 * n_params
 
 
 def run_progress(args: Hyperparameters, step: int, elapsed_s: float, budget_s: float) -> float:
-    """Fraction of the run done (0..1), by whichever limit binds first: ITERATIONS steps or
-    the training budget on the shared wall clock."""
+    """Fraction of the run done: ITERATIONS or the budget, whichever binds first."""
     p = step / args.iterations if args.iterations > 0 else 0.0
     if budget_s > 0:
         p = max(p, elapsed_s / budget_s)
@@ -1636,15 +1584,13 @@ def run_progress(args: Hyperparameters, step: int, elapsed_s: float, budget_s: f
 
 
 def lr_scale_at(args: Hyperparameters, progress: float) -> float:
-    """1.0, then linear to 0 over the last WARMDOWN_FRAC of the run, floored at MIN_LR_SCALE."""
+    """1.0, then linear to 0 over the last WARMDOWN_FRAC, floored at MIN_LR_SCALE."""
     s = (1.0 - progress) / args.warmdown_frac if args.warmdown_frac > 0 else 1.0
     return max(args.min_lr_scale, min(1.0, s))
 
 
 class SharedClock:
-    """Rank 0's wall clock since training started, given to every rank by the one per-step
-    collective, so that every decision (learning rate, momentum, QAT, EMA, stop) is taken from
-    the same number everywhere. `clock` is injectable (tests skew one rank's)."""
+    """Rank 0's training clock, broadcast each step so all ranks decide alike."""
 
     def __init__(self, rank: int, world_size: int, device, clock=time.perf_counter):
         self.rank, self.world_size, self.device, self.clock = rank, world_size, device, clock
@@ -1665,9 +1611,7 @@ class SharedClock:
 
 def qat_clip_for_budget(model: GPT, args: Hyperparameters, budget_bytes: int, rank: int, world_size: int,
                         device) -> float:
-    """The clip whose round-to-nearest artifact would fill the rate band of the budget with the
-    weights as they are now (compress at CLIP_SIGMAS, then the entropy model): chosen when QAT
-    starts, so that QAT trains onto the grid the artifact will use. Rank 0 decides."""
+    """The clip at which the current weights would fill the rate band (QAT trains onto it)."""
     clip = torch.tensor(float(args.clip_sigmas), dtype=torch.float64, device=device)
     if rank == 0:
         size = len(compress(pack_entries(quantize_model(model, None, args, args.clip_sigmas), args)[0]))
@@ -1695,7 +1639,7 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
         total = torch.zeros((), device=device)
         for _ in range(accum):
             x, y = loader.next_batch(micro_seqs, args.train_seq_len)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with _autocast(device):
                 loss = compiled(x, y)
             (loss / accum).backward()
             total += loss.detach()
@@ -1703,11 +1647,11 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
         opt.zero_grad()
         return total / accum, norm
 
-    # compile warm-up: real steps, then weights, optimizer state and data position restored
+    # compile warm-up; then weights, optimizer and data position are restored
     if args.warmup_steps > 0:
         t0 = time.perf_counter()
         saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(), loader.stream.state())
-        for i in range(args.warmup_steps):  # compile both depths: the switch mid-run must not recompile
+        for i in range(args.warmup_steps):  # compile both depths: no recompile mid-run
             model.recurrence_active = bool(model.recur_layers) and i >= args.warmup_steps // 2
             one_step(0.0, 1.0)
         model.load_state_dict(saved[0])
@@ -1740,14 +1684,14 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
             log(f"late QAT on at step {step} (lr scale {scale:.3f}), grid clip {args.clip_sigmas:.3f} sigmas "
                 f"(chosen in {time.perf_counter() - t1:.1f}s)")
         loss, norm = one_step(progress, scale)
-        loss_v = loss.item()  # a sync: the clock then measures finished work
+        loss_v = loss.item()  # sync: the clock measures finished work
         if not math.isfinite(loss_v):
             raise FloatingPointError(f"non-finite train loss {loss_v} at step {step}: stopping (lower the learning rates?)")
         step += 1
         elapsed = clock.shared()
         step_s = elapsed / step
         new_progress = run_progress(args, step, elapsed, budget)
-        if ema is not None:  # time constant EMA_HORIZON of the run, whatever the step time
+        if ema is not None:  # time constant in run fractions, whatever the step time
             weight = 1.0 - math.exp(-(new_progress - progress) / args.ema_horizon)
             torch._foreach_lerp_(ema, [p.detach() for p in params], weight)
         progress = new_progress
@@ -1810,13 +1754,13 @@ def setup_distributed(device_pref: str):
 
 
 def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, device, log, timer) -> dict:
-    """Load the artifact into `model`, then plain, sliding and (optionally) TTT evaluation."""
+    """Load the artifact into `model`; plain, sliding and TTT evaluation."""
     t0 = time.perf_counter()
     entries, _ = load_artifact(path)
     model.load_state_dict(dequantize_entries(entries, args), strict=True)
     model.eval()
     timer.add("eval_artifact_load", time.perf_counter() - t0)
-    compiled = torch.compile(model, dynamic=False) if _use_compile(args, device) else model
+    compiled = _maybe_compile(model, args, device)
     score = make_score_fn(compiled, device)
     res = {}
     t0 = time.perf_counter()
@@ -1840,7 +1784,7 @@ def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, dev
         log(f"final_int{args.quant_bits}_ttt val_loss:{t['val_loss']:.8f} val_bpb:{t['val_bpb']:.8f} (gain "
             f"{t['val_bpb'] - ref:+.5f} vs no TTT, {t['ttt_steps']} adapter steps, {t['seconds']:.1f}s, "
             f"{t['tokens_per_s_per_gpu']:.0f} tokens/s per GPU)")
-        if args.vocab_size in FINEWEB_VAL_TOKENS:  # the same speed on each of 8 GPUs: an estimate, not a measurement
+        if args.vocab_size in FINEWEB_VAL_TOKENS:  # an estimate, not a measurement
             est = FINEWEB_VAL_TOKENS[args.vocab_size] / (8 * t["tokens_per_s_per_gpu"])
             log(f"ttt: estimated time for the FineWeb validation set on 8 GPUs of this kind: {est:.0f}s "
                 f"(+ round trip; TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} stops adapting, not scoring)")
@@ -1854,8 +1798,7 @@ def log_timing_table(log, timer: PhaseTimer):
 
 
 def run_eval_only(args, rank, world_size, device, log) -> dict:
-    """EVAL_ONLY: rebuild the model from the artifact and score it. Reads only the artifact,
-    the tokenizer and the validation shards (never a train shard)."""
+    """EVAL_ONLY: score the artifact; reads no train shard."""
     timer = PhaseTimer()
     entries, config = load_artifact(args.eval_only)
     for k, v in config.items():
@@ -1878,17 +1821,14 @@ def weights_checksum(model: nn.Module) -> str:
 
 
 def config_id(args: Hyperparameters, code: bytes, world_size: int, device_name: str) -> str:
-    """Fingerprint of the code, the machine (ranks x device) and every setting but the seed and
-    the output names: runs that share it are seeds of one configuration."""
+    """Hash of code, machine and settings (not seed/output names): runs sharing it are seeds."""
     cfg = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("seed", "run_id", "out_dir")}
     cfg["machine"] = f"{world_size}x {device_name}"
     return hashlib.sha256(code + json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_submission(out_dir: str, path: str, config: str) -> dict:
-    """submission.json from the results_*.json this script wrote for configuration `config`
-    (one per seed, the last finished of each): nothing is copied by hand, nothing is mixed in
-    from other configurations, and nothing is claimed that no run measured."""
+    """submission.json from the results_*.json of configuration `config`, last one per seed."""
     runs = {}
     for f in glob.glob(os.path.join(glob.escape(out_dir), "results_*.json")):
         with open(f) as fh:
@@ -1922,7 +1862,7 @@ def write_submission(out_dir: str, path: str, config: str) -> dict:
 
 def main():
     t_start = time.perf_counter()
-    quiet = os.environ.get("RANK", "0") != "0"  # one copy of each warning, not one per rank
+    quiet = os.environ.get("RANK", "0") != "0"  # warn once, not per rank
     args = Hyperparameters.from_env(warn=None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
     rank, world_size, device = setup_distributed(args.device)
     args.validate(world_size)
@@ -1932,8 +1872,7 @@ def main():
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # every compiled wrapper of GPT.forward shares one graph cache: training (two depths), evaluation
-    # and TTT's window sizes need more than the default 8 entries (past it, dynamo runs eager)
+    # compiled GPT.forward wrappers share one graph cache: more than 8 graphs needed
     torch._dynamo.config.recompile_limit = 64
     if args.eval_only:
         run_eval_only(args, rank, world_size, device, log)
@@ -1946,12 +1885,12 @@ def main():
         raise ConfigError(f"ARTIFACT_TARGET_BYTES={args.artifact_target_bytes} leaves {budget_bytes} bytes for the model "
                           f"next to train_gpt.py's {code_bytes} bytes (at least 100000 needed)")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    cid = config_id(args, code, world_size, device_name)  # before training sets the QAT clip in args
+    cid = config_id(args, code, world_size, device_name)  # before QAT sets args.clip_sigmas
     backend = set_attention_backend(args.attn_backend, device, args.doc_mask)
     if os.environ.get("LOG_NOTE"):
         log(f"note: {os.environ['LOG_NOTE']}")
     log(f"train_gpt.py: {code_bytes} bytes; torch {torch.__version__}; world_size {world_size}; device "
-        f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; attention {backend}")
+        f"{device_name}; attention {backend}")
     log("config: " + json.dumps(dataclasses.asdict(args), sort_keys=True))
     timer = PhaseTimer()
 
@@ -1967,7 +1906,7 @@ def main():
     log(f"parameters: {n_params} total = banks {sum(p.numel() for p in banks)} + tables "
         f"{sum(p.numel() for p in tables)} + projections {sum(p.numel() for p in projections)} + "
         f"scalars {sum(p.numel() for p in scalars)}")
-    compiled = torch.compile(model, dynamic=False) if _use_compile(args, device) else model
+    compiled = _maybe_compile(model, args, device)
     opt = Optimizers(model, args, world_size, device)
     timer.add("startup", time.perf_counter() - t_start)
 
@@ -1995,13 +1934,13 @@ def main():
             failure = e
             written.zero_()
     if world_size > 1:
-        dist.broadcast(written, 0)  # every rank stops if rank 0 could not write the artifact
+        dist.broadcast(written, 0)  # all ranks stop if rank 0 failed
     if failure is not None:
         raise failure
     if not written.item():
         raise ArtifactError("rank 0 could not write the artifact")
     timer.add("artifact_write", time.perf_counter() - t0)
-    wall = clock.local()  # rank 0's: training + quantization, from the end of the warm-up
+    wall = clock.local()  # training + quantization, from the end of the warm-up
     quant_s = time.perf_counter() - t_q
     if rank == 0:
         log(f"quantization: clip {clip:.3f} sigmas after {len(tries)} rate-control rounds " +
@@ -2016,17 +1955,14 @@ def main():
     if args.max_wallclock_seconds > 0 and wall > args.max_wallclock_seconds:
         log(f"WARNING: training + quantization took {wall:.1f}s > MAX_WALLCLOCK_SECONDS: this run is NOT compliant")
 
-    # every rank must hold the same weights (shared clock, gathered updates): show it
-    sums = [None] * world_size
-    digest = weights_checksum(model)
+    # every rank must hold the same weights: show it
+    sums = [weights_checksum(model)] * world_size
     if world_size > 1:
-        dist.all_gather_object(sums, digest)
-    else:
-        sums = [digest]
+        dist.all_gather_object(sums, sums[0])
     log(f"weights checksum per rank: {' '.join(sums)}" + (" (identical)" if len(set(sums)) == 1 else
                                                           " WARNING: ranks differ"))
 
-    # evaluation: float scores (averaged and raw weights), then the round-tripped artifact
+    # evaluation: float (averaged and raw weights), then the round-tripped artifact
     t0 = time.perf_counter()
     plain_eval = functools.partial(evaluate, make_score_fn(compiled, device), val_tokens, luts, args.eval_seq_len,
                                    args.eval_seq_len, args.eval_batch_seqs, rank, world_size, device)
@@ -2074,7 +2010,7 @@ if __name__ == "__main__":
         code = 0
         if dist.is_initialized():
             dist.destroy_process_group()
-    if code:  # a failed rank must not wait for its peers in a collective: leave now
+    if code:  # a failed rank must not wait for peers in a collective
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code) if dist.is_initialized() else sys.exit(code)

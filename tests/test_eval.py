@@ -839,3 +839,16 @@ def test_eval_only_corrupt_artifact_clean_error(smoke_dataset, tmp_path, content
     p = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_gpt.py")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "error:" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_ttt_progress_lines(ttt_model):
+    """TTT logs when its first batch ends (compile time on a GPU) and one line per phase; on one
+    rank the last phase's running score is the final score."""
+    args = ttt_args(ttt_phases=3, ttt_batch_docs=2, ttt_lr=0.05, ttt_global_lr=0.05)
+    tokens = as_stream(make_docs((40, 23, 50, 18, 33, 61, 17, 29), seed=4))
+    res, _, _, logs = run_ttt(ttt_model, tokens, args)
+    assert sum("ttt: first batch (2 documents" in s for s in logs) == 1
+    phases = [s for s in logs if s.startswith("ttt phase ")]
+    assert [s.split()[2] for s in phases] == ["1/3", "2/3", "3/3"]
+    assert f"{res['tokens']} targets scored here, {res['ttt_steps']} adapter steps" in phases[-1]
+    assert phases[-1].endswith(f"val_bpb so far {res['val_bpb']:.5f}")
