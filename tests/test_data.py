@@ -442,7 +442,7 @@ def test_cli_missing_tokenizer(tmp_path, smoke_dataset):
 
 
 @pytest.mark.parametrize("key,new", [("WARMDOWN_ITERS", "WARMDOWN_FRAC"), ("EMA_DECAY", "EMA_HORIZON"),
-                                     ("SWA_ENABLED", "EMA_HORIZON"), ("COMPRESSORS", "lzma only")])
+                                     ("SWA_ENABLED", "EMA_HORIZON"), ("COMPRESSORS", "rANS for the int codes")])
 def test_from_env_rejects_removed_settings(key, new):
     with pytest.raises(T.ConfigError, match=f"{key} is no longer a setting.*{new}"):
         T.Hyperparameters.from_env({key: "1"})

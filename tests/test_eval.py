@@ -424,12 +424,39 @@ def test_ttt_with_zero_lr_equals_sliding_eval(ttt_model):
     assert m.adapters is None and not m.training
 
 
+def test_ttt_cache_equals_band_masked_forward(ttt_model, monkeypatch):
+    """Documents longer than the window, several per batch (rows leave as their documents end):
+    at lr 0 the chunked, cached scoring equals one forward per document in which a token at
+    offset j of chunk c attends to positions c*C - (W - C) .. itself: the cache holds exactly
+    the last W - C tokens, and its keys are those a full forward computes."""
+    args = ttt_args(ttt_phases=1, ttt_batch_docs=3)
+    C, W = args.ttt_chunk, args.eval_seq_len
+    docs = make_docs((150, 70, 20, 97, 5), seed=7)
+    res = run_ttt(ttt_model, as_stream(docs), args)[0]
+
+    def band_mask(ids, bos_id, doc_mask):
+        p = torch.arange(ids.size(1))
+        lo = (p // C * C - (W - C))[:, None]
+        return ((p[None, :] <= p[:, None]) & (p[None, :] >= lo))[None, None]
+    def summed_nll():  # one forward per document
+        ends = np.cumsum([d.numel() for d in docs])
+        with torch.no_grad():
+            return sum(float(ttt_model(d[None], as_stream(docs)[e - d.numel() + 1:e + 1][None], reduction="none")
+                             .double().sum()) for d, e in zip(docs, ends))
+    monkeypatch.setattr(T, "attention_mask", band_mask)
+    nll = summed_nll()
+    assert res["tokens"] == sum(d.numel() for d in docs)
+    assert res["val_loss"] * res["tokens"] == pytest.approx(nll, rel=1e-6)
+    monkeypatch.undo()  # the band is a real restriction: the full-prefix forward scores differently
+    assert abs(summed_nll() - nll) > 1e-3
+
+
 def record_score_calls(m, calls):
     """Record every scoring forward (reduction="none") of `m`: (inputs, targets, nll)."""
     forward = m.forward
 
-    def recording(ids, targets=None, reduction="mean"):
-        out = forward(ids, targets, reduction)
+    def recording(ids, targets=None, reduction="mean", cache=None):
+        out = forward(ids, targets, reduction, cache)
         if reduction == "none":
             calls.append((ids.clone(), targets.clone(), out.detach().clone()))
         return out
@@ -829,7 +856,7 @@ def test_eval_only_opens_no_train_shard(trained_run, smoke_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"PGQ1 definitely not an artifact",  # unknown codec tag
-                                     b"L\x01\x05\x00\x00\x00hello"],  # lzma tag, junk chunk
+                                     b"R\x05\x00\x00\x00hello"],  # codec tag, junk lzma part
                          ids=["bad-tag", "junk-chunk"])
 def test_eval_only_corrupt_artifact_clean_error(smoke_dataset, tmp_path, content):
     data_dir, tok, _ = smoke_dataset

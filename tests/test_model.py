@@ -234,7 +234,9 @@ def _flex_runs_on_cpu():
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_backend_matches_math_with_doc_mask(backend):
+def test_flex_backend_matches_math_with_doc_mask(backend, monkeypatch):
+    """Flex runs inside compiled graphs with gradients only (training): posed here by patching
+    is_compiling; without it (eager TTT, no grad) the dense mask is used."""
     reason = _flex_runs_on_cpu()
     if reason:
         pytest.skip(reason)
@@ -245,12 +247,15 @@ def test_flex_backend_matches_math_with_doc_mask(backend):
     ids[0, [9, 10, 21]] = args.bos_id
     ids[1, 17] = args.bos_id
     logits = {}
+    backend("flex")
+    assert isinstance(T.attention_mask(ids, args.bos_id, doc_mask=True), torch.Tensor)  # eager: dense
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    model.requires_grad_(False)  # grad mode on (flex's condition), but no backward: CPU flex has none
     for name in ("math", "flex"):
         backend(name)
         mask = T.attention_mask(ids, args.bos_id, doc_mask=True)
         assert mask is not None and isinstance(mask, torch.Tensor) == (name == "math")  # flex: a BlockMask
-        with torch.no_grad():
-            logits[name] = model(ids)
+        logits[name] = model(ids).detach()
     torch.testing.assert_close(logits["flex"], logits["math"], atol=1e-4, rtol=1e-4)
     # the attention itself, GQA included, against the dense reference mask
     g = torch.Generator().manual_seed(5)
@@ -268,8 +273,8 @@ def test_flex_backend_matches_math_with_doc_mask(backend):
 def record_blocks(model, events):
     """Make every block append ("block", layer, input, output, mlp_out) to `events` when it runs."""
     for blk in model.blocks:
-        def forward(gpt, x, x0, w, ve, mask, blk=blk, orig=blk.forward):
-            out, m = orig(gpt, x, x0, w, ve, mask)
+        def forward(gpt, x, x0, w, ve, mask, *rest, blk=blk, orig=blk.forward):
+            out, m = orig(gpt, x, x0, w, ve, mask, *rest)
             events.append(("block", blk.layer, x, out, m))
             return out, m
         blk.forward = forward
