@@ -1,8 +1,8 @@
-"""Parameter-golf training script: SP8192 11-layer XSA GPT, parallel Muon, full-Hessian GPTQ
-int6 codes by rANS (rest lzma) under rate control, sliding-window val_bpb of the artifact, optional LoRA TTT.
+"""Parameter-golf training script: SP8192 11-layer XSA GPT, parallel Muon, full-Hessian GPTQ int6
+(rANS + lzma) under rate control, sliding-window val_bpb of the artifact, optional LoRA TTT.
 
-Launch: torchrun --standalone --nproc_per_node=N train_gpt.py   (N = 1..8; CPU works too)
-Settings come from environment variables (see Hyperparameters).
+Launch: torchrun --standalone --nproc_per_node=N train_gpt.py (N = 1..8; CPU works too).
+Settings: environment variables (see Hyperparameters).
 """
 from __future__ import annotations
 
@@ -56,20 +56,20 @@ class ArtifactError(ValueError):
     """Artifact over the byte cap or unreadable."""
 
 
-# ----------------------------------------------------------------------------- config
+# ----- config
 
 _TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # removed settings -> replacements (a run setting one stops)
 _REMOVED_SETTINGS = {"WARMDOWN_ITERS": "WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_STEPS": "MUON_MOMENTUM_WARMUP_FRAC",
-                     "EMA_DECAY": "EMA_HORIZON", "SWA_ENABLED": "EMA_HORIZON", "SWA_EVERY": "EMA_HORIZON",
-                     "SWA_START_SCALE": "EMA_HORIZON", "GPTQ_CLIP_QUANTILES": "CLIP_SIGMAS",
-                     "COMPRESSORS": "nothing (rANS for the int codes, lzma for the rest)", "GPTQ_CALIB_TEMP": "nothing (training-data calibration)",
-                     "GPTQ_CALIB_BATCH": "nothing (training-data calibration)", "VAL_EVERY": "nothing (score after training)", "TTT_CHUNK_TOKENS": "TTT_CHUNK",
+                     **dict.fromkeys(("EMA_DECAY", "SWA_ENABLED", "SWA_EVERY", "SWA_START_SCALE"), "EMA_HORIZON"),
+                     "GPTQ_CLIP_QUANTILES": "CLIP_SIGMAS", "COMPRESSORS": "nothing (rANS for the int codes, lzma for the rest)",
+                     **dict.fromkeys(("GPTQ_CALIB_TEMP", "GPTQ_CALIB_BATCH"), "nothing (training-data calibration)"),
+                     "VAL_EVERY": "nothing (score after training)", "TTT_CHUNK_TOKENS": "TTT_CHUNK",
                      "TTT_MOMENTUM": "TTT_LR (Adam on LoRA adapters)", "TTT_EPOCHS": "TTT_PHASES"}
 _NON_SETTING_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOG_NOTE", "AUTHOR", "GITHUB_ID",
                      "RUN_NAME", "BLURB")
 
-def _layer_list(text: str, key: str) -> list[int]:
+def _layer_list(text, key):
     try:
         return [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
@@ -94,7 +94,7 @@ class Hyperparameters:
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0: max(1, 4 // world_size)
     warmup_steps: int = 20  # compile warm-up, undone afterwards
-    # schedule in fractions of the run (budget or ITERATIONS): same shape on 1 and 8 GPUs
+    # schedule in fractions of the run: same shape on 1 and 8 GPUs
     warmdown_frac: float = 0.85
     min_lr_scale: float = 0.1
     train_log_every: int = 100
@@ -116,10 +116,10 @@ class Hyperparameters:
     bigram_dim: int = 112
     ve_dim: int = 128
     ve_layers: str = ""  # comma list; "": last two layers
-    skip_gates: bool = True  # U-Net skips enter through learned sigmoid gates
+    skip_gates: bool = True  # U-Net skips enter through sigmoid gates
     parallel_from: int = 8  # layers from here on run attention || MLP (>= NUM_LAYERS: off)
     recur_layers: str = "auto"  # consecutive layers run 1 + RECUR_PASSES times ("": off)
-    recur_passes: int = 0  # off: on 1 GPU the step time cost more than the depth gave
+    recur_passes: int = 0  # off: on 1 GPU its step time outweighed the depth
     recur_start_frac: float = 0.35  # fraction of the run
     attn_gate_width: int = 12  # per-head output gate from N input channels (0: off)
     doc_mask: bool = True  # attention never crosses a BOS
@@ -160,9 +160,9 @@ class Hyperparameters:
     eval_seq_len: int = 2048
     eval_stride: int = 64
     eval_batch_seqs: int = 32
-    eval_only: str = ""  # artifact path: evaluate it, never train
+    eval_only: str = ""  # artifact path: only evaluate it
     skip_sliding_eval: bool = False
-    # score-first TTT: per-document LoRA trained on each chunk once scored; SGD pass between phases
+    # score-first TTT: per-document LoRA trained on each chunk after scoring it
     ttt_enabled: bool = False
     ttt_rank: int = 80
     ttt_chunk: int = 48
@@ -178,7 +178,7 @@ class Hyperparameters:
     device: str = "auto"
 
     @classmethod
-    def from_env(cls, env=None, warn=None) -> "Hyperparameters":
+    def from_env(cls, env=None, warn=None):
         """Each field from its upper-case variable; likely misspellings go to `warn`."""
         env = os.environ if env is None else env
         names = {f.name.upper(): f for f in dataclasses.fields(cls)}
@@ -191,20 +191,20 @@ class Hyperparameters:
             if raw is None:
                 continue
             try:
-                if f.type in ("bool", bool):
+                if f.type == "bool":  # a str (postponed annotations)
                     word = raw.strip().lower()
                     if word not in _TRUE_WORDS + _FALSE_WORDS:
                         raise ValueError
                     kwargs[f.name] = word in _TRUE_WORDS
-                elif f.type in ("int", int):
+                elif f.type == "int":
                     kwargs[f.name] = int(float(raw)) if "e" in raw.lower() else int(raw)
-                elif f.type in ("float", float):
+                elif f.type == "float":
                     kwargs[f.name] = float(raw)
                 else:
                     kwargs[f.name] = raw
             except ValueError:
                 raise ConfigError(f"{key}={raw!r} is not a valid {f.type}"
-                                  + (f" (use one of {_TRUE_WORDS + _FALSE_WORDS})" if f.type in ("bool", bool) else "")) from None
+                                  + (f" (use one of {_TRUE_WORDS + _FALSE_WORDS})" if f.type == "bool" else "")) from None
         if warn is not None:
             for key in env:
                 if key.isupper() and key not in names and key not in _NON_SETTING_VARS:
@@ -214,29 +214,29 @@ class Hyperparameters:
         return cls(**kwargs)
 
     @property
-    def head_dim(self) -> int:
+    def head_dim(self):
         return self.model_dim // self.num_heads
 
     @property
-    def mlp_hidden(self) -> int:
+    def mlp_hidden(self):
         return int(self.mlp_mult * self.model_dim)
 
-    def ve_layer_list(self) -> list[int]:
+    def ve_layer_list(self):
         if self.ve_dim <= 0:
             return []
         if not self.ve_layers:
             return list(range(max(0, self.num_layers - 2), self.num_layers))
         return _layer_list(self.ve_layers, "VE_LAYERS")
 
-    def recur_layer_list(self, even_if_off: bool = False) -> list[int]:
+    def recur_layer_list(self, even_if_off=False):
         if self.recur_passes <= 0 and not even_if_off:
             return []
         if self.recur_layers == "auto":  # layers 3..5 of 11, scaled to the depth
-            first, n = round(3 * self.num_layers / 11), max(1, round(3 * self.num_layers / 11))
-            return list(range(min(first, self.num_layers - 1), min(first + n, self.num_layers)))
+            first = round(3 * self.num_layers / 11)
+            return list(range(min(first, self.num_layers - 1), min(first + max(1, first), self.num_layers)))
         return _layer_list(self.recur_layers, "RECUR_LAYERS")
 
-    def validate(self, world_size: int) -> None:
+    def validate(self, world_size):
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
@@ -263,13 +263,13 @@ class Hyperparameters:
         need(0 <= self.attn_gate_width <= self.model_dim, "ATTN_GATE_WIDTH must be in 0..MODEL_DIM")
         need(self.muon_ns in ("polar", "quintic"), f"MUON_NS={self.muon_ns} must be polar or quintic")
         need(not (self.doc_mask and self.attn_backend.startswith("fa3")),
-             "DOC_MASK=1 runs on flex (CUDA) or math/sdpa attention; FA3 varlen is not built: set ATTN_BACKEND=auto")
+             "DOC_MASK=1 needs flex, sdpa or math attention (FA3 is not varlen): set ATTN_BACKEND=auto")
         accum = self.resolved_grad_accum(world_size)
         per_micro = world_size * accum * self.train_seq_len
         need(self.train_batch_tokens % per_micro == 0,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world_size({world_size}) x "
              f"grad_accum({accum}) x TRAIN_SEQ_LEN({self.train_seq_len}) = {per_micro}")
-        need(self.eval_stride >= 1 and self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE must be in 1..EVAL_SEQ_LEN")
+        need(1 <= self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE must be in 1..EVAL_SEQ_LEN")
         need(2 <= self.quant_bits <= 8, "QUANT_BITS must be in 2..8")
         need(self.artifact_target_bytes <= ARTIFACT_CAP_BYTES, f"ARTIFACT_TARGET_BYTES must be <= {ARTIFACT_CAP_BYTES}")
         need(CLIP_RANGE[0] <= self.clip_sigmas <= CLIP_RANGE[1], f"CLIP_SIGMAS must be in {CLIP_RANGE}")
@@ -286,7 +286,7 @@ class Hyperparameters:
         need(not self.ttt_enabled or (min(self.ttt_rank, self.ttt_chunk, self.ttt_batch_docs, self.ttt_phases) >= 1 and
              self.ttt_chunk < self.eval_seq_len), "TTT_RANK/CHUNK/BATCH_DOCS/PHASES must be >= 1, TTT_CHUNK < EVAL_SEQ_LEN")
 
-    def resolved_grad_accum(self, world_size: int) -> int:
+    def resolved_grad_accum(self, world_size):
         """Default micro-steps: 4 on 1 GPU, 2 on 2, 1 on 4 or 8."""
         if self.grad_accum_steps > 0:
             return self.grad_accum_steps
@@ -295,10 +295,10 @@ class Hyperparameters:
         return max(1, 4 // world_size)
 
 
-# ----------------------------------------------------------------------------- data
+# ----- data
 
-def read_shard_header(path: str) -> int:
-    """Validate a shard's header and size; return its token count."""
+def read_shard_header(path):
+    """Check a shard's header and size; return its token count."""
     try:
         size = os.path.getsize(path)
         header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
@@ -317,7 +317,7 @@ def read_shard_header(path: str) -> int:
     return ntok
 
 
-def load_shard(path: str, vocab_size: int) -> np.ndarray:
+def load_shard(path, vocab_size):
     """Memory-map a validated shard; check every id < vocab_size."""
     ntok = read_shard_header(path)
     tokens = np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_INTS * 4, shape=(ntok,))
@@ -327,7 +327,7 @@ def load_shard(path: str, vocab_size: int) -> np.ndarray:
     return tokens
 
 
-def find_shards(data_path: str, split: str) -> list[str]:
+def find_shards(data_path, split):
     if not os.path.isdir(data_path):
         raise DataError(f"DATA_PATH {data_path} is not a directory (download the challenge data first)")
     files = sorted(glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin")))
@@ -336,8 +336,7 @@ def find_shards(data_path: str, split: str) -> list[str]:
     return files
 
 
-def load_validation_tokens(data_path: str, vocab_size: int, limit: int = 0) -> torch.Tensor:
-    """All validation tokens, concatenated in order."""
+def load_validation_tokens(data_path, vocab_size, limit=0):
     parts = [np.asarray(load_shard(f, vocab_size)) for f in find_shards(data_path, "val")]
     tokens = np.concatenate(parts).astype(np.int64)
     if limit > 0:
@@ -350,22 +349,22 @@ def load_validation_tokens(data_path: str, vocab_size: int, limit: int = 0) -> t
 class TokenStream:
     """Train shards in order, one memory-mapped at a time, wrapping around."""
 
-    def __init__(self, files: list[str], vocab_size: int):
+    def __init__(self, files, vocab_size):
         for f in files:
             read_shard_header(f)  # fail early on any bad shard
         self.files, self.vocab_size = files, vocab_size
         self.file_idx, self.pos = 0, 0
         self.tokens = load_shard(files[0], vocab_size)
 
-    def state(self) -> tuple[int, int]:
-        return (self.file_idx, self.pos)
+    def state(self):
+        return self.file_idx, self.pos
 
-    def restore(self, state: tuple[int, int]) -> None:
+    def restore(self, state):
         if state[0] != self.file_idx:
             self.tokens = load_shard(self.files[state[0]], self.vocab_size)
         self.file_idx, self.pos = state
 
-    def take(self, n: int) -> np.ndarray:
+    def take(self, n):
         out, got = np.empty(n, dtype=np.int64), 0
         while got < n:
             if self.pos >= len(self.tokens):
@@ -377,28 +376,26 @@ class TokenStream:
 
 
 class DistributedLoader:
-    """All ranks walk one stream, each taking a disjoint slice of each chunk."""
+    """All ranks walk one stream, each taking its slice of each chunk."""
 
     def __init__(self, files, vocab_size, rank, world_size, device):
         self.stream = TokenStream(files, vocab_size)
         self.rank, self.world_size, self.device = rank, world_size, device
 
-    def next_batch(self, seqs: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, seqs, seq_len):
         span = seqs * seq_len + 1
         chunk = self.stream.take(span * self.world_size)
         mine = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span])
-        x = mine[:-1].view(seqs, seq_len)
-        y = mine[1:].view(seqs, seq_len)
-        return (x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+        return tuple(t.view(seqs, seq_len).to(self.device, non_blocking=True) for t in (mine[:-1], mine[1:]))
 
 
-# ----------------------------------------------------------------------------- model
+# ----- model
 
-def rms_norm(x: torch.Tensor) -> torch.Tensor:
+def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),)).to(x.dtype)  # autocast would return fp32
 
 
-def sdclip_scales(W: torch.Tensor, clip_sigmas, qmax: int) -> torch.Tensor:
+def sdclip_scales(W, clip_sigmas, qmax):
     """SDClip row scales: `clip_sigmas` (<= 0: absmax) x row RMS / qmax, rounded to fp16."""
     W = W.detach().float()
     absmax = not torch.is_tensor(clip_sigmas) and clip_sigmas <= 0
@@ -406,8 +403,8 @@ def sdclip_scales(W: torch.Tensor, clip_sigmas, qmax: int) -> torch.Tensor:
     return (clip.clamp_min(1e-8) / qmax).half().clamp_min(6e-8).float()
 
 
-def fake_quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: torch.Tensor) -> torch.Tensor:
-    """Late QAT: round to nearest on the GPTQ grid (tensor clip: no recompile)."""
+def fake_quantize_rows(w, bits, clip_sigmas):
+    """Late QAT: nearest point of the GPTQ grid (tensor clip: no recompile)."""
     qmax = 2 ** (bits - 1) - 1
     scale = sdclip_scales(w, clip_sigmas, qmax)[..., None].to(w.dtype)
     return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
@@ -416,13 +413,13 @@ def fake_quantize_rows(w: torch.Tensor, bits: int, clip_sigmas: torch.Tensor) ->
 _ATTN_BACKEND = "math"
 
 
-def set_attention_backend(name: str, device: torch.device, doc_mask: bool = False) -> str:
-    """Resolve ATTN_BACKEND once per process; returns the name in use."""
+def set_attention_backend(name, device, doc_mask=False):
+    """Resolve ATTN_BACKEND for the process; returns the name in use."""
     global _ATTN_BACKEND
-    if name == "auto":
-        name = "math" if device.type != "cuda" else ("flex" if doc_mask else ("fa3" if _fa3_func is not None else "sdpa"))
-    if device.type != "cuda" and name != "math":
+    if device.type != "cuda":
         name = "math"
+    elif name == "auto":
+        name = "flex" if doc_mask else ("fa3" if _fa3_func is not None else "sdpa")
     if doc_mask and name == "fa3":  # eval-only: DOC_MASK from the artifact, after validate()
         raise ConfigError("the model uses document masking, which FA3 (not varlen) cannot do: set ATTN_BACKEND=auto")
     if name == "flex" and flex_attention is None:
@@ -431,9 +428,9 @@ def set_attention_backend(name: str, device: torch.device, doc_mask: bool = Fals
     return name
 
 
-def attention_mask(ids: torch.Tensor, bos_id: int, doc_mask: bool):
+def attention_mask(ids, bos_id, doc_mask):
     """None (causal), a dense (B,1,T,T) bool mask or a Flex block mask (compiled training only:
-    its inference kernels crashed on H200, and uncompiled it is slow)."""
+    it crashed in inference on H200, slow uncompiled)."""
     flex = _ATTN_BACKEND == "flex" and torch.is_grad_enabled() and torch.compiler.is_compiling()
     if not doc_mask and not flex:
         return None
@@ -455,7 +452,7 @@ def causal_attention(q, k, v, mask=None):
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if _ATTN_BACKEND == "flex" and mask is not None and not isinstance(mask, torch.Tensor):
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=True).transpose(1, 2)
-    # masked SDPA with gradients (TTT): all heads, so the GQA case cannot fall back to math
+    # masked SDPA with grad (TTT): repeat KV heads, or GQA falls back to math
     gqa = mask is None or not torch.is_grad_enabled()
     if _ATTN_BACKEND == "math" or not gqa:
         rep = q.size(1) // k.size(1)
@@ -470,24 +467,23 @@ def _math_attention(q, k, v, mask=None):
     att = (q @ k.transpose(-1, -2)) * (q.size(-1) ** -0.5)
     if mask is None:
         tq, tk = q.size(-2), k.size(-2)
-        mask = torch.ones(tq, tk, dtype=torch.bool, device=q.device).tril(tk - tq)
+        mask = q.new_ones(tq, tk, dtype=torch.bool).tril(tk - tq)
     att = att.masked_fill(~mask, float("-inf"))
     return att.float().softmax(-1).to(v.dtype) @ v
 
 
 class Rotary(nn.Module):
-    """Partial RoPE: rotates the first `dims` dims of each head (half-split pairs)."""
+    """Partial RoPE of each head's first `dims` dims (half-split pairs)."""
 
-    def __init__(self, dims: int, base: float, max_len: int):
+    def __init__(self, dims, base, max_len):
         super().__init__()
         self.dims = dims
         inv = 1.0 / (base ** (torch.arange(0, dims, 2, dtype=torch.float32) / max(dims, 1)))
-        t = torch.arange(max_len, dtype=torch.float32)
-        freqs = torch.outer(t, inv)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:  # x: (B,T,H,D) at positions start..
+    def forward(self, x, start=0):  # x: (B,T,H,D) at positions start..
         if self.dims == 0:
             return x
         T, half = x.size(1), self.dims // 2
@@ -497,9 +493,9 @@ class Rotary(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer layer; its big matrices live in the GPT's banks."""
+    """A transformer layer; its matrices live in the GPT's banks."""
 
-    def __init__(self, args: Hyperparameters, layer: int):
+    def __init__(self, args, layer):
         super().__init__()
         d = args.model_dim
         self.layer = layer
@@ -513,9 +509,8 @@ class Block(nn.Module):
         if args.attn_gate_width > 0:  # zero init: every head's gate starts at 1
             self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_width))
 
-    def forward(self, gpt: "GPT", x, x0, w, ve, mask, cache=None, slot=0):
-        """Returns the new residual stream and the MLP's output. `cache` (TTT) holds the keys and
-        values of each row's earlier tokens for this pass (`slot`) of the layer."""
+    def forward(self, gpt, x, x0, w, ve, mask, cache=None, slot=0):
+        """-> new residual stream, MLP output. `cache` (TTT): earlier keys/values per layer pass `slot`."""
         L, a = gpt.args.num_layers, self.layer
         B, T, _ = x.shape
         H, Hkv, D = gpt.args.num_heads, gpt.args.num_kv_heads, gpt.args.head_dim
@@ -557,11 +552,7 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """The model for training, calibration and evaluation."""
-
-    BANK_NAMES = ("qo", "kv", "up", "down")
-
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, args):
         super().__init__()
         self.args = a = args
         d, L, kv = a.model_dim, a.num_layers, a.num_kv_heads * a.head_dim
@@ -573,10 +564,8 @@ class GPT(nn.Module):
         self.up_bank = nn.Parameter(torch.empty(L, a.mlp_hidden, d))
         self.down_bank = nn.Parameter(torch.zeros(L, d, a.mlp_hidden))
         for i in range(L):
-            nn.init.orthogonal_(self.qo_bank.data[i])
-            nn.init.orthogonal_(self.kv_bank.data[i])
-            nn.init.orthogonal_(self.kv_bank.data[L + i])
-            nn.init.orthogonal_(self.up_bank.data[i])
+            for m in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[L + i], self.up_bank[i]):
+                nn.init.orthogonal_(m.data)
         self.qo_bank.data[L:].zero_()  # output projections start at zero
         self.blocks = nn.ModuleList(Block(a, l) for l in range(L))
         self.num_enc = L // 2
@@ -606,28 +595,27 @@ class GPT(nn.Module):
         self._capture = None
         self.adapters = None  # TTT's per-document LoRA
 
-    def adapt(self, layer: int, kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def adapt(self, layer, kind, x, y):
         return y if self.adapters is None else y + self.adapters(layer, kind, x)
 
-    def banks(self) -> dict[str, torch.Tensor]:
+    def banks(self):
         return {"qo": self.qo_bank, "kv": self.kv_bank, "up": self.up_bank, "down": self.down_bank}
 
-    def capture(self, layer: int, kind: str, x: torch.Tensor) -> None:
+    def capture(self, layer, kind, x):
         if self._capture is not None:
             self._capture(layer, kind, x)
 
-    def _bank_weights(self) -> dict[str, torch.Tensor]:
+    def _bank_weights(self):
         w = self.banks()
         if not (torch.is_grad_enabled() and self.training):
             return w
         # late QAT: straight-through fake quantization (tensor switch: no recompile)
-        a = self.args
-        return {k: t + self.qat_mix * (fake_quantize_rows(t, a.quant_bits, self.qat_clip) - t).detach()
+        return {k: t + self.qat_mix * (fake_quantize_rows(t, self.args.quant_bits, self.qat_clip) - t).detach()
                 for k, t in w.items()}
 
     def embed(self, ids, prev=None):
-        """Token + BigramHash embedding, RMSNorm, SmearGate. Nothing crosses a BOS. `prev`: the
-        tokens before `ids` (TTT chunks), which feed the first positions' bigram and smear."""
+        """Token + BigramHash embedding, RMSNorm, SmearGate; nothing crosses a BOS. `prev`: tokens
+        before `ids` (TTT chunks) for the first positions' bigram and smear."""
         if prev is not None:
             return self.embed(torch.cat((prev, ids), 1))[:, prev.size(1):]
         a = self.args
@@ -644,8 +632,8 @@ class GPT(nn.Module):
         g = torch.sigmoid(self.smear_w).to(x.dtype) * (~is_bos).unsqueeze(-1).to(x.dtype)
         return x + g * (x_prev - x)
 
-    def layer_order(self) -> list[int]:
-        """Layers in run order: with recurrence on, the RECUR_LAYERS block repeats."""
+    def layer_order(self):
+        """Layers in run order (with recurrence on, the RECUR_LAYERS block repeats)."""
         order = list(range(self.args.num_layers))
         if self.recurrence_active and self.recur_layers:
             end = self.recur_layers[-1] + 1
@@ -696,7 +684,7 @@ class GPT(nn.Module):
         c = self.args.logit_softcap
         return c * torch.tanh(logits / c) if c > 0 else logits
 
-    def forward(self, ids, targets=None, reduction: str = "mean", cache=None):
+    def forward(self, ids, targets=None, reduction="mean", cache=None):
         logits = self.logits_from_hidden(self.hidden(ids, cache))
         if targets is None:
             return logits
@@ -714,12 +702,12 @@ class GPT(nn.Module):
         return banks, tables, projections, scalars
 
 
-def build_model(args: Hyperparameters, device: torch.device) -> GPT:
+def build_model(args, device):
     torch.manual_seed(args.seed)
     return GPT(args).to(device)
 
 
-# ----------------------------------------------------------------------------- optimizer
+# ----- optimizer
 
 QUINTIC_COEFFS = ((3.4445, -4.7750, 2.0315),) * 5
 # Polar Express: the minimax odd quintic of each iteration (tools/polar_express.py)
@@ -730,13 +718,13 @@ POLAR_EXPRESS_COEFFS = ((8.386464162225812, -24.36964994371728, 17.7251165175304
                         (2.301824959283198, -1.676277824901709, 0.42295236416328996))
 
 
-def ns_coeffs(args: Hyperparameters) -> tuple:
+def ns_coeffs(args):
     base = POLAR_EXPRESS_COEFFS if args.muon_ns == "polar" else QUINTIC_COEFFS
     return tuple(base[min(i, len(base) - 1)] for i in range(args.muon_ns_steps))
 
 
-def newton_schulz(G: torch.Tensor, coeffs: tuple = QUINTIC_COEFFS, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """Approximately orthogonalize a batch of matrices, one quintic per (a, b, c) of `coeffs`."""
+def newton_schulz(G, coeffs=QUINTIC_COEFFS, dtype=torch.bfloat16):
+    """Approximately orthogonalize a batch of matrices: a quintic per (a, b, c) of `coeffs`."""
     X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)
     if transposed:
@@ -748,30 +736,44 @@ def newton_schulz(G: torch.Tensor, coeffs: tuple = QUINTIC_COEFFS, dtype: torch.
     return X.mT if transposed else X
 
 
-def _is_nccl() -> bool:
+def _is_nccl():
     return dist.is_initialized() and dist.get_backend() == "nccl"
 
 
-def _multi() -> bool:
+def _multi():
     return dist.is_initialized() and dist.get_world_size() > 1
 
 
-def reduce_scatter_avg(full: torch.Tensor, shard_rows: int):
-    """Start averaging `full` across ranks; returns a waiter yielding this rank's shard."""
+def _all_reduce_sum(t):
+    if _multi():
+        dist.all_reduce(t)
+    return t
+
+
+def _from_rank0(value, world_size, device):
+    """Rank 0's float `value` on every rank."""
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.broadcast(t, 0)
+    return float(t)
+
+
+def reduce_scatter_avg(full, shard_rows):
+    """Start averaging `full` over ranks; the waiter yields this rank's shard."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if _is_nccl():
-        out = torch.empty((shard_rows,) + tuple(full.shape[1:]), device=full.device, dtype=full.dtype)
+        out = full.new_empty((shard_rows,) + tuple(full.shape[1:]))
         work = dist.reduce_scatter_tensor(out, full, op=dist.ReduceOp.AVG, async_op=True)
         return lambda: (work.wait(), out)[1]
     work = dist.all_reduce(full, async_op=True)
     return lambda: (work.wait(), full[rank * shard_rows:(rank + 1) * shard_rows].div_(world))[1]
 
 
-def all_gather_rows(shard: torch.Tensor):
-    """Start gathering every rank's shard along dim 0; returns a waiter."""
+def all_gather_rows(shard):
+    """Start gathering all ranks' shards along dim 0; returns a waiter."""
     world = dist.get_world_size()
     if _is_nccl():
-        out = torch.empty((shard.size(0) * world,) + tuple(shard.shape[1:]), device=shard.device, dtype=shard.dtype)
+        out = shard.new_empty((shard.size(0) * world,) + tuple(shard.shape[1:]))
         work = dist.all_gather_into_tensor(out, shard.contiguous(), async_op=True)
         return lambda: (work.wait(), out)[1]
     parts = [torch.empty_like(shard) for _ in range(world)]
@@ -785,15 +787,13 @@ class ParallelMuon:
     def __init__(self, banks, lr, weight_decay, coeffs, world_size, ns_fn=newton_schulz, row_norm=False):
         self.banks = sorted(banks, key=lambda p: -p.numel())  # longest comm first
         self.lr, self.weight_decay, self.coeffs, self.momentum = lr, weight_decay, coeffs, 0.95
-        self.row_norm = row_norm
-        self.world, self.ns_fn = world_size, ns_fn
+        self.world, self.ns_fn, self.row_norm = world_size, ns_fn, row_norm
         self.state = {}
         for p in self.banks:
             n, r, c = p.shape
-            rows = -(-n // world_size) * world_size
-            self.state[p] = {"rows": rows, "shard": rows // world_size, "scale": math.sqrt(max(1.0, r / c)),
-                             "buf": torch.zeros((rows // world_size, r, c), device=p.device, dtype=torch.float32)}
-        self._waiters = None
+            shard = -(-n // world_size)
+            self.state[p] = {"rows": shard * world_size, "shard": shard, "scale": math.sqrt(max(1.0, r / c)),
+                             "buf": p.new_zeros((shard, r, c), dtype=torch.float32)}
 
     def reset(self):
         for st in self.state.values():
@@ -806,16 +806,16 @@ class ParallelMuon:
             if self.world == 1:
                 self._waiters.append(lambda g=g: g)
                 continue
-            full = torch.zeros((st["rows"],) + tuple(g.shape[1:]), device=g.device, dtype=g.dtype)
+            full = g.new_zeros((st["rows"],) + tuple(g.shape[1:]))
             full[: g.size(0)].copy_(g)
             self._waiters.append(reduce_scatter_avg(full, st["shard"]))
 
-    def wait_grad_sync(self) -> list[torch.Tensor]:
+    def wait_grad_sync(self):
         self._shards = [w() for w in self._waiters]
         return self._shards
 
     @torch.no_grad()
-    def step(self, clip_coef: float = 1.0):
+    def step(self, clip_coef=1.0):
         mu, lr, wd = self.momentum, self.lr, self.weight_decay
         pending = []
         for p, g in zip(self.banks, self._shards):
@@ -835,8 +835,8 @@ class ParallelMuon:
         self._shards = None
 
 
-def flat_all_reduce_avg(tensors: list[torch.Tensor]):
-    """Average small tensors across ranks as one flat buffer; returns a waiter."""
+def flat_all_reduce_avg(tensors):
+    """Average small tensors over ranks in one flat buffer; returns a waiter."""
     if not _multi() or not tensors:
         return lambda: None
     flat = torch.cat([t.reshape(-1) for t in tensors])
@@ -853,26 +853,23 @@ def flat_all_reduce_avg(tensors: list[torch.Tensor]):
 
 
 class Optimizers:
-    """Muon for banks + AdamW for the rest, with gradient sync and clipping."""
+    """Muon for banks + AdamW for the rest; gradient sync and clipping."""
 
-    def __init__(self, model: GPT, args: Hyperparameters, world_size: int, device: torch.device):
+    def __init__(self, model, args, world_size, device):
         banks, tables, projections, scalars = model.param_groups()
         self.args = args
         ns_fn = torch.compile(newton_schulz) if _use_compile(args, device) else newton_schulz
-        self.muon = ParallelMuon(banks, args.matrix_lr, args.muon_wd, ns_coeffs(args), world_size, ns_fn,
-                                 args.muon_row_norm)
+        self.muon = ParallelMuon(banks, args.matrix_lr, args.muon_wd, ns_coeffs(args), world_size, ns_fn, args.muon_row_norm)
         groups = [{"params": tables, "lr": args.embed_lr, "weight_decay": args.embed_wd},
                   {"params": projections, "lr": args.scalar_lr, "weight_decay": args.adam_wd},
                   # gains, gates, mixes: no decay (it pulls them to 0)
                   {"params": scalars, "lr": args.scalar_lr, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
-        for g in groups:
-            g["base_lr"] = g["lr"]
+        groups = [dict(g, base_lr=g["lr"]) for g in groups if g["params"]]
         self.adam = torch.optim.AdamW(groups, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
                                       fused=device.type == "cuda")
         self.other_params = [p for g in groups for p in g["params"]]
 
-    def set_schedule(self, lr_scale: float, progress: float):
+    def set_schedule(self, lr_scale, progress):
         """Learning rates x lr_scale; Muon momentum warm-up over MUON_MOMENTUM_WARMUP_FRAC."""
         a = self.args
         for g in self.adam.param_groups:
@@ -881,8 +878,8 @@ class Optimizers:
         frac = min(1.0, progress / a.muon_momentum_warmup_frac) if a.muon_momentum_warmup_frac > 0 else 1.0
         self.muon.momentum = (1 - frac) * a.muon_momentum_start + frac * a.muon_momentum
 
-    def step(self) -> float:
-        """Sync, clip by global norm, step both optimizers; returns the norm."""
+    def step(self):
+        """Sync, clip by global norm, step both; returns the norm."""
         for p in self.other_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -890,9 +887,7 @@ class Optimizers:
         finish_small = flat_all_reduce_avg([p.grad for p in self.other_params])
         shards = self.muon.wait_grad_sync()
         finish_small()
-        bank_sq = torch.stack([s.float().square().sum() for s in shards]).sum()
-        if _multi():
-            dist.all_reduce(bank_sq)  # disjoint shards
+        bank_sq = _all_reduce_sum(torch.stack([s.float().square().sum() for s in shards]).sum())  # disjoint shards
         small_sq = sum(p.grad.float().square().sum() for p in self.other_params)
         norm = float(torch.sqrt(bank_sq + small_sq))
         coef = 1.0
@@ -917,24 +912,23 @@ class Optimizers:
         self.muon.reset()
 
 
-def _use_compile(args: Hyperparameters, device: torch.device) -> bool:
+def _use_compile(args, device):
     return args.compile == "1" or (args.compile == "auto" and device.type == "cuda")
 
 
-def _maybe_compile(model: nn.Module, args: Hyperparameters, device: torch.device) -> nn.Module:
+def _maybe_compile(model, args, device):
     return torch.compile(model, dynamic=False) if _use_compile(args, device) else model
 
 
-def _autocast(device: torch.device):
+def _autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-# ----------------------------------------------------------------------------- quantization
+# ----- quantization
 
-def upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
+def upper_cholesky_of_inverse(H):
     """Upper U' with U'^T U' = H^-1 (reverse Cholesky, inverted)."""
-    L = torch.linalg.cholesky(H.flip(-2, -1))
-    U = L.flip(-2, -1)
+    U = torch.linalg.cholesky(H.flip(-2, -1)).flip(-2, -1)
     eye = torch.eye(H.size(-1), device=H.device, dtype=H.dtype).expand_as(H)
     return torch.linalg.solve_triangular(U, eye, upper=True)
 
@@ -962,9 +956,8 @@ def _gptq_pass(W, Hinv_u, s, qmax, block):
     return Q
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor | None, qmax: int, clip_sigmas: float,
-                  block: int = 128, damp: float = 0.01):
-    """GPTQ of W (n, r, c) with Hessians H (None: round to nearest) -> int8 values, fp16 scales."""
+def gptq_quantize(W, H, qmax, clip_sigmas, block=128, damp=0.01):
+    """GPTQ of W (n, r, c) with Hessians H (None: round to nearest) -> int8 codes, fp16 scales."""
     W = W.float().clone()
     n, r, c = W.shape
     H = torch.eye(c, device=W.device).expand(n, c, c).clone() if H is None else H.float().clone()
@@ -993,31 +986,27 @@ class HessianCollector:
         X = x.detach().reshape(-1, x.size(-1)).float()
         key = (layer, kind)
         if key not in self.H:
-            self.H[key] = torch.zeros(X.size(1), X.size(1), device=X.device)
+            self.H[key] = X.new_zeros(X.size(1), X.size(1))
         self.H[key].addmm_(X.T, X)
         if key == (0, "qkv"):
             self.rows += X.size(0)
 
-    def averaged(self) -> dict:
+    def averaged(self):
         rows = torch.tensor(float(self.rows), device=next(iter(self.H.values())).device)
-        if _multi():
-            for H in self.H.values():
-                dist.all_reduce(H)
-            dist.all_reduce(rows)
+        for t in [*self.H.values(), rows]:
+            _all_reduce_sum(t)
         return {k: H / rows for k, H in self.H.items()}
 
 
-def bank_hessian_keys(args: Hyperparameters) -> dict[str, list[tuple[int, str]]]:
+def bank_hessian_keys(args):
     """For each bank, the Hessian key of each of its matrices."""
-    L = args.num_layers
-    return {"qo": [(l, "qkv") for l in range(L)] + [(l, "out") for l in range(L)],
-            "kv": [(l, "qkv") for l in range(L)] * 2,
-            "up": [(l, "up") for l in range(L)],
-            "down": [(l, "down") for l in range(L)]}
+    def keys(kind):
+        return [(l, kind) for l in range(args.num_layers)]
+    return {"qo": keys("qkv") + keys("out"), "kv": keys("qkv") * 2, "up": keys("up"), "down": keys("down")}
 
 
 @torch.no_grad()
-def collect_hessians(model: GPT, args, loader, device, world_size, log) -> dict:
+def collect_hessians(model, args, loader, device, world_size, log):
     """Hessians from the next GPTQ_CALIB_SEQS training sequences."""
     t0 = time.perf_counter()
     per_rank = -(-args.gptq_calib_seqs // world_size)
@@ -1043,8 +1032,7 @@ def _sync(device):
 
 
 @torch.no_grad()
-def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, clip_sigmas: float, rank: int = 0,
-                   world_size: int = 1):
+def quantize_model(model, hessians, args, clip_sigmas, rank=0, world_size=1):
     """Banks by GPTQ at `clip_sigmas`, embedding tables at EMBED_BITS, the rest fp16."""
     keys = bank_hessian_keys(args)
     qmax = 2 ** (args.quant_bits - 1) - 1
@@ -1052,21 +1040,19 @@ def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, cli
     for bank_name, bank in model.banks().items():
         n = bank.size(0)
         mine = list(range(rank, n, world_size))
-        q = torch.zeros(bank.shape, dtype=torch.int8, device=bank.device)
-        s = torch.zeros(bank.shape[:2], dtype=torch.float16, device=bank.device)
+        q = bank.new_zeros(bank.shape, dtype=torch.int8)
+        s = bank.new_zeros(bank.shape[:2], dtype=torch.float16)
         if mine:
             H = None if hessians is None else torch.stack([hessians[keys[bank_name][i]] for i in mine])
-            q[mine], s[mine] = gptq_quantize(bank.detach()[mine], H, qmax, clip_sigmas,
-                                             args.gptq_block, args.gptq_damp)
+            q[mine], s[mine] = gptq_quantize(bank.detach()[mine], H, qmax, clip_sigmas, args.gptq_block, args.gptq_damp)
         if world_size > 1:  # rows filled by one rank each: exact sums
             dist.all_reduce(q)
             dist.all_reduce(s)
         for i in range(n):
-            entries[f"{bank_name}_bank.{i}"] = {"kind": "int", "bits": args.quant_bits, "q": q[i].cpu(),
-                                               "scale": s[i].cpu()}
+            entries[f"{bank_name}_bank.{i}"] = _int_entry(args.quant_bits, q[i], s[i])
         if args.lqer_tensors > 0:
             H = None if hessians is None else [hessians[k] for k in keys[bank_name]]
-            lqer_candidates += [(f"{bank_name}_bank.{i}", bank.detach()[i].float(), (q[i].float() * s[i].float()[:, None]),
+            lqer_candidates += [(f"{bank_name}_bank.{i}", bank.detach()[i].float(), q[i].float() * s[i].float()[:, None],
                                  None if H is None else H[i]) for i in range(n)]
     entries.update(lqer_factors(lqer_candidates, args))
     for name, t in model.state_dict().items():
@@ -1076,13 +1062,17 @@ def quantize_model(model: GPT, hessians: dict | None, args: Hyperparameters, cli
             H = (hessians or {}).get((-1, "head")) if name == "tok_emb.weight" else None
             q, s = gptq_quantize(t[None], None if H is None else H[None], 2 ** (args.embed_bits - 1) - 1,
                                  args.embed_clip_sigmas, args.gptq_block, args.gptq_damp)
-            entries[name] = {"kind": "int", "bits": args.embed_bits, "q": q[0].cpu(), "scale": s[0].cpu()}
+            entries[name] = _int_entry(args.embed_bits, q[0], s[0])
         else:
             entries[name] = {"kind": "float", "value": t.detach().half().cpu()}
     return entries
 
 
-def lqer_factors(candidates: list, args: Hyperparameters) -> dict:
+def _int_entry(bits, q, scale):
+    return {"kind": "int", "bits": bits, "q": q.cpu(), "scale": scale.cpu()}
+
+
+def lqer_factors(candidates, args):
     """LQER: int4 low-rank corrections `<name>.lqer_a` (A^T) and `.lqer_b` of the LQER_TENSORS
     bank matrices with the costliest error E (tr(E H E^T))."""
     def cost(c):
@@ -1095,22 +1085,21 @@ def lqer_factors(candidates: list, args: Hyperparameters) -> dict:
         r = min(args.lqer_rank, S.numel())
         for part, M in (("lqer_a", (U[:, :r] * S[:r]).T), ("lqer_b", Vh[:r] / d)):
             qv, sv = gptq_quantize(M[None], None, 7, 0.0, args.gptq_block, args.gptq_damp)  # int4 absmax rows
-            out[f"{name}.{part}"] = {"kind": "int", "bits": 4, "q": qv[0].cpu(), "scale": sv[0].cpu()}
+            out[f"{name}.{part}"] = _int_entry(4, qv[0], sv[0])
     return out
 
 
-def order0_bits(counts: np.ndarray) -> float:
-    """Entropy in bits per symbol of a histogram."""
+def order0_bits(counts):
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log2(p)).sum())
 
 
 @torch.no_grad()
-def code_entropy_bytes(model: GPT, args: Hyperparameters, clip_sigmas: float) -> float:
-    """Order-0 entropy (bytes) of the banks' codes: predicts the artifact's size changes."""
+def code_entropy_bytes(model, args, clip_sigmas):
+    """Order-0 entropy (bytes) of the banks' codes: predicts artifact size changes."""
     qmax = 2 ** (args.quant_bits - 1) - 1
     total = 0.0
-    for name, bank in model.banks().items():
+    for bank in model.banks().values():
         W = bank.detach().float()
         s = sdclip_scales(W, clip_sigmas, qmax)
         codes = torch.clamp(torch.round(W / s[..., None]), -qmax, qmax).long() + qmax
@@ -1118,7 +1107,7 @@ def code_entropy_bytes(model: GPT, args: Hyperparameters, clip_sigmas: float) ->
     return total
 
 
-def clip_for_size_change(model: GPT, args: Hyperparameters, clip_sigmas: float, delta_bytes: float) -> float:
+def clip_for_size_change(model, args, clip_sigmas, delta_bytes):
     """The clip whose code entropy differs from that at `clip_sigmas` by `delta_bytes`."""
     base = code_entropy_bytes(model, args, clip_sigmas)
     lo, hi = CLIP_RANGE
@@ -1131,8 +1120,7 @@ def clip_for_size_change(model: GPT, args: Hyperparameters, clip_sigmas: float, 
     return hi
 
 
-def quantize_to_budget(model: GPT, hessians: dict | None, args: Hyperparameters, budget: int, rank: int,
-                       world_size: int, device, log) -> tuple[dict, bytes | None, float, list]:
+def quantize_to_budget(model, hessians, args, budget, rank, world_size, device, log):
     """Rate control: GPTQ, compress, move the clip until the model fills RATE_BAND of the budget
     (RATE_TRIES rounds, up to 4 more while nothing fits) -> entries, bytes, clip, tries."""
     clip, tries, best = args.clip_sigmas, [], None
@@ -1140,13 +1128,8 @@ def quantize_to_budget(model: GPT, hessians: dict | None, args: Hyperparameters,
         if attempt >= args.rate_tries and best[0][0] == 1:
             break
         entries = quantize_model(model, hessians, args, clip, rank, world_size)
-        size, data = torch.zeros((), dtype=torch.float64, device=device), None
-        if rank == 0:
-            data = compress(pack_entries(entries, args)[0])
-            size += len(data)
-        if world_size > 1:
-            dist.broadcast(size, 0)
-        size = int(size.item())
+        data = compress(pack_entries(entries, args)[0]) if rank == 0 else None
+        size = int(_from_rank0(len(data) if rank == 0 else 0, world_size, device))
         tries.append((clip, size))
         log(f"rate control {attempt}: clip {clip:.3f} sigmas -> {size} bytes (budget {budget})")
         fits = size <= budget
@@ -1157,19 +1140,15 @@ def quantize_to_budget(model: GPT, hessians: dict | None, args: Hyperparameters,
             break
         if attempt + 1 < args.rate_tries or not fits:  # rank 0 picks the next clip
             aim = ((1 + RATE_BAND) / 2) ** max(1, attempt + 2 - args.rate_tries) * budget
-            new_clip = torch.zeros((), dtype=torch.float64, device=device)
-            if rank == 0:
-                new_clip += clip_for_size_change(model, args, clip, aim - size)
-            if world_size > 1:
-                dist.broadcast(new_clip, 0)
-            if float(new_clip) == clip:
+            new_clip = clip_for_size_change(model, args, clip, aim - size) if rank == 0 else 0.0
+            new_clip = _from_rank0(new_clip, world_size, device)
+            if new_clip == clip:
                 break
-            clip = float(new_clip)
+            clip = new_clip
     return best[1], best[2], best[3], tries
 
 
-def dequantize_entries(entries: dict, args: Hyperparameters) -> dict[str, torch.Tensor]:
-    """Full state dict from quantized entries."""
+def dequantize_entries(entries, args):
     state, banks, lqer = {}, {}, {}
     for name, e in entries.items():
         t = e["q"].float() * e["scale"].float()[:, None] if e["kind"] == "int" else e["value"].float()
@@ -1183,13 +1162,13 @@ def dequantize_entries(entries: dict, args: Hyperparameters) -> dict[str, torch.
     for name, A_t in lqer.items():
         if name.endswith(".lqer_a"):
             bank, idx = name[:-len(".lqer_a")].rsplit(".", 1)
-            banks[bank][int(idx)] = banks[bank][int(idx)] + A_t.T @ lqer[name[:-1] + "b"]
+            banks[bank][int(idx)] += A_t.T @ lqer[name[:-1] + "b"]
     for bank, rows in banks.items():
         state[bank] = torch.stack([rows[i] for i in range(len(rows))])
     return state
 
 
-# ----------------------------------------------------------------------------- serialization
+# ----- serialization
 
 ARTIFACT_MAGIC = b"PGQ1"
 MODEL_CONFIG_FIELDS = ("vocab_size", "bos_id", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
@@ -1198,8 +1177,8 @@ MODEL_CONFIG_FIELDS = ("vocab_size", "bos_id", "num_layers", "model_dim", "num_h
                        "parallel_from", "recur_layers", "recur_passes", "attn_gate_width", "doc_mask")
 
 
-def pack_entries(entries: dict, args: Hyperparameters) -> tuple[bytes, int, int]:
-    """One blob: JSON header, int values, then scales and floats -> (blob, values_offset, n_values)."""
+def pack_entries(entries, args):
+    """JSON header, int values, then scales and floats -> (blob, values_offset, n_values)."""
     table, values, rest = [], [], []
     voff = roff = 0
     for name, e in entries.items():
@@ -1222,8 +1201,8 @@ def pack_entries(entries: dict, args: Hyperparameters) -> tuple[bytes, int, int]
     return head + b"".join(values) + b"".join(rest), len(head), voff
 
 
-def entropy_by_group(entries: dict) -> dict[str, tuple[float, float]]:
-    """Per tensor group: estimated bytes (order-0 entropy + scales) and bits per value."""
+def entropy_by_group(entries):
+    """Per tensor group: estimated bytes (order-0 entropy + scales), bits per value."""
     hists, out = {}, {}
     for name, e in entries.items():
         if e["kind"] == "int":
@@ -1240,43 +1219,39 @@ def entropy_by_group(entries: dict) -> dict[str, tuple[float, float]]:
     return out
 
 
-def unpack_entries(blob: bytes) -> tuple[dict, dict]:
+def unpack_entries(blob):
     if blob[:4] != ARTIFACT_MAGIC:
         raise ArtifactError("artifact payload has a bad magic (not a packed model)")
     hlen, vlen = struct.unpack("<II", blob[4:12])
     header = json.loads(blob[12:12 + hlen])
-    vbase = 12 + hlen
-    rbase = vbase + vlen
+    vbase, rbase = 12 + hlen, 12 + hlen + vlen
     entries = {}
     for t in header["tensors"]:
-        shape = t["shape"]
+        shape, n = t["shape"], int(np.prod(t["shape"]))  # 1 for a scalar
         if t["kind"] == "int":
-            n = int(np.prod(shape))
             q = np.frombuffer(blob, dtype=np.int8, count=n, offset=vbase + t["voff"]).reshape(shape)
             s = np.frombuffer(blob, dtype="<f2", count=shape[0], offset=rbase + t["roff"])
-            entries[t["name"]] = {"kind": "int", "bits": t["bits"], "q": torch.from_numpy(q.copy()),
-                                  "scale": torch.from_numpy(s.copy())}
+            entries[t["name"]] = _int_entry(t["bits"], torch.from_numpy(q.copy()), torch.from_numpy(s.copy()))
         else:
-            n = int(np.prod(shape)) if shape else 1
             v = np.frombuffer(blob, dtype="<f2", count=n, offset=rbase + t["roff"]).reshape(shape)
             entries[t["name"]] = {"kind": "float", "value": torch.from_numpy(v.copy())}
     return entries, header["config"]
 
 
 CODEC_TAG = b"R"  # int codes by rANS, the rest by lzma
-# interleaved rANS: 32-bit states, 16-bit words, 15-bit frequencies, one table per tensor. lzma
-# spent ~9 % over the codes' order-0 entropy at ~2.9 bits/value; rANS comes within ~0.1 %.
+# interleaved rANS: 32-bit states, 16-bit words, 15-bit frequencies, one table per tensor
+# (within ~0.1 % of the codes' order-0 entropy; lzma spent ~9 % over)
 RANS_LANES, RANS_PREC, RANS_LOW = 4096, 15, 1 << 16
 
 
-def rans_lanes(n: int) -> int:
-    """Lanes for n symbols: each ends with a 4-byte state, so few for small payloads."""
+def rans_lanes(n):
+    """Lanes for n symbols: each ends with a 4-byte state, so few for small inputs."""
     return min(RANS_LANES, max(1, n // 1024))
 
 
-def _int_tensors(blob: bytes) -> tuple[int, int, list]:
-    """(offset, bytes, [(values, alphabet size)] per int tensor) of a packed model's int8 values
-    section; (0, 0, []) for any other blob."""
+def _int_tensors(blob):
+    """Offset, size and [(values, alphabet size)] per tensor of a packed model's int8 values;
+    (0, 0, []) for any other blob."""
     try:
         hlen, vlen = struct.unpack_from("<II", blob, 4)
         tensors = json.loads(blob[12:12 + hlen])["tensors"] if blob[:4] == ARTIFACT_MAGIC else []
@@ -1285,7 +1260,7 @@ def _int_tensors(blob: bytes) -> tuple[int, int, list]:
         return 0, 0, []
 
 
-def _rans_tables(freqs: list[np.ndarray]):
+def _rans_tables(freqs):
     """Per tensor, padded: frequency and cumulative frequency of each symbol."""
     F = np.zeros((len(freqs), max((f.size for f in freqs), default=1)), np.uint64)
     for i, f in enumerate(freqs):
@@ -1293,39 +1268,36 @@ def _rans_tables(freqs: list[np.ndarray]):
     return F, np.cumsum(F, 1) - F
 
 
-def rans_encode(values: np.ndarray, tensors: list) -> bytes:
+def rans_encode(values, tensors):
     """int8 values (tensor after tensor, in [-(A-1)/2, (A-1)/2]) -> tables, lane states, words."""
     M, n = 1 << RANS_PREC, values.size
-    counts = [c for c, _ in tensors]
-    tid = np.repeat(np.arange(len(tensors)), counts)
-    sym = values.astype(np.int64) + np.repeat([A // 2 for _, A in tensors], counts)
-    freqs, lo = [], 0
+    f_all, c_all, freqs, lo = np.empty(n, np.uint64), np.empty(n, np.uint64), [], 0
     for c, A in tensors:
-        h = np.bincount(sym[lo:lo + c], minlength=A)
-        if h.size > A or sym[lo:lo + c].min(initial=0) < 0:
+        sym = values[lo:lo + c].astype(np.int64) + A // 2
+        h = np.bincount(sym, minlength=A)
+        if h.size > A or sym.min(initial=0) < 0:
             raise ValueError("an int value lies outside its tensor's range")
         f = np.where(h > 0, np.maximum(1, h * M // max(c, 1)), 0)
         f[np.argmax(f)] += M - f.sum()  # the largest absorbs the rounding: still >= 1
         freqs.append(f)
+        f_all[lo:lo + c], c_all[lo:lo + c] = f[sym], (np.cumsum(f) - f)[sym]
         lo += c
-    F, C = _rans_tables(freqs)
-    f_all, c_all = F[tid, sym], C[tid, sym]
     N = rans_lanes(n)
     x, out = np.full(min(n, N), RANS_LOW, np.uint64), []
     for lo in range(-(-n // N) * N - N, -1, -N):  # last symbols first
         f, c = f_all[lo:lo + N], c_all[lo:lo + N]
         xs = x[:f.size]
         big = xs >= f << np.uint64(32 - RANS_PREC)  # renormalise: one word out keeps x < 2^32 after coding
-        out.append(xs[big].astype(np.uint16))
+        out.append(xs[big])
         xs[big] >>= np.uint64(16)
         x[:f.size] = (xs // f << np.uint64(RANS_PREC)) + xs % f + c
-    words = np.concatenate([o[::-1] for o in reversed(out)] + [np.zeros(0, np.uint16)])
+    words = np.concatenate([o[::-1] for o in reversed(out)] + [np.zeros(0, np.uint64)])
     return b"".join(f.astype("<u2").tobytes() for f in freqs) + x.astype("<u4").tobytes() + words.astype("<u2").tobytes()
 
 
-def rans_decode(data: bytes, tensors: list) -> np.ndarray:
+def rans_decode(data, tensors):
     M, n = 1 << RANS_PREC, sum(c for c, _ in tensors)
-    counts = [c for c, _ in tensors]
+    ends = np.cumsum([c for c, _ in tensors])
     off, freqs = 0, []
     for _, A in tensors:
         freqs.append(np.frombuffer(data, "<u2", A, off).astype(np.uint64))
@@ -1339,10 +1311,9 @@ def rans_decode(data: bytes, tensors: list) -> np.ndarray:
     lanes = min(n, N)
     x = np.frombuffer(data, "<u4", lanes, off).astype(np.uint64)
     words = np.frombuffer(data, "<u2", offset=off + 4 * lanes).astype(np.uint64)
-    tid = np.repeat(np.arange(len(tensors)), counts)
     sym, ptr = np.empty(n, np.int64), 0
     for lo in range(0, n, N):
-        t = tid[lo:lo + N]
+        t = np.searchsorted(ends, np.arange(lo, min(n, lo + N)), side="right")  # each symbol's tensor
         xs = x[:t.size]
         slot = (xs & np.uint64(M - 1)).astype(np.int64)
         s = slot_sym[t, slot]
@@ -1353,10 +1324,12 @@ def rans_decode(data: bytes, tensors: list) -> np.ndarray:
         x[:t.size], sym[lo:lo + t.size] = xs, s
     if ptr != words.size or (x != RANS_LOW).any():
         raise ArtifactError("artifact is corrupt (rANS stream)")
-    return (sym - np.repeat([A // 2 for _, A in tensors], counts)).astype(np.int8)
+    for (c, A), end in zip(tensors, ends):
+        sym[end - c:end] -= A // 2
+    return sym.astype(np.int8)
 
 
-def compress(blob: bytes) -> bytes:
+def compress(blob):
     """tag + lzma length + lzma(blob without its int values) + rANS(int values)."""
     voff, vlen, tensors = _int_tensors(blob)
     if not tensors or voff + vlen > len(blob) or vlen != sum(c for c, _ in tensors):
@@ -1366,7 +1339,7 @@ def compress(blob: bytes) -> bytes:
     return CODEC_TAG + struct.pack("<I", len(rest)) + rest + codes
 
 
-def decompress(data: bytes) -> bytes:
+def decompress(data):
     if data[:1] != CODEC_TAG:
         raise ArtifactError(f"unknown artifact codec tag {data[:1]!r}")
     if len(data) < 5 or len(data) < 5 + struct.unpack_from("<I", data, 1)[0]:
@@ -1385,7 +1358,7 @@ def decompress(data: bytes) -> bytes:
     return rest[:voff] + values.tobytes() + rest[voff:]
 
 
-def write_artifact(path: str, data: bytes, code_bytes: int) -> int:
+def write_artifact(path, data, code_bytes):
     total = code_bytes + len(data)
     if total > ARTIFACT_CAP_BYTES:
         raise ArtifactError(f"artifact is {total} bytes (code {code_bytes} + model {len(data)}) > cap {ARTIFACT_CAP_BYTES}")
@@ -1394,7 +1367,7 @@ def write_artifact(path: str, data: bytes, code_bytes: int) -> int:
     return total
 
 
-def load_artifact(path: str) -> tuple[dict, dict]:
+def load_artifact(path):
     """Read an artifact file -> (quantized entries, model config)."""
     try:
         with open(path, "rb") as f:
@@ -1409,23 +1382,23 @@ def load_artifact(path: str) -> tuple[dict, dict]:
         raise ArtifactError(f"artifact {path} is corrupt: {e}") from None
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----- evaluation
 
 class ByteLUTs:
     """Per-token byte accounting from the SentencePiece model."""
 
-    def __init__(self, base: torch.Tensor, space: torch.Tensor, boundary: torch.Tensor):
+    def __init__(self, base, space, boundary):
         self.base, self.space, self.boundary = base, space, boundary
 
     def to(self, device):
         return ByteLUTs(self.base.to(device), self.space.to(device), self.boundary.to(device))
 
-    def target_bytes(self, prev: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    def target_bytes(self, prev, tgt):
         """UTF-8 bytes of `tgt`; a leading space counts only after a non-boundary token."""
         return self.base[tgt] + (self.space[tgt] & ~self.boundary[prev]).to(self.base.dtype)
 
 
-def load_tokenizer_luts(tokenizer_path: str, vocab_size: int) -> ByteLUTs:
+def load_tokenizer_luts(tokenizer_path, vocab_size):
     import sentencepiece as spm
     if not os.path.isfile(tokenizer_path):
         raise DataError(f"tokenizer {tokenizer_path} not found (TOKENIZER_PATH)")
@@ -1436,8 +1409,7 @@ def load_tokenizer_luts(tokenizer_path: str, vocab_size: int) -> ByteLUTs:
     if sp.vocab_size() != vocab_size:
         raise DataError(f"tokenizer {tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
     base = torch.zeros(vocab_size, dtype=torch.int64)
-    space = torch.zeros(vocab_size, dtype=torch.bool)
-    boundary = torch.zeros(vocab_size, dtype=torch.bool)
+    space, boundary = torch.zeros(vocab_size, dtype=torch.bool), torch.zeros(vocab_size, dtype=torch.bool)
     for i in range(vocab_size):
         if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
             boundary[i] = True  # BOS/EOS/UNK: zero bytes, start a fresh text
@@ -1451,7 +1423,7 @@ def load_tokenizer_luts(tokenizer_path: str, vocab_size: int) -> ByteLUTs:
     return ByteLUTs(base, space, boundary)
 
 
-def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+def sliding_windows(n_targets, seq_len, stride):
     """Windows (start, length, first_scored_offset): each target scored once."""
     windows, scored = [], 0
     while scored < n_targets:
@@ -1462,26 +1434,19 @@ def sliding_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int
     return windows
 
 
-def rank_share(items: list, rank: int, world_size: int) -> list:
+def rank_share(items, rank, world_size):
     """Contiguous split of a list across ranks."""
     per = -(-len(items) // world_size)
     return items[rank * per:(rank + 1) * per]
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if _multi():
-        dist.all_reduce(t)
-    return t
-
-
 @torch.no_grad()
-def score_windows(score_fn, tokens, luts, windows, batch, device, on_score=None) -> torch.Tensor:
-    """Sum (nll, bytes, tokens) over the scored parts; batches padded to one shape."""
+def score_windows(score_fn, tokens, luts, windows, batch, device, on_score=None):
+    """Sum (nll, bytes, tokens) over the scored parts; batches padded to a shape."""
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for b0 in range(0, len(windows), batch):
         part = windows[b0:b0 + batch]
-        valid = torch.zeros(batch, dtype=torch.bool, device=device)
-        valid[:len(part)] = True
+        valid = torch.arange(batch, device=device) < len(part)
         part = part + [part[-1]] * (batch - len(part))
         length = part[0][1]
         assert all(w[1] == length for w in part), "windows of one batch must share a length"
@@ -1496,28 +1461,25 @@ def score_windows(score_fn, tokens, luts, windows, batch, device, on_score=None)
         sums[1] += (luts.target_bytes(x, y).double() * mask).sum()
         sums[2] += mask.sum()
         if on_score is not None:
-            for (s, ln, f), ok in zip(part, valid.tolist()):
-                if ok:
-                    on_score(s + f, s + ln)
+            for s, ln, f in windows[b0:b0 + batch]:
+                on_score(s + f, s + ln)
     return sums
 
 
-def _metrics(sums: torch.Tensor) -> dict:
+def _metrics(sums):
     loss, nbytes, ntok = (float(v) for v in sums)
     return {"val_loss": loss / ntok, "val_bpb": loss / math.log(2) / nbytes, "tokens": int(ntok), "bytes": int(nbytes)}
 
 
-def evaluate(score_fn, tokens, luts, seq_len, stride, batch, rank, world_size, device, on_score=None) -> dict:
-    """val_loss and val_bpb over all targets of `tokens` (stride = seq_len: non-overlapping)."""
+def evaluate(score_fn, tokens, luts, seq_len, stride, batch, rank, world_size, device, on_score=None):
+    """val_loss, val_bpb over all targets of `tokens` (stride = seq_len: non-overlapping)."""
     n = tokens.numel() - 1
     seq_len = min(seq_len, n)
     mine = rank_share(sliding_windows(n, seq_len, stride), rank, world_size)
-    sums = score_windows(score_fn, tokens, luts, mine, batch, device, on_score) if mine else \
-        torch.zeros(3, dtype=torch.float64, device=device)
-    return _metrics(_all_reduce_sum(sums))
+    return _metrics(_all_reduce_sum(score_windows(score_fn, tokens, luts, mine, batch, device, on_score)))
 
 
-def make_score_fn(model: nn.Module, device: torch.device):
+def make_score_fn(model, device):
     def score(x, y):
         with _autocast(device):
             return model(x, y, reduction="none")
@@ -1525,10 +1487,10 @@ def make_score_fn(model: nn.Module, device: torch.device):
 
 
 class DocAdapters:
-    """Rank-r LoRA of every bank matrix and the head, one per document: x A^T B^T, B zero-init.
-    Only the first `rows` documents run (a batch's documents are longest first)."""
+    """Per-document rank-r LoRA of each bank matrix and the head: x A^T B^T, B zero-init.
+    n rows of x use the first n documents' adapters (documents run longest first)."""
 
-    def __init__(self, args: Hyperparameters, docs: int, device):
+    def __init__(self, args, docs, device):
         d, kv, hid, r = args.model_dim, args.num_kv_heads * args.head_dim, args.mlp_hidden, args.ttt_rank
         shapes = {"qkv": (d, d + 2 * kv), "out": (d, d), "up": (d, hid), "down": (hid, d)}
         self.shapes = {(l, k): io for l in range(args.num_layers) for k, io in shapes.items()}
@@ -1537,7 +1499,6 @@ class DocAdapters:
         self.B = {k: torch.zeros(docs, o, r, device=device, requires_grad=True) for k, (i, o) in self.shapes.items()}
         self.params = list(self.A.values()) + list(self.B.values())
         self.gen = torch.Generator(device=device).manual_seed(args.seed)
-        self.rows = docs
 
     @torch.no_grad()
     def reset(self):
@@ -1551,40 +1512,39 @@ class DocAdapters:
 
 
 class KVCache:
-    """TTT's chunked scoring: per layer pass, the keys (before RoPE) and values of each row's
-    last `keep` tokens, computed by the forwards that scored them (detached: a chunk's gradient
-    stops at its own tokens), and the row's last two tokens for the embedding."""
+    """TTT chunks: per layer pass, each row's last `keep` keys (pre-RoPE) and values from the
+    forwards that scored them (detached: gradients stay in their chunk); `prev`: the row's last
+    two tokens, for the embedding."""
 
-    def __init__(self, keep: int):
+    def __init__(self, keep):
         self.keep, self.kv, self.prev = keep, {}, None
 
-    def past_len(self) -> int:
+    def past_len(self):
         return next(iter(self.kv.values()))[0].size(1) if self.kv else 0
 
-    def keep_rows(self, n: int):
+    def keep_rows(self, n):
         self.kv = {s: (k[:n], v[:n]) for s, (k, v) in self.kv.items()}
         self.prev = None if self.prev is None else self.prev[:n]
 
-    def extend(self, slot: int, k, v):
+    def extend(self, slot, k, v):
         if slot in self.kv:
             k, v = (torch.cat(pair, 1) for pair in zip(self.kv[slot], (k, v)))
         self.kv[slot] = (k[:, -self.keep:].detach(), v[:, -self.keep:].detach())
         return k, v
 
 
-def document_spans(tokens: torch.Tensor, bos_id: int) -> list[tuple[int, int]]:
+def document_spans(tokens, bos_id):
     """(start, end) of every document's inputs; the spans cover every target once."""
     n = tokens.numel() - 1
     starts = [0] + [int(i) for i in torch.nonzero(tokens[1:n] == bos_id).flatten() + 1]
-    return [(s, e) for s, e in zip(starts, starts[1:] + [n])]
+    return list(zip(starts, starts[1:] + [n]))
 
 
-def evaluate_with_ttt(model: GPT, tokens, luts, args, rank, world_size, device, log, monitor=None) -> dict:
-    """Score-first TTT: each TTT_CHUNK is scored, then trains its document's adapters; an SGD
-    pass over scored documents between phases. A chunk attends to the cached keys of its
-    document's last EVAL_SEQ_LEN - TTT_CHUNK tokens, so each token runs forward once. Eager:
-    the shapes change every chunk, and compiling TTT's graphs took ~200 s on the H200.
-    `monitor(kind, lo, hi)` is for tests."""
+def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, monitor=None):
+    """Score-first TTT: each TTT_CHUNK is scored, then trains its document's adapters; SGD on
+    the scored documents between phases. Chunks attend to cached keys of their document's last
+    EVAL_SEQ_LEN - TTT_CHUNK tokens: each token runs forward once. Eager: shapes change every
+    chunk. `monitor(kind, lo, hi)` is for tests."""
     C, W, D = args.ttt_chunk, args.eval_seq_len, args.ttt_batch_docs
     spans = document_spans(tokens, args.bos_id)
     model.eval().qat_mix.zero_()
@@ -1654,9 +1614,11 @@ def evaluate_with_ttt(model: GPT, tokens, luts, args, rank, world_size, device, 
             sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
             for r0 in range(0, int(rows), D):
                 r1 = min(r0 + D, have)
-                if r1 > r0:
+                for m0 in range(r0, r1, 8):  # micro-batches of 8 rows bound eager attention's memory
+                    m1 = min(m0 + 8, r1)
                     with _autocast(device):
-                        model(xs[r0 * W:r1 * W].view(-1, W), ys[r0 * W:r1 * W].view(-1, W)).backward()
+                        loss = model(xs[m0 * W:m1 * W].view(-1, W), ys[m0 * W:m1 * W].view(-1, W))
+                    (loss * (m1 - m0) / (r1 - r0)).backward()
                 for p in model.parameters():
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -1677,22 +1639,29 @@ def evaluate_with_ttt(model: GPT, tokens, luts, args, rank, world_size, device, 
     return out
 
 
-# ----------------------------------------------------------------------------- training
+# ----- training
 
 class PhaseTimer:
     def __init__(self):
         self.times = {}
 
-    def add(self, name: str, seconds: float):
+    def add(self, name, seconds):
         self.times[name] = self.times.get(name, 0.0) + seconds
 
+    def since(self, name, t0):
+        self.add(name, time.perf_counter() - t0)
 
-def estimate_gptq_reserve(n_params: int) -> float:
+
+def _numel(params):
+    return sum(p.numel() for p in params)
+
+
+def estimate_gptq_reserve(n_params):
     """Seconds kept for calibration, GPTQ rate control and packing."""
     return 10.0 + 0.4e-6 * n_params
 
 
-def run_progress(args: Hyperparameters, step: int, elapsed_s: float, budget_s: float) -> float:
+def run_progress(args, step, elapsed_s, budget_s):
     """Fraction of the run done: ITERATIONS or the budget, whichever binds first."""
     p = step / args.iterations if args.iterations > 0 else 0.0
     if budget_s > 0:
@@ -1700,7 +1669,7 @@ def run_progress(args: Hyperparameters, step: int, elapsed_s: float, budget_s: f
     return min(1.0, p)
 
 
-def lr_scale_at(args: Hyperparameters, progress: float) -> float:
+def lr_scale_at(args, progress):
     """1.0, then linear to 0 over the last WARMDOWN_FRAC, floored at MIN_LR_SCALE."""
     s = (1.0 - progress) / args.warmdown_frac if args.warmdown_frac > 0 else 1.0
     return max(args.min_lr_scale, min(1.0, s))
@@ -1709,41 +1678,35 @@ def lr_scale_at(args: Hyperparameters, progress: float) -> float:
 class SharedClock:
     """Rank 0's training clock, broadcast each step so all ranks decide alike."""
 
-    def __init__(self, rank: int, world_size: int, device, clock=time.perf_counter):
+    def __init__(self, rank, world_size, device, clock=time.perf_counter):
         self.rank, self.world_size, self.device, self.clock = rank, world_size, device, clock
         self.t0 = clock()
 
     def start(self):
         self.t0 = self.clock()
 
-    def local(self) -> float:
+    def local(self):
         return self.clock() - self.t0
 
-    def shared(self) -> float:
-        t = torch.tensor([self.local() if self.rank == 0 else 0.0], dtype=torch.float64, device=self.device)
-        if self.world_size > 1:
-            dist.broadcast(t, 0)
-        return float(t.item())
+    def shared(self):
+        return _from_rank0(self.local() if self.rank == 0 else 0.0, self.world_size, self.device)
 
 
-def qat_clip_for_budget(model: GPT, args: Hyperparameters, budget_bytes: int, rank: int, world_size: int,
-                        device) -> float:
-    """The clip at which the current weights would fill the rate band (QAT trains onto it)."""
-    clip = torch.tensor(float(args.clip_sigmas), dtype=torch.float64, device=device)
+def qat_clip_for_budget(model, args, budget_bytes, rank, world_size, device):
+    """The clip at which the weights would fill the rate band (QAT trains onto it)."""
+    clip = args.clip_sigmas
     if rank == 0:
         size = len(compress(pack_entries(quantize_model(model, None, args, args.clip_sigmas), args)[0]))
-        clip.fill_(clip_for_size_change(model, args, args.clip_sigmas, (1 + RATE_BAND) / 2 * budget_bytes - size))
-    if world_size > 1:
-        dist.broadcast(clip, 0)
-    return float(clip)
+        clip = clip_for_size_change(model, args, args.clip_sigmas, (1 + RATE_BAND) / 2 * budget_bytes - size)
+    return _from_rank0(clip, world_size, device)
 
 
-def train(args, model, compiled, opt, loader, rank, world_size, device, log, timer, clock: SharedClock,
-          budget_bytes: int = 0) -> dict:
+def train(args, model, compiled, opt, loader, rank, world_size, device, log, timer, clock, budget_bytes=0):
     accum = args.resolved_grad_accum(world_size)
     micro_seqs = args.train_batch_tokens // (world_size * accum * args.train_seq_len)
-    n_params = sum(p.numel() for p in model.parameters())
-    reserve = args.gptq_reserve_seconds if args.gptq_reserve_seconds >= 0 else estimate_gptq_reserve(n_params)
+    reserve = args.gptq_reserve_seconds
+    if reserve < 0:
+        reserve = estimate_gptq_reserve(_numel(model.parameters()))
     budget = args.max_wallclock_seconds - reserve if args.max_wallclock_seconds > 0 else 0.0
     if args.max_wallclock_seconds > 0 and budget <= 0:
         raise ConfigError(f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds} leaves no time after the "
@@ -1751,7 +1714,7 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
     log(f"batch: {args.train_batch_tokens} tokens/step = {world_size} ranks x {accum} micro-steps x "
         f"{micro_seqs} seqs x {args.train_seq_len}; training budget {budget:.1f}s (reserve {reserve:.1f}s for GPTQ)")
 
-    def one_step(progress: float, lr_scale: float) -> tuple[torch.Tensor, float]:
+    def one_step(progress, lr_scale):
         opt.set_schedule(lr_scale, progress)
         total = torch.zeros((), device=device)
         for _ in range(accum):
@@ -1764,7 +1727,7 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
         opt.zero_grad()
         return total / accum, norm
 
-    # compile warm-up; then weights, optimizer and data position are restored
+    # compile warm-up, then weights, optimizer and data position restored
     if args.warmup_steps > 0:
         t0 = time.perf_counter()
         saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(), loader.stream.state())
@@ -1775,12 +1738,12 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
         opt.load_state_dict(saved[1])
         loader.stream.restore(saved[2])
         _sync(device)
-        timer.add("compile_warmup (not counted)", time.perf_counter() - t0)
+        timer.since("compile_warmup (not counted)", t0)
         log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t0:.1f}s, state restored")
 
     params = list(model.parameters())
     ema = [p.detach().float().clone() for p in params] if args.ema_horizon > 0 else None
-    step, elapsed, progress, step_s, qat_on_step, losses = 0, 0.0, 0.0, 0.0, None, []
+    step, elapsed, progress, step_s, qat_on_step = 0, 0.0, 0.0, 0.0, None
     _sync(device)
     if world_size > 1:
         dist.barrier()  # the ranks start the clock together
@@ -1803,7 +1766,7 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
         loss, norm = one_step(progress, scale)
         loss_v = loss.item()  # sync: the clock measures finished work
         if not math.isfinite(loss_v):
-            raise FloatingPointError(f"non-finite train loss {loss_v} at step {step}: stopping (lower the learning rates?)")
+            raise FloatingPointError(f"non-finite train loss {loss_v} at step {step} (lower the learning rates?)")
         step += 1
         elapsed = clock.shared()
         step_s = elapsed / step
@@ -1812,7 +1775,6 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
             weight = 1.0 - math.exp(-(new_progress - progress) / args.ema_horizon)
             torch._foreach_lerp_(ema, [p.detach() for p in params], weight)
         progress = new_progress
-        losses.append(loss_v)
         # stop before a step that would end past the budget
         last = (args.iterations > 0 and step >= args.iterations) or (budget > 0 and elapsed + step_s > budget)
         if args.train_log_every > 0 and (step % args.train_log_every == 0 or step <= 5 or last):
@@ -1834,22 +1796,21 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
                 p.copy_(t.to(p.dtype))
         log(f"final weights: EMA (time constant {args.ema_horizon} of the run)")
     model.qat_mix.zero_()
-    timer.add("weights_average", time.perf_counter() - t0)
+    timer.since("weights_average", t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
     log(f"training done: {step} steps in {elapsed:.1f}s ({step_s * 1000:.1f} ms/step), peak memory {peak:.0f} MiB")
     return {"steps": step, "train_seconds": elapsed, "step_avg_ms": step_s * 1000, "peak_mem_mib": peak,
-            "reserve_seconds": reserve, "qat_step": qat_on_step, "final_train_loss": losses[-1] if losses else None,
-            "raw_weights": raw}
+            "reserve_seconds": reserve, "qat_step": qat_on_step, "final_train_loss": loss_v, "raw_weights": raw}
 
 
-# ----------------------------------------------------------------------------- main
+# ----- main
 
 class Logger:
-    def __init__(self, path: str | None, rank: int):
+    def __init__(self, path, rank):
         self.rank = rank
-        self.file = open(path, "a") if (path and rank == 0) else None
+        self.file = open(path, "a") if path and rank == 0 else None
 
-    def __call__(self, msg: str):
+    def __call__(self, msg):
         if self.rank != 0:
             return
         print(msg, flush=True)
@@ -1858,7 +1819,7 @@ class Logger:
             self.file.flush()
 
 
-def setup_distributed(device_pref: str):
+def setup_distributed(device_pref):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
@@ -1870,54 +1831,54 @@ def setup_distributed(device_pref: str):
     return rank, world, device
 
 
-def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, device, log, timer) -> dict:
-    """Load the artifact into `model`; plain, sliding and TTT evaluation."""
+def _scores(r):
+    return f"val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}"
+
+
+def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, device, log, timer):
+    """Load the artifact into `model`; plain, sliding, TTT evaluation."""
     t0 = time.perf_counter()
     entries, _ = load_artifact(path)
     model.load_state_dict(dequantize_entries(entries, args), strict=True)
     model.eval()
-    timer.add("eval_artifact_load", time.perf_counter() - t0)
-    compiled = _maybe_compile(model, args, device)
-    score = make_score_fn(compiled, device)
+    timer.since("eval_artifact_load", t0)
+    score = make_score_fn(_maybe_compile(model, args, device), device)
     res = {}
-    t0 = time.perf_counter()
-    res["roundtrip"] = evaluate(score, val_tokens, luts, args.eval_seq_len, args.eval_seq_len,
-                                args.eval_batch_seqs, rank, world_size, device)
-    timer.add("eval_roundtrip_plain", time.perf_counter() - t0)
-    log(f"final_int{args.quant_bits}_roundtrip val_loss:{res['roundtrip']['val_loss']:.8f} "
-        f"val_bpb:{res['roundtrip']['val_bpb']:.8f} ({time.perf_counter() - t0:.1f}s)")
-    if not args.skip_sliding_eval:
+
+    def timed_eval(key, phase, label, stride, note=""):
         t0 = time.perf_counter()
-        res["sliding"] = evaluate(score, val_tokens, luts, args.eval_seq_len, args.eval_stride,
-                                  args.eval_batch_seqs, rank, world_size, device)
-        timer.add("eval_sliding", time.perf_counter() - t0)
-        log(f"final_int{args.quant_bits}_sliding_window val_loss:{res['sliding']['val_loss']:.8f} "
-            f"val_bpb:{res['sliding']['val_bpb']:.8f} (stride {args.eval_stride}, {time.perf_counter() - t0:.1f}s)")
+        res[key] = evaluate(score, val_tokens, luts, args.eval_seq_len, stride, args.eval_batch_seqs, rank,
+                            world_size, device)
+        timer.since(phase, t0)
+        log(f"final_int{args.quant_bits}_{label} {_scores(res[key])} ({note}{time.perf_counter() - t0:.1f}s)")
+
+    timed_eval("roundtrip", "eval_roundtrip_plain", "roundtrip", args.eval_seq_len)
+    if not args.skip_sliding_eval:
+        timed_eval("sliding", "eval_sliding", "sliding_window", args.eval_stride, f"stride {args.eval_stride}, ")
     if args.ttt_enabled:
         t0 = time.perf_counter()
         res["ttt"] = t = evaluate_with_ttt(model, val_tokens, luts, args, rank, world_size, device, log)
-        timer.add("eval_ttt", time.perf_counter() - t0)
+        timer.since("eval_ttt", t0)
         ref = res.get("sliding", res["roundtrip"])["val_bpb"]
-        log(f"final_int{args.quant_bits}_ttt val_loss:{t['val_loss']:.8f} val_bpb:{t['val_bpb']:.8f} (gain "
-            f"{t['val_bpb'] - ref:+.5f} vs no TTT, {t['ttt_steps']} adapter steps, {t['seconds']:.1f}s, "
-            f"{t['tokens_per_s_per_gpu']:.0f} tokens/s per GPU)")
+        log(f"final_int{args.quant_bits}_ttt {_scores(t)} (gain {t['val_bpb'] - ref:+.5f} vs no TTT, "
+            f"{t['ttt_steps']} adapter steps, {t['seconds']:.1f}s, {t['tokens_per_s_per_gpu']:.0f} tokens/s per GPU)")
         if args.vocab_size in FINEWEB_VAL_TOKENS:  # an estimate, not a measurement
             est = FINEWEB_VAL_TOKENS[args.vocab_size] / (8 * t["tokens_per_s_per_gpu"])
-            log(f"ttt: estimated time for the FineWeb validation set on 8 GPUs of this kind: {est:.0f}s "
+            log(f"ttt: estimate for the FineWeb validation set on 8 such GPUs: {est:.0f}s "
                 f"(+ round trip; TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} stops adapting, not scoring)")
     return res
 
 
-def log_timing_table(log, timer: PhaseTimer):
+def log_timing_table(log, timer):
     log("phase timings:")
     for name, sec in timer.times.items():
         log(f"  {name:<34s} {sec:9.2f} s")
 
 
-def run_eval_only(args, rank, world_size, device, log) -> dict:
+def run_eval_only(args, rank, world_size, device, log):
     """EVAL_ONLY: score the artifact; reads no train shard."""
     timer = PhaseTimer()
-    entries, config = load_artifact(args.eval_only)
+    config = load_artifact(args.eval_only)[1]
     for k, v in config.items():
         setattr(args, k, v)
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(device)
@@ -1930,22 +1891,22 @@ def run_eval_only(args, rank, world_size, device, log) -> dict:
     return res
 
 
-def weights_checksum(model: nn.Module) -> str:
+def weights_checksum(model):
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode() + t.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
-def config_id(args: Hyperparameters, code: bytes, world_size: int, device_name: str) -> str:
+def config_id(args, code, world_size, device_name):
     """Hash of code, machine and settings (not seed/output names): runs sharing it are seeds."""
     cfg = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("seed", "run_id", "out_dir")}
     cfg["machine"] = f"{world_size}x {device_name}"
     return hashlib.sha256(code + json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def write_submission(out_dir: str, path: str, config: str) -> dict:
-    """submission.json from the results_*.json of configuration `config`, last one per seed."""
+def write_submission(out_dir, path, config):
+    """submission.json from configuration `config`'s results_*.json, last one per seed."""
     runs = {}
     for f in glob.glob(os.path.join(glob.escape(out_dir), "results_*.json")):
         with open(f) as fh:
@@ -1955,7 +1916,7 @@ def write_submission(out_dir: str, path: str, config: str) -> dict:
     runs = [runs[s] for s in sorted(runs)]
     if not runs:
         raise DataError(f"no results_*.json of configuration {config} in {out_dir}: no measured run to report")
-    env = os.environ
+    env, last = os.environ, runs[-1]
     sub = {"author": env.get("AUTHOR", ""), "github_id": env.get("GITHUB_ID", ""),
            "name": env.get("RUN_NAME", "SP8192 11L XSA GPT, MLP 4x, document-masked attention, SDClip GPTQ int6 + rANS"),
            "blurb": env.get("BLURB", "SP8192, 11 layers, MLP 4x, XSA, partial RoPE, gated skips, parallel lanes, attention "
@@ -1963,15 +1924,14 @@ def write_submission(out_dir: str, path: str, config: str) -> dict:
                                      "and EMA, late QAT on the budget's grid, full-Hessian GPTQ with rate control to the "
                                      "byte cap, sliding-window eval."),
            "date": time.strftime("%Y-%m-%d"), "track": "10min_16mb", "config_id": config,
-           "val_loss": sum(r["val_loss"] for r in runs) / len(runs),
-           "val_bpb": sum(r["val_bpb"] for r in runs) / len(runs),
+           **{k: sum(r[k] for r in runs) / len(runs) for k in ("val_loss", "val_bpb")},
            "seeds": [r["seed"] for r in runs],
            "seed_results": {str(r["seed"]): {k: r[k] for k in ("val_loss", "val_bpb", "artifact_bytes", "steps", "step_avg_ms")}
                             for r in runs},
-           "bytes_total": max(r["artifact_bytes"] for r in runs), "bytes_code": runs[-1]["code_bytes"],
-           "hardware": f"{runs[-1]['world_size']}x {runs[-1]['device']}",
-           "versions": {"torch": runs[-1]["torch"], "python": runs[-1].get("python", "")},
-           "data_note": runs[-1].get("note") or env.get("LOG_NOTE", "")}
+           "bytes_total": max(r["artifact_bytes"] for r in runs), "bytes_code": last["code_bytes"],
+           "hardware": f"{last['world_size']}x {last['device']}",
+           "versions": {"torch": last["torch"], "python": last.get("python", "")},
+           "data_note": last.get("note") or env.get("LOG_NOTE", "")}
     with open(path, "w") as f:
         json.dump(sub, f, indent=2)
     return sub
@@ -1987,8 +1947,7 @@ def main():
     os.makedirs(args.out_dir, exist_ok=True)
     log = Logger(os.path.join(args.out_dir, f"train_{run_id}.log"), rank)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # compiled GPT.forward wrappers share one graph cache: more than 8 graphs needed
     torch._dynamo.config.recompile_limit = 64
     if args.eval_only:
@@ -1999,8 +1958,8 @@ def main():
     code_bytes = len(code)
     budget_bytes = args.artifact_target_bytes - code_bytes
     if budget_bytes < 100_000:  # checked before training, not after it
-        raise ConfigError(f"ARTIFACT_TARGET_BYTES={args.artifact_target_bytes} leaves {budget_bytes} bytes for the model "
-                          f"next to train_gpt.py's {code_bytes} bytes (at least 100000 needed)")
+        raise ConfigError(f"ARTIFACT_TARGET_BYTES={args.artifact_target_bytes} leaves {budget_bytes} model bytes "
+                          f"beside train_gpt.py's {code_bytes} (at least 100000 needed)")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     cid = config_id(args, code, world_size, device_name)  # before QAT sets args.clip_sigmas
     backend = set_attention_backend(args.attn_backend, device, args.doc_mask)
@@ -2018,14 +1977,11 @@ def main():
     log(f"data: {len(train_files)} train shards, {val_tokens.numel() - 1} val targets")
 
     model = build_model(args, device)
-    n_params = sum(p.numel() for p in model.parameters())
-    banks, tables, projections, scalars = model.param_groups()
-    log(f"parameters: {n_params} total = banks {sum(p.numel() for p in banks)} + tables "
-        f"{sum(p.numel() for p in tables)} + projections {sum(p.numel() for p in projections)} + "
-        f"scalars {sum(p.numel() for p in scalars)}")
+    groups = zip(("banks", "tables", "projections", "scalars"), model.param_groups())
+    log(f"parameters: {_numel(model.parameters())} total = " + " + ".join(f"{k} {_numel(g)}" for k, g in groups))
     compiled = _maybe_compile(model, args, device)
     opt = Optimizers(model, args, world_size, device)
-    timer.add("startup", time.perf_counter() - t_start)
+    timer.since("startup", t_start)
 
     clock = SharedClock(rank, world_size, device)
     stats = train(args, model, compiled, opt, loader, rank, world_size, device, log, timer, clock, budget_bytes)
@@ -2034,13 +1990,13 @@ def main():
     t_q = time.perf_counter()
     model.eval()
     hessians = collect_hessians(model, args, loader, device, world_size, log)
-    timer.add("calibration_hessians", time.perf_counter() - t_q)
+    timer.since("calibration_hessians", t_q)
     t0 = time.perf_counter()
     entries, data, clip, tries = quantize_to_budget(model, hessians, args, budget_bytes, rank, world_size, device, log)
-    timer.add("gptq_rate_control", time.perf_counter() - t0)
+    timer.since("gptq_rate_control", t0)
     artifact_path = os.path.join(args.out_dir, f"final_model_{run_id}.int{args.quant_bits}.ptz")
     t0 = time.perf_counter()
-    written, failure = torch.ones((), device=device), None
+    failure = None
     if rank == 0:
         try:
             if len(data) > budget_bytes:
@@ -2049,20 +2005,18 @@ def main():
             total = write_artifact(artifact_path, data, code_bytes)
         except ArtifactError as e:
             failure = e
-            written.zero_()
-    if world_size > 1:
-        dist.broadcast(written, 0)  # all ranks stop if rank 0 failed
+    written = _from_rank0(failure is None, world_size, device)  # all ranks stop if rank 0 failed
     if failure is not None:
         raise failure
-    if not written.item():
+    if not written:
         raise ArtifactError("rank 0 could not write the artifact")
-    timer.add("artifact_write", time.perf_counter() - t0)
+    timer.since("artifact_write", t0)
     wall = clock.local()  # training + quantization, from the end of the warm-up
     quant_s = time.perf_counter() - t_q
     if rank == 0:
         log(f"quantization: clip {clip:.3f} sigmas after {len(tries)} rate-control rounds " +
             ", ".join(f"{c:.3f}->{b}" for c, b in tries))
-        log("compressed-size estimate per tensor group (order-0 entropy of the values + 2-byte scales): " +
+        log("size estimate per tensor group (order-0 entropy + 2-byte scales): " +
             ", ".join(f"{g} {b / 1e6:.3f} MB ({bits:.2f} bits/value)" for g, (b, bits) in entropy_by_group(entries).items()))
         log(f"artifact: {artifact_path} model {len(data)} bytes (rANS + lzma) + code {code_bytes} = {total} bytes "
             f"(cap {ARTIFACT_CAP_BYTES})")
@@ -2076,16 +2030,15 @@ def main():
     sums = [weights_checksum(model)] * world_size
     if world_size > 1:
         dist.all_gather_object(sums, sums[0])
-    log(f"weights checksum per rank: {' '.join(sums)}" + (" (identical)" if len(set(sums)) == 1 else
-                                                          " WARNING: ranks differ"))
+    same = " (identical)" if len(set(sums)) == 1 else " WARNING: ranks differ"
+    log(f"weights checksum per rank: {' '.join(sums)}{same}")
 
     # evaluation: float (averaged and raw weights), then the round-tripped artifact
     t0 = time.perf_counter()
     plain_eval = functools.partial(evaluate, make_score_fn(compiled, device), val_tokens, luts, args.eval_seq_len,
                                    args.eval_seq_len, args.eval_batch_seqs, rank, world_size, device)
     pre = plain_eval()
-    log(f"prequant_float val_loss:{pre['val_loss']:.8f} val_bpb:{pre['val_bpb']:.8f}"
-        + (" (EMA weights)" if stats["raw_weights"] is not None else ""))
+    log(f"prequant_float {_scores(pre)}" + (" (EMA weights)" if stats["raw_weights"] is not None else ""))
     raw_bpb = None
     if stats["raw_weights"] is not None:
         with torch.no_grad():
@@ -2093,7 +2046,7 @@ def main():
                 p.copy_(t)
         raw_bpb = plain_eval()["val_bpb"]
         log(f"prequant_float_raw_weights val_bpb:{raw_bpb:.8f} (EMA {pre['val_bpb'] - raw_bpb:+.5f} bpb)")
-    timer.add("eval_prequant_plain", time.perf_counter() - t0)
+    timer.since("eval_prequant_plain", t0)
     res = evaluate_artifact(args, model, artifact_path, val_tokens, luts, rank, world_size, device, log, timer)
     log(f"quantization gap (plain): {res['roundtrip']['val_bpb'] - pre['val_bpb']:+.5f} bpb")
     log_timing_table(log, timer)
@@ -2104,8 +2057,8 @@ def main():
                    "roundtrip_val_bpb": res["roundtrip"]["val_bpb"],
                    "sliding_val_bpb": res.get("sliding", {}).get("val_bpb"), "val_tokens": final["tokens"],
                    "artifact_bytes": total, "model_bytes": len(data), "code_bytes": code_bytes, "clip_sigmas": clip,
-                   "steps": stats["steps"], "step_avg_ms": stats["step_avg_ms"],
-                   "train_seconds": stats["train_seconds"], "quant_seconds": quant_s, "wall_seconds": wall,
+                   **{k: stats[k] for k in ("steps", "step_avg_ms", "train_seconds")},
+                   "quant_seconds": quant_s, "wall_seconds": wall,
                    "peak_mem_mib": stats["peak_mem_mib"], "world_size": world_size, "device": device_name,
                    "finished": time.time(), "torch": torch.__version__, "python": sys.version.split()[0],
                    "note": os.environ.get("LOG_NOTE", ""), "phase_seconds": timer.times}
