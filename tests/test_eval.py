@@ -855,6 +855,23 @@ def test_eval_only_opens_no_train_shard(trained_run, smoke_dataset, tmp_path):
     assert math.isfinite(float(bpb)) and float(bpb) > 0
 
 
+def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
+    """A training run with TTT, then EVAL_ONLY of its artifact with the same TTT settings: the
+    very same TTT line (loss and bpb to 8 decimals), and TTT did adapt (steps > 0)."""
+    data_dir, tok, _ = smoke_dataset
+    ttt = dict(TTT_ENABLED=1, TTT_CHUNK=16, TTT_RANK=4, TTT_BATCH_DOCS=4, TTT_PHASES=2, TTT_LR=0.01)
+    runs = []
+    for extra in ({}, {"EVAL_ONLY": "final_model_t.int6.ptz"}):
+        env = clean_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, **TINY_RUN, **ttt, **extra)
+        p = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_gpt.py")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        runs.append(p.stdout)
+    assert "eval-only:" in runs[1] and "training done" not in runs[1]
+    assert final_line(runs[1], "ttt") == final_line(runs[0], "ttt")
+    assert int(re.search(r"gain \S+ vs no TTT, (\d+) adapter steps", runs[0]).group(1)) > 0
+
+
 @pytest.mark.parametrize("content", [b"PGQ1 definitely not an artifact",  # unknown codec tag
                                      b"R\x05\x00\x00\x00hello"],  # codec tag, junk lzma part
                          ids=["bad-tag", "junk-chunk"])
