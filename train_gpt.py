@@ -1,5 +1,5 @@
 """Parameter-golf training script: SP8192 11-layer XSA GPT, parallel Muon, full-Hessian GPTQ int6
-(rANS + lzma) under rate control, sliding-window val_bpb of the artifact, optional LoRA TTT.
+(rANS) under rate control, sliding-window val_bpb of the artifact, optional LoRA TTT.
 
 Launch: torchrun --standalone --nproc_per_node=N train_gpt.py (N = 1..8; CPU works too).
 Settings: environment variables (see Hyperparameters).
@@ -20,6 +20,7 @@ import struct
 import sys
 import time
 import traceback
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +38,7 @@ try:  # FlexAttention: skips fully masked blocks
 except Exception:  # noqa: BLE001
     create_block_mask = flex_attention = None
 ARTIFACT_CAP_BYTES = 16_000_000
-CLIP_RANGE = (3.0, 64.0)  # rate-control clips (sigmas); below ~3, clipping costs more than it saves
+CLIP_RANGE = (3.0, 64.0)  # rate-control clips (sigmas); below ~3 clipping costs more than it saves
 RATE_BAND = 0.985  # rate control stops once the model fills this much of its budget
 EMBED_TABLES = ("tok_emb.weight", "bigram_table", "ve_table")
 FINEWEB_VAL_TOKENS = {1024: 62_000_000, 8192: 48_000_000}  # challenge validation targets
@@ -525,7 +526,7 @@ class Block(nn.Module):
         if ve is not None:
             v = v + ve.view(B, T, Hkv, D)
         q, k, v_own = rms_norm(q), rms_norm(k), v
-        if cache is not None:  # keys are cached before RoPE: the window's positions start at 0
+        if cache is not None:  # cached before RoPE: window positions from 0
             k, v = cache.extend(slot, k, v)
         q, k = gpt.rotary(q, k.size(1) - T), gpt.rotary(k)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
@@ -648,7 +649,7 @@ class GPT(nn.Module):
         w = self._bank_weights()
         if cache is None:
             mask = attention_mask(ids, self.args.bos_id, self.args.doc_mask)
-        else:  # one document per row, its earlier tokens in the cache: causal over cache + chunk
+        else:  # a document per row: causal over cache + chunk
             T = ids.size(1)
             Tk = T + cache.past_len()
             mask = torch.ones(T, Tk, dtype=torch.bool, device=ids.device).tril(Tk - T)[None, None]
@@ -1287,7 +1288,7 @@ def rans_encode(values, tensors):
     for lo in range(-(-n // N) * N - N, -1, -N):  # last symbols first
         f, c = f_all[lo:lo + N], c_all[lo:lo + N]
         xs = x[:f.size]
-        big = xs >= f << np.uint64(32 - RANS_PREC)  # renormalise: one word out keeps x < 2^32 after coding
+        big = xs >= f << np.uint64(32 - RANS_PREC)  # renormalise first: x stays < 2^32
         out.append(xs[big])
         xs[big] >>= np.uint64(16)
         x[:f.size] = (xs // f << np.uint64(RANS_PREC)) + xs % f + c
@@ -1330,31 +1331,43 @@ def rans_decode(data, tensors):
 
 
 def compress(blob):
-    """tag + lzma length + lzma(blob without its int values) + rANS(int values)."""
+    """tag, lzma length, has-codes flag, CRC-32 of the int values (rANS has no check of its own);
+    lzma(blob without its int values); rANS(int values)."""
     voff, vlen, tensors = _int_tensors(blob)
     if not tensors or voff + vlen > len(blob) or vlen != sum(c for c, _ in tensors):
         voff = vlen = 0  # not a packed model: all of it to lzma
-    codes = rans_encode(np.frombuffer(blob, np.int8, vlen, voff), tensors) if vlen else b""
+    values = np.frombuffer(blob, np.int8, vlen, voff)
+    codes = rans_encode(values, tensors) if vlen else b""
     rest = lzma.compress(blob[:voff] + blob[voff + vlen:], preset=9 | lzma.PRESET_EXTREME)
-    return CODEC_TAG + struct.pack("<I", len(rest)) + rest + codes
+    return CODEC_TAG + struct.pack("<IBI", len(rest), bool(vlen), zlib.crc32(values)) + rest + codes
 
 
 def decompress(data):
     if data[:1] != CODEC_TAG:
         raise ArtifactError(f"unknown artifact codec tag {data[:1]!r}")
-    if len(data) < 5 or len(data) < 5 + struct.unpack_from("<I", data, 1)[0]:
+    if len(data) < 10 or len(data) < 10 + struct.unpack_from("<I", data, 1)[0]:
         raise ArtifactError("artifact is truncated")
-    end = 5 + struct.unpack_from("<I", data, 1)[0]
-    rest = lzma.decompress(data[5:end])
-    if end == len(data):
+    n, has_codes, crc = struct.unpack_from("<IBI", data, 1)
+    end = 10 + n
+    if has_codes > 1:
+        raise ArtifactError("artifact is corrupt (header)")
+    try:
+        rest = lzma.decompress(data[10:end])
+    except lzma.LZMAError:
+        raise ArtifactError("artifact is corrupt (lzma part)") from None
+    if not has_codes:
+        if end != len(data):
+            raise ArtifactError("artifact has trailing bytes")
         return rest
     voff, vlen, tensors = _int_tensors(rest)
-    if not tensors:
-        raise ArtifactError("artifact has trailing bytes")
+    if not tensors or end == len(data):
+        raise ArtifactError("artifact is truncated (no int codes)")
     try:
         values = rans_decode(data[end:], tensors)
     except (ValueError, IndexError):
         raise ArtifactError("artifact is corrupt or truncated (rANS)") from None
+    if zlib.crc32(values) != crc:
+        raise ArtifactError("artifact is corrupt (checksum of the int codes)")
     return rest[:voff] + values.tobytes() + rest[voff:]
 
 
@@ -1512,9 +1525,8 @@ class DocAdapters:
 
 
 class KVCache:
-    """TTT chunks: per layer pass, each row's last `keep` keys (pre-RoPE) and values from the
-    forwards that scored them (detached: gradients stay in their chunk); `prev`: the row's last
-    two tokens, for the embedding."""
+    """Per layer pass, each row's last `keep` keys (pre-RoPE) and values, detached, from the
+    forwards that scored them; `prev`: the row's last two tokens."""
 
     def __init__(self, keep):
         self.keep, self.kv, self.prev = keep, {}, None
@@ -1542,9 +1554,8 @@ def document_spans(tokens, bos_id):
 
 def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, monitor=None):
     """Score-first TTT: each TTT_CHUNK is scored, then trains its document's adapters; SGD on
-    the scored documents between phases. Chunks attend to cached keys of their document's last
-    EVAL_SEQ_LEN - TTT_CHUNK tokens: each token runs forward once. Eager: shapes change every
-    chunk. `monitor(kind, lo, hi)` is for tests."""
+    scored documents between phases. A chunk attends to cached keys of its document's last
+    EVAL_SEQ_LEN - TTT_CHUNK tokens. Eager (shapes change). `monitor` is for tests."""
     C, W, D = args.ttt_chunk, args.eval_seq_len, args.ttt_batch_docs
     spans = document_spans(tokens, args.bos_id)
     model.eval().qat_mix.zero_()
@@ -1558,7 +1569,7 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
         mine = sorted(spans[ph:ph + per_phase], key=lambda se: se[0] - se[1])[rank::world_size]
         model.requires_grad_(False)
         for b0 in range(0, len(mine), D):
-            batch = mine[b0:b0 + D]  # longest first: the documents still running are a prefix
+            batch = mine[b0:b0 + D]  # longest first: running documents are a prefix
             lengths = [e - s for s, e in batch]
             start = torch.tensor([s for s, _ in batch], device=device)[:, None]
             length = torch.tensor(lengths, device=device)[:, None]
@@ -1570,7 +1581,7 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
                 rows = sum(n > c * C for n in lengths)
                 cache.keep_rows(rows)
                 pos = c * C + torch.arange(C, device=device)
-                inside = pos < length[:rows]  # padding after a document's end: causal, never seen
+                inside = pos < length[:rows]  # padding comes after: never attended
                 idx = start[:rows] + torch.where(inside, pos, 0)
                 x, y = torch.where(inside, tokens[idx], args.bos_id), torch.where(inside, tokens[idx + 1], 0)
                 # local clock: this rank's adapters only
@@ -1608,17 +1619,19 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
             xs = torch.cat([tokens[s:e] for s, e in mine] + [tokens[:0]])
             ys = torch.cat([tokens[s + 1:e + 1] for s, e in mine] + [tokens[:0]])
             have = xs.numel() // W  # whole rows of W tokens
-            rows = torch.tensor(have, device=device)
+            haves = torch.zeros(world_size, device=device)
+            haves[rank] = have
             if world_size > 1:
-                dist.all_reduce(rows, op=dist.ReduceOp.MAX)  # every rank takes as many steps
+                dist.all_reduce(haves)  # every rank takes as many steps
             sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
-            for r0 in range(0, int(rows), D):
+            for r0 in range(0, int(haves.max()), D):
                 r1 = min(r0 + D, have)
-                for m0 in range(r0, r1, 8):  # micro-batches of 8 rows bound eager attention's memory
+                step_rows = float((haves - r0).clamp(0, D).sum())  # mean over all ranks
+                for m0 in range(r0, r1, 8):  # 8-row micro-batches: bounded memory
                     m1 = min(m0 + 8, r1)
                     with _autocast(device):
                         loss = model(xs[m0 * W:m1 * W].view(-1, W), ys[m0 * W:m1 * W].view(-1, W))
-                    (loss * (m1 - m0) / (r1 - r0)).backward()
+                    (loss * ((m1 - m0) * world_size / step_rows)).backward()
                 for p in model.parameters():
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
@@ -1626,7 +1639,7 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
                 sgd.step()
                 sgd.zero_grad(set_to_none=True)
                 if monitor is not None and r1 > r0:
-                    monitor("global", r0 * W, r1 * W)  # offsets in this rank's documents
+                    monitor("global", r0 * W, r1 * W)  # offsets in this rank's rows
             model.requires_grad_(False)
         log(f"ttt phase {ph // per_phase + 1}/{-(-len(spans) // per_phase)} done at {time.perf_counter() - t0:.1f}s: "
             f"{n_tok} targets scored here, {steps} adapter steps, val_bpb so far "
@@ -1731,7 +1744,7 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
     if args.warmup_steps > 0:
         t0 = time.perf_counter()
         saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(), loader.stream.state())
-        for i in range(args.warmup_steps):  # compile both depths: no recompile mid-run
+        for i in range(args.warmup_steps):  # both depths: no recompile mid-run
             model.recurrence_active = bool(model.recur_layers) and i >= args.warmup_steps // 2
             one_step(0.0, 1.0)
         model.load_state_dict(saved[0])
@@ -1862,7 +1875,7 @@ def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, dev
         ref = res.get("sliding", res["roundtrip"])["val_bpb"]
         log(f"final_int{args.quant_bits}_ttt {_scores(t)} (gain {t['val_bpb'] - ref:+.5f} vs no TTT, "
             f"{t['ttt_steps']} adapter steps, {t['seconds']:.1f}s, {t['tokens_per_s_per_gpu']:.0f} tokens/s per GPU)")
-        if args.vocab_size in FINEWEB_VAL_TOKENS:  # an estimate, not a measurement
+        if args.vocab_size in FINEWEB_VAL_TOKENS:  # an estimate
             est = FINEWEB_VAL_TOKENS[args.vocab_size] / (8 * t["tokens_per_s_per_gpu"])
             log(f"ttt: estimate for the FineWeb validation set on 8 such GPUs: {est:.0f}s "
                 f"(+ round trip; TTT_MAX_SECONDS={args.ttt_max_seconds:.0f} stops adapting, not scoring)")
@@ -1919,10 +1932,9 @@ def write_submission(out_dir, path, config):
     env, last = os.environ, runs[-1]
     sub = {"author": env.get("AUTHOR", ""), "github_id": env.get("GITHUB_ID", ""),
            "name": env.get("RUN_NAME", "SP8192 11L XSA GPT, MLP 4x, document-masked attention, SDClip GPTQ int6 + rANS"),
-           "blurb": env.get("BLURB", "SP8192, 11 layers, MLP 4x, XSA, partial RoPE, gated skips, parallel lanes, attention "
-                                     "output gate, document masking, Polar-Express MuonEq-R, run-length-relative schedule "
-                                     "and EMA, late QAT on the budget's grid, full-Hessian GPTQ with rate control to the "
-                                     "byte cap, sliding-window eval."),
+           "blurb": env.get("BLURB", "SP8192 11L XSA GPT (MLP 4x, gated skips, parallel lanes, document masking), "
+                                     "Polar-Express MuonEq-R, run-relative schedule, late QAT, full-Hessian GPTQ, rANS, "
+                                     "rate control to the cap, sliding-window eval."),
            "date": time.strftime("%Y-%m-%d"), "track": "10min_16mb", "config_id": config,
            **{k: sum(r[k] for r in runs) / len(runs) for k in ("val_loss", "val_bpb")},
            "seeds": [r["seed"] for r in runs],
@@ -1948,7 +1960,7 @@ def main():
     log = Logger(os.path.join(args.out_dir, f"train_{run_id}.log"), rank)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # compiled GPT.forward wrappers share one graph cache: more than 8 graphs needed
+    # compiled GPT.forward wrappers share one graph cache: > 8 graphs
     torch._dynamo.config.recompile_limit = 64
     if args.eval_only:
         run_eval_only(args, rank, world_size, device, log)
@@ -1988,6 +2000,8 @@ def main():
 
     # quantization, on the same clock as training
     t_q = time.perf_counter()
+    if not all(bool(p.isfinite().all()) for p in model.parameters()):  # on every rank
+        raise ArtifactError("training diverged: non-finite weights")
     model.eval()
     hessians = collect_hessians(model, args, loader, device, world_size, log)
     timer.since("calibration_hessians", t_q)

@@ -536,6 +536,33 @@ def test_ttt_is_score_first(ttt_model):
     assert differing_later > 0  # the global pass trained on the edit: later phases see it
 
 
+def test_ttt_scores_a_trained_chunk_before_training_on_it(ttt_model):
+    """Editing the second half of a chunk that is trained on (chunk 1 of the 60-token document):
+    the scores of that chunk's first half are bit-identical, so the chunk's own adapter step
+    came after its scoring (a train-then-score loop changes them), and the edit reaches the
+    document's later chunks only through training and the cache."""
+    args = ttt_args(ttt_phases=1, ttt_batch_docs=2, ttt_lr=0.05)
+    C = args.ttt_chunk
+    docs = make_docs((60, 37, 21), seed=1)
+    tokens = as_stream(docs)
+    changed = tokens.clone()
+    changed[C + 8:2 * C] = (tokens[C + 8:2 * C] - 2 + 5) % 62 + 2  # other tokens, no BOS
+    nll = []
+    for stream in (tokens, changed):
+        m, calls = copy.deepcopy(ttt_model), []
+        record_score_calls(m, calls)
+        T.evaluate_with_ttt(m, stream, LUTS, args, 0, 1, CPU, lambda s: None)
+        nll.append({tuple(x[r].tolist()): n[r] for x, _, n in calls for r in range(x.size(0))})
+    chunk_a, chunk_b = tuple(tokens[C:2 * C].tolist()), tuple(changed[C:2 * C].tolist())
+    assert chunk_a in nll[0] and chunk_b in nll[1]
+    assert torch.equal(nll[0][chunk_a][:7], nll[1][chunk_b][:7])  # same inputs and targets, scored before the step
+    assert not torch.equal(nll[0][chunk_a][7:], nll[1][chunk_b][7:])
+    later = tuple(tokens[2 * C:3 * C].tolist())[:12]
+    a = next(v for k, v in nll[0].items() if k[:12] == later)
+    b = next(v for k, v in nll[1].items() if k[:12] == later)
+    assert not torch.equal(a, b)  # the next chunk did learn from (and attend to) the edited one
+
+
 def same_draw_at_every_reset(monkeypatch):
     """Give every row of A the same draw at every reset(): a document's result then cannot
     depend on its row, its batch or the documents before it, unless state leaks between them."""
@@ -873,7 +900,7 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
 
 
 @pytest.mark.parametrize("content", [b"PGQ1 definitely not an artifact",  # unknown codec tag
-                                     b"R\x05\x00\x00\x00hello"],  # codec tag, junk lzma part
+                                     b"R\x05\x00\x00\x00\x00\x00\x00\x00\x00hello"],  # codec tag, junk lzma part
                          ids=["bad-tag", "junk-chunk"])
 def test_eval_only_corrupt_artifact_clean_error(smoke_dataset, tmp_path, content):
     data_dir, tok, _ = smoke_dataset

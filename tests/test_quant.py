@@ -114,11 +114,17 @@ def test_compress_roundtrip_and_corruption(model, args, packed):
             T.decompress(bad)
     with pytest.raises(T.ArtifactError):
         T.decompress(b"Q" + data[1:])  # unknown codec tag
-    if packed:  # a flipped bit in the rANS words
-        flipped = bytearray(data)
-        flipped[-100] ^= 0x10
-        with pytest.raises(T.ArtifactError):
-            T.decompress(bytes(flipped))
+    if packed:  # any flipped bit in the rANS part (the CRC of the int codes), the lzma part or the header
+        codes_at = 10 + struct.unpack_from("<I", data, 1)[0]
+        assert codes_at < len(data)
+        rng = np.random.default_rng(3)
+        for pos in list(rng.integers(codes_at, len(data), 300)) + list(rng.integers(1, codes_at, 30)):
+            flipped = bytearray(data)
+            flipped[pos] ^= 1 << int(rng.integers(8))
+            with pytest.raises(T.ArtifactError):
+                T.decompress(bytes(flipped))
+        with pytest.raises(T.ArtifactError):  # the whole rANS part missing
+            T.decompress(data[:codes_at])
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -206,11 +212,11 @@ def test_load_artifact_missing_or_bad_magic(tmp_path):
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 @pytest.mark.parametrize("data", [
-    b"R" + (5).to_bytes(4, "little") + b"hello",  # codec tag, junk lzma part
+    b"R" + struct.pack("<IBI", 5, 0, 0) + b"hello",  # codec tag, junk lzma part
     b"L\x01" + (5).to_bytes(4, "little") + b"hello",  # the old lzma-only tag: unknown now
     b"R",  # no length
     b"R\x08\x00",  # length cut short
-    b"R" + (9).to_bytes(4, "little") + b"hello",  # lzma part cut short
+    b"R" + struct.pack("<IBI", 9, 0, 0) + b"hello",  # lzma part cut short
     b"",
 ], ids=["lzma-junk", "unknown-tag", "one-byte", "short-length", "short-lzma", "empty"])
 def test_load_artifact_corrupt_raises_artifact_error(tmp_path, data):
