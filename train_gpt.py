@@ -526,7 +526,7 @@ class Block(nn.Module):
         if ve is not None:
             v = v + ve.view(B, T, Hkv, D)
         q, k, v_own = rms_norm(q), rms_norm(k), v
-        if cache is not None:  # cached before RoPE: window positions from 0
+        if cache is not None:  # cached pre-RoPE: window positions from 0
             k, v = cache.extend(slot, k, v)
         q, k = gpt.rotary(q, k.size(1) - T), gpt.rotary(k)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
@@ -642,18 +642,14 @@ class GPT(nn.Module):
         return order
 
     def hidden(self, ids, cache=None):
-        x = self.embed(ids, None if cache is None else cache.prev)
+        prev, mask = (None, None) if cache is None else cache.chunk(ids)
+        x = self.embed(ids, prev)
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x0 = x
         w = self._bank_weights()
         if cache is None:
             mask = attention_mask(ids, self.args.bos_id, self.args.doc_mask)
-        else:  # a document per row: causal over cache + chunk
-            T = ids.size(1)
-            Tk = T + cache.past_len()
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=ids.device).tril(Tk - T)[None, None]
-            cache.prev = ids[:, -2:] if cache.prev is None else torch.cat((cache.prev, ids), 1)[:, -2:]
         ve_ids = F.embedding(ids, self.ve_table) if self.ve_layers else None
         order = self.layer_order()
         last_pass = {l: i for i, l in enumerate(order)}
@@ -1251,8 +1247,8 @@ def rans_lanes(n):
 
 
 def _int_tensors(blob):
-    """Offset, size and [(values, alphabet size)] per tensor of a packed model's int8 values;
-    (0, 0, []) for any other blob."""
+    """Offset, size and [(count, alphabet size)] per tensor of a packed model's int8 values;
+    else (0, 0, [])."""
     try:
         hlen, vlen = struct.unpack_from("<II", blob, 4)
         tensors = json.loads(blob[12:12 + hlen])["tensors"] if blob[:4] == ARTIFACT_MAGIC else []
@@ -1345,10 +1341,12 @@ def compress(blob):
 def decompress(data):
     if data[:1] != CODEC_TAG:
         raise ArtifactError(f"unknown artifact codec tag {data[:1]!r}")
-    if len(data) < 10 or len(data) < 10 + struct.unpack_from("<I", data, 1)[0]:
+    if len(data) < 10:
         raise ArtifactError("artifact is truncated")
     n, has_codes, crc = struct.unpack_from("<IBI", data, 1)
     end = 10 + n
+    if len(data) < end:
+        raise ArtifactError("artifact is truncated")
     if has_codes > 1:
         raise ArtifactError("artifact is corrupt (header)")
     try:
@@ -1525,8 +1523,8 @@ class DocAdapters:
 
 
 class KVCache:
-    """Per layer pass, each row's last `keep` keys (pre-RoPE) and values, detached, from the
-    forwards that scored them; `prev`: the row's last two tokens."""
+    """Per layer pass, each row's last `keep` keys (pre-RoPE) and values from the forwards that
+    scored them, detached; `prev`: each row's last two tokens."""
 
     def __init__(self, keep):
         self.keep, self.kv, self.prev = keep, {}, None
@@ -1537,6 +1535,13 @@ class KVCache:
     def keep_rows(self, n):
         self.kv = {s: (k[:n], v[:n]) for s, (k, v) in self.kv.items()}
         self.prev = None if self.prev is None else self.prev[:n]
+
+    def chunk(self, ids):
+        """The tokens before chunk `ids` and its causal mask over cache + chunk."""
+        prev, T = self.prev, ids.size(1)
+        Tk = T + self.past_len()
+        self.prev = (ids if prev is None else torch.cat((prev, ids), 1))[:, -2:]
+        return prev, ids.new_ones(T, Tk, dtype=torch.bool).tril(Tk - T)[None, None]
 
     def extend(self, slot, k, v):
         if slot in self.kv:
@@ -1581,7 +1586,7 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
                 rows = sum(n > c * C for n in lengths)
                 cache.keep_rows(rows)
                 pos = c * C + torch.arange(C, device=device)
-                inside = pos < length[:rows]  # padding comes after: never attended
+                inside = pos < length[:rows]  # padding after: never attended
                 idx = start[:rows] + torch.where(inside, pos, 0)
                 x, y = torch.where(inside, tokens[idx], args.bos_id), torch.where(inside, tokens[idx + 1], 0)
                 # local clock: this rank's adapters only
@@ -1621,8 +1626,7 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
             have = xs.numel() // W  # whole rows of W tokens
             haves = torch.zeros(world_size, device=device)
             haves[rank] = have
-            if world_size > 1:
-                dist.all_reduce(haves)  # every rank takes as many steps
+            _all_reduce_sum(haves)  # all ranks take as many steps
             sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
             for r0 in range(0, int(haves.max()), D):
                 r1 = min(r0 + D, have)
