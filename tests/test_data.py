@@ -201,7 +201,7 @@ def test_from_env_warns_on_misspelt_settings():
 
 def _valid(**kw):
     base = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, vocab_size=512,
-                train_seq_len=32, train_batch_tokens=2 * 4 * 32, grad_accum_steps=0, eval_seq_len=32, eval_stride=8)
+                train_seq_len=32, train_batch_tokens=2 * 4 * 32, grad_accum_steps=0, eval_seq_len=32, eval_stride=8, ttt_chunk=16)
     base.update(kw)
     return T.Hyperparameters(**base)
 
@@ -394,7 +394,7 @@ def _run_script(tmp_path, **env_over):
     env.update(dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", ROPE_DIMS="8",
                     TRAIN_SEQ_LEN="32", EVAL_SEQ_LEN="32", EVAL_STRIDE="16", TRAIN_BATCH_TOKENS="256",
                     GPTQ_CALIB_LEN="32", GPTQ_CALIB_SEQS="2", ITERATIONS="2", MAX_WALLCLOCK_SECONDS="0",
-                    WARMUP_STEPS="0", COMPILE="0", DEVICE="cpu", OUT_DIR=str(tmp_path / "out")))
+                    WARMUP_STEPS="0", COMPILE="0", DEVICE="cpu", TTT_ENABLED="0", OUT_DIR=str(tmp_path / "out")))
     env.update(env_over)
     return subprocess.run([sys.executable, SCRIPT], env=env, capture_output=True, text=True, timeout=120,
                           cwd=str(tmp_path))
@@ -442,7 +442,7 @@ def test_cli_missing_tokenizer(tmp_path, smoke_dataset):
 
 
 @pytest.mark.parametrize("key,new", [("WARMDOWN_ITERS", "WARMDOWN_FRAC"), ("EMA_DECAY", "EMA_HORIZON"),
-                                     ("SWA_ENABLED", "EMA_HORIZON"), ("COMPRESSORS", "rANS for the int codes")])
+                                     ("SWA_ENABLED", "EMA_HORIZON"), ("COMPRESSORS", "rANS")])
 def test_from_env_rejects_removed_settings(key, new):
     with pytest.raises(T.ConfigError, match=f"{key} is no longer a setting.*{new}"):
         T.Hyperparameters.from_env({key: "1"})

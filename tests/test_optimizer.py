@@ -167,7 +167,7 @@ def test_parallel_muon_row_norm():
 def opt_args(**kw):
     base = dict(vocab_size=64, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
                 rope_dims=8, bigram_vocab=97, bigram_dim=16, ve_dim=16, train_seq_len=16, eval_seq_len=16,
-                gptq_calib_len=16, compile="0", seed=5, muon_momentum_warmup_frac=0.5, matrix_lr=0.05,
+                gptq_calib_len=16, compile="0", ttt_enabled=False, seed=5, muon_momentum_warmup_frac=0.5, matrix_lr=0.05,
                 embed_lr=0.05, scalar_lr=0.05)
     base.update(kw)
     return T.Hyperparameters(**base)
@@ -308,7 +308,8 @@ def _train_args(data_dir, vocab, **kw):
                 mlp_mult=2.0, rope_dims=8, bigram_vocab=256, bigram_dim=16, ve_dim=16, train_seq_len=32,
                 eval_seq_len=32, eval_stride=16, gptq_calib_len=32, train_batch_tokens=2 * 4 * 32, grad_accum_steps=2,
                 compile="0", device="cpu", max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0,
-                warmdown_frac=0.0, train_log_every=0, ema_horizon=0.0, qat_start_scale=0.0, seed=7)
+                warmdown_frac=0.0, train_log_every=0, ema_horizon=0.0, qat_start_scale=0.0, seed=7,
+                ttt_enabled=False)
     base.update(kw)
     return T.Hyperparameters(**base)
 
