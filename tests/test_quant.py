@@ -7,6 +7,7 @@ import copy
 import lzma
 import os
 import struct
+import types
 
 import numpy as np
 import pytest
@@ -549,6 +550,22 @@ def test_rate_control_gives_up_after_four_extra_rounds(model, hessians, monkeypa
     assert len(tries) == a.rate_tries + 4
     assert [c for c, _ in tries] == pytest.approx([4.0 * 1.05 ** k for k in range(5)])
     assert len(data) > budget and len(data) == min(b for _, b in tries) and (clip, len(data)) in tries
+
+
+def test_rate_control_starts_no_round_past_the_budget_once_one_fits(model, hessians, monkeypatch):
+    """On the shared clock: with a model that fits and no time left for another round, the rate
+    control keeps it (a roomy budget otherwise takes a second round, to the narrowest clip);
+    while nothing fits, the rounds go on whatever the clock says."""
+    a = tiny_args(rate_tries=4, clip_sigmas=20.0, max_wallclock_seconds=600.0)
+    roomy = 10 * _size_at(model, hessians, a, 4.0)
+    for now, rounds in ((0.0, 2), (599.99, 1)):
+        clock = types.SimpleNamespace(shared=lambda: now)
+        _, data, clip, tries = T.quantize_to_budget(model, hessians, a, roomy, 0, 1, CPU, lambda m: None, clock)
+        assert len(tries) == rounds and len(data) == tries[-1][1] <= roomy, (now, tries)
+    _steered(monkeypatch, bad_guesses=100)
+    late = types.SimpleNamespace(shared=lambda: 1e9)
+    _, data, _, tries = T.quantize_to_budget(model, hessians, a, 5000, 0, 1, CPU, lambda m: None, late)
+    assert len(tries) == a.rate_tries + 4 and len(data) > 5000
 
 
 # ----------------------------------------------------------------------------- late QAT
