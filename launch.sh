@@ -25,8 +25,9 @@ fi
 export DATA_PATH=${DATA_PATH:-./data/datasets/fineweb10B_sp8192}
 export TOKENIZER_PATH=${TOKENIZER_PATH:-./data/tokenizers/fineweb_8192_bpe.model}
 export RUN_ID=${RUN_ID:-seed$SEED} OUT_DIR=${OUT_DIR:-.}
-# TTT's score is the result; the sliding score (~100 s on 8 GPUs) would push the evaluation past 600 s
-export SKIP_SLIDING_EVAL=${SKIP_SLIDING_EVAL:-1}
+# with TTT on (the default) its score is the result, and the sliding pass (~100 s on 8 GPUs) would
+# push the evaluation past 600 s; with TTT off the sliding score is the result
+export SKIP_SLIDING_EVAL=${SKIP_SLIDING_EVAL:-${TTT_ENABLED:-1}}
 get_data="python3 data/cached_challenge_fineweb.py --variant sp8192 (from the parameter-golf repository)"
 command -v nvidia-smi >/dev/null 2>&1 || fail "no NVIDIA GPU found (nvidia-smi missing); for a CPU run use: bash launch.sh --smoke"
 ngpu=${NPROC_PER_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}

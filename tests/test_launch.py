@@ -36,6 +36,26 @@ def test_launch_without_data_fails_in_one_line(tmp_path):
     assert len(lines) == 1 and "fineweb_train_" in lines[0] and "cached_challenge_fineweb" in lines[0], r.stderr
 
 
+@pytest.mark.parametrize("env,skip", [({}, "1"), ({"TTT_ENABLED": "0"}, "0"), ({"TTT_ENABLED": "1"}, "1"),
+                                      ({"SKIP_SLIDING_EVAL": "0"}, "0")])
+def test_full_run_skips_the_sliding_pass_only_when_ttt_is_on(tmp_path, env, skip):
+    """With TTT on, its score is the result and the sliding pass is skipped; with TTT off the
+    sliding score must run (else the run would report the round trip alone)."""
+    fake_bin, data = tmp_path / "bin", tmp_path / "data"
+    fake_bin.mkdir()
+    data.mkdir()
+    for name, body in (("nvidia-smi", "echo 'GPU 0: Fake GPU (UUID: x)'"), ("torchrun", 'echo "skip=$SKIP_SLIDING_EVAL"')):
+        (fake_bin / name).write_text(f"#!/bin/sh\n{body}\n")
+        (fake_bin / name).chmod(0o755)
+    for name in ("fineweb_train_000000.bin", "fineweb_val_000000.bin"):
+        (data / name).write_bytes(b"")
+    (tmp_path / "tok.model").write_bytes(b"")
+    r = run_launch({"PATH": f"{fake_bin}:{os.environ['PATH']}", "DATA_PATH": str(data),
+                    "TOKENIZER_PATH": str(tmp_path / "tok.model"), "OUT_DIR": str(tmp_path), **env})
+    assert r.returncode == 0, r.stderr
+    assert f"skip={skip}" in r.stdout.splitlines()
+
+
 def test_smoke_run_end_to_end(tmp_path):
     r = run_launch({"SMOKE_DIR": str(tmp_path), "ITERATIONS": "40", "OMP_NUM_THREADS": "1"}, "--smoke", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
