@@ -65,7 +65,8 @@ _REMOVED_SETTINGS = {"WARMDOWN_ITERS": "WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_ST
                      **dict.fromkeys(("EMA_DECAY", "SWA_ENABLED", "SWA_EVERY", "SWA_START_SCALE"), "EMA_HORIZON"),
                      "GPTQ_CLIP_QUANTILES": "CLIP_SIGMAS", "COMPRESSORS": "nothing (rANS + lzma)",
                      "VAL_EVERY": "nothing (score after training)", "TTT_CHUNK_TOKENS": "TTT_CHUNK",
-                     "TTT_MOMENTUM": "TTT_LR (Adam)", "TTT_EPOCHS": "TTT_PHASES"}
+                     "TTT_MOMENTUM": "TTT_LR (Adam)", "TTT_EPOCHS": "TTT_PHASES", "PARALLEL_FROM": "nothing (parallel lanes: no gain)",
+                     **dict.fromkeys(("LQER_TENSORS", "LQER_RANK"), "nothing (LQER: no gain per byte)")}
 _NON_SETTING_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOG_NOTE", "AUTHOR", "GITHUB_ID",
                      "RUN_NAME", "BLURB")
 
@@ -117,7 +118,6 @@ class Hyperparameters:
     ve_dim: int = 128
     ve_layers: str = ""  # comma list; "": last two layers
     skip_gates: bool = True  # U-Net skips enter through sigmoid gates
-    parallel_from: int = 8  # layers from here on run attention || MLP (>= NUM_LAYERS: off)
     recur_layers: str = "auto"  # consecutive layers run 1 + RECUR_PASSES times ("": off)
     recur_passes: int = 0  # off: measured a loss on 1 GPU
     recur_start_frac: float = 0.35  # fraction of the run
@@ -153,8 +153,6 @@ class Hyperparameters:
     embed_bits: int = 7  # embedding tables
     embed_clip_sigmas: float = 14.0  # 0: the row's absmax
     rate_tries: int = 3  # GPTQ + compress rounds of the rate control
-    lqer_tensors: int = 0  # LQER: low-rank fixes of the N worst bank matrices (0: off)
-    lqer_rank: int = 4
     artifact_target_bytes: int = 15_950_000
     # evaluation
     eval_seq_len: int = 2048
@@ -255,10 +253,9 @@ class Hyperparameters:
         rec = self.recur_layer_list(even_if_off=True)
         need(not rec or (rec == list(range(rec[0], rec[-1] + 1)) and 0 <= rec[0] and rec[-1] < self.num_layers),
              f"RECUR_LAYERS={self.recur_layers} must be consecutive layers in 0..{self.num_layers - 1}")
-        need(self.recur_passes >= 0 and self.parallel_from >= 0, "RECUR_PASSES and PARALLEL_FROM must be >= 0")
+        need(self.recur_passes >= 0, "RECUR_PASSES must be >= 0")
         need(not rec or self.recur_passes == 0 or self.warmup_steps != 1,
              "WARMUP_STEPS=1 cannot compile both depths of the recurrence: use 0 or >= 2")
-        need(self.lqer_tensors >= 0 and self.lqer_rank >= 1, "LQER_TENSORS must be >= 0 and LQER_RANK >= 1")
         need(min(self.ttt_lr, self.ttt_wd, self.ttt_global_lr) >= 0, "TTT_LR, TTT_WD and TTT_GLOBAL_LR must be >= 0")
         need(0 <= self.attn_gate_width <= self.model_dim, "ATTN_GATE_WIDTH must be in 0..MODEL_DIM")
         need(self.muon_ns in ("polar", "quintic"), f"MUON_NS={self.muon_ns} must be polar or quintic")
@@ -505,12 +502,11 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(d), torch.zeros(d)]))
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), args.qk_gain_init))
-        self.parallel = layer >= args.parallel_from
         if args.attn_gate_width > 0:  # zero init: every head's gate starts at 1
             self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_width))
 
     def forward(self, gpt, x, x0, w, ve, mask, cache=None, slot=0):
-        """-> new residual stream, MLP output. `cache` (TTT): earlier keys/values per layer pass `slot`."""
+        """-> new residual stream. `cache` (TTT): earlier keys/values per layer pass `slot`."""
         L, a = gpt.args.num_layers, self.layer
         B, T, _ = x.shape
         H, Hkv, D = gpt.args.num_heads, gpt.args.num_kv_heads, gpt.args.head_dim
@@ -542,13 +538,12 @@ class Block(nn.Module):
         gpt.capture(a, "out", y)
         # scales act on the weight rows: cheaper gradient than on activations
         x = x_in + gpt.adapt(a, "out", y, F.linear(y, w["qo"][L + a] * self.attn_scale[:, None]))
-        if not self.parallel:  # parallel layers: the MLP reads the attention's input
-            h = rms_norm(x) * self.ln_scale
+        h = rms_norm(x) * self.ln_scale
         gpt.capture(a, "up", h)
         u = F.leaky_relu(gpt.adapt(a, "up", h, F.linear(h, w["up"][a])), gpt.args.leaky_slope).square()
         gpt.capture(a, "down", u)
         m = gpt.adapt(a, "down", u, F.linear(u, w["down"][a] * self.mlp_scale[:, None]))
-        return x + m, m
+        return x + m
 
 
 class GPT(nn.Module):
@@ -572,8 +567,6 @@ class GPT(nn.Module):
         self.skip_weights = nn.Parameter(torch.ones(min(self.num_enc, L - self.num_enc), d))
         if a.skip_gates:  # per channel share of the stream the skip replaces
             self.skip_gates = nn.Parameter(torch.zeros_like(self.skip_weights))
-        if a.parallel_from < L:  # stream + lane_mix * (sum of parallel MLP outputs)
-            self.lane_mix = nn.Parameter(torch.zeros(d))
         self.recur_layers = a.recur_layer_list()
         # evaluation runs the recurrence; training turns it on late
         self.recurrence_active = bool(self.recur_layers)
@@ -652,7 +645,7 @@ class GPT(nn.Module):
         ve_ids = F.embedding(ids, self.ve_table) if self.ve_layers else None
         order = self.layer_order()
         last_pass = {l: i for i, l in enumerate(order)}
-        skips, lane = [], None
+        skips = []
         for i, l in enumerate(order):
             final = last_pass[l] == i  # U-Net skips pair the layers' last passes
             if final and l >= self.num_enc and skips:
@@ -666,13 +659,9 @@ class GPT(nn.Module):
             if ve_ids is not None and l in self.ve_layers:
                 scale = self.ve_scale * self.ve_layer_scales[self.ve_layers.index(l)]
                 ve = F.linear(ve_ids, self.ve_proj * scale)
-            x, m = self.blocks[l](self, x, x0, w, ve, mask, cache, i)
-            if self.blocks[l].parallel:
-                lane = m if lane is None else lane + m
+            x = self.blocks[l](self, x, x0, w, ve, mask, cache, i)
             if final and l < self.num_enc:
                 skips.append(x)
-        if lane is not None:
-            x = x + self.lane_mix.to(x.dtype) * lane
         return rms_norm(x)
 
     def logits_from_hidden(self, h):
@@ -1032,7 +1021,7 @@ def quantize_model(model, hessians, args, clip_sigmas, rank=0, world_size=1):
     """Banks by GPTQ at `clip_sigmas`, embedding tables at EMBED_BITS, the rest fp16."""
     keys = bank_hessian_keys(args)
     qmax = 2 ** (args.quant_bits - 1) - 1
-    entries, lqer_candidates = {}, []
+    entries = {}
     for bank_name, bank in model.banks().items():
         n = bank.size(0)
         mine = list(range(rank, n, world_size))
@@ -1046,11 +1035,6 @@ def quantize_model(model, hessians, args, clip_sigmas, rank=0, world_size=1):
             dist.all_reduce(s)
         for i in range(n):
             entries[f"{bank_name}_bank.{i}"] = _int_entry(args.quant_bits, q[i], s[i])
-        if args.lqer_tensors > 0:
-            H = None if hessians is None else [hessians[k] for k in keys[bank_name]]
-            lqer_candidates += [(f"{bank_name}_bank.{i}", bank.detach()[i].float(), q[i].float() * s[i].float()[:, None],
-                                 None if H is None else H[i]) for i in range(n)]
-    entries.update(lqer_factors(lqer_candidates, args))
     for name, t in model.state_dict().items():
         if name.endswith("_bank"):
             continue
@@ -1066,23 +1050,6 @@ def quantize_model(model, hessians, args, clip_sigmas, rank=0, world_size=1):
 
 def _int_entry(bits, q, scale):
     return {"kind": "int", "bits": bits, "q": q.cpu(), "scale": scale.cpu()}
-
-
-def lqer_factors(candidates, args):
-    """LQER: int4 low-rank corrections `<name>.lqer_a` (A^T) and `.lqer_b` of the LQER_TENSORS
-    bank matrices with the costliest error E (tr(E H E^T))."""
-    def cost(c):
-        E = c[1] - c[2]
-        return float((E @ c[3] * E).sum()) if c[3] is not None else float(E.square().sum())
-    out = {}
-    for name, W, Wq, H in sorted(candidates, key=cost, reverse=True)[:args.lqer_tensors]:
-        d = H.diagonal().clamp_min(1e-8).sqrt() if H is not None else torch.ones(W.size(1), device=W.device)
-        U, S, Vh = torch.linalg.svd((W - Wq) * d, full_matrices=False)
-        r = min(args.lqer_rank, S.numel())
-        for part, M in (("lqer_a", (U[:, :r] * S[:r]).T), ("lqer_b", Vh[:r] / d)):
-            qv, sv = gptq_quantize(M[None], None, 7, 0.0, args.gptq_block, args.gptq_damp)  # int4 absmax rows
-            out[f"{name}.{part}"] = _int_entry(4, qv[0], sv[0])
-    return out
 
 
 def order0_bits(counts):
@@ -1149,20 +1116,14 @@ def quantize_to_budget(model, hessians, args, budget, rank, world_size, device, 
 
 
 def dequantize_entries(entries, args):
-    state, banks, lqer = {}, {}, {}
+    state, banks = {}, {}
     for name, e in entries.items():
         t = e["q"].float() * e["scale"].float()[:, None] if e["kind"] == "int" else e["value"].float()
-        if ".lqer_" in name:
-            lqer[name] = t
-        elif "_bank." in name:
+        if "_bank." in name:
             bank, idx = name.rsplit(".", 1)
             banks.setdefault(bank, {})[int(idx)] = t
         else:
             state[name] = t
-    for name, A_t in lqer.items():
-        if name.endswith(".lqer_a"):
-            bank, idx = name[:-len(".lqer_a")].rsplit(".", 1)
-            banks[bank][int(idx)] += A_t.T @ lqer[name[:-1] + "b"]
     for bank, rows in banks.items():
         state[bank] = torch.stack([rows[i] for i in range(len(rows))])
     return state
@@ -1174,7 +1135,7 @@ ARTIFACT_MAGIC = b"PGQ1"
 MODEL_CONFIG_FIELDS = ("vocab_size", "bos_id", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                        "leaky_slope", "xsa_layers", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap",
                        "bigram_vocab", "bigram_dim", "ve_dim", "ve_layers", "quant_bits", "train_seq_len", "skip_gates",
-                       "parallel_from", "recur_layers", "recur_passes", "attn_gate_width", "doc_mask")
+                       "recur_layers", "recur_passes", "attn_gate_width", "doc_mask")
 
 
 def pack_entries(entries, args):
@@ -1939,7 +1900,7 @@ def write_submission(out_dir, path, config):
     env, last = os.environ, runs[-1]
     sub = {"author": env.get("AUTHOR", ""), "github_id": env.get("GITHUB_ID", ""),
            "name": env.get("RUN_NAME", "SP8192 11L XSA GPT, MLP 4x, document-masked attention, SDClip GPTQ int6 + rANS"),
-           "blurb": env.get("BLURB", "SP8192 11L XSA GPT (MLP 4x, gated skips, parallel lanes, document masking), "
+           "blurb": env.get("BLURB", "SP8192 11L XSA GPT (MLP 4x, gated skips, attention gate, document masking), "
                                      "Polar-Express MuonEq-R, run-relative schedule, late QAT, full-Hessian GPTQ, rANS, "
                                      "rate control to the cap, sliding-window eval."),
            "date": time.strftime("%Y-%m-%d"), "track": "10min_16mb", "config_id": config,

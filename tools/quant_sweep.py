@@ -1,8 +1,7 @@
 """Quantization comparisons on the float weights + Hessians that keep_prequant.py saved
 (prequant.pt in the current folder, next to a copy of train_gpt.py; same environment as the
 run): GPTQ vs round-to-nearest at equal bytes (rate control), the tied embedding by GPTQ vs
-RTN, GPTQ vs RTN at fixed clips (SWEEPS=gptq); LQER_TENSORS = each of LQER_SWEEP (default
-0,2,4,8) at CLIP_SIGMAS beside narrower clips without LQER (SWEEPS=lqer). Prints and appends to sweep.log."""
+RTN, GPTQ vs RTN at fixed clips. Prints and appends to sweep.log."""
 import os, sys, time
 import torch
 sys.path.insert(0, os.getcwd())
@@ -32,18 +31,6 @@ def ev(sd, stride=None):
     return T.evaluate(score, val, luts, L, stride or L, args.eval_batch_seqs, 0, 1, dev)["val_bpb"]
 
 fb = ev(state); log(f"sweep float plain {fb:.5f}")
-sweeps = os.environ.get("SWEEPS", "gptq,lqer").split(",")
-if "lqer" in sweeps:  # LQER bytes vs a narrower clip's bytes: which buys more bpb per byte
-    c0 = args.clip_sigmas  # set CLIP_SIGMAS to the run's final clip
-    for n, c in [(int(v), c0) for v in os.environ.get("LQER_SWEEP", "0,2,4,8").split(",")] + [(0, c0 * 0.98), (0, c0 * 0.96)]:
-        args.lqer_tensors = n
-        e = T.quantize_model(fmodel, H, args, c)
-        log(f"sweep LQER_TENSORS={n} rank {args.lqer_rank} clip {c:.3f}: {len(T.compress(T.pack_entries(e, args)[0]))} "
-            f"bytes plain {ev(T.dequantize_entries(e, args)):.5f}")
-    args.lqer_tensors = 0
-if "gptq" not in sweeps:
-    log("sweep done")
-    sys.exit()
 H_nohead = {k: v for k, v in H.items() if k != (-1, "head")}
 for label, hs, slide in (("GPTQ (train calibration)", H, True), ("RTN", None, True), ("tok_emb RTN", H_nohead, False)):
     t0 = time.time()
