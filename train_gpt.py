@@ -906,7 +906,23 @@ def _maybe_compile(model, args, device):
 
 
 def _autocast(device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    # no cast cache: a CUDA graph (TTT) must cast the weights at every replay
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
+
+
+def _cuda_graph(fn):
+    """`fn` (fixed shapes, state updated in place) captured in a CUDA graph after a warm-up on a
+    side stream; -> its replay. The warm-up runs `fn`: the caller resets what it touched."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 # ----- quantization
@@ -1462,8 +1478,8 @@ def make_score_fn(model, device):
 
 
 class DocAdapters:
-    """Per-document rank-r LoRA of each bank matrix and the head: x A^T B^T, B zero-init.
-    n rows of x use the first n documents' adapters (documents run longest first)."""
+    """Per-document rank-r LoRA of each bank matrix and the head: x A^T B^T, B zero-init; row i
+    of x is document i."""
 
     def __init__(self, args, docs, device):
         d, kv, hid, r = args.model_dim, args.num_kv_heads * args.head_dim, args.mlp_hidden, args.ttt_rank
@@ -1482,35 +1498,44 @@ class DocAdapters:
             self.B[k].zero_()
 
     def __call__(self, layer, kind, x):
-        A, B = self.A[(layer, kind)][:x.size(0)], self.B[(layer, kind)][:x.size(0)]
+        A, B = self.A[(layer, kind)], self.B[(layer, kind)]
         return torch.bmm(torch.bmm(x, A.mT.to(x.dtype)), B.mT.to(x.dtype))
 
 
 class KVCache:
     """Per layer pass, each row's last `keep` keys (pre-RoPE) and values from the forwards that
-    scored them, detached; `prev`: each row's last two tokens."""
+    scored them, detached; `prev`: each row's last two tokens. Fixed-size buffers updated in
+    place (slots before a document's start are masked), so a chunk step has fixed shapes and
+    addresses: one CUDA graph replays it."""
 
-    def __init__(self, keep):
-        self.keep, self.kv, self.prev = keep, {}, None
+    def __init__(self, keep, rows, chunk, bos_id, device):
+        self.keep, self.bos_id, self.kv = keep, bos_id, {}
+        self.prev = torch.full((rows, 2), bos_id, device=device)
+        self.mask = torch.zeros(1, 1, chunk, keep + chunk, dtype=torch.bool, device=device)
 
-    def past_len(self):
-        return next(iter(self.kv.values()))[0].size(1) if self.kv else 0
-
-    def keep_rows(self, n):
-        self.kv = {s: (k[:n], v[:n]) for s, (k, v) in self.kv.items()}
-        self.prev = None if self.prev is None else self.prev[:n]
+    def start(self, c):
+        """Before chunk `c` of the batch's documents: chunk c-1's tokens are cached; c = 0 empties."""
+        C, K = self.mask.shape[2:]
+        K -= C
+        if c == 0:
+            self.prev.fill_(self.bos_id)
+            for k, v in self.kv.values():
+                k.zero_(), v.zero_()
+        j, i = torch.arange(K + C, device=self.mask.device), torch.arange(C, device=self.mask.device)[:, None]
+        self.mask.copy_((j >= K - min(c * C, K)) & (j <= K + i))
 
     def chunk(self, ids):
-        """The tokens before chunk `ids` and its causal mask over cache + chunk."""
-        prev, T = self.prev, ids.size(1)
-        Tk = T + self.past_len()
-        self.prev = (ids if prev is None else torch.cat((prev, ids), 1))[:, -2:]
-        return prev, ids.new_ones(T, Tk, dtype=torch.bool).tril(Tk - T)[None, None]
+        """The tokens before chunk `ids` and its mask over cache + chunk."""
+        prev = self.prev.clone()
+        self.prev.copy_(torch.cat((prev, ids), 1)[:, -2:])
+        return prev, self.mask
 
     def extend(self, slot, k, v):
-        if slot in self.kv:
-            k, v = (torch.cat(pair, 1) for pair in zip(self.kv[slot], (k, v)))
-        self.kv[slot] = (k[:, -self.keep:].detach(), v[:, -self.keep:].detach())
+        if slot not in self.kv:
+            self.kv[slot] = tuple(t.new_zeros(t.size(0), self.keep, *t.shape[2:]) for t in (k, v))
+        k, v = (torch.cat(pair, 1) for pair in zip(self.kv[slot], (k, v)))
+        for buf, t in zip(self.kv[slot], (k, v)):
+            buf.copy_(t[:, -self.keep:].detach())
         return k, v
 
 
@@ -1528,53 +1553,65 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
     C, W, D = args.ttt_chunk, args.eval_seq_len, args.ttt_batch_docs
     spans = document_spans(tokens, args.bos_id)
     model.eval().qat_mix.zero_()
-    adapters = DocAdapters(args, D, device)
+    model.requires_grad_(False)
+    adapters, cache = DocAdapters(args, D, device), KVCache(W - C, D, C, args.bos_id, device)
+    opt = torch.optim.AdamW(adapters.params, lr=args.ttt_lr, betas=(0.9, 0.99), weight_decay=args.ttt_wd,
+                            capturable=device.type == "cuda")
     sums = torch.zeros(3, dtype=torch.float64, device=device)
+    x, y = (torch.full((D, C), v, device=device) for v in (args.bos_id, 0))
+    inside = torch.zeros(D, C, dtype=torch.bool, device=device)
+
+    def chunk_step(train):  # fixed shapes: x, y, inside, the cache and the adapters in place
+        with torch.set_grad_enabled(train), _autocast(device):
+            nll = torch.where(inside, model(x, y, reduction="none", cache=cache).float(), 0)
+        sums.add_(torch.stack([nll.detach().sum(), (luts.target_bytes(x, y) * inside).sum(), inside.sum()]).double())
+        if train:  # each document's adapters get their own mean loss
+            (nll.sum(1) / inside.sum(1).clamp_min(1)).sum().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=False)
+
+    model.adapters, steppers = adapters, {t: functools.partial(chunk_step, t) for t in (True, False)}
+    if device.type == "cuda":  # kernel launches, not the GPU, bound the eager step: replay graphs
+        cache.start(0)
+        steppers = {t: _cuda_graph(f) for t, f in steppers.items()}
+        sums.zero_()
     if world_size > 1:
         dist.barrier()
     t0, adapting, stopped, steps, n_tok = time.perf_counter(), True, False, 0, 0
     per_phase = -(-len(spans) // args.ttt_phases)
     for ph in range(0, len(spans), per_phase):
         mine = sorted(spans[ph:ph + per_phase], key=lambda se: se[0] - se[1])[rank::world_size]
-        model.requires_grad_(False)
         for b0 in range(0, len(mine), D):
-            batch = mine[b0:b0 + D]  # longest first: running documents are a prefix
-            lengths = [e - s for s, e in batch]
-            start = torch.tensor([s for s, _ in batch], device=device)[:, None]
+            batch = mine[b0:b0 + D]  # longest first
+            lengths = [e - s for s, e in batch] + [0] * (D - len(batch))  # empty rows: fixed shapes
+            start = torch.tensor([s for s, _ in batch] + [0] * (D - len(batch)), device=device)[:, None]
             length = torch.tensor(lengths, device=device)[:, None]
             adapters.reset()
-            opt = torch.optim.AdamW(adapters.params, lr=args.ttt_lr, betas=(0.9, 0.99), weight_decay=args.ttt_wd)
-            model.adapters, cache = adapters, KVCache(W - C)
+            for state in opt.state.values():  # a fresh AdamW, in place
+                for t in state.values():
+                    t.zero_()
             n_chunks = -(-lengths[0] // C)
             for c in range(n_chunks):
-                rows = sum(n > c * C for n in lengths)
-                cache.keep_rows(rows)
+                cache.start(c)
                 pos = c * C + torch.arange(C, device=device)
-                inside = pos < length[:rows]  # padding after: never attended
-                idx = start[:rows] + torch.where(inside, pos, 0)
-                x, y = torch.where(inside, tokens[idx], args.bos_id), torch.where(inside, tokens[idx + 1], 0)
+                inside.copy_(pos < length)  # padding after a document's end: never attended
+                idx = start + torch.where(inside, pos, 0)
+                x.copy_(torch.where(inside, tokens[idx], args.bos_id))
+                y.copy_(torch.where(inside, tokens[idx + 1], 0))
                 # local clock: this rank's adapters only
                 adapting = adapting and time.perf_counter() - t0 < args.ttt_max_seconds
                 train_now = adapting and c + 1 < n_chunks
-                with torch.set_grad_enabled(train_now), _autocast(device):
-                    nll = model(x, y, reduction="none", cache=cache).float()
-                sums += torch.stack([(nll.detach() * inside).sum(), (luts.target_bytes(x, y) * inside).sum(),
-                                     inside.sum()]).double()
-                ranges = [(s + c * C, s + min(n, (c + 1) * C)) for (s, _), n in zip(batch[:rows], lengths)]
+                steppers[train_now]()
+                ranges = [(s + c * C, s + min(n, (c + 1) * C)) for (s, _), n in zip(batch, lengths) if n > c * C]
                 n_tok += sum(hi - lo for lo, hi in ranges)
                 if monitor is not None:
                     for lo, hi in ranges:
                         monitor("score", lo, hi)
                 if train_now:
-                    per_doc = (nll * inside).sum(1) / inside.sum(1)
-                    per_doc.sum().backward()  # each document's adapters get their own gradient
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
                     steps += 1
                     if monitor is not None:
                         for lo, hi in ranges:
                             monitor("train", lo, hi)
-            model.adapters = None
             if ph == b0 == 0:  # the first batch holds the longest documents
                 log(f"ttt: first batch ({len(batch)} documents, {n_chunks} chunks) done at {time.perf_counter() - t0:.1f}s")
         over = torch.tensor(float(not adapting or time.perf_counter() - t0 >= args.ttt_max_seconds), device=device)
@@ -1584,7 +1621,7 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
             log(f"ttt: {args.ttt_max_seconds}s spent after {steps} adapter steps; scoring only from here")
         adapting, stopped = not over.item(), bool(over.item())
         if adapting and ph + per_phase < len(spans):  # global pass over the scored documents
-            model.requires_grad_(True)
+            model.requires_grad_(True).adapters = None
             xs = torch.cat([tokens[s:e] for s, e in mine] + [tokens[:0]])
             ys = torch.cat([tokens[s + 1:e + 1] for s, e in mine] + [tokens[:0]])
             have = xs.numel() // W  # whole rows of W tokens
@@ -1608,11 +1645,11 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
                 sgd.zero_grad(set_to_none=True)
                 if monitor is not None and r1 > r0:
                     monitor("global", r0 * W, r1 * W)  # offsets in this rank's rows
-            model.requires_grad_(False)
+            model.requires_grad_(False).adapters = adapters
         log(f"ttt phase {ph // per_phase + 1}/{-(-len(spans) // per_phase)} done at {time.perf_counter() - t0:.1f}s: "
             f"{n_tok} targets scored here, {steps} adapter steps, val_bpb so far "
             + (f"{_metrics(sums)['val_bpb']:.5f}" if n_tok else "-"))
-    model.requires_grad_(True)
+    model.requires_grad_(True).adapters = None
     out = _metrics(_all_reduce_sum(sums))
     seconds = time.perf_counter() - t0
     total = _all_reduce_sum(torch.tensor(float(n_tok), dtype=torch.float64, device=device)).item()

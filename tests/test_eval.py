@@ -563,6 +563,27 @@ def test_ttt_scores_a_trained_chunk_before_training_on_it(ttt_model):
     assert not torch.equal(a, b)  # the next chunk did learn from (and attend to) the edited one
 
 
+def test_ttt_chunk_steps_have_fixed_shapes_and_buffers(ttt_model):
+    """What lets one CUDA graph replay every chunk step: across batches (one short), documents
+    that end early and phases, every scoring forward gets (TTT_BATCH_DOCS, TTT_CHUNK) inputs in
+    the same tensors, and each layer's cache keeps its buffers."""
+    args = ttt_args(ttt_phases=2, ttt_batch_docs=3, ttt_lr=0.02, ttt_global_lr=0.05)
+    docs = make_docs((150, 70, 20, 97, 5, 33, 61), seed=4)
+    m, seen, buffers = copy.deepcopy(ttt_model), [], {}
+    forward = m.forward
+
+    def recording(ids, targets=None, reduction="mean", cache=None):
+        if cache is not None:
+            seen.append((ids.shape, ids.data_ptr(), targets.data_ptr(), cache.mask.data_ptr()))
+            for slot, kv in cache.kv.items():
+                assert buffers.setdefault(slot, [t.data_ptr() for t in kv]) == [t.data_ptr() for t in kv]
+        return forward(ids, targets, reduction, cache)
+    m.forward = recording
+    res = T.evaluate_with_ttt(m, as_stream(docs), LUTS, args, 0, 1, CPU, lambda s: None)
+    assert res["ttt_steps"] > 0 and len(seen) > 10 and len(buffers) == args.num_layers
+    assert len(set(seen)) == 1 and seen[0][0] == (args.ttt_batch_docs, args.ttt_chunk)
+
+
 def same_draw_at_every_reset(monkeypatch):
     """Give every row of A the same draw at every reset(): a document's result then cannot
     depend on its row, its batch or the documents before it, unless state leaks between them."""
