@@ -443,7 +443,7 @@ def attention_mask(ids, bos_id, doc_mask):
 
 def causal_attention(q, k, v, mask=None):
     """q: (B,T,H,D); k, v: (B,T,Hkv,D) -> (B,T,H,D), causal, masked by `mask`."""
-    if _ATTN_BACKEND == "fa3":
+    if _ATTN_BACKEND == "fa3" and mask is None:  # masked (TTT's cache): SDPA
         out = _fa3_func(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -1570,14 +1570,14 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
             opt.step()
             opt.zero_grad(set_to_none=False)
 
+    if world_size > 1:
+        dist.barrier()
+    t0, adapting, stopped, steps, n_tok = time.perf_counter(), True, False, 0, 0
     model.adapters, steppers = adapters, {t: functools.partial(chunk_step, t) for t in (True, False)}
     if device.type == "cuda":  # kernel launches, not the GPU, bound the eager step: replay graphs
         cache.start(0)
         steppers = {t: _cuda_graph(f) for t, f in steppers.items()}
         sums.zero_()
-    if world_size > 1:
-        dist.barrier()
-    t0, adapting, stopped, steps, n_tok = time.perf_counter(), True, False, 0, 0
     per_phase = -(-len(spans) // args.ttt_phases)
     for ph in range(0, len(spans), per_phase):
         mine = sorted(spans[ph:ph + per_phase], key=lambda se: se[0] - se[1])[rank::world_size]

@@ -584,6 +584,23 @@ def test_ttt_chunk_steps_have_fixed_shapes_and_buffers(ttt_model):
     assert len(set(seen)) == 1 and seen[0][0] == (args.ttt_batch_docs, args.ttt_chunk)
 
 
+def test_ttt_with_fa3_backend_scores_like_math(ttt_model, monkeypatch):
+    """With DOC_MASK=0 the FA3 backend runs training attention; TTT's chunks (a cache with masked
+    empty slots) must not go through FA3's mask-less causal kernel: at lr 0 the score equals the
+    math backend's. Stand-in for flash_attn_interface: causal aligned to the bottom-right."""
+    def fake_fa3(q, k, v, causal=True):
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        k, v = (t.repeat_interleave(q.size(1) // t.size(1), 1) for t in (k, v))
+        m = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).tril(k.size(-2) - q.size(-2))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2)
+    args = ttt_args(ttt_phases=1, doc_mask=False)
+    tokens = as_stream(make_docs((150, 70, 20, 97, 5), seed=4))
+    ref = run_ttt(ttt_model, tokens, args)[0]["val_loss"]
+    monkeypatch.setattr(T, "_ATTN_BACKEND", "fa3")
+    monkeypatch.setattr(T, "_fa3_func", fake_fa3)
+    assert run_ttt(ttt_model, tokens, args)[0]["val_loss"] == pytest.approx(ref, rel=1e-6)
+
+
 def same_draw_at_every_reset(monkeypatch):
     """Give every row of A the same draw at every reset(): a document's result then cannot
     depend on its row, its batch or the documents before it, unless state leaks between them."""
