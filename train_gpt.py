@@ -1853,10 +1853,10 @@ def _scores(r):
     return f"val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}"
 
 
-def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, device, log, timer):
-    """Load the artifact into `model`; plain, sliding, TTT evaluation."""
+def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, device, log, timer, entries=None):
+    """Load the artifact (or its decoded `entries`) into `model`; plain, sliding, TTT evaluation."""
     t0 = time.perf_counter()
-    entries, _ = load_artifact(path)
+    entries = entries or load_artifact(path)[0]
     model.load_state_dict(dequantize_entries(entries, args), strict=True)
     model.eval()
     timer.since("eval_artifact_load", t0)
@@ -1894,8 +1894,9 @@ def log_timing_table(log, timer):
 
 def run_eval_only(args, rank, world_size, device, log):
     """EVAL_ONLY: score the artifact; reads no train shard."""
-    timer = PhaseTimer()
-    config = load_artifact(args.eval_only)[1]
+    timer, t0 = PhaseTimer(), time.perf_counter()
+    entries, config = load_artifact(args.eval_only)  # decoded once
+    timer.since("eval_artifact_load", t0)
     for k, v in config.items():
         setattr(args, k, v)
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(device)
@@ -1904,7 +1905,7 @@ def run_eval_only(args, rank, world_size, device, log):
         f"config: {json.dumps(dataclasses.asdict(args), sort_keys=True)}")
     set_attention_backend(args.attn_backend, device, args.doc_mask)
     model = build_model(args, device)
-    res = evaluate_artifact(args, model, args.eval_only, val_tokens, luts, rank, world_size, device, log, timer)
+    res = evaluate_artifact(args, model, args.eval_only, val_tokens, luts, rank, world_size, device, log, timer, entries)
     log_timing_table(log, timer)
     return res
 
