@@ -1898,6 +1898,8 @@ def run_eval_only(args, rank, world_size, device, log):
     entries, config = load_artifact(args.eval_only)  # decoded once
     timer.since("eval_artifact_load", t0)
     for k, v in config.items():
+        if not hasattr(args, k):
+            raise ArtifactError(f"{args.eval_only} was written by another revision (unknown setting {k})")
         setattr(args, k, v)
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(device)
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit).to(device)

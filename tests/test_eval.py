@@ -938,6 +938,14 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     assert int(re.search(r"bpb vs \w+, (\d+) adapter steps", runs[0]).group(1)) > 0
 
 
+def test_eval_only_refuses_an_artifact_of_another_revision(monkeypatch):
+    """An artifact whose model config names a setting this revision lacks (e.g. PARALLEL_FROM,
+    removed) stops with one clear error before anything is built or read."""
+    monkeypatch.setattr(T, "load_artifact", lambda path: ({}, {"num_layers": 2, "parallel_from": 8}))
+    with pytest.raises(T.ArtifactError, match="another revision.*parallel_from"):
+        T.run_eval_only(T.Hyperparameters(eval_only="old.ptz", data_path="/nonexistent"), 0, 1, CPU, print)
+
+
 @pytest.mark.parametrize("content", [b"PGQ1 definitely not an artifact",  # unknown codec tag
                                      b"R\x05\x00\x00\x00\x00\x00\x00\x00\x00hello"],  # codec tag, junk lzma part
                          ids=["bad-tag", "junk-chunk"])
