@@ -1,5 +1,5 @@
 """Parameter-golf training script: SP8192 11-layer XSA GPT, parallel Muon, full-Hessian GPTQ int6
-(rANS) under rate control, sliding-window val_bpb of the artifact, optional LoRA TTT.
+(rANS) under rate control, sliding-window val_bpb of the artifact, score-first LoRA TTT.
 
 Launch: torchrun --standalone --nproc_per_node=N train_gpt.py (N = 1..8; CPU works too).
 Settings: environment variables (see Hyperparameters).
@@ -462,9 +462,8 @@ def causal_attention(q, k, v, mask=None):
 
 def _math_attention(q, k, v, mask=None):
     att = (q @ k.transpose(-1, -2)) * (q.size(-1) ** -0.5)
-    if mask is None:
-        tq, tk = q.size(-2), k.size(-2)
-        mask = q.new_ones(tq, tk, dtype=torch.bool).tril(tk - tq)
+    if mask is None:  # equal lengths: a cache always comes with its mask
+        mask = q.new_ones(q.size(-2), k.size(-2), dtype=torch.bool).tril()
     att = att.masked_fill(~mask, float("-inf"))
     return att.float().softmax(-1).to(v.dtype) @ v
 
@@ -920,7 +919,7 @@ def _cuda_graph(fn):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # NCCL watchdog
         fn()
     return graph.replay
 
@@ -1483,11 +1482,10 @@ class DocAdapters:
 
     def __init__(self, args, docs, device):
         d, kv, hid, r = args.model_dim, args.num_kv_heads * args.head_dim, args.mlp_hidden, args.ttt_rank
-        shapes = {"qkv": (d, d + 2 * kv), "out": (d, d), "up": (d, hid), "down": (hid, d)}
-        self.shapes = {(l, k): io for l in range(args.num_layers) for k, io in shapes.items()}
-        self.shapes[(-1, "head")] = (d, args.vocab_size)
-        self.A = {k: torch.zeros(docs, r, i, device=device, requires_grad=True) for k, (i, o) in self.shapes.items()}
-        self.B = {k: torch.zeros(docs, o, r, device=device, requires_grad=True) for k, (i, o) in self.shapes.items()}
+        io = {"qkv": (d, d + 2 * kv), "out": (d, d), "up": (d, hid), "down": (hid, d)}
+        io = {(l, k): v for l in range(args.num_layers) for k, v in io.items()} | {(-1, "head"): (d, args.vocab_size)}
+        self.A = {k: torch.zeros(docs, r, i, device=device, requires_grad=True) for k, (i, o) in io.items()}
+        self.B = {k: torch.zeros(docs, o, r, device=device, requires_grad=True) for k, (i, o) in io.items()}
         self.params = list(self.A.values()) + list(self.B.values())
         self.gen = torch.Generator(device=device).manual_seed(args.seed)
 
@@ -1549,7 +1547,7 @@ def document_spans(tokens, bos_id):
 def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, monitor=None):
     """Score-first TTT: each TTT_CHUNK is scored, then trains its document's adapters; between
     phases, SGD on the scored documents. Chunks attend to cached keys of the document's last
-    EVAL_SEQ_LEN - TTT_CHUNK tokens. Eager. `monitor` is for tests."""
+    EVAL_SEQ_LEN - TTT_CHUNK tokens. `monitor` is for tests."""
     C, W, D = args.ttt_chunk, args.eval_seq_len, args.ttt_batch_docs
     spans = document_spans(tokens, args.bos_id)
     model.eval().qat_mix.zero_()
@@ -1613,6 +1611,7 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
                         for lo, hi in ranges:
                             monitor("train", lo, hi)
             if ph == b0 == 0:  # the first batch holds the longest documents
+                _sync(device)
                 log(f"ttt: first batch ({len(batch)} documents, {n_chunks} chunks) done at {time.perf_counter() - t0:.1f}s")
         over = torch.tensor(float(not adapting or time.perf_counter() - t0 >= args.ttt_max_seconds), device=device)
         if world_size > 1:
@@ -1897,9 +1896,10 @@ def run_eval_only(args, rank, world_size, device, log):
     timer, t0 = PhaseTimer(), time.perf_counter()
     entries, config = load_artifact(args.eval_only)  # decoded once
     timer.since("eval_artifact_load", t0)
+    odd = set(config) ^ set(MODEL_CONFIG_FIELDS)
+    if odd:
+        raise ArtifactError(f"{args.eval_only} was written by another revision (settings {', '.join(sorted(odd))})")
     for k, v in config.items():
-        if not hasattr(args, k):
-            raise ArtifactError(f"{args.eval_only} was written by another revision (unknown setting {k})")
         setattr(args, k, v)
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(device)
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit).to(device)

@@ -938,11 +938,15 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     assert int(re.search(r"bpb vs \w+, (\d+) adapter steps", runs[0]).group(1)) > 0
 
 
-def test_eval_only_refuses_an_artifact_of_another_revision(monkeypatch):
-    """An artifact whose model config names a setting this revision lacks (e.g. PARALLEL_FROM,
-    removed) stops with one clear error before anything is built or read."""
-    monkeypatch.setattr(T, "load_artifact", lambda path: ({}, {"num_layers": 2, "parallel_from": 8}))
-    with pytest.raises(T.ArtifactError, match="another revision.*parallel_from"):
+@pytest.mark.parametrize("change", [{"parallel_from": 8}, {"doc_mask": None}], ids=["removed", "added"])
+def test_eval_only_refuses_an_artifact_of_another_revision(monkeypatch, change):
+    """An artifact whose model config names a setting this revision lacks (PARALLEL_FROM, removed)
+    or lacks one it has (DOC_MASK, weightless) stops with one clear error before anything is read."""
+    config = {k: getattr(T.Hyperparameters(), k) for k in T.MODEL_CONFIG_FIELDS}
+    config.update(change)
+    config = {k: v for k, v in config.items() if v is not None}
+    monkeypatch.setattr(T, "load_artifact", lambda path: ({}, config))
+    with pytest.raises(T.ArtifactError, match=f"another revision.*{next(iter(change))}"):
         T.run_eval_only(T.Hyperparameters(eval_only="old.ptz", data_path="/nonexistent"), 0, 1, CPU, print)
 
 
