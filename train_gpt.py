@@ -1513,8 +1513,7 @@ class KVCache:
 
     def start(self, c):
         """Before chunk `c` of the batch's documents: chunk c-1's tokens are cached; c = 0 empties."""
-        C, K = self.mask.shape[2:]
-        K -= C
+        C, K = self.mask.size(2), self.keep
         if c == 0:
             self.prev.fill_(self.bos_id)
             for k, v in self.kv.values():
