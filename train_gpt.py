@@ -65,7 +65,7 @@ _REMOVED_SETTINGS = {"WARMDOWN_ITERS": "WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_ST
                      **dict.fromkeys(("EMA_DECAY", "SWA_ENABLED", "SWA_EVERY", "SWA_START_SCALE"), "EMA_HORIZON"),
                      "GPTQ_CLIP_QUANTILES": "CLIP_SIGMAS", "COMPRESSORS": "nothing (rANS + lzma)",
                      "VAL_EVERY": "nothing (score after training)", "TTT_CHUNK_TOKENS": "TTT_CHUNK",
-                     "TTT_MOMENTUM": "TTT_LR (Adam)", "TTT_EPOCHS": "TTT_PHASES", "PARALLEL_FROM": "nothing (parallel lanes: no gain)",
+                     "TTT_MOMENTUM": "TTT_LR (Adam)", "TTT_EPOCHS": "TTT_PHASES", "MUON_NS": "nothing (Polar Express)", "PARALLEL_FROM": "nothing (parallel lanes: no gain)",
                      **dict.fromkeys(("LQER_TENSORS", "LQER_RANK"), "nothing (LQER: no gain per byte)")}
 _NON_SETTING_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOG_NOTE", "AUTHOR", "GITHUB_ID",
                      "RUN_NAME", "BLURB")
@@ -130,7 +130,6 @@ class Hyperparameters:
     muon_momentum_start: float = 0.92
     muon_momentum_warmup_frac: float = 0.22
     muon_ns_steps: int = 5
-    muon_ns: str = "polar"  # polar | quintic
     muon_row_norm: bool = True  # MuonEq-R: update rows normalised before Newton-Schulz
     embed_lr: float = 0.03
     scalar_lr: float = 0.02
@@ -258,7 +257,6 @@ class Hyperparameters:
              "WARMUP_STEPS=1 cannot compile both depths of the recurrence: use 0 or >= 2")
         need(min(self.ttt_lr, self.ttt_wd, self.ttt_global_lr) >= 0, "TTT_LR, TTT_WD and TTT_GLOBAL_LR must be >= 0")
         need(0 <= self.attn_gate_width <= self.model_dim, "ATTN_GATE_WIDTH must be in 0..MODEL_DIM")
-        need(self.muon_ns in ("polar", "quintic"), f"MUON_NS={self.muon_ns} must be polar or quintic")
         need(not (self.doc_mask and self.attn_backend.startswith("fa3")),
              "DOC_MASK=1 needs flex, sdpa or math attention (FA3 is not varlen): set ATTN_BACKEND=auto")
         accum = self.resolved_grad_accum(world_size)
@@ -693,7 +691,6 @@ def build_model(args, device):
 
 # ----- optimizer
 
-QUINTIC_COEFFS = ((3.4445, -4.7750, 2.0315),) * 5
 # Polar Express: the minimax odd quintic of each iteration (tools/polar_express.py)
 POLAR_EXPRESS_COEFFS = ((8.386464162225812, -24.36964994371728, 17.725116517530434),
                         (4.142307386676976, -3.0181404252012447, 0.5525975307690401),
@@ -703,11 +700,11 @@ POLAR_EXPRESS_COEFFS = ((8.386464162225812, -24.36964994371728, 17.7251165175304
 
 
 def ns_coeffs(args):
-    base = POLAR_EXPRESS_COEFFS if args.muon_ns == "polar" else QUINTIC_COEFFS
-    return tuple(base[min(i, len(base) - 1)] for i in range(args.muon_ns_steps))
+    c = POLAR_EXPRESS_COEFFS
+    return tuple(c[min(i, len(c) - 1)] for i in range(args.muon_ns_steps))
 
 
-def newton_schulz(G, coeffs=QUINTIC_COEFFS, dtype=torch.bfloat16):
+def newton_schulz(G, coeffs=POLAR_EXPRESS_COEFFS, dtype=torch.bfloat16):
     """Approximately orthogonalize a batch of matrices: a quintic per (a, b, c) of `coeffs`."""
     X = G.to(dtype)
     transposed = X.size(-2) > X.size(-1)

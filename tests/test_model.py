@@ -336,7 +336,7 @@ def test_full_stack_trains_on_a_fixed_batch():
     args = tiny_args(num_layers=4, recur_layers="1,2", recur_passes=2, eval_stride=16, matrix_lr=0.05,
                      embed_lr=0.05, scalar_lr=0.05)
     assert args.skip_gates and args.attn_gate_width > 0 and args.doc_mask
-    assert args.muon_ns == "polar" and args.muon_row_norm
+    assert args.muon_row_norm
     args.validate(1)
     model = T.build_model(args, CPU)
     assert model.layer_order() == [0, 1, 2, 1, 2, 1, 2, 3]
