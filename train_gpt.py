@@ -2012,7 +2012,7 @@ def main():
     hessians = collect_hessians(model, args, loader, device, world_size, log)
     timer.since("calibration_hessians", t_q)
     t0 = time.perf_counter()
-    entries, data, clip, tries = quantize_to_budget(model, hessians, args, budget_bytes, rank, world_size, device, log, clock)
+    entries, data, clip, _ = quantize_to_budget(model, hessians, args, budget_bytes, rank, world_size, device, log, clock)
     timer.since("gptq_rate_control", t0)
     artifact_path = os.path.join(args.out_dir, f"final_model_{run_id}.int{args.quant_bits}.ptz")
     t0 = time.perf_counter()
