@@ -3,8 +3,8 @@ run, from a folder holding a copy of train_gpt.py) with torch.profiler's CUDA ac
 training steps after compilation, then print GPU time by kernel family and the top kernels.
     ITERATIONS=8 MAX_WALLCLOCK_SECONDS=0 WARMUP_STEPS=3 TTT_ENABLED=0 SKIP_SLIDING_EVAL=1 \
     VAL_TOKENS_LIMIT=100000 python3 profile_step.py
-The window counts micro-batches (GRAD_ACCUM_STEPS of them per step; 4 on one GPU by default):
-it skips the warm-up steps and the first two training steps, and ends before late QAT."""
+The window counts micro-batches (the run's micro-steps per step, as train_gpt resolves them): it
+skips the warm-up steps and the first two training steps, and ends before late QAT."""
 import collections
 import os
 import sys
@@ -15,7 +15,9 @@ from torch.profiler import ProfilerActivity, profile, schedule
 sys.path.insert(0, os.getcwd())
 import train_gpt as T
 
-accum = int(os.environ.get("GRAD_ACCUM_STEPS", "4"))
+if not torch.cuda.is_available():
+    sys.exit("profile_step: needs a CUDA GPU (it profiles GPU kernels)")
+accum = T.Hyperparameters.from_env().resolved_grad_accum(int(os.environ.get("WORLD_SIZE", "1")))
 prof = profile(activities=[ProfilerActivity.CUDA],
                schedule=schedule(wait=accum * 5, warmup=accum, active=accum * 2, repeat=1))
 next_batch = T.DistributedLoader.next_batch
@@ -42,7 +44,7 @@ prof.stop()
 events = prof.key_averages()
 total = sum(e.self_device_time_total for e in events)
 if total == 0:
-    sys.exit("profile_step: no GPU events in the window (too few ITERATIONS, or no CUDA device)")
+    sys.exit("profile_step: no GPU events in the window (too few ITERATIONS?)")
 by_family = collections.Counter()
 for e in events:
     by_family[family(e.key)] += e.self_device_time_total
