@@ -269,7 +269,9 @@ class Hyperparameters:
         need(2 <= self.quant_bits <= 8, "QUANT_BITS must be in 2..8")
         need(self.artifact_target_bytes <= ARTIFACT_CAP_BYTES, f"ARTIFACT_TARGET_BYTES must be <= {ARTIFACT_CAP_BYTES}")
         need(CLIP_RANGE[0] <= self.clip_sigmas <= CLIP_RANGE[1], f"CLIP_SIGMAS must be in {CLIP_RANGE}")
-        need(self.embed_clip_sigmas >= 0 and self.rate_tries >= 1, "EMBED_CLIP_SIGMAS must be >= 0 and RATE_TRIES >= 1")
+        need(min(self.embed_clip_sigmas, self.gptq_damp) >= 0 and min(self.rate_tries, self.gptq_block, self.eval_batch_seqs) >= 1,
+             "EMBED_CLIP_SIGMAS, GPTQ_DAMP must be >= 0; RATE_TRIES, GPTQ_BLOCK, EVAL_BATCH_SEQS >= 1")
+        need(not 0 < self.qat_start_scale <= self.min_lr_scale, "QAT_START_SCALE must be 0 or above MIN_LR_SCALE")
         need(2 <= self.embed_bits <= 8, "EMBED_BITS must be in 2..8")
         need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile} must be auto, 0 or 1")
         need(self.device in ("auto", "cuda", "cpu"), f"DEVICE={self.device} must be auto, cuda or cpu")
@@ -1124,7 +1126,7 @@ def quantize_to_budget(model, hessians, args, budget, rank, world_size, device, 
             best = (key, entries, data, clip)
         if fits and (size >= RATE_BAND * budget or clip <= CLIP_RANGE[0]):
             break
-        if best[0][0] == 1 and clock and 0 < args.max_wallclock_seconds < clock.shared() + time.perf_counter() - t0:
+        if best[0][0] == 1 and clock and 0 < args.max_wallclock_seconds < clock.shared(time.perf_counter() - t0):
             break
         if attempt + 1 < args.rate_tries or not fits:  # rank 0 picks the next clip
             aim = ((1 + RATE_BAND) / 2) ** max(1, attempt + 2 - args.rate_tries) * budget
@@ -1710,8 +1712,8 @@ class SharedClock:
     def local(self):
         return self.clock() - self.t0
 
-    def shared(self):
-        return _from_rank0(self.local() if self.rank == 0 else 0.0, self.world_size, self.device)
+    def shared(self, ahead=0.0):  # rank 0's `ahead` too
+        return _from_rank0(self.local() + ahead if self.rank == 0 else 0.0, self.world_size, self.device)
 
 
 def qat_clip_for_budget(model, args, budget_bytes, rank, world_size, device):
@@ -1787,8 +1789,8 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
                 f"(chosen in {time.perf_counter() - t1:.1f}s)")
         loss, norm = one_step(progress, scale)
         loss_v = loss.item()  # sync: the clock measures finished work
-        if not math.isfinite(loss_v):
-            raise FloatingPointError(f"non-finite train loss {loss_v} at step {step} (lower the learning rates?)")
+        if not math.isfinite(norm):  # all-reduced: all ranks stop alike
+            raise FloatingPointError(f"non-finite gradients at step {step}, loss {loss_v} (lower the learning rates?)")
         step += 1
         elapsed = clock.shared()
         step_s = elapsed / step
@@ -1947,7 +1949,7 @@ def write_submission(out_dir, path, config):
            "name": env.get("RUN_NAME", "SP8192 11L XSA GPT, MLP 4x, document-masked attention, SDClip GPTQ int6 + rANS"),
            "blurb": env.get("BLURB", "SP8192 11L XSA GPT (MLP 4x, gated skips, parallel lanes, attention gate, "
                                      "document masking), Polar-Express MuonEq-R, run-relative schedule, late QAT, "
-                                     "full-Hessian GPTQ, rANS, rate control to the cap, sliding-window eval."),
+                                     "full-Hessian GPTQ, rANS to the cap, score-first LoRA TTT."),
            "date": time.strftime("%Y-%m-%d"), "track": "10min_16mb", "config_id": config,
            **{k: sum(r[k] for r in runs) / len(runs) for k in ("val_loss", "val_bpb")},
            "seeds": [r["seed"] for r in runs],
@@ -2041,12 +2043,10 @@ def main():
     wall = clock.local()  # training + quantization, from the end of the warm-up
     quant_s = time.perf_counter() - t_q
     if rank == 0:
-        log(f"quantization: clip {clip:.3f} sigmas after {len(tries)} rate-control rounds " +
-            ", ".join(f"{c:.3f}->{b}" for c, b in tries))
         log("size estimate per tensor group (order-0 entropy + 2-byte scales): " +
             ", ".join(f"{g} {b / 1e6:.3f} MB ({bits:.2f} bits/value)" for g, (b, bits) in entropy_by_group(entries).items()))
-        log(f"artifact: {artifact_path} model {len(data)} bytes (rANS + lzma) + code {code_bytes} = {total} bytes "
-            f"(cap {ARTIFACT_CAP_BYTES})")
+        log(f"artifact: {artifact_path} model {len(data)} bytes (rANS + lzma, clip {clip:.3f} sigmas) + "
+            f"code {code_bytes} = {total} bytes (cap {ARTIFACT_CAP_BYTES})")
     budget_note = f" of the {args.max_wallclock_seconds:.0f}s budget" if args.max_wallclock_seconds > 0 else " (no wall-clock limit)"
     log(f"wall clock from the end of the compile warm-up to the artifact written: {wall:.1f}s{budget_note} "
         f"(training {stats['train_seconds']:.1f}s, quantization {quant_s:.1f}s, reserve was {stats['reserve_seconds']:.1f}s)")

@@ -232,6 +232,10 @@ def test_validate_accepts_consistent_config():
     (dict(muon_momentum_warmup_frac=2.0), 1, "MUON_MOMENTUM_WARMUP_FRAC"),
     (dict(clip_sigmas=1.0), 1, "CLIP_SIGMAS"),
     (dict(rate_tries=0), 1, "RATE_TRIES"),
+    (dict(eval_batch_seqs=0), 1, "EVAL_BATCH_SEQS"),  # these failed only after training
+    (dict(gptq_block=0), 1, "GPTQ_BLOCK"),
+    (dict(gptq_damp=-0.01), 1, "GPTQ_DAMP"),
+    (dict(qat_start_scale=0.1, min_lr_scale=0.1), 1, "QAT_START_SCALE must be 0 or above MIN_LR_SCALE"),
     (dict(compile="true"), 1, "COMPILE=true"),
     (dict(device="gpu"), 1, "DEVICE=gpu"),
     (dict(num_layers=11, recur_layers="3,5"), 1, "RECUR_LAYERS=3,5 must be consecutive"),

@@ -558,11 +558,11 @@ def test_rate_control_starts_no_round_past_the_budget_once_one_fits(model, hessi
     a = tiny_args(rate_tries=4, clip_sigmas=20.0, max_wallclock_seconds=600.0)
     roomy = 10 * _size_at(model, hessians, a, 4.0)
     for now, rounds in ((0.0, 2), (599.99, 1)):
-        clock = types.SimpleNamespace(shared=lambda: now)
+        clock = types.SimpleNamespace(shared=lambda ahead=0.0, now=now: now + ahead)
         _, data, clip, tries = T.quantize_to_budget(model, hessians, a, roomy, 0, 1, CPU, lambda m: None, clock)
         assert len(tries) == rounds and len(data) == tries[-1][1] <= roomy, (now, tries)
     _steered(monkeypatch, bad_guesses=100)
-    late = types.SimpleNamespace(shared=lambda: 1e9)
+    late = types.SimpleNamespace(shared=lambda ahead=0.0: 1e9)
     _, data, _, tries = T.quantize_to_budget(model, hessians, a, 5000, 0, 1, CPU, lambda m: None, late)
     assert len(tries) == a.rate_tries + 4 and len(data) > 5000
 

@@ -1,5 +1,7 @@
 """The schedule follows the run's length (fractions of its time budget), and every rank takes
 every decision from one clock: rank 0's, shared in the per-step collective."""
+import datetime
+import itertools
 import math
 import time
 
@@ -9,7 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as T
+from helpers import randomized_model
 from test_optimizer import _train_args
+from test_quant import tiny_args
 
 CPU = torch.device("cpu")
 
@@ -112,3 +116,45 @@ def test_skewed_clock_ranks_share_every_decision(smoke_dataset, tmp_path):
     assert scales[0] == 1.0 and min(scales) < 0.3  # it did warm down
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
+
+
+def _rate_worker(rank, world, init_file, out_prefix):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=30))
+    try:
+        T.set_attention_backend("math", CPU)
+        args = tiny_args(max_wallclock_seconds=5.0, rate_tries=3)
+        model = randomized_model(args, seed=1)
+        clock = T.SharedClock(rank, world, CPU, clock=lambda: 0.0)
+        if rank == 1:  # this rank's own timer says each round takes 10 s (a skew at the limit)
+            ticks = itertools.count()
+            T.time.perf_counter = lambda: 10.0 * next(ticks)
+        _, _, clip, tries = T.quantize_to_budget(model, None, args, 10**9, rank, world, CPU, lambda m: None, clock)
+        written = T._from_rank0(1.0, world, CPU)  # main()'s next collective
+        torch.save({"clip": clip, "tries": tries, "written": written}, f"{out_prefix}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rate_control_ranks_stop_on_rank0s_timing(tmp_path):
+    """Whether another rate-control round fits before MAX_WALLCLOCK_SECONDS is rank 0's call: a
+    rank timing the round on its own clock used to stop alone and deadlock the next collective."""
+    mp.spawn(_rate_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "res")), nprocs=2, join=True)
+    r0, r1 = (torch.load(str(tmp_path / f"res.{r}")) for r in range(2))
+    assert len(r0["tries"]) > 1  # rank 0's rounds are quick: it goes on, and rank 1 with it
+    assert r0["tries"] == r1["tries"] and r0["clip"] == r1["clip"] and r1["written"] == 1.0
+
+
+def test_non_finite_gradients_stop_training_on_every_rank_alike(smoke_dataset):
+    """The stop reads the all-reduced gradient norm (the same on every rank), not the rank's own
+    loss: a rank whose batch overflowed must not stop alone while the others wait in a collective."""
+    data_dir, _, vocab = smoke_dataset
+    args = _train_args(data_dir, vocab, iterations=6, max_wallclock_seconds=0.0, warmup_steps=0)
+    loader = T.DistributedLoader(T.find_shards(args.data_path, "train"), vocab, 0, 1, CPU)
+    model = T.build_model(args, CPU)
+    opt = T.Optimizers(model, args, 1, CPU)
+    calls, step = itertools.count(), opt.step
+    opt.step = lambda: float("nan") if next(calls) == 2 else step()
+    with pytest.raises(FloatingPointError, match="non-finite gradients at step 2"):
+        T.train(args, model, model, opt, loader, 0, 1, CPU, lambda m: None, T.PhaseTimer(), T.SharedClock(0, 1, CPU))
