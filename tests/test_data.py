@@ -212,7 +212,7 @@ def test_validate_accepts_consistent_config():
     _valid(train_batch_tokens=3 * 2 * 32, grad_accum_steps=3).validate(2)
     T.Hyperparameters().validate(8)  # the defaults are valid on 8 GPUs
     T.Hyperparameters().validate(1)
-    _valid(num_layers=11, recur_layers="3,4,5").validate(1)
+    _valid(num_layers=11, recur_layers="3,4,5", parallel_from=11).validate(1)
     _valid(recur_layers="", doc_mask=False, attn_backend="flex").validate(1)
 
 
@@ -244,6 +244,7 @@ def test_validate_accepts_consistent_config():
     (dict(num_layers=11, recur_layers="-1,0"), 1, "RECUR_LAYERS=-1,0"),
     (dict(recur_passes=-1, recur_layers="1"), 1, "RECUR_PASSES"),
     (dict(recur_start_frac=1.5), 1, "RECUR_START_FRAC"),
+    (dict(parallel_from=-1), 1, "PARALLEL_FROM"),
     (dict(attn_gate_width=65), 1, "ATTN_GATE_WIDTH"),
     (dict(doc_mask=True, attn_backend="fa3"), 1, "DOC_MASK=1"),
 ])
@@ -445,7 +446,7 @@ def test_cli_missing_tokenizer(tmp_path, smoke_dataset):
 
 @pytest.mark.parametrize("key,new", [("WARMDOWN_ITERS", "WARMDOWN_FRAC"), ("EMA_DECAY", "EMA_HORIZON"),
                                      ("SWA_ENABLED", "EMA_HORIZON"), ("COMPRESSORS", "rANS"), ("LQER_TENSORS", "LQER"),
-                                     ("PARALLEL_FROM", "parallel lanes"), ("MUON_NS", "Polar Express")])
+                                     ("MUON_NS", "Polar Express")])
 def test_from_env_rejects_removed_settings(key, new):
     with pytest.raises(T.ConfigError, match=f"{key} is no longer a setting.*{new}"):
         T.Hyperparameters.from_env({key: "1"})

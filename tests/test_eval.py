@@ -424,15 +424,19 @@ def test_ttt_with_zero_lr_equals_sliding_eval(ttt_model):
     assert m.adapters is None and not m.training
 
 
-def test_ttt_cache_equals_band_masked_forward(ttt_model, monkeypatch):
+@pytest.mark.parametrize("lanes", [False, True], ids=["plain", "lanes"])
+def test_ttt_cache_equals_band_masked_forward(ttt_model, monkeypatch, lanes):
     """Documents longer than the window, several per batch (rows leave as their documents end):
     at lr 0 the chunked, cached scoring equals one forward per document in which a token at
     offset j of chunk c attends to positions c*C - (W - C) .. itself: the cache holds exactly
-    the last W - C tokens, and its keys are those a full forward computes."""
-    args = ttt_args(ttt_phases=1, ttt_batch_docs=3)
+    the last W - C tokens, and its keys are those a full forward computes. Also with parallel
+    lanes (layers 1, 2) and layer 1 recurrent (two passes, two cache slots)."""
+    args = ttt_args(ttt_phases=1, ttt_batch_docs=3, **(dict(parallel_from=1, recur_passes=1) if lanes else {}))
+    model = randomized_model(args, seed=2, emb_std=0.15) if lanes else ttt_model
+    assert hasattr(model, "lane_mix") == lanes and model.layer_order() == ([0, 1, 1, 2] if lanes else [0, 1, 2])
     C, W = args.ttt_chunk, args.eval_seq_len
     docs = make_docs((150, 70, 20, 97, 5), seed=7)
-    res = run_ttt(ttt_model, as_stream(docs), args)[0]
+    res = run_ttt(model, as_stream(docs), args)[0]
 
     def band_mask(ids, bos_id, doc_mask):
         p = torch.arange(ids.size(1))
@@ -441,7 +445,7 @@ def test_ttt_cache_equals_band_masked_forward(ttt_model, monkeypatch):
     def summed_nll():  # one forward per document
         ends = np.cumsum([d.numel() for d in docs])
         with torch.no_grad():
-            return sum(float(ttt_model(d[None], as_stream(docs)[e - d.numel() + 1:e + 1][None], reduction="none")
+            return sum(float(model(d[None], as_stream(docs)[e - d.numel() + 1:e + 1][None], reduction="none")
                              .double().sum()) for d, e in zip(docs, ends))
     monkeypatch.setattr(T, "attention_mask", band_mask)
     nll = summed_nll()
@@ -938,9 +942,9 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     assert int(re.search(r"bpb vs \w+, (\d+) adapter steps", runs[0]).group(1)) > 0
 
 
-@pytest.mark.parametrize("change", [{"parallel_from": 8}, {"doc_mask": None}], ids=["removed", "added"])
+@pytest.mark.parametrize("change", [{"lqer_tensors": 2}, {"doc_mask": None}], ids=["removed", "added"])
 def test_eval_only_refuses_an_artifact_of_another_revision(monkeypatch, change):
-    """An artifact whose model config names a setting this revision lacks (PARALLEL_FROM, removed)
+    """An artifact whose model config names a setting this revision lacks (LQER_TENSORS, removed)
     or lacks one it has (DOC_MASK, weightless) stops with one clear error before anything is read."""
     config = {k: getattr(T.Hyperparameters(), k) for k in T.MODEL_CONFIG_FIELDS}
     config.update(change)

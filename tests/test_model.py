@@ -271,12 +271,12 @@ def test_flex_backend_matches_math_with_doc_mask(backend, monkeypatch):
 # ----------------------------------------------------------------------------- depth recurrence
 
 def record_blocks(model, events):
-    """Make every block append ("block", layer, input, output) to `events` when it runs."""
+    """Make every block append ("block", layer, input, output, mlp_out) to `events` when it runs."""
     for blk in model.blocks:
         def forward(gpt, x, x0, w, ve, mask, *rest, blk=blk, orig=blk.forward):
-            out = orig(gpt, x, x0, w, ve, mask, *rest)
-            events.append(("block", blk.layer, x, out))
-            return out
+            out, m = orig(gpt, x, x0, w, ve, mask, *rest)
+            events.append(("block", blk.layer, x, out, m))
+            return out, m
         blk.forward = forward
 
 
@@ -330,10 +330,37 @@ def test_recurrence_changes_logits_and_keeps_unet_pairs(monkeypatch):
     assert (logits[True] - logits[False]).abs().amax() > 0.1
 
 
+# ----------------------------------------------------------------------------- parallel lanes
+
+def test_parallel_layers_mlp_reads_attention_input_and_lane_mix():
+    args = tiny_args(parallel_from=1, recur_passes=2)  # layers 1, 2 parallel; layer 1 also recurrent (3 passes)
+    model = randomized_model(args, seed=10, emb_std=0.15)
+    assert [b.parallel for b in model.blocks] == [False, True, True] and model.layer_order() == [0, 1, 1, 1, 2]
+    caps, events = {}, []
+    model._capture = lambda layer, kind, x: caps.setdefault((layer, kind), []).append(x.clone())
+    record_blocks(model, events)
+    ids = torch.randint(2, args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(7))
+    ids[:, 0] = args.bos_id
+    with torch.no_grad():
+        h = model.hidden(ids)
+    model._capture = None
+    for layer, passes in ((0, 1), (1, 3), (2, 1)):
+        assert len(caps[(layer, "qkv")]) == len(caps[(layer, "up")]) == passes
+        for a, b in zip(caps[(layer, "qkv")], caps[(layer, "up")]):
+            assert a.shape == b.shape == (2, 16, args.model_dim)
+            assert torch.equal(a, b) == (layer >= 1), layer  # the same normed input, for parallel layers only
+    # the end: stream + lane_mix * (sum of every parallel pass's MLP output), then RMSNorm
+    lane = sum(e[4] for e in events if e[1] >= 1)
+    assert sum(e[1] >= 1 for e in events) == 4 and lane.shape == (2, 16, args.model_dim)
+    assert model.lane_mix.abs().amax() > 0.1
+    torch.testing.assert_close(h, T.rms_norm(events[-1][3] + model.lane_mix * lane), atol=1e-5, rtol=1e-5)
+    assert not hasattr(T.build_model(tiny_args(), CPU), "lane_mix")  # PARALLEL_FROM >= NUM_LAYERS: off
+
+
 def test_full_stack_trains_on_a_fixed_batch():
-    """Every new piece on (skip gates, recurrence, attention gate, document mask,
+    """Every new piece on (skip gates, parallel lanes, recurrence, attention gate, document mask,
     Polar Express, MuonEq-R): a few steps on one batch lower its loss, and every new parameter learns."""
-    args = tiny_args(num_layers=4, recur_layers="1,2", recur_passes=2, eval_stride=16, matrix_lr=0.05,
+    args = tiny_args(num_layers=4, parallel_from=1, recur_layers="1,2", recur_passes=2, eval_stride=16, matrix_lr=0.05,
                      embed_lr=0.05, scalar_lr=0.05)
     assert args.skip_gates and args.attn_gate_width > 0 and args.doc_mask
     assert args.muon_row_norm
@@ -356,7 +383,7 @@ def test_full_stack_trains_on_a_fixed_batch():
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses)
     assert losses[-1] < 0.3 * losses[0], losses  # measured: 4.16 -> 0.17
-    for name in ("skip_gates", "blocks.1.attn_gate", "blocks.3.attn_gate"):
+    for name in ("skip_gates", "lane_mix", "blocks.1.attn_gate", "blocks.3.attn_gate"):
         assert (dict(model.named_parameters())[name] - init[name]).abs().amax() > 1e-3, name
 
 
@@ -393,3 +420,23 @@ def test_zero_attention_gate_is_identity_and_gate_scales_heads():
     y_gated = caps[(id(gated), 0, "out")].view(2, 24, args.num_heads, args.head_dim)
     torch.testing.assert_close(y_gated, y_plain * gate[..., None], atol=1e-5, rtol=1e-5)
     assert (caps[id(gated)] - caps[id(plain)]).abs().amax() > 0.1
+
+
+def test_inductor_mix_order_reduction_off_unless_set():
+    """Importing train_gpt turns Inductor's mix-order reduction off (a 12 ms kernel per micro-step
+    on H200); an explicit TORCHINDUCTOR_MIX_ORDER_REDUCTION still wins."""
+    import os
+    import subprocess
+    import sys
+    import torch._inductor.config as inductor_config
+    if not hasattr(inductor_config.triton, "mix_order_reduction"):
+        pytest.skip("this torch has no mix-order reduction")
+    code = "import train_gpt, torch._inductor.config as c; print(c.triton.mix_order_reduction)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for preset, want in ((None, "False"), ("1", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_MIX_ORDER_REDUCTION"}
+        if preset is not None:
+            env["TORCHINDUCTOR_MIX_ORDER_REDUCTION"] = preset
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split()[-1] == want, (preset, out.stdout)
