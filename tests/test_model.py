@@ -1,6 +1,9 @@
 """Attention backends vs an independent reference, full-model backend agreement, causality,
 and XSA."""
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -425,9 +428,6 @@ def test_zero_attention_gate_is_identity_and_gate_scales_heads():
 def test_inductor_mix_order_reduction_off_unless_set():
     """Importing train_gpt turns Inductor's mix-order reduction off (a 12 ms kernel per micro-step
     on H200); an explicit TORCHINDUCTOR_MIX_ORDER_REDUCTION still wins."""
-    import os
-    import subprocess
-    import sys
     import torch._inductor.config as inductor_config
     if not hasattr(inductor_config.triton, "mix_order_reduction"):
         pytest.skip("this torch has no mix-order reduction")
