@@ -41,7 +41,7 @@ try:  # FlexAttention: skips fully masked blocks
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except Exception:  # noqa: BLE001
     create_block_mask = flex_attention = None
-ARTIFACT_CAP_BYTES = 16_000_000
+ARTIFACT_CAP_BYTES, EVAL_LIMIT_SECONDS = 16_000_000, 600
 CLIP_RANGE = (3.0, 64.0)  # rate-control clips (sigmas); under ~3 clipping costs more
 RATE_BAND = 0.985  # rate control stops once the model fills this much of its budget
 EMBED_TABLES = ("tok_emb.weight", "bigram_table", "ve_table")
@@ -173,7 +173,7 @@ class Hyperparameters:
     ttt_wd: float = 0.5
     ttt_phases: int = 3
     ttt_global_lr: float = 0.002
-    ttt_max_seconds: float = 450.0  # then adaptation stops; scoring goes on
+    ttt_max_seconds: float = 480.0  # into the evaluation: adaptation stops, scoring goes on
     # runtime
     attn_backend: str = "auto"  # auto | fa3 | flex | sdpa | math
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
@@ -242,51 +242,51 @@ class Hyperparameters:
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
-        need(min(self.model_dim, self.num_heads, self.num_kv_heads, self.train_seq_len, self.train_batch_tokens) >= 1,
-             "MODEL_DIM, NUM_HEADS, NUM_KV_HEADS, TRAIN_SEQ_LEN and TRAIN_BATCH_TOKENS must be >= 1")
+
+        def within(lo, hi, *keys):
+            for key in keys:
+                v = getattr(self, key)
+                need(lo <= v <= hi, f"{key.upper()}={v} must be " + (f">= {lo}" if hi == math.inf else f"in {lo}..{hi}"))
+        within(1, math.inf, "model_dim", "num_heads", "num_kv_heads", "train_seq_len", "train_batch_tokens",
+               "num_layers", "rate_tries", "gptq_block", "eval_batch_seqs", "gptq_calib_seqs")
+        within(0, math.inf, "recur_passes", "parallel_from", "ttt_lr", "ttt_wd", "ttt_global_lr", "embed_clip_sigmas",
+               "gptq_damp")
+        within(0, 1, "warmdown_frac", "muon_momentum_warmup_frac", "min_lr_scale", "ema_horizon", "recur_start_frac")
+        within(2, 8, "quant_bits", "embed_bits")
+        within(2, 65536, "vocab_size")  # uint16 shards
+        within(2, math.inf, "gptq_calib_len")
+        within(*CLIP_RANGE, "clip_sigmas")
+        within(0, ARTIFACT_CAP_BYTES, "artifact_target_bytes")
+        for key, choices in (("compile", ("auto", "0", "1")), ("device", ("auto", "cuda", "cpu")),
+                             ("attn_backend", ("auto", "fa3", "flex", "sdpa", "math"))):
+            need(getattr(self, key) in choices, f"{key.upper()}={getattr(self, key)} must be one of {', '.join(choices)}")
         need(self.model_dim % self.num_heads == 0, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
-        need(self.head_dim % 2 == 0, "head dim must be even for RoPE")
-        need(0 <= self.rope_dims <= self.head_dim and self.rope_dims % 2 == 0,
-             f"ROPE_DIMS={self.rope_dims} must be even and <= head dim {self.head_dim}")
-        need(self.num_layers >= 1 and self.vocab_size >= 2, "NUM_LAYERS and VOCAB_SIZE must be positive")
-        need(0 <= self.bos_id < self.vocab_size, f"BOS_ID={self.bos_id} outside the vocabulary")
-        need(self.vocab_size <= 65536, "VOCAB_SIZE must fit uint16 shards")
+        need(self.head_dim % 2 == 0 and self.rope_dims % 2 == 0, "head dim and ROPE_DIMS must be even for RoPE")
+        within(0, self.head_dim, "rope_dims")
+        within(0, self.vocab_size - 1, "bos_id")
+        within(1, self.eval_seq_len, "eval_stride")
+        within(0, self.model_dim, "attn_gate_width")
         need(all(0 <= l < self.num_layers for l in self.ve_layer_list()), f"VE_LAYERS={self.ve_layers} outside 0..{self.num_layers - 1}")
         need(self.bigram_vocab == 0 or self.bigram_vocab >= 2, "BIGRAM_VOCAB must be 0 (off) or >= 2")
         rec = self.recur_layer_list(even_if_off=True)
         need(not rec or (rec == list(range(rec[0], rec[-1] + 1)) and 0 <= rec[0] and rec[-1] < self.num_layers),
              f"RECUR_LAYERS={self.recur_layers} must be consecutive layers in 0..{self.num_layers - 1}")
-        need(self.recur_passes >= 0 and self.parallel_from >= 0, "RECUR_PASSES and PARALLEL_FROM must be >= 0")
         need(not rec or self.recur_passes == 0 or self.warmup_steps != 1,
              "WARMUP_STEPS=1 cannot compile both depths of the recurrence: use 0 or >= 2")
-        need(min(self.ttt_lr, self.ttt_wd, self.ttt_global_lr) >= 0, "TTT_LR, TTT_WD and TTT_GLOBAL_LR must be >= 0")
-        need(0 <= self.attn_gate_width <= self.model_dim, "ATTN_GATE_WIDTH must be in 0..MODEL_DIM")
         need(not (self.doc_mask and self.attn_backend.startswith("fa3")),
              "DOC_MASK=1 needs flex, sdpa or math attention (FA3 is not varlen): set ATTN_BACKEND=auto")
+        need(self.attn_backend != "fa3" or _fa3_func is not None, "ATTN_BACKEND=fa3 but flash_attn_interface is not importable")
         accum = self.resolved_grad_accum(world_size)
         per_micro = world_size * accum * self.train_seq_len
         need(self.train_batch_tokens % per_micro == 0,
              f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world_size({world_size}) x "
              f"grad_accum({accum}) x TRAIN_SEQ_LEN({self.train_seq_len}) = {per_micro}")
-        need(1 <= self.eval_stride <= self.eval_seq_len, "EVAL_STRIDE must be in 1..EVAL_SEQ_LEN")
-        need(2 <= self.quant_bits <= 8, "QUANT_BITS must be in 2..8")
-        need(self.artifact_target_bytes <= ARTIFACT_CAP_BYTES, f"ARTIFACT_TARGET_BYTES must be <= {ARTIFACT_CAP_BYTES}")
-        need(CLIP_RANGE[0] <= self.clip_sigmas <= CLIP_RANGE[1], f"CLIP_SIGMAS must be in {CLIP_RANGE}")
-        need(min(self.embed_clip_sigmas, self.gptq_damp) >= 0 and min(self.rate_tries, self.gptq_block, self.eval_batch_seqs) >= 1,
-             "EMBED_CLIP_SIGMAS, GPTQ_DAMP must be >= 0; RATE_TRIES, GPTQ_BLOCK, EVAL_BATCH_SEQS >= 1")
         need(not 0 < self.qat_start_scale <= self.min_lr_scale, "QAT_START_SCALE must be 0 or above MIN_LR_SCALE")
-        need(2 <= self.embed_bits <= 8, "EMBED_BITS must be in 2..8")
-        need(self.compile in ("auto", "0", "1"), f"COMPILE={self.compile} must be auto, 0 or 1")
-        need(self.device in ("auto", "cuda", "cpu"), f"DEVICE={self.device} must be auto, cuda or cpu")
-        need(self.attn_backend in ("auto", "fa3", "flex", "sdpa", "math"), f"unknown ATTN_BACKEND={self.attn_backend}")
-        need(self.attn_backend != "fa3" or _fa3_func is not None, "ATTN_BACKEND=fa3 but flash_attn_interface is not importable")
         need(self.max_wallclock_seconds > 0 or self.iterations > 0, "set ITERATIONS or MAX_WALLCLOCK_SECONDS")
-        for key in ("warmdown_frac", "muon_momentum_warmup_frac", "min_lr_scale", "ema_horizon", "recur_start_frac"):
-            need(0 <= getattr(self, key) <= 1, f"{key.upper()}={getattr(self, key)} must be a fraction in 0..1")
-        need(self.gptq_calib_seqs >= 1 and self.gptq_calib_len >= 2, "GPTQ_CALIB_SEQS/LEN too small")
-        need(not self.ttt_enabled or (min(self.ttt_rank, self.ttt_chunk, self.ttt_batch_docs, self.ttt_phases) >= 1 and
-             self.ttt_chunk < self.eval_seq_len), "TTT_RANK/CHUNK/BATCH_DOCS/PHASES must be >= 1, TTT_CHUNK < EVAL_SEQ_LEN")
+        if self.ttt_enabled:
+            within(1, math.inf, "ttt_rank", "ttt_batch_docs", "ttt_phases")
+            within(1, self.eval_seq_len - 1, "ttt_chunk")
 
     def resolved_grad_accum(self, world_size):
         """Default micro-steps: 4 on 1 GPU, 2 on 2, 1 on 4 or 8."""
@@ -1537,10 +1537,11 @@ def document_spans(tokens, bos_id):
     return list(zip(starts, starts[1:] + [n]))
 
 
-def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, monitor=None):
+def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, monitor=None, started=None):
     """Score-first TTT: each TTT_CHUNK is scored, then trains its document's adapters; between
     phases, SGD on the scored documents. Chunks attend to cached keys of the document's last
-    EVAL_SEQ_LEN - TTT_CHUNK tokens. `monitor` is for tests."""
+    EVAL_SEQ_LEN - TTT_CHUNK tokens; adaptation stops TTT_MAX_SECONDS after `started` (the
+    evaluation's start; default: now). `monitor` is for tests."""
     C, W, D = args.ttt_chunk, args.eval_seq_len, args.ttt_batch_docs
     spans = document_spans(tokens, args.bos_id)
     model.eval().qat_mix.zero_()
@@ -1564,6 +1565,7 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
     if world_size > 1:
         dist.barrier()
     t0, adapting, stopped, steps, n_tok = time.perf_counter(), True, False, 0, 0
+    stop_at = (started or t0) + args.ttt_max_seconds
     model.adapters, steppers = adapters, {t: functools.partial(chunk_step, t) for t in (True, False)}
     if device.type == "cuda":  # kernel launches, not the GPU, bound the eager step: replay graphs
         cache.start(0)
@@ -1590,7 +1592,7 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
                 x.copy_(torch.where(inside, tokens[idx], args.bos_id))
                 y.copy_(torch.where(inside, tokens[idx + 1], 0))
                 # local clock: this rank's adapters only
-                adapting = adapting and time.perf_counter() - t0 < args.ttt_max_seconds
+                adapting = adapting and time.perf_counter() < stop_at
                 train_now = adapting and c + 1 < n_chunks
                 steppers[train_now]()
                 ranges = [(s + c * C, s + min(n, (c + 1) * C)) for (s, _), n in zip(batch, lengths) if n > c * C]
@@ -1606,11 +1608,11 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
             if ph == b0 == 0:  # the first batch holds the longest documents
                 _sync(device)
                 log(f"ttt: first batch ({len(batch)} documents, {n_chunks} chunks) done at {time.perf_counter() - t0:.1f}s")
-        over = torch.tensor(float(not adapting or time.perf_counter() - t0 >= args.ttt_max_seconds), device=device)
+        over = torch.tensor(float(not adapting or time.perf_counter() >= stop_at), device=device)
         if world_size > 1:
             dist.all_reduce(over, op=dist.ReduceOp.MAX)
         if over.item() and not stopped:
-            log(f"ttt: {args.ttt_max_seconds}s spent after {steps} adapter steps; scoring only from here")
+            log(f"ttt: {args.ttt_max_seconds}s into the evaluation after {steps} adapter steps; scoring only from here")
         adapting, stopped = not over.item(), bool(over.item())
         if adapting and ph + per_phase < len(spans):  # global pass over the scored documents
             model.requires_grad_(True).adapters = None
@@ -1845,8 +1847,9 @@ def _scores(r):
     return f"val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}"
 
 
-def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, device, log, timer, entries=None):
-    """Load the artifact (or its decoded `entries`) into `model`; plain, sliding, TTT evaluation."""
+def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, device, log, timer, started, entries=None):
+    """Load the artifact (or its decoded `entries`) into `model`; plain, sliding, TTT evaluation;
+    the time since `started` (the evaluation's start) against the limit."""
     t0 = time.perf_counter()
     entries = entries or load_artifact(path)[0]
     model.load_state_dict(dequantize_entries(entries, args), strict=True)
@@ -1867,7 +1870,7 @@ def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, dev
         timed_eval("sliding", "eval_sliding", "sliding_window", args.eval_stride, f"stride {args.eval_stride}, ")
     if args.ttt_enabled:
         t0 = time.perf_counter()
-        res["ttt"] = t = evaluate_with_ttt(model, val_tokens, luts, args, rank, world_size, device, log)
+        res["ttt"] = t = evaluate_with_ttt(model, val_tokens, luts, args, rank, world_size, device, log, started=started)
         timer.since("eval_ttt", t0)
         ref = "sliding" if "sliding" in res else "roundtrip"
         log(f"final_int{args.quant_bits}_ttt {_scores(t)} ({t['val_bpb'] - res[ref]['val_bpb']:+.5f} bpb vs {ref}, "
@@ -1875,6 +1878,9 @@ def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, dev
         if args.vocab_size in FINEWEB_VAL_TOKENS:  # an estimate
             est = FINEWEB_VAL_TOKENS[args.vocab_size] / (8 * t["tokens_per_s_per_gpu"])
             log(f"ttt: estimate for the FineWeb validation set on 8 such GPUs: {est:.0f}s (+ round trip)")
+    res["seconds"] = secs = time.perf_counter() - started
+    log(f"evaluation: {secs:.1f}s from its start to the last score (limit {EVAL_LIMIT_SECONDS}s)"
+        + (": WARNING, NOT compliant" if secs > EVAL_LIMIT_SECONDS else ""))
     return res
 
 
@@ -1900,7 +1906,7 @@ def run_eval_only(args, rank, world_size, device, log):
         f"config: {json.dumps(dataclasses.asdict(args), sort_keys=True)}")
     set_attention_backend(args.attn_backend, device, args.doc_mask)
     model = build_model(args, device)
-    res = evaluate_artifact(args, model, args.eval_only, val_tokens, luts, rank, world_size, device, log, timer, entries)
+    res = evaluate_artifact(args, model, args.eval_only, val_tokens, luts, rank, world_size, device, log, timer, t0, entries)
     log_timing_table(log, timer)
     return res
 
@@ -2026,6 +2032,7 @@ def main():
     if not written:
         raise ArtifactError("rank 0 could not write the artifact")
     timer.since("artifact_write", t0)
+    t_eval = time.perf_counter()  # the evaluation's clock: float passes, artifact, TTT
     wall = clock.local()  # training + quantization, from the end of the warm-up
     quant_s = time.perf_counter() - t_q
     if rank == 0:
@@ -2058,7 +2065,7 @@ def main():
         raw_bpb = plain_eval()["val_bpb"]
         log(f"prequant_float_raw_weights val_bpb:{raw_bpb:.8f} (EMA {pre['val_bpb'] - raw_bpb:+.5f} bpb)")
     timer.since("eval_prequant_plain", t0)
-    res = evaluate_artifact(args, model, artifact_path, val_tokens, luts, rank, world_size, device, log, timer)
+    res = evaluate_artifact(args, model, artifact_path, val_tokens, luts, rank, world_size, device, log, timer, t_eval)
     log(f"quantization gap (plain): {res['roundtrip']['val_bpb'] - pre['val_bpb']:+.5f} bpb")
     log_timing_table(log, timer)
     if rank == 0:
@@ -2069,7 +2076,7 @@ def main():
                    "sliding_val_bpb": res.get("sliding", {}).get("val_bpb"), "val_tokens": final["tokens"],
                    "artifact_bytes": total, "model_bytes": len(data), "code_bytes": code_bytes, "clip_sigmas": clip,
                    **{k: stats[k] for k in ("steps", "step_avg_ms", "train_seconds")},
-                   "quant_seconds": quant_s, "wall_seconds": wall,
+                   "quant_seconds": quant_s, "wall_seconds": wall, "eval_seconds": res["seconds"],
                    "peak_mem_mib": stats["peak_mem_mib"], "world_size": world_size, "device": device_name,
                    "finished": time.time(), "torch": torch.__version__, "python": sys.version.split()[0],
                    "note": os.environ.get("LOG_NOTE", ""), "phase_seconds": timer.times}

@@ -222,7 +222,7 @@ def test_validate_accepts_consistent_config():
     (dict(train_batch_tokens=1000), 1, "TRAIN_BATCH_TOKENS=1000 must be a multiple"),
     (dict(train_batch_tokens=192), 2, "world_size\\(2\\) x grad_accum\\(2\\) x TRAIN_SEQ_LEN\\(32\\) = 128"),
     (dict(train_batch_tokens=2 * 32, grad_accum_steps=1), 4, "world_size\\(4\\) x grad_accum\\(1\\)"),
-    (dict(attn_backend="flash"), 1, "unknown ATTN_BACKEND=flash"),
+    (dict(attn_backend="flash"), 1, "ATTN_BACKEND=flash must be one of auto, fa3"),
     (dict(rope_dims=32), 1, "ROPE_DIMS"),
     (dict(bos_id=512), 1, "BOS_ID"),
     (dict(eval_stride=64), 1, "EVAL_STRIDE"),
@@ -257,11 +257,9 @@ def test_validate_rejects(kw, world, pattern):
 @pytest.mark.parametrize("kw", [dict(num_heads=0), dict(num_kv_heads=0), dict(train_seq_len=0),
                                 dict(train_batch_tokens=0)])
 def test_validate_rejects_zero_sizes(kw):
-    """KNOWN BUG (train_gpt.py Hyperparameters.validate): zero NUM_HEADS / NUM_KV_HEADS /
-    TRAIN_SEQ_LEN crash with ZeroDivisionError (a traceback, exit 1, instead of 'error: ...' and
-    exit 2), and TRAIN_BATCH_TOKENS=0 is accepted (0 sequences per micro-step -> NaN loss at step 0).
-    Fix: check these are >= 1 before the divisibility checks."""
-    with pytest.raises(T.ConfigError):
+    """Zero sizes stop with a ConfigError naming the setting, before any division by them
+    (not a ZeroDivisionError, and not 0 sequences per micro-step)."""
+    with pytest.raises(T.ConfigError, match=f"{next(iter(kw)).upper()}=0 must be >= 1"):
         _valid(**kw).validate(1)
 
 

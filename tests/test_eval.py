@@ -10,6 +10,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -678,6 +679,18 @@ def test_ttt_zero_time_budget_takes_no_adapter_step(ttt_model):
     assert res["ttt_steps"] == 0 and not any(k == "train" for k, _, _ in events)
 
 
+def test_ttt_time_budget_counts_from_the_evaluations_start(ttt_model):
+    """TTT_MAX_SECONDS runs on the evaluation's clock: started 10 s before TTT with a 5 s budget,
+    TTT takes no adapter step; started at TTT's own start (None), the same budget adapts."""
+    args = ttt_args(ttt_lr=0.05, ttt_global_lr=0.05, ttt_max_seconds=5.0)
+    tokens = as_stream(make_docs((40, 23, 50, 8, 33), seed=4))
+    late = T.evaluate_with_ttt(copy.deepcopy(ttt_model), tokens, LUTS, args, 0, 1, CPU, lambda s: None,
+                               started=time.perf_counter() - 10)
+    fresh = T.evaluate_with_ttt(copy.deepcopy(ttt_model), tokens, LUTS, args, 0, 1, CPU, lambda s: None)
+    assert late["ttt_steps"] == 0 < fresh["ttt_steps"]
+    assert late["tokens"] == fresh["tokens"] == tokens.numel() - 1
+
+
 def run_out_of_time_in_phase_1(model, monkeypatch):
     """TTT whose clock (a fake) moves only during phase 0's global pass, one second per step,
     past TTT_MAX_SECONDS=0.5: (result, events (kind, lo, hi, phase), logs, args, tokens)."""
@@ -855,6 +868,9 @@ def test_training_run_artifact_and_results(trained_run):
     assert "(EMA weights)" in stdout
     assert "wall clock from the end of the compile warm-up to the artifact written" in stdout
     assert results["wall_seconds"] >= results["train_seconds"] > 0
+    # one evaluation clock, from the artifact written to the last score, against the 600 s limit
+    secs = float(re.search(r"^evaluation: ([\d.]+)s from its start to the last score \(limit 600s\)$", stdout, re.M).group(1))
+    assert secs == pytest.approx(results["eval_seconds"], abs=0.051) and 0 < secs < 600
     assert re.search(r"^weights checksum per rank: [0-9a-f]{16} \(identical\)$", stdout, re.M)
     assert "pruned" not in results and T.CLIP_RANGE[0] <= results["clip_sigmas"] <= T.CLIP_RANGE[1]
     assert "artifact_write" in results["phase_seconds"] and "prune_pack_write" not in results["phase_seconds"]
@@ -940,6 +956,20 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     assert "eval-only:" in runs[1] and "training done" not in runs[1]
     assert final_line(runs[1], "ttt") == final_line(runs[0], "ttt")
     assert int(re.search(r"bpb vs \w+, (\d+) adapter steps", runs[0]).group(1)) > 0
+
+
+def test_eval_only_flags_an_evaluation_over_the_limit(trained_run, smoke_dataset, monkeypatch):
+    """An evaluation longer than the limit (here 0 s) is logged as not compliant."""
+    _, artifact, _ = trained_run
+    data_dir, tok, _ = smoke_dataset
+    monkeypatch.setattr(T, "EVAL_LIMIT_SECONDS", 0)
+    logs = []
+    args = T.Hyperparameters(eval_only=artifact, data_path=data_dir, tokenizer_path=tok, eval_seq_len=64,
+                             eval_stride=32, eval_batch_seqs=8, val_tokens_limit=256, ttt_enabled=False, compile="0")
+    res = T.run_eval_only(args, 0, 1, CPU, logs.append)
+    line = [s for s in logs if s.startswith("evaluation: ")]
+    assert len(line) == 1 and line[0].endswith("(limit 0s): WARNING, NOT compliant"), logs
+    assert res["seconds"] > 0 and "sliding" in res
 
 
 @pytest.mark.parametrize("change", [{"lqer_tensors": 2}, {"doc_mask": None}], ids=["removed", "added"])
