@@ -1,8 +1,9 @@
 """Run train_gpt.main() unchanged, but keep a copy of the float (pre-quantization) weights and
-the GPTQ Hessians in OUT_DIR/prequant.pt for tools/quant_sweep.py (saved by a thread, so the
-timed quantization is not held up). Run it where you would run train_gpt.py, with the same
+the GPTQ Hessians in OUT_DIR/prequant.pt for tools/quant_sweep.py, with the run's settings
+(`clip_sigmas` is then the late-QAT grid); saved by a thread, so the timed quantization is not
+held up. Run it where you would run train_gpt.py, with the same
 environment, from a folder holding a copy of train_gpt.py:  python3 keep_prequant.py"""
-import os, sys, threading
+import dataclasses, os, sys, threading
 import torch
 sys.path.insert(0, os.getcwd())
 import train_gpt as T
@@ -13,7 +14,7 @@ threads = []
 def patched(model, hessians, args, budget, rank, *rest, **kw):
     if rank == 0:
         blob = {"state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "hessians": {k: v.cpu().clone() for k, v in hessians.items()}}
+                "hessians": {k: v.cpu().clone() for k, v in hessians.items()}, "args": dataclasses.asdict(args)}
         th = threading.Thread(target=torch.save, args=(blob, os.path.join(args.out_dir, "prequant.pt")))
         th.start()
         threads.append(th)
