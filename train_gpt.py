@@ -45,7 +45,6 @@ ARTIFACT_CAP_BYTES, EVAL_LIMIT_SECONDS = 16_000_000, 600
 CLIP_RANGE = (3.0, 64.0)  # rate-control clips (sigmas); under ~3 clipping costs more
 RATE_BAND = 0.985  # rate control stops once the model fills this much of its budget
 EMBED_TABLES = ("tok_emb.weight", "bigram_table", "ve_table")
-FINEWEB_VAL_TOKENS = {1024: 62_000_000, 8192: 48_000_000}  # challenge validation targets
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 
 
@@ -1472,7 +1471,7 @@ def make_score_fn(model, device):
 
 class DocAdapters:
     """Per-document rank-r LoRA of each bank matrix and the head: x A^T B^T, B zero-init; row i
-    of x is document i."""
+    of x is a document's; AdamW per row, each row counting its steps since its reset."""
 
     def __init__(self, args, docs, device):
         d, kv, hid, r = args.model_dim, args.num_kv_heads * args.head_dim, args.mlp_hidden, args.ttt_rank
@@ -1481,13 +1480,31 @@ class DocAdapters:
         self.A = {k: torch.zeros(docs, r, i, device=device, requires_grad=True) for k, (i, o) in io.items()}
         self.B = {k: torch.zeros(docs, o, r, device=device, requires_grad=True) for k, (i, o) in io.items()}
         self.params = list(self.A.values()) + list(self.B.values())
+        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+        self.steps = torch.zeros(docs, device=device)
+        self.lr, self.wd = args.ttt_lr, args.ttt_wd
         self.gen = torch.Generator(device=device).manual_seed(args.seed)
 
     @torch.no_grad()
-    def reset(self):
+    def reset(self, rows):
+        """Fresh adapters and Adam state for `rows` (an index tensor)."""
         for k, A in self.A.items():
-            A.normal_(0, A.size(-1) ** -0.5, generator=self.gen)
-            self.B[k].zero_()
+            A[rows] = torch.randn(A[rows].shape, generator=self.gen, device=A.device) * A.size(-1) ** -0.5
+            self.B[k][rows] = 0
+        for m, v in self.moments:
+            m[rows], v[rows] = 0, 0
+        self.steps[rows] = 0
+
+    @torch.no_grad()
+    def step(self, b1=0.9, b2=0.99, eps=1e-8):
+        self.steps += 1
+        c1, c2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
+        for p, (m, v) in zip(self.params, self.moments):
+            g, shape = p.grad, (-1,) + (1,) * (p.dim() - 1)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            p.mul_(1 - self.lr * self.wd).addcdiv_(m / c1.view(shape), (v / c2.view(shape)).sqrt_() + eps, value=-self.lr)
+            g.zero_()
 
     def __call__(self, layer, kind, x):
         A, B = self.A[(layer, kind)], self.B[(layer, kind)]
@@ -1495,25 +1512,25 @@ class DocAdapters:
 
 
 class KVCache:
-    """Per layer pass, each row's last `keep` keys (pre-RoPE) and values from the forwards that
-    scored them, detached; `prev`: each row's last two tokens. Fixed-size buffers updated in
-    place (slots before a document's start are masked), so a chunk step has fixed shapes and
-    addresses: one CUDA graph replays it."""
+    """Per layer pass, each row's last `keep` keys (pre-RoPE) and values, detached, and (`prev`)
+    its last two tokens, in fixed buffers updated in place (slots before a document's start are
+    masked): a chunk step has fixed shapes and addresses, so one CUDA graph replays it."""
 
     def __init__(self, keep, rows, chunk, bos_id, device):
         self.keep, self.bos_id, self.kv = keep, bos_id, {}
         self.prev = torch.full((rows, 2), bos_id, device=device)
-        self.mask = torch.zeros(1, 1, chunk, keep + chunk, dtype=torch.bool, device=device)
+        self.mask = torch.zeros(rows, 1, chunk, keep + chunk, dtype=torch.bool, device=device)
 
-    def start(self, c):
-        """Before chunk `c` of the batch's documents: chunk c-1's tokens are cached; c = 0 empties."""
+    def start(self, c, fresh=None):
+        """Before each row's chunk c (a (rows,) tensor): its chunk c - 1 is cached; rows `fresh`
+        (an index tensor) start a document: emptied."""
         C, K = self.mask.size(2), self.keep
-        if c == 0:
-            self.prev.fill_(self.bos_id)
+        if fresh is not None:
+            self.prev[fresh] = self.bos_id
             for k, v in self.kv.values():
-                k.zero_(), v.zero_()
-        j, i = torch.arange(K + C, device=self.mask.device), torch.arange(C, device=self.mask.device)[:, None]
-        self.mask.copy_((j >= K - min(c * C, K)) & (j <= K + i))
+                k[fresh], v[fresh] = 0, 0
+        j, i = torch.arange(K + C, device=c.device), torch.arange(C, device=c.device)[:, None]
+        self.mask.copy_((j >= K - (c * C).clamp(max=K)[:, None, None, None]) & (j <= K + i))
 
     def chunk(self, ids):
         """The tokens before chunk `ids` and its mask over cache + chunk."""
@@ -1547,8 +1564,6 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
     model.eval().qat_mix.zero_()
     model.requires_grad_(False)
     adapters, cache = DocAdapters(args, D, device), KVCache(W - C, D, C, args.bos_id, device)
-    opt = torch.optim.AdamW(adapters.params, lr=args.ttt_lr, betas=(0.9, 0.99), weight_decay=args.ttt_wd,
-                            capturable=device.type == "cuda")
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     x, y = (torch.full((D, C), v, device=device) for v in (args.bos_id, 0))
     inside = torch.zeros(D, C, dtype=torch.bool, device=device)
@@ -1559,8 +1574,7 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
         sums.add_(torch.stack([nll.detach().sum(), (luts.target_bytes(x, y) * inside).sum(), inside.sum()]).double())
         if train:  # each document's adapters get their own mean loss
             (nll.sum(1) / inside.sum(1).clamp_min(1)).sum().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=False)
+            adapters.step()
 
     if world_size > 1:
         dist.barrier()
@@ -1568,46 +1582,43 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
     stop_at = (started or t0) + args.ttt_max_seconds
     model.adapters, steppers = adapters, {t: functools.partial(chunk_step, t) for t in (True, False)}
     if device.type == "cuda":  # kernel launches, not the GPU, bound the eager step: replay graphs
-        cache.start(0)
+        cache.start(torch.zeros(D, dtype=torch.long, device=device))
         steppers = {t: _cuda_graph(f) for t, f in steppers.items()}
         sums.zero_()
     per_phase = -(-len(spans) // args.ttt_phases)
     for ph in range(0, len(spans), per_phase):
         mine = sorted(spans[ph:ph + per_phase], key=lambda se: se[0] - se[1])[rank::world_size]
-        for b0 in range(0, len(mine), D):
-            batch = mine[b0:b0 + D]  # longest first
-            lengths = [e - s for s, e in batch] + [0] * (D - len(batch))  # empty rows: fixed shapes
-            start = torch.tensor([s for s, _ in batch] + [0] * (D - len(batch)), device=device)[:, None]
-            length = torch.tensor(lengths, device=device)[:, None]
-            adapters.reset()
-            for state in opt.state.values():  # a fresh AdamW, in place
-                for t in state.values():
-                    t.zero_()
-            n_chunks = -(-lengths[0] // C)
-            for c in range(n_chunks):
-                cache.start(c)
-                pos = c * C + torch.arange(C, device=device)
-                inside.copy_(pos < length)  # padding after a document's end: never attended
-                idx = start + torch.where(inside, pos, 0)
-                x.copy_(torch.where(inside, tokens[idx], args.bos_id))
-                y.copy_(torch.where(inside, tokens[idx + 1], 0))
-                # local clock: this rank's adapters only
-                adapting = adapting and time.perf_counter() < stop_at
-                train_now = adapting and c + 1 < n_chunks
-                steppers[train_now]()
-                ranges = [(s + c * C, s + min(n, (c + 1) * C)) for (s, _), n in zip(batch, lengths) if n > c * C]
-                n_tok += sum(hi - lo for lo, hi in ranges)
-                if monitor is not None:
-                    for lo, hi in ranges:
-                        monitor("score", lo, hi)
-                if train_now:
-                    steps += 1
-                    if monitor is not None:
-                        for lo, hi in ranges:
-                            monitor("train", lo, hi)
-            if ph == b0 == 0:  # the first batch holds the longest documents
-                _sync(device)
-                log(f"ttt: first batch ({len(batch)} documents, {n_chunks} chunks) done at {time.perf_counter() - t0:.1f}s")
+        # each row runs documents one after another, the next (longest first) as soon as one ends
+        queue, start, length, chunk = iter(mine), [0] * D, [0] * D, [0] * D
+        while True:
+            for r in range(D):
+                if chunk[r] * C >= length[r]:
+                    s, e = next(queue, (0, 0))  # none left: an empty row (fixed shapes)
+                    start[r], length[r], chunk[r] = s, e - s, 0
+            if not any(length):
+                break
+            c = torch.tensor(chunk, device=device)
+            fresh = [r for r in range(D) if chunk[r] == 0 < length[r]]
+            fresh = torch.tensor(fresh, device=device) if fresh else None
+            if fresh is not None:
+                adapters.reset(fresh)
+            cache.start(c, fresh)
+            pos = c[:, None] * C + torch.arange(C, device=device)
+            inside.copy_(pos < torch.tensor(length, device=device)[:, None])  # after a document's end: never attended
+            idx = torch.tensor(start, device=device)[:, None] + torch.where(inside, pos, 0)
+            x.copy_(torch.where(inside, tokens[idx], args.bos_id))
+            y.copy_(torch.where(inside, tokens[idx + 1], 0))
+            # local clock: this rank's adapters only
+            adapting = adapting and time.perf_counter() < stop_at
+            train_now = adapting and any((k + 1) * C < n for k, n in zip(chunk, length))  # a later chunk learns
+            steppers[train_now]()
+            ranges = [(s + k * C, s + min(n, (k + 1) * C)) for s, n, k in zip(start, length, chunk) if n > k * C]
+            n_tok += sum(hi - lo for lo, hi in ranges)
+            steps += train_now
+            for kind in ("score", "train")[:1 + train_now] if monitor else ():
+                for lo, hi in ranges:
+                    monitor(kind, lo, hi)
+            chunk = [k + 1 for k in chunk]
         over = torch.tensor(float(not adapting or time.perf_counter() >= stop_at), device=device)
         if world_size > 1:
             dist.all_reduce(over, op=dist.ReduceOp.MAX)
@@ -1875,9 +1886,6 @@ def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, dev
         ref = "sliding" if "sliding" in res else "roundtrip"
         log(f"final_int{args.quant_bits}_ttt {_scores(t)} ({t['val_bpb'] - res[ref]['val_bpb']:+.5f} bpb vs {ref}, "
             f"{t['ttt_steps']} adapter steps, {t['seconds']:.1f}s, {t['tokens_per_s_per_gpu']:.0f} tokens/s per GPU)")
-        if args.vocab_size in FINEWEB_VAL_TOKENS:  # an estimate
-            est = FINEWEB_VAL_TOKENS[args.vocab_size] / (8 * t["tokens_per_s_per_gpu"])
-            log(f"ttt: estimate for the FineWeb validation set on 8 such GPUs: {est:.0f}s (+ round trip)")
     res["seconds"] = secs = time.perf_counter() - started
     log(f"evaluation: {secs:.1f}s from its start to the last score (limit {EVAL_LIMIT_SECONDS}s)"
         + (": WARNING, NOT compliant" if secs > EVAL_LIMIT_SECONDS else ""))

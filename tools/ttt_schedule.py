@@ -1,0 +1,61 @@
+"""Chunk steps of score-first TTT per rank, from a validation split's document lengths: the
+per-batch schedule (up to 898ef54: TTT_BATCH_DOCS documents start together and the batch
+lasts as long as its longest) against the lanes of evaluate_with_ttt (a row takes the next
+document as soon as its own ends). A chunk step is one graph replay of fixed shape, so the
+step count is what the TTT time scales with. CPU only, reads the val shards:
+
+    python3 tools/ttt_schedule.py DATA_PATH [VOCAB_SIZE] [WORLD_SIZE ...]
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import train_gpt as T
+
+
+def phase_shares(spans, args, rank, world):
+    per = -(-len(spans) // args.ttt_phases)
+    for ph in range(0, len(spans), per):
+        yield sorted(spans[ph:ph + per], key=lambda se: se[0] - se[1])[rank::world]
+
+
+def batch_steps(mine, C, D):
+    return sum(-(-(mine[b][1] - mine[b][0]) // C) for b in range(0, len(mine), D))
+
+
+def lane_steps(mine, C, D):  # the loop of evaluate_with_ttt, without the model
+    queue, length, chunk, steps = iter(mine), [0] * D, [0] * D, 0
+    while True:
+        for r in range(D):
+            if chunk[r] * C >= length[r]:
+                s, e = next(queue, (0, 0))
+                length[r], chunk[r] = e - s, 0
+        if not any(length):
+            return steps
+        steps += 1
+        chunk = [k + 1 for k in chunk]
+
+
+def main():
+    data, vocab = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8192
+    worlds = [int(w) for w in sys.argv[3:]] or [1, 8]
+    args = T.Hyperparameters(vocab_size=vocab)
+    tokens = T.load_validation_tokens(data, vocab)
+    spans = T.document_spans(tokens, args.bos_id)
+    lengths = sorted(e - s for s, e in spans)
+    print(f"{len(spans)} documents, {tokens.numel() - 1} targets, longest {lengths[-1]}, median {lengths[len(lengths) // 2]}; "
+          f"TTT_CHUNK {args.ttt_chunk}, TTT_BATCH_DOCS {args.ttt_batch_docs}, TTT_PHASES {args.ttt_phases}")
+    C, D = args.ttt_chunk, args.ttt_batch_docs
+    for world in worlds:
+        # phases end with a collective: each phase lasts as long as its slowest rank
+        cost = {}
+        for name, f in (("batches", batch_steps), ("lanes", lane_steps)):
+            per_rank = [list(f(m, C, D) for m in phase_shares(spans, args, r, world)) for r in range(world)]
+            cost[name] = sum(max(p[i] for p in per_rank) for i in range(len(per_rank[0])))
+        ideal = sum(-(-sum(-(-(e - s) // C) for s, e in m) // D) for m in phase_shares(spans, args, 0, world))
+        print(f"world {world}: chunk steps per rank, batches {cost['batches']}, lanes {cost['lanes']} "
+              f"({cost['lanes'] / cost['batches']:.3f}x); rank 0's chunks / {D} rows: {ideal}")
+
+
+if __name__ == "__main__":
+    main()
