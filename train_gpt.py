@@ -1489,7 +1489,7 @@ class DocAdapters:
     def reset(self, rows):
         """Fresh adapters and Adam state for `rows` (an index tensor)."""
         for k, A in self.A.items():
-            A[rows] = torch.randn(A[rows].shape, generator=self.gen, device=A.device) * A.size(-1) ** -0.5
+            A[rows] = torch.randn(len(rows), *A.shape[1:], generator=self.gen, device=A.device) * A.size(-1) ** -0.5
             self.B[k][rows] = 0
         for m, v in self.moments:
             m[rows], v[rows] = 0, 0
@@ -1522,13 +1522,11 @@ class KVCache:
         self.mask = torch.zeros(rows, 1, chunk, keep + chunk, dtype=torch.bool, device=device)
 
     def start(self, c, fresh=None):
-        """Before each row's chunk c (a (rows,) tensor): its chunk c - 1 is cached; rows `fresh`
-        (an index tensor) start a document: emptied."""
+        """Before each row's chunk c (a (rows,) tensor): its chunk c - 1 is cached (c = 0 masks
+        all of it); rows `fresh` (an index tensor) start a document."""
         C, K = self.mask.size(2), self.keep
         if fresh is not None:
             self.prev[fresh] = self.bos_id
-            for k, v in self.kv.values():
-                k[fresh], v[fresh] = 0, 0
         j, i = torch.arange(K + C, device=c.device), torch.arange(C, device=c.device)[:, None]
         self.mask.copy_((j >= K - (c * C).clamp(max=K)[:, None, None, None]) & (j <= K + i))
 
@@ -1545,6 +1543,12 @@ class KVCache:
         for buf, t in zip(self.kv[slot], (k, v)):
             buf.copy_(t[:, -self.keep:].detach())
         return k, v
+
+
+def _to_device(values, device):
+    """`values` on `device` from pinned memory: the host does not wait for the GPU."""
+    t = torch.tensor(values)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 def document_spans(tokens, bos_id):
@@ -1588,7 +1592,7 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
     per_phase = -(-len(spans) // args.ttt_phases)
     for ph in range(0, len(spans), per_phase):
         mine = sorted(spans[ph:ph + per_phase], key=lambda se: se[0] - se[1])[rank::world_size]
-        # each row runs documents one after another, the next (longest first) as soon as one ends
+        # each row runs documents one after another, the next (longest first) once one ends
         queue, start, length, chunk = iter(mine), [0] * D, [0] * D, [0] * D
         while True:
             for r in range(D):
@@ -1597,15 +1601,15 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
                     start[r], length[r], chunk[r] = s, e - s, 0
             if not any(length):
                 break
-            c = torch.tensor(chunk, device=device)
+            c, ln, st = _to_device([chunk, length, start], device)[:, :, None]
             fresh = [r for r in range(D) if chunk[r] == 0 < length[r]]
-            fresh = torch.tensor(fresh, device=device) if fresh else None
+            fresh = _to_device(fresh, device) if fresh else None
             if fresh is not None:
                 adapters.reset(fresh)
-            cache.start(c, fresh)
-            pos = c[:, None] * C + torch.arange(C, device=device)
-            inside.copy_(pos < torch.tensor(length, device=device)[:, None])  # after a document's end: never attended
-            idx = torch.tensor(start, device=device)[:, None] + torch.where(inside, pos, 0)
+            cache.start(c[:, 0], fresh)
+            pos = c * C + torch.arange(C, device=device)
+            inside.copy_(pos < ln)  # after a document's end: never attended
+            idx = st + torch.where(inside, pos, 0)
             x.copy_(torch.where(inside, tokens[idx], args.bos_id))
             y.copy_(torch.where(inside, tokens[idx + 1], 0))
             # local clock: this rank's adapters only
