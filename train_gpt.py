@@ -108,7 +108,7 @@ class Hyperparameters:
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
-    mlp_mult: float = 4.0
+    mlp_mult: float = 3.0
     leaky_slope: float = 0.5
     xsa_layers: int = -1  # last N layers use XSA; -1: all
     rope_dims: int = 16
@@ -1950,8 +1950,8 @@ def write_submission(out_dir, path, config):
         raise DataError(f"no results_*.json of configuration {config} in {out_dir}: no measured run to report")
     env, last = os.environ, runs[-1]
     sub = {"author": env.get("AUTHOR", ""), "github_id": env.get("GITHUB_ID", ""),
-           "name": env.get("RUN_NAME", "SP8192 11L XSA GPT, MLP 4x, document-masked attention, SDClip GPTQ int6 + rANS"),
-           "blurb": env.get("BLURB", "SP8192 11L XSA GPT (MLP 4x, gated skips, parallel lanes, attention gate, "
+           "name": env.get("RUN_NAME", "SP8192 11L XSA GPT, MLP 3x, document-masked attention, SDClip GPTQ int6 + rANS"),
+           "blurb": env.get("BLURB", "SP8192 11L XSA GPT (MLP 3x, gated skips, parallel lanes, attention gate, "
                                      "document masking), Polar-Express MuonEq-R, run-relative schedule, late QAT, "
                                      "full-Hessian GPTQ, rANS to the cap, score-first LoRA TTT."),
            "date": time.strftime("%Y-%m-%d"), "track": "10min_16mb", "config_id": config,
