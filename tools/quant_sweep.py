@@ -1,8 +1,9 @@
 """Quantization comparisons on the float weights + Hessians that keep_prequant.py saved
 (prequant.pt in the current folder, next to a copy of train_gpt.py; the run's settings come
-with it): GPTQ vs round-to-nearest on the run's late-QAT grid (the clip the weights were trained
-onto) and at equal bytes (rate control from that grid), the tied embedding by GPTQ vs RTN, GPTQ
-vs RTN at fixed clips. Prints and appends to sweep.log."""
+with it): GPTQ vs round-to-nearest at equal bytes, by rate control starting from the run's
+late-QAT grid (the clip the weights were trained onto; where its first round fits, the row is
+that grid's), the tied embedding by GPTQ vs RTN, GPTQ vs RTN at fixed clips. Prints and appends
+to sweep.log."""
 import dataclasses, os, sys, time
 import torch
 sys.path.insert(0, os.getcwd())
@@ -36,11 +37,6 @@ def ev(sd, stride=None):
     return T.evaluate(score, val, luts, L, stride or L, args.eval_batch_seqs, 0, 1, dev)["val_bpb"]
 
 fb = ev(state); log(f"sweep float plain {fb:.5f}")
-for label, hs in (("GPTQ", H), ("RTN", None)):  # on the grid the weights were trained onto
-    e = T.quantize_model(fmodel, hs, args, args.clip_sigmas)
-    sd = T.dequantize_entries(e, args)
-    log(f"sweep QAT grid {args.clip_sigmas:.3f} {label}: {len(T.compress(T.pack_entries(e, args)[0]))} bytes "
-        f"plain {ev(sd):.5f} sliding {ev(sd, args.eval_stride):.5f}")
 H_nohead = {k: v for k, v in H.items() if k != (-1, "head")}
 for label, hs, slide in (("GPTQ (train calibration)", H, True), ("RTN", None, True), ("tok_emb RTN", H_nohead, False)):
     t0 = time.time()
