@@ -11,7 +11,9 @@ fail() { echo "launch.sh: $*" >&2; exit 1; }
 if [[ "${1:-}" == "--smoke" || "${SMOKE:-0}" == "1" ]]; then
   dir=${SMOKE_DIR:-${TMPDIR:-/tmp}/pg_smoke}
   python3 tests/smoke_data.py "$dir" >/dev/null
+  rm -rf "$dir/out"  # the smoke run's own folder: a run refuses to write over earlier files
   export DATA_PATH="$dir/data" TOKENIZER_PATH="$dir/tokenizer.model" VOCAB_SIZE=512 DEVICE=cpu OUT_DIR="$dir/out"
+  export DATA_NAME="synthetic smoke text (tests/smoke_data.py)"
   export NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-64} NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=2 ROPE_DIMS=8
   export BIGRAM_VOCAB=256 BIGRAM_DIM=16 VE_DIM=16 TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=4096
   export ITERATIONS=${ITERATIONS:-150} MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-300}
@@ -22,9 +24,12 @@ if [[ "${1:-}" == "--smoke" || "${SMOKE:-0}" == "1" ]]; then
   exec python3 train_gpt.py
 fi
 
-export DATA_PATH=${DATA_PATH:-./data/datasets/fineweb10B_sp8192}
+if [[ -z "${DATA_PATH:-}" ]]; then  # the challenge's data where its download script puts it
+  export DATA_PATH=./data/datasets/fineweb10B_sp8192
+  export DATA_NAME=${DATA_NAME:-"FineWeb challenge shards, sp8192 (cached_challenge_fineweb.py)"}
+fi
 export TOKENIZER_PATH=${TOKENIZER_PATH:-./data/tokenizers/fineweb_8192_bpe.model}
-export RUN_ID=${RUN_ID:-seed$SEED} OUT_DIR=${OUT_DIR:-.}
+export RUN_ID=${RUN_ID:-seed$SEED} OUT_DIR=${OUT_DIR:-runs}
 # with TTT on (the default) its score is the result, and the sliding pass (~100 s on 8 GPUs) would
 # push the evaluation past 600 s; with TTT off the sliding score is the result
 export SKIP_SLIDING_EVAL=${SKIP_SLIDING_EVAL:-${TTT_ENABLED:-1}}

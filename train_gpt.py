@@ -6,6 +6,7 @@ Settings: environment variables (see Hyperparameters).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import difflib
@@ -18,6 +19,7 @@ import math
 import os
 import struct
 import sys
+import tempfile
 import time
 import traceback
 import zlib
@@ -44,6 +46,9 @@ except Exception:  # noqa: BLE001
 ARTIFACT_CAP_BYTES, EVAL_LIMIT_SECONDS = 16_000_000, 600
 CLIP_RANGE = (3.0, 64.0)  # rate-control clips (sigmas); under ~3 clipping costs more
 RATE_BAND = 0.985  # rate control stops once the model fills this much of its budget
+# Gaussian rows predict the trained model's bytes to 2 % (15.43 vs 15.74 MB at clip 8.93, the 600 s
+# proxy run); half their bits is a floor that never refuses a target the model can fit
+LEAST_BITS_SHARE = 0.5
 EMBED_TABLES = ("tok_emb.weight", "bigram_table", "ve_table")
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 
@@ -60,6 +65,10 @@ class ArtifactError(ValueError):
     """Artifact over the byte cap or unreadable."""
 
 
+class OutputError(ValueError):
+    """OUT_DIR unusable, a file not written, or a run's files already there."""
+
+
 # ----- config
 
 _TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -72,6 +81,19 @@ _REMOVED_SETTINGS = {"WARMDOWN_ITERS": "WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_ST
                      **dict.fromkeys(("LQER_TENSORS", "LQER_RANK"), "nothing (LQER: no gain per byte)")}
 _NON_SETTING_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOG_NOTE", "AUTHOR", "GITHUB_ID",
                      "RUN_NAME", "BLURB")
+
+def _meant_setting(key, names):
+    """The setting that environment variable `key`, not itself one, looks meant for (wrong case,
+    a misspelling, or a setting's first word: TTT, SKIP_SLIDING), else None."""
+    up = key.upper()
+    if key in names or key in _NON_SETTING_VARS:
+        return None
+    if up in names:
+        return up
+    close = difflib.get_close_matches(up, names, n=1, cutoff=0.85)
+    same_head = [n for n in names if n.split("_")[0] == up.split("_")[0]]
+    return (close or difflib.get_close_matches(up, same_head, n=1, cutoff=0.0) or [None])[0]
+
 
 def _layer_list(text, key):
     try:
@@ -88,12 +110,13 @@ class Hyperparameters:
     vocab_size: int = 8192
     bos_id: int = 1
     seed: int = 42
-    run_id: str = ""
-    out_dir: str = "."
+    run_id: str = ""  # "": seed<SEED>
+    out_dir: str = "runs"  # a run refuses to start where its run id's files already are
+    data_name: str = ""  # names the data in the log and submission.json, e.g. "FineWeb challenge shards"
     # budget
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
-    gptq_reserve_seconds: float = -1.0  # <0: from model size
+    gptq_reserve_seconds: float = -1.0  # -1: from model size
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
     grad_accum_steps: int = 0  # 0: max(1, 4 // world_size)
@@ -208,10 +231,9 @@ class Hyperparameters:
                                   + (f" (use one of {_TRUE_WORDS + _FALSE_WORDS})" if f.type == "bool" else "")) from None
         if warn is not None:
             for key in env:
-                if key.isupper() and key not in names and key not in _NON_SETTING_VARS:
-                    close = difflib.get_close_matches(key, names, n=1, cutoff=0.85)
-                    if close:
-                        warn(f"warning: environment variable {key} is not a setting; did you mean {close[0]}?")
+                meant = _meant_setting(key, names)
+                if meant:
+                    warn(f"warning: environment variable {key} is not a setting; did you mean {meant}?")
         return cls(**kwargs)
 
     @property
@@ -248,8 +270,10 @@ class Hyperparameters:
                 need(lo <= v <= hi, f"{key.upper()}={v} must be " + (f">= {lo}" if hi == math.inf else f"in {lo}..{hi}"))
         within(1, math.inf, "model_dim", "num_heads", "num_kv_heads", "train_seq_len", "train_batch_tokens",
                "num_layers", "rate_tries", "gptq_block", "eval_batch_seqs", "gptq_calib_seqs")
-        within(0, math.inf, "recur_passes", "parallel_from", "ttt_lr", "ttt_wd", "ttt_global_lr", "embed_clip_sigmas",
-               "gptq_damp")
+        # no setting takes a negative value but these two, whose -1 means "automatic"
+        within(-1, math.inf, "gptq_reserve_seconds", "xsa_layers")
+        within(0, math.inf, *(f.name for f in dataclasses.fields(self) if f.type in ("int", "float")
+                              and f.name not in ("gptq_reserve_seconds", "xsa_layers")))
         within(0, 1, "warmdown_frac", "muon_momentum_warmup_frac", "min_lr_scale", "ema_horizon", "recur_start_frac")
         within(2, 8, "quant_bits", "embed_bits")
         within(2, 65536, "vocab_size")  # uint16 shards
@@ -1096,6 +1120,33 @@ def code_entropy_bytes(model, args, clip_sigmas):
     return total
 
 
+def gaussian_code_bits(clip_sigmas, qmax):
+    """Order-0 entropy (bits per weight) of unit-Gaussian rows rounded on the SDClip grid."""
+    step = clip_sigmas / qmax
+    edges = (torch.arange(-qmax, qmax, dtype=torch.float64) + 0.5) * step
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.special.ndtr(edges), torch.ones(1, dtype=torch.float64)])
+    p = cdf.diff()
+    p = p[p > 0]
+    return float(-(p * p.log2()).sum())
+
+
+def least_model_bytes(model, args):
+    """A floor under the packed model's size, known before training: the banks on the widest grid the
+    rate control may choose and the tables on theirs at LEAST_BITS_SHARE of a Gaussian's bits per
+    weight, one byte per row scale and per float value."""
+    qmax = 2 ** (args.quant_bits - 1) - 1
+    banks = list(model.banks().values())
+    bits = sum(b.numel() for b in banks) * gaussian_code_bits(CLIP_RANGE[1], qmax)
+    other = sum(b.shape[0] * b.shape[1] for b in banks)
+    for name, t in model.state_dict().items():
+        if name in EMBED_TABLES:  # EMBED_CLIP_SIGMAS=0 (row absmax) is at most the widest clip too
+            bits += t.numel() * gaussian_code_bits(args.embed_clip_sigmas or CLIP_RANGE[1], 2 ** (args.embed_bits - 1) - 1)
+            other += t.shape[0]
+        elif not name.endswith("_bank"):
+            other += t.numel()
+    return int(LEAST_BITS_SHARE * bits / 8 + other)
+
+
 def clip_for_size_change(model, args, clip_sigmas, delta_bytes):
     """The clip whose code entropy differs from that at `clip_sigmas` by `delta_bytes`."""
     base = code_entropy_bytes(model, args, clip_sigmas)
@@ -1109,17 +1160,17 @@ def clip_for_size_change(model, args, clip_sigmas, delta_bytes):
     return hi
 
 
-def quantize_to_budget(model, hessians, args, budget, rank, world_size, device, log, clock=None):
+def quantize_to_budget(model, hessians, args, budget, rank, world_size, device, log, clock=None, tokenizer_sha=""):
     """Rate control: GPTQ, compress, move the clip until the model fills RATE_BAND of the budget
     (RATE_TRIES rounds, up to 4 more while nothing fits; none past the clock's budget once one
-    fits) -> entries, bytes, clip, tries."""
+    fits) -> entries, bytes, clip, tries. The artifact records `tokenizer_sha`."""
     clip, tries, best = args.clip_sigmas, [], None
     for attempt in range(args.rate_tries + 4):
         if attempt >= args.rate_tries and best[0][0] == 1:
             break
         t0 = time.perf_counter()
         entries = quantize_model(model, hessians, args, clip, rank, world_size)
-        data = compress(pack_entries(entries, args)[0]) if rank == 0 else None
+        data = compress(pack_entries(entries, args, tokenizer_sha)[0]) if rank == 0 else None
         size = int(_from_rank0(len(data) if rank == 0 else 0, world_size, device))
         tries.append((clip, size))
         log(f"rate control {attempt}: clip {clip:.3f} sigmas -> {size} bytes (budget {budget})")
@@ -1162,10 +1213,12 @@ MODEL_CONFIG_FIELDS = ("vocab_size", "bos_id", "num_layers", "model_dim", "num_h
                        "leaky_slope", "xsa_layers", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap",
                        "bigram_vocab", "bigram_dim", "ve_dim", "ve_layers", "quant_bits", "train_seq_len", "skip_gates",
                        "parallel_from", "recur_layers", "recur_passes", "attn_gate_width", "doc_mask")
+TOKENIZER_KEY = "tokenizer_sha256"  # beside the model config: the tokenizer the artifact was scored with
 
 
-def pack_entries(entries, args):
-    """JSON header, int values, then scales and floats -> (blob, values_offset, n_values)."""
+def pack_entries(entries, args, tokenizer_sha=""):
+    """JSON header (model config, with the tokenizer's fingerprint if given), int values, then
+    scales and floats -> (blob, values_offset, n_values)."""
     table, values, rest = [], [], []
     voff = roff = 0
     for name, e in entries.items():
@@ -1183,6 +1236,8 @@ def pack_entries(entries, args):
             rest.append(vb)
             roff += len(vb)
     config = {k: getattr(args, k) for k in MODEL_CONFIG_FIELDS}
+    if tokenizer_sha:
+        config[TOKENIZER_KEY] = tokenizer_sha
     header = json.dumps({"config": config, "tensors": table}, separators=(",", ":")).encode()
     head = ARTIFACT_MAGIC + struct.pack("<II", len(header), voff) + header
     return head + b"".join(values) + b"".join(rest), len(head), voff
@@ -1341,12 +1396,29 @@ def decompress(data):
     return rest[:voff] + values.tobytes() + rest[voff:]
 
 
+def write_atomic(path, data):
+    """Write `data` (bytes) to a temporary name beside `path`, then rename: a reader sees the old
+    file or the new one whole; a failure (full disk, Ctrl-C) leaves no partial file behind."""
+    tmp = f"{path}.partial{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {e.strerror or e} (any earlier file of that name is unchanged)") from None
+        raise
+
+
 def write_artifact(path, data, code_bytes):
     total = code_bytes + len(data)
     if total > ARTIFACT_CAP_BYTES:
         raise ArtifactError(f"artifact is {total} bytes (code {code_bytes} + model {len(data)}) > cap {ARTIFACT_CAP_BYTES}")
-    with open(path, "wb") as f:
-        f.write(data)
+    write_atomic(path, data)
     return total
 
 
@@ -1363,6 +1435,31 @@ def load_artifact(path):
         raise
     except Exception as e:  # noqa: BLE001
         raise ArtifactError(f"artifact {path} is corrupt: {e}") from None
+
+
+# ----- code as shipped
+# The file that ships as train_gpt.py is this source lzma-compressed into a latin-1 string literal
+# that decodes and runs it (the records' practice); the artifact counts that file's bytes.
+_SHIP_ESCAPES = {0: b"\\000", 10: b"\\n", 13: b"\\r", 34: b'\\"', 92: b"\\\\"}  # other bytes stand for themselves
+
+
+def shipped_form(source):
+    """The self-extracting file for `source` (bytes): it sets SHIPPED_SOURCE and executes it."""
+    packed = lzma.compress(source, format=lzma.FORMAT_RAW,
+                           filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+    literal = b"".join(_SHIP_ESCAPES.get(b, bytes((b,))) for b in packed)
+    return (b'# -*- coding: latin-1 -*-\nimport lzma as L\nSHIPPED_SOURCE=L.decompress("' + literal
+            + b'".encode("latin-1"),L.FORMAT_RAW,filters=[{"id":L.FILTER_LZMA2}])\n'
+            b'exec(compile(SHIPPED_SOURCE,"train_gpt.py","exec"))\n')
+
+
+def code_as_shipped():
+    """(readable source, bytes counted): run through the shipped file, that file's size; run from
+    the source, the size of its shipped form."""
+    with open(os.path.abspath(__file__), "rb") as f:
+        own = f.read()
+    source = globals().get("SHIPPED_SOURCE")
+    return (source, len(own)) if source is not None else (own, len(shipped_form(own)))
 
 
 # ----- evaluation
@@ -1833,14 +1930,23 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
 # ----- main
 
 class Logger:
-    def __init__(self, path, rank):
-        self.rank = rank
-        self.file = open(path, "a") if path and rank == 0 else None
+    """Rank 0 prints each line and writes it to the run's log, a file created new (never appended
+    to: a run does not mix itself into another's)."""
 
-    def __call__(self, msg):
+    def __init__(self, path, rank):
+        self.rank, self.file = rank, None
+        if path and rank == 0:
+            try:
+                self.file = open(path, "x")
+            except FileExistsError:
+                raise OutputError(f"{path} already exists: set another RUN_ID or OUT_DIR") from None
+            except OSError as e:
+                raise OutputError(f"cannot create the log {path}: {e.strerror}") from None
+
+    def __call__(self, msg, stream=None):
         if self.rank != 0:
             return
-        print(msg, flush=True)
+        print(msg, file=stream or sys.stdout, flush=True)
         if self.file:
             self.file.write(msg + "\n")
             self.file.flush()
@@ -1858,6 +1964,71 @@ def setup_distributed(device_pref):
     return rank, world, device
 
 
+# ----- the run's files
+
+def run_file_names(args, run_id):
+    """The files a training run writes into OUT_DIR (submission.json is shared by a configuration's seeds)."""
+    return {"log": f"train_{run_id}.log", "artifact": f"final_model_{run_id}.int{args.quant_bits}.ptz",
+            "results": f"results_{run_id}.json"}
+
+
+def claim_out_dir(out_dir, names):
+    """Before any work: OUT_DIR is a folder this process can write, holding none of `names`."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"OUT_DIR={out_dir} is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write_test")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise OutputError(f"OUT_DIR={out_dir} cannot be written: {e.strerror}") from None
+    taken = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+    if taken:
+        raise OutputError(f"OUT_DIR={out_dir} already holds {', '.join(taken)}: set another RUN_ID or OUT_DIR "
+                          "(a run never writes into another run's files)")
+
+
+def check_submission_config(out_dir, config):
+    """submission.json in OUT_DIR, if any, must be this configuration's (its seeds are averaged there)."""
+    path = os.path.join(out_dir, "submission.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            theirs = json.load(f).get("config_id")
+    except (OSError, ValueError, AttributeError):
+        theirs = "unreadable"
+    if theirs != config:
+        raise OutputError(f"{path} belongs to configuration {theirs}, not this run's {config}: use another OUT_DIR")
+
+
+def write_json(path, obj):
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def sha256_prefix(data):
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return sha256_prefix(f.read())
+
+
+def describe_data(args, train_files, val_tokens):
+    """What the run reads, in one line: DATA_NAME, the train shards, the validation documents and
+    tokens with a fingerprint, the tokenizer with its fingerprint."""
+    name = args.data_name or "unnamed data (DATA_NAME not set)"
+    train = (f"{len(train_files)} train shards ({sum(read_shard_header(f) for f in train_files)} tokens), "
+             if train_files else "")
+    docs = int((val_tokens == args.bos_id).sum())
+    val_sha = sha256_prefix(val_tokens.numpy().astype("<u2").tobytes())
+    return (f"{name}: {args.data_path}, {train}validation {docs} documents, {val_tokens.numel() - 1} targets "
+            f"(sha256 {val_sha}); tokenizer {os.path.basename(args.tokenizer_path)} (sha256 "
+            f"{file_sha256(args.tokenizer_path)})")
+
+
 def _scores(r):
     return f"val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}"
 
@@ -1867,7 +2038,11 @@ def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, dev
     the time since `started` (the evaluation's start) against the limit."""
     t0 = time.perf_counter()
     entries = entries or load_artifact(path)[0]
-    model.load_state_dict(dequantize_entries(entries, args), strict=True)
+    try:
+        model.load_state_dict(dequantize_entries(entries, args), strict=True)
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ArtifactError(f"{path}: its tensors do not match the model its header describes ({first})") from None
     model.eval()
     timer.since("eval_artifact_load", t0)
     score = make_score_fn(_maybe_compile(model, args, device), device)
@@ -1902,20 +2077,40 @@ def log_timing_table(log, timer):
         log(f"  {name:<34s} {sec:9.2f} s")
 
 
+def check_artifact_tokenizer(path, recorded, tokenizer_path, log):
+    """The tokenizer that scores an artifact must be the one it was made with."""
+    if recorded is None:
+        log(f"warning: {path} records no tokenizer fingerprint (an older revision's): TOKENIZER_PATH is not checked")
+        return
+    mine = file_sha256(tokenizer_path)
+    if mine != recorded:
+        raise ArtifactError(f"{path} was made with the tokenizer of sha256 {recorded}; TOKENIZER_PATH={tokenizer_path} "
+                            f"has {mine}: score it with its own tokenizer")
+
+
 def run_eval_only(args, rank, world_size, device, log):
     """EVAL_ONLY: score the artifact; reads no train shard."""
     timer, t0 = PhaseTimer(), time.perf_counter()
     entries, config = load_artifact(args.eval_only)  # decoded once
     timer.since("eval_artifact_load", t0)
+    recorded_tokenizer = config.pop(TOKENIZER_KEY, None)
     odd = set(config) ^ set(MODEL_CONFIG_FIELDS)
     if odd:
         raise ArtifactError(f"{args.eval_only} was written by another revision (settings {', '.join(sorted(odd))})")
     for k, v in config.items():
         setattr(args, k, v)
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(device)
-    val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit).to(device)
-    log(f"eval-only: {args.eval_only} ({os.path.getsize(args.eval_only)} bytes), {val_tokens.numel() - 1} val targets; "
-        f"config: {json.dumps(dataclasses.asdict(args), sort_keys=True)}")
+    check_artifact_tokenizer(args.eval_only, recorded_tokenizer, args.tokenizer_path, log)
+    val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
+    log(f"data: {describe_data(args, [], val_tokens)}")
+    val_tokens = val_tokens.to(device)
+    model_bytes, code_bytes = os.path.getsize(args.eval_only), code_as_shipped()[1]
+    total = model_bytes + code_bytes
+    log(f"eval-only: {args.eval_only} ({model_bytes} bytes + code {code_bytes} as shipped = {total}, cap "
+        f"{ARTIFACT_CAP_BYTES}), {val_tokens.numel() - 1} val targets; config: "
+        f"{json.dumps(dataclasses.asdict(args), sort_keys=True)}")
+    if total > ARTIFACT_CAP_BYTES:
+        log(f"WARNING: artifact + code = {total} bytes > {ARTIFACT_CAP_BYTES}: NOT compliant")
     set_attention_backend(args.attn_backend, device, args.doc_mask)
     model = build_model(args, device)
     res = evaluate_artifact(args, model, args.eval_only, val_tokens, luts, rank, world_size, device, log, timer, t0, entries)
@@ -1949,6 +2144,7 @@ def write_submission(out_dir, path, config):
     if not runs:
         raise DataError(f"no results_*.json of configuration {config} in {out_dir}: no measured run to report")
     env, last = os.environ, runs[-1]
+    hardware = f"{last['world_size']}x {last['device']}"
     sub = {"author": env.get("AUTHOR", ""), "github_id": env.get("GITHUB_ID", ""),
            "name": env.get("RUN_NAME", "SP8192 11L XSA GPT, MLP 3x, document-masked attention, SDClip GPTQ int6 + rANS"),
            "blurb": env.get("BLURB", "SP8192 11L XSA GPT (MLP 3x, gated skips, parallel lanes, attention gate, "
@@ -1960,64 +2156,67 @@ def write_submission(out_dir, path, config):
            "seed_results": {str(r["seed"]): {k: r[k] for k in ("val_loss", "val_bpb", "artifact_bytes", "steps", "step_avg_ms")}
                             for r in runs},
            "bytes_total": max(r["artifact_bytes"] for r in runs), "bytes_code": last["code_bytes"],
-           "hardware": f"{last['world_size']}x {last['device']}",
+           "hardware": hardware,
            "versions": {"torch": last["torch"], "python": last.get("python", "")},
-           "data_note": last.get("note") or env.get("LOG_NOTE", "")}
-    with open(path, "w") as f:
-        json.dump(sub, f, indent=2)
+           "data_note": "; ".join(x for x in (f"scored on {last['data']}" if last.get("data") else "",
+                                              f"measured on {hardware}", last.get("note", "")) if x)}
+    write_json(path, sub)
     return sub
 
 
-def main():
-    t_start = time.perf_counter()
-    quiet = os.environ.get("RANK", "0") != "0"  # warn once, not per rank
-    args = Hyperparameters.from_env(warn=None if quiet else (lambda m: print(m, file=sys.stderr, flush=True)))
+# ----- main: the phases of a run
+
+def read_settings():
+    """Settings from the environment; warnings kept for the log (printed once, by rank 0)."""
+    warnings = []
+    return Hyperparameters.from_env(warn=warnings.append), warnings
+
+
+def on_rank0(fn, rank, world_size, device, what):
+    """fn() on rank 0 only; its failure stops every rank alike (none is left waiting in a collective)."""
+    failure, out = None, None
+    if rank == 0:
+        try:
+            out = fn()
+        except (ArtifactError, OutputError) as e:
+            failure = e
+    if not _from_rank0(failure is None, world_size, device):
+        raise failure or OutputError(f"rank 0 could not {what}")
+    return out
+
+
+def start_run(args, warnings, run_files):
+    """Processes, device, OUT_DIR claimed for `run_files` (the log first), the log opened
+    -> (rank, world_size, device, log)."""
     rank, world_size, device = setup_distributed(args.device)
     args.validate(world_size)
-    run_id = args.run_id or f"seed{args.seed}"
-    os.makedirs(args.out_dir, exist_ok=True)
-    log = Logger(os.path.join(args.out_dir, f"train_{run_id}.log"), rank)
+
+    def claim():
+        claim_out_dir(args.out_dir, run_files)
+        return Logger(os.path.join(args.out_dir, run_files[0]), rank)
+    log = on_rank0(claim, rank, world_size, device, f"claim OUT_DIR={args.out_dir}") or Logger(None, rank)
+    for w in warnings:
+        log(w, stream=sys.stderr)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # compiled GPT.forward wrappers share one graph cache: > 8 graphs
     torch._dynamo.config.recompile_limit = 64
-    if args.eval_only:
-        run_eval_only(args, rank, world_size, device, log)
-        return
-    with open(os.path.abspath(__file__), "rb") as f:
-        code = f.read()
-    code_bytes = len(code)
-    budget_bytes = args.artifact_target_bytes - code_bytes
-    if budget_bytes < 100_000:  # checked before training, not after it
-        raise ConfigError(f"ARTIFACT_TARGET_BYTES={args.artifact_target_bytes} leaves {budget_bytes} model bytes "
-                          f"beside train_gpt.py's {code_bytes} (at least 100000 needed)")
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    cid = config_id(args, code, world_size, device_name)  # before QAT sets args.clip_sigmas
-    backend = set_attention_backend(args.attn_backend, device, args.doc_mask)
-    if os.environ.get("LOG_NOTE"):
-        log(f"note: {os.environ['LOG_NOTE']}")
-    log(f"train_gpt.py: {code_bytes} bytes; torch {torch.__version__}; world_size {world_size}; device "
-        f"{device_name}; attention {backend}")
-    log("config: " + json.dumps(dataclasses.asdict(args), sort_keys=True))
-    timer = PhaseTimer()
+    return rank, world_size, device, log
 
-    luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(device)
-    train_files = find_shards(args.data_path, "train")
-    val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit).to(device)
-    loader = DistributedLoader(train_files, args.vocab_size, rank, world_size, device)
-    log(f"data: {len(train_files)} train shards, {val_tokens.numel() - 1} val targets")
 
-    model = build_model(args, device)
-    groups = zip(("banks", "tables", "projections", "scalars"), model.param_groups())
-    log(f"parameters: {_numel(model.parameters())} total = " + " + ".join(f"{k} {_numel(g)}" for k, g in groups))
-    compiled = _maybe_compile(model, args, device)
-    opt = Optimizers(model, args, world_size, device)
-    timer.since("startup", t_start)
+def check_budget_fits(args, model, code_bytes):
+    """Model bytes left beside the code; refused before training if the model cannot pack that small."""
+    budget = args.artifact_target_bytes - code_bytes
+    least = least_model_bytes(model, args)
+    if budget < least:
+        raise ConfigError(f"ARTIFACT_TARGET_BYTES={args.artifact_target_bytes} leaves {budget} model bytes beside the "
+                          f"code's {code_bytes} as shipped; this model packs to no less than ~{least}")
+    return budget
 
-    clock = SharedClock(rank, world_size, device)
-    stats = train(args, model, compiled, opt, loader, rank, world_size, device, log, timer, clock, budget_bytes)
 
-    # quantization, on the same clock as training
+def quantize_and_write(args, model, loader, budget_bytes, code_bytes, tokenizer_sha, path, rank, world_size, device,
+                       log, timer, clock):
+    """Calibration, GPTQ under rate control, the artifact written (atomically, by rank 0) -> record."""
     t_q = time.perf_counter()
     if not all(bool(p.isfinite().all()) for p in model.parameters()):  # on every rank
         raise ArtifactError("training diverged: non-finite weights")
@@ -2025,45 +2224,44 @@ def main():
     hessians = collect_hessians(model, args, loader, device, world_size, log)
     timer.since("calibration_hessians", t_q)
     t0 = time.perf_counter()
-    entries, data, clip, _ = quantize_to_budget(model, hessians, args, budget_bytes, rank, world_size, device, log, clock)
+    entries, data, clip, _ = quantize_to_budget(model, hessians, args, budget_bytes, rank, world_size, device, log,
+                                                clock, tokenizer_sha)
     timer.since("gptq_rate_control", t0)
-    artifact_path = os.path.join(args.out_dir, f"final_model_{run_id}.int{args.quant_bits}.ptz")
     t0 = time.perf_counter()
-    failure = None
-    if rank == 0:
-        try:
-            if len(data) > budget_bytes:
-                raise ArtifactError(f"the model needs {len(data)} bytes even at clip {clip:.2f} sigmas; the budget "
-                                    f"is {budget_bytes}: lower EMBED_BITS or the model size")
-            total = write_artifact(artifact_path, data, code_bytes)
-        except ArtifactError as e:
-            failure = e
-    written = _from_rank0(failure is None, world_size, device)  # all ranks stop if rank 0 failed
-    if failure is not None:
-        raise failure
-    if not written:
-        raise ArtifactError("rank 0 could not write the artifact")
+
+    def write():
+        if len(data) > budget_bytes:
+            raise ArtifactError(f"the model needs {len(data)} bytes even at clip {clip:.2f} sigmas; the budget "
+                                f"is {budget_bytes}: lower EMBED_BITS or the model size")
+        return write_artifact(path, data, code_bytes)
+    total = on_rank0(write, rank, world_size, device, "write the artifact")
     timer.since("artifact_write", t0)
-    t_eval = time.perf_counter()  # the evaluation's clock: float passes, artifact, TTT
-    wall = clock.local()  # training + quantization, from the end of the warm-up
-    quant_s = time.perf_counter() - t_q
-    if rank == 0:
-        log(f"artifact: {artifact_path} model {len(data)} bytes (rANS + lzma, clip {clip:.3f} sigmas) + "
-            f"code {code_bytes} = {total} bytes (cap {ARTIFACT_CAP_BYTES})")
+    log(f"artifact: {path} model {len(data)} bytes (rANS + lzma, clip {clip:.3f} sigmas) + "
+        f"code {code_bytes} as shipped = {total} bytes (cap {ARTIFACT_CAP_BYTES})")
+    return {"model_bytes": len(data), "artifact_bytes": total, "clip_sigmas": clip,
+            "quant_seconds": time.perf_counter() - t_q}
+
+
+def log_wall_clock(args, stats, written, wall, log):
     budget_note = f" of the {args.max_wallclock_seconds:.0f}s budget" if args.max_wallclock_seconds > 0 else " (no wall-clock limit)"
     log(f"wall clock from the end of the compile warm-up to the artifact written: {wall:.1f}s{budget_note} "
-        f"(training {stats['train_seconds']:.1f}s, quantization {quant_s:.1f}s, reserve was {stats['reserve_seconds']:.1f}s)")
+        f"(training {stats['train_seconds']:.1f}s, quantization {written['quant_seconds']:.1f}s, reserve was "
+        f"{stats['reserve_seconds']:.1f}s)")
     if args.max_wallclock_seconds > 0 and wall > args.max_wallclock_seconds:
         log(f"WARNING: training + quantization took {wall:.1f}s > MAX_WALLCLOCK_SECONDS: this run is NOT compliant")
 
-    # every rank must hold the same weights: show it
+
+def check_ranks_agree(model, world_size, log):
+    """Every rank must hold the same weights: show it."""
     sums = [weights_checksum(model)] * world_size
     if world_size > 1:
         dist.all_gather_object(sums, sums[0])
     same = " (identical)" if len(set(sums)) == 1 else " WARNING: ranks differ"
     log(f"weights checksum per rank: {' '.join(sums)}{same}")
 
-    # evaluation: float weights (averaged, raw), then the artifact
+
+def score_float_weights(args, model, compiled, stats, val_tokens, luts, rank, world_size, device, log, timer):
+    """Plain val_bpb of the final (averaged) float weights, then of the raw ones -> (result, raw bpb)."""
     t0 = time.perf_counter()
     plain_eval = functools.partial(evaluate, make_score_fn(compiled, device), val_tokens, luts, args.eval_seq_len,
                                    args.eval_seq_len, args.eval_batch_seqs, rank, world_size, device)
@@ -2077,32 +2275,91 @@ def main():
         raw_bpb = plain_eval()["val_bpb"]
         log(f"prequant_float_raw_weights val_bpb:{raw_bpb:.8f} (EMA {pre['val_bpb'] - raw_bpb:+.5f} bpb)")
     timer.since("eval_prequant_plain", t0)
-    res = evaluate_artifact(args, model, artifact_path, val_tokens, luts, rank, world_size, device, log, timer, t_eval)
+    return pre, raw_bpb
+
+
+def write_results(args, paths, cid, data, pre, raw_bpb, res, stats, written, wall, code_bytes, world_size,
+                  device_name, timer):
+    """results_<RUN_ID>.json, then submission.json over the configuration's seeds (rank 0)."""
+    final = res.get("ttt", res.get("sliding", res["roundtrip"]))
+    results = {"seed": args.seed, "config_id": cid, "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
+               "prequant_val_bpb": pre["val_bpb"], "prequant_raw_val_bpb": raw_bpb,
+               "roundtrip_val_bpb": res["roundtrip"]["val_bpb"],
+               "sliding_val_bpb": res.get("sliding", {}).get("val_bpb"), "val_tokens": final["tokens"],
+               "artifact_bytes": written["artifact_bytes"], "model_bytes": written["model_bytes"],
+               "code_bytes": code_bytes, "clip_sigmas": written["clip_sigmas"],
+               **{k: stats[k] for k in ("steps", "step_avg_ms", "train_seconds")},
+               "quant_seconds": written["quant_seconds"], "wall_seconds": wall, "eval_seconds": res["seconds"],
+               "peak_mem_mib": stats["peak_mem_mib"], "world_size": world_size, "device": device_name, "data": data,
+               "finished": time.time(), "torch": torch.__version__, "python": sys.version.split()[0],
+               "note": os.environ.get("LOG_NOTE", ""), "phase_seconds": timer.times}
+    write_json(paths["results"], results)
+    write_submission(args.out_dir, os.path.join(args.out_dir, "submission.json"), cid)
+
+
+def main():
+    t_start = time.perf_counter()
+    args, warnings = read_settings()
+    run_id = args.run_id or f"seed{args.seed}"
+    if args.eval_only:
+        run_eval_only(args, *start_run(args, warnings, [f"eval_{run_id}.log"]))
+        return
+    names = run_file_names(args, run_id)
+    paths = {k: os.path.join(args.out_dir, n) for k, n in names.items()}
+    rank, world_size, device, log = start_run(args, warnings, list(names.values()))
+    code, code_bytes = code_as_shipped()
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    cid = config_id(args, code, world_size, device_name)  # before QAT sets args.clip_sigmas
+    check_submission_config(args.out_dir, cid)
+    model = build_model(args, device)
+    budget_bytes = check_budget_fits(args, model, code_bytes)
+    backend = set_attention_backend(args.attn_backend, device, args.doc_mask)
+    if os.environ.get("LOG_NOTE"):
+        log(f"note: {os.environ['LOG_NOTE']}")
+    log(f"train_gpt.py: {len(code)} bytes of source, {code_bytes} as shipped (counted); torch {torch.__version__}; "
+        f"world_size {world_size}; device {device_name}; attention {backend}")
+    log("config: " + json.dumps(dataclasses.asdict(args), sort_keys=True))
+    timer = PhaseTimer()
+
+    luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(device)
+    train_files = find_shards(args.data_path, "train")
+    val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
+    data = describe_data(args, train_files, val_tokens)
+    log(f"data: {data}")
+    val_tokens = val_tokens.to(device)
+    loader = DistributedLoader(train_files, args.vocab_size, rank, world_size, device)
+    groups = zip(("banks", "tables", "projections", "scalars"), model.param_groups())
+    log(f"parameters: {_numel(model.parameters())} total = " + " + ".join(f"{k} {_numel(g)}" for k, g in groups))
+    compiled = _maybe_compile(model, args, device)
+    opt = Optimizers(model, args, world_size, device)
+    timer.since("startup", t_start)
+
+    clock = SharedClock(rank, world_size, device)
+    stats = train(args, model, compiled, opt, loader, rank, world_size, device, log, timer, clock, budget_bytes)
+    written = quantize_and_write(args, model, loader, budget_bytes, code_bytes, file_sha256(args.tokenizer_path),
+                                 paths["artifact"], rank, world_size, device, log, timer, clock)
+    t_eval, wall = time.perf_counter(), clock.local()  # the evaluation's clock starts; training's ends
+    log_wall_clock(args, stats, written, wall, log)
+    check_ranks_agree(model, world_size, log)
+    pre, raw_bpb = score_float_weights(args, model, compiled, stats, val_tokens, luts, rank, world_size, device, log, timer)
+    res = evaluate_artifact(args, model, paths["artifact"], val_tokens, luts, rank, world_size, device, log, timer, t_eval)
     log(f"quantization gap (plain): {res['roundtrip']['val_bpb'] - pre['val_bpb']:+.5f} bpb")
     log_timing_table(log, timer)
     if rank == 0:
-        final = res.get("ttt", res.get("sliding", res["roundtrip"]))
-        results = {"seed": args.seed, "config_id": cid, "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
-                   "prequant_val_bpb": pre["val_bpb"], "prequant_raw_val_bpb": raw_bpb,
-                   "roundtrip_val_bpb": res["roundtrip"]["val_bpb"],
-                   "sliding_val_bpb": res.get("sliding", {}).get("val_bpb"), "val_tokens": final["tokens"],
-                   "artifact_bytes": total, "model_bytes": len(data), "code_bytes": code_bytes, "clip_sigmas": clip,
-                   **{k: stats[k] for k in ("steps", "step_avg_ms", "train_seconds")},
-                   "quant_seconds": quant_s, "wall_seconds": wall, "eval_seconds": res["seconds"],
-                   "peak_mem_mib": stats["peak_mem_mib"], "world_size": world_size, "device": device_name,
-                   "finished": time.time(), "torch": torch.__version__, "python": sys.version.split()[0],
-                   "note": os.environ.get("LOG_NOTE", ""), "phase_seconds": timer.times}
-        with open(os.path.join(args.out_dir, f"results_{run_id}.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        write_submission(args.out_dir, os.path.join(args.out_dir, "submission.json"), cid)
+        write_results(args, paths, cid, data, pre, raw_bpb, res, stats, written, wall, code_bytes, world_size,
+                      device_name, timer)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, ArtifactError) as e:
+    except (ConfigError, DataError, ArtifactError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); files written so far are whole, none is left partial",
+              file=sys.stderr, flush=True)
+        code = 130
     except BaseException:
         traceback.print_exc()
         code = 1
