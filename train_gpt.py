@@ -2209,8 +2209,8 @@ def check_budget_fits(args, model, code_bytes):
     budget = args.artifact_target_bytes - code_bytes
     least = least_model_bytes(model, args)
     if budget < least:
-        raise ConfigError(f"ARTIFACT_TARGET_BYTES={args.artifact_target_bytes} leaves {budget} model bytes beside the "
-                          f"code's {code_bytes} as shipped; this model packs to no less than ~{least}")
+        raise ConfigError(f"ARTIFACT_TARGET_BYTES={args.artifact_target_bytes} leaves {budget} model bytes beside "
+                          f"train_gpt.py's {code_bytes} as shipped; this model packs to no less than ~{least}")
     return budget
 
 

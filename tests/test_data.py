@@ -472,11 +472,11 @@ def test_cli_model_over_budget_fails_without_writing(tmp_path, smoke_dataset):
     tables: the rate control cannot shrink them) ends with the one-line error after the rate
     control, and no artifact or results file is written."""
     data, tok, vocab = smoke_dataset
-    code = os.path.getsize(SCRIPT)
+    code = T.code_as_shipped()[1]  # the code counted: its shipped form
     proc = _run_script(tmp_path, DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab), OMP_NUM_THREADS="1",
                        ITERATIONS="1", GRAD_ACCUM_STEPS="1", GPTQ_BLOCK="32", BIGRAM_VOCAB="4096",
                        BIGRAM_DIM="16", EMBED_BITS="8", EMBED_CLIP_SIGMAS="0",
-                       ARTIFACT_TARGET_BYTES=str(code + 100_000))  # the smallest model budget allowed
+                       ARTIFACT_TARGET_BYTES=str(code + 100_000))
     _assert_one_error_line(proc, "the model needs", "the budget is 100000")
     assert "rate control 1:" in proc.stdout  # it failed after trying, not before
     out = tmp_path / "out"
