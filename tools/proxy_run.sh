@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Proxy benchmark runs (../shared/docs/proxy.md): the real English text of ../shared/corpus in the
+# challenge's shard format, train_gpt.py on one GPU. Run from anywhere inside the repository.
+#
+# Here, on the developer machine (once per clone; ../shared must sit beside the repository):
+#   bash tools/proxy_run.sh prepare
+#       copy the corpus halves, tools and tokenizers of ../shared into the git-ignored .proxy/
+#       (.proxy/a, .proxy/b, .proxy/tools, .proxy/tokenizers); add /.proxy/ to .git/info/exclude
+# On the GPU machine (each call carrying the .proxy folders that it reads):
+#   bash tools/proxy_run.sh unpack DIR...       copy carried corpus parts into /root/corpus
+#   bash tools/proxy_run.sh shards VARIANT      tokenize /root/corpus into /root/shards_VARIANT
+#                                               (sp1024 or sp8192; needs .proxy/tools, .proxy/tokenizers)
+#   bash tools/proxy_run.sh start NAME VARIANT [VAR=VALUE ...]
+#       copy train_gpt.py to /root/runs/NAME and start it detached on /root/shards_VARIANT
+#       (OUT_DIR=/root/runs/NAME/out, SEED=42 unless set; stdout in /root/runs/NAME/stdout.log)
+#   bash tools/proxy_run.sh eval NAME ARTIFACT [VAR=VALUE ...]
+#       the same with EVAL_ONLY=ARTIFACT: score an artifact, no training (VARIANT=sp8192 unless set)
+#   bash tools/proxy_run.sh wait SECONDS [NAME ...]
+#       wait up to SECONDS while a run is alive, print each run's progress, and copy its stdout,
+#       log, results json and submission.json (the .ptz artifact too with KEEP_ARTIFACT=1) into
+#       $OUT as NAME.FILE (8 files at most)
+# Environment: SHARED (default: ../shared beside the repository), PROXY_ROOT (default: /root).
+# A run started detached dies with the machine: keep a `wait` running until it has ended.
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PR=${PROXY_ROOT:-/root}
+RUN_PATTERN='[p]ython3 train_gpt.py'   # the brackets keep the pattern from matching its own command line
+MAX_FILES=8
+MAX_FILE_BYTES=$((16 * 1024 * 1024))
+
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 2; }
+die() { echo "proxy_run.sh: $*" >&2; exit 1; }
+
+check_name() {
+  [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "NAME must be letters, digits, '.', '_', '-': $1"
+}
+check_variant() {
+  [[ $1 =~ ^sp[0-9]+$ ]] || die "VARIANT must look like sp1024 or sp8192: $1"
+}
+check_assignments() {
+  local a
+  for a in "$@"; do
+    [[ $a =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "not a VAR=VALUE setting: $a"
+  done
+}
+
+# Is a train_gpt.py process running in folder $1?
+run_alive() {
+  local p want
+  want=$(cd "$1" && pwd -P) || return 1
+  for p in $(pgrep -f "$RUN_PATTERN" || true); do
+    [[ $(readlink "/proc/$p/cwd" 2>/dev/null) == "$want" ]] && return 0
+  done
+  return 1
+}
+
+prepare() {
+  local shared=${SHARED:-$ROOT/../shared} excl f
+  [[ -d $shared/corpus && -d $shared/tools && -d $shared/tokenizers ]] \
+    || die "no corpus/, tools/ and tokenizers/ in $shared (set SHARED=path/to/shared)"
+  cd "$ROOT"
+  excl=$(git rev-parse --git-path info/exclude 2>/dev/null) || die "$ROOT is not a git checkout"
+  mkdir -p "$(dirname "$excl")"
+  if ! grep -qxF '/.proxy/' "$excl" 2>/dev/null; then
+    if [[ -s $excl && -n $(tail -c 1 "$excl") ]]; then echo >>"$excl"; fi
+    echo '/.proxy/' >>"$excl"
+    echo "added /.proxy/ to $excl"
+  fi
+  git check-ignore -q .proxy/a/x || die ".proxy/ is still not ignored by git (see $excl)"
+  mkdir -p .proxy/a .proxy/b
+  for f in train_000.txt.xz train_001.txt.xz train_002.txt.xz train_003.txt.xz val.txt.xz; do
+    [[ -f $shared/corpus/$f ]] || die "missing $shared/corpus/$f"
+  done
+  cp -f "$shared/corpus/train_000.txt.xz" "$shared/corpus/train_001.txt.xz" .proxy/a/
+  cp -f "$shared/corpus/train_002.txt.xz" "$shared/corpus/train_003.txt.xz" "$shared/corpus/val.txt.xz" .proxy/b/
+  rm -rf .proxy/tools .proxy/tokenizers
+  cp -r "$shared/tools" "$shared/tokenizers" .proxy/
+  chmod -R u+w .proxy
+  du -sh .proxy/a .proxy/b .proxy/tools .proxy/tokenizers
+}
+
+unpack() {
+  local d
+  [[ $# -ge 1 ]] || usage
+  mkdir -p "$PR/corpus"
+  for d in "$@"; do
+    compgen -G "$d/*.txt.xz" >/dev/null || die "no *.txt.xz in $d (carry it with the call)"
+    cp -f "$d"/*.txt.xz "$PR/corpus/"
+  done
+  ls -la "$PR/corpus"
+}
+
+shards() {
+  local v=$1 n tok out tmp
+  check_variant "$v"
+  n=${v#sp} out=$PR/shards_$v
+  tok=$ROOT/.proxy/tokenizers/fineweb_${n}_bpe.model
+  [[ -f $tok ]] || die "no $tok (carry .proxy/tokenizers)"
+  [[ -f $ROOT/.proxy/tools/make_shards.py ]] || die "no .proxy/tools/make_shards.py (carry .proxy/tools)"
+  mkdir -p "$PR/tokenizers"
+  cp -f "$tok" "$PR/tokenizers/"   # the runs read it from here, whatever a later call carries
+  if [[ -f $out/fineweb_val_000000.bin ]]; then echo "$out exists"; return 0; fi
+  [[ -f $PR/corpus/val.txt.xz ]] || die "no $PR/corpus/val.txt.xz (unpack .proxy/b first)"
+  echo "corpus: $(cd "$PR/corpus" && echo train_*.txt.xz) val.txt.xz"
+  tmp=$out.partial
+  rm -rf "$tmp"
+  python3 "$ROOT/.proxy/tools/make_shards.py" --corpus "$PR/corpus" --tokenizer "$tok" \
+    --out "$tmp" --workers "$(nproc)"
+  mv "$tmp" "$out"
+}
+
+# start_run NAME VARIANT [VAR=VALUE ...]
+start_run() {
+  local name=$1 v=$2 n d tok
+  shift 2
+  check_name "$name"
+  check_variant "$v"
+  check_assignments "$@"
+  n=${v#sp} d=$PR/runs/$name
+  tok=$PR/tokenizers/fineweb_${n}_bpe.model
+  [[ -f $PR/shards_$v/fineweb_val_000000.bin ]] || die "no shards in $PR/shards_$v (run: shards $v)"
+  [[ -f $tok ]] || die "no $tok (run: shards $v)"
+  [[ -e $d ]] && die "$d exists: choose another NAME"
+  mkdir -p "$d"
+  cp "$ROOT/train_gpt.py" "$d/"
+  local -a cmd=(env "DATA_PATH=$PR/shards_$v" "TOKENIZER_PATH=$tok" "VOCAB_SIZE=$n" "SEED=${SEED:-42}"
+                "OUT_DIR=$d/out" "DATA_NAME=proxy corpus (../shared/corpus), $v shards" "$@"
+                python3 train_gpt.py)
+  printf '%q ' "${cmd[@]}" >"$d/command.txt"
+  echo >>"$d/command.txt"
+  (cd "$d" && setsid nohup "${cmd[@]}" >"$d/stdout.log" 2>&1 </dev/null &)
+  echo "started $name in $d: $(cat "$d/command.txt")"
+  sleep 5
+  if ! run_alive "$d"; then
+    echo "proxy_run.sh: $name ended at once; its output:" >&2
+    tail -n 20 "$d/stdout.log" >&2
+    exit 1
+  fi
+}
+
+eval_run() {
+  local name=$1 art=$2
+  shift 2
+  [[ -f $art ]] || die "no artifact at $art"
+  art=$(cd "$(dirname "$art")" && pwd)/$(basename "$art")
+  start_run "$name" "${VARIANT:-sp8192}" "EVAL_ONLY=$art" "$@"
+}
+
+# copy_out SRC NAME.FILE: copy into $OUT under a flat, safe name, at most MAX_FILES files
+copied=0
+copy_out() {
+  local src=$1 dst=${2//[^A-Za-z0-9._-]/_} size
+  [[ -f $src ]] || return 0
+  size=$(stat -c %s "$src")
+  if (( size > MAX_FILE_BYTES )); then echo "  not copied (over 16 MiB): $src"; return 0; fi
+  if (( copied >= MAX_FILES )); then echo "  not copied ($MAX_FILES files already): $src"; return 0; fi
+  cp "$src" "$OUT/$dst"
+  copied=$((copied + 1))
+  echo "  -> \$OUT/$dst"
+}
+
+wait_runs() {
+  local secs=$1 end now d name f
+  [[ $secs =~ ^[0-9]+$ ]] || die "SECONDS must be a whole number: $secs"
+  shift
+  local -a dirs=()
+  if [[ $# -gt 0 ]]; then
+    for name in "$@"; do check_name "$name"; [[ -d $PR/runs/$name ]] || die "no run $PR/runs/$name"; dirs+=("$PR/runs/$name"); done
+  else
+    for d in "$PR"/runs/*/; do [[ -d $d ]] && dirs+=("${d%/}"); done
+  fi
+  [[ ${#dirs[@]} -gt 0 ]] || { echo "no runs in $PR/runs"; return 0; }
+  end=$(( $(date +%s) + secs ))
+  while :; do
+    local alive=0
+    for d in "${dirs[@]}"; do run_alive "$d" && alive=1; done
+    now=$(date +%s)
+    (( alive && now < end )) || break
+    sleep $(( end - now < 5 ? end - now : 5 ))
+  done
+  for d in "${dirs[@]}"; do
+    name=$(basename "$d")
+    if run_alive "$d"; then echo "== $name: running"; else echo "== $name: ended"; fi
+    [[ -f $d/stdout.log ]] || continue
+    grep -E '^(step:|late QAT|training done|rate control|artifact:|wall clock|prequant|final_|ttt phase|evaluation:|quantization gap)|[Ee]rror|NOT compliant|refus|[Ww]arning' \
+      "$d/stdout.log" | tail -n 14 || true
+    if ! run_alive "$d" && ! grep -q '^evaluation:' "$d/stdout.log"; then
+      echo "  (no evaluation line; last lines:)"; tail -n 3 "$d/stdout.log"
+    fi
+  done
+  [[ -n ${OUT:-} && -d ${OUT:-} ]] || return 0
+  # most useful first, in case the 8-file limit binds
+  local -a files=()
+  for d in "${dirs[@]}"; do files+=("$d/stdout.log"); done
+  if [[ ${KEEP_ARTIFACT:-0} == 1 ]]; then for d in "${dirs[@]}"; do files+=("$d"/out/*.ptz); done; fi
+  for d in "${dirs[@]}"; do files+=("$d"/out/results_*.json "$d/out/submission.json"); done
+  for d in "${dirs[@]}"; do files+=("$d"/out/train_*.log); done
+  for f in "${files[@]}"; do
+    d=${f%/stdout.log}; d=${d%/out/*}
+    copy_out "$f" "$(basename "$d").$(basename "$f")"
+  done
+}
+
+verb=${1:-}
+[[ $# -gt 0 ]] && shift
+case "$verb" in
+  prepare) [[ $# -eq 0 ]] || usage; prepare ;;
+  unpack) unpack "$@" ;;
+  shards) [[ $# -eq 1 ]] || usage; shards "$1" ;;
+  start) [[ $# -ge 2 ]] || usage; start_run "$@" ;;
+  eval) [[ $# -ge 2 ]] || usage; eval_run "$@" ;;
+  wait) [[ $# -ge 1 ]] || usage; wait_runs "$@" ;;
+  *) usage ;;
+esac
