@@ -69,6 +69,20 @@ class OutputError(ValueError):
     """OUT_DIR unusable, a file not written, or a run's files already there."""
 
 
+@dataclass
+class Run:
+    """This process in the job: its rank among `world_size`, its device, rank 0's log and the
+    phase timer. Not a setting, so not part of the configuration's fingerprint."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    log: object = print  # a callable taking one line
+    timer: object = None  # PhaseTimer; a fresh one if not given
+
+    def __post_init__(self):
+        self.timer = self.timer or PhaseTimer()
+
+
 # ----- config
 
 _TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
@@ -403,15 +417,15 @@ class TokenStream:
 class DistributedLoader:
     """All ranks walk one stream, each taking its slice of each chunk."""
 
-    def __init__(self, files, vocab_size, rank, world_size, device):
+    def __init__(self, files, vocab_size, run):
         self.stream = TokenStream(files, vocab_size)
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.run = run
 
     def next_batch(self, seqs, seq_len):
-        span = seqs * seq_len + 1
-        chunk = self.stream.take(span * self.world_size)
-        mine = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span])
-        return tuple(t.view(seqs, seq_len).to(self.device, non_blocking=True) for t in (mine[:-1], mine[1:]))
+        span, run = seqs * seq_len + 1, self.run
+        chunk = self.stream.take(span * run.world_size)
+        mine = torch.from_numpy(chunk[run.rank * span:(run.rank + 1) * span])
+        return tuple(t.view(seqs, seq_len).to(run.device, non_blocking=True) for t in (mine[:-1], mine[1:]))
 
 
 # ----- model
@@ -576,6 +590,22 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """The language model. Each feature, its setting and where it lives:
+    - matrices in four banks (q/out, k/v, MLP up, MLP down; `banks`), for parallel Muon and GPTQ
+      by bank row; MODEL_DIM, NUM_LAYERS, NUM_HEADS / NUM_KV_HEADS (GQA), MLP_MULT;
+    - input: token embedding (tied with the head), BigramHash (BIGRAM_VOCAB, BIGRAM_DIM), RMSNorm,
+      SmearGate, none of them across a BOS (`embed`);
+    - attention (`Block.forward`): q/k RMSNorm, partial RoPE (ROPE_DIMS), per-head q gain
+      (QK_GAIN_INIT), document masking (DOC_MASK), XSA (XSA_LAYERS), a per-head output gate
+      (ATTN_GATE_WIDTH), value embeddings on VE_LAYERS (VE_DIM);
+    - MLP: LeakyReLU(LEAKY_SLOPE)^2; layers from PARALLEL_FROM run it beside the attention, their
+      outputs summed into one lane (`lane_mix`);
+    - U-Net skips between the two halves, through sigmoid gates (SKIP_GATES; `hidden`);
+    - depth recurrence: RECUR_LAYERS run 1 + RECUR_PASSES times once on (`layer_order`);
+    - head: tied, softcapped logits (LOGIT_SOFTCAP; `logits_from_hidden`);
+    - late QAT: straight-through fake quantization of the banks on the GPTQ grid (`_bank_weights`);
+    - TTT: per-document LoRA adapters (`adapt`) and a key/value cache of earlier chunks (`cache`)."""
+
     def __init__(self, args):
         super().__init__()
         self.args = a = args
@@ -1041,23 +1071,23 @@ def bank_hessian_keys(args):
 
 
 @torch.no_grad()
-def collect_hessians(model, args, loader, device, world_size, log):
+def collect_hessians(model, args, loader, run):
     """Hessians from the next GPTQ_CALIB_SEQS training sequences."""
     t0 = time.perf_counter()
-    per_rank = -(-args.gptq_calib_seqs // world_size)
+    per_rank = -(-args.gptq_calib_seqs // run.world_size)
     collector = HessianCollector()
     model._capture = collector
     try:
-        with _autocast(device):
+        with _autocast(run.device):
             for b0 in range(0, per_rank, 8):
                 x, _ = loader.next_batch(min(8, per_rank - b0), args.gptq_calib_len)
                 collector(-1, "head", model.hidden(x))  # the tied head's input
     finally:
         model._capture = None
     hessians = collector.averaged()
-    _sync(device)
-    log(f"calibration: {per_rank * world_size} training seqs x {args.gptq_calib_len} tokens, "
-        f"Hessians in {time.perf_counter() - t0:.2f}s")
+    _sync(run.device)
+    run.log(f"calibration: {per_rank * run.world_size} training seqs x {args.gptq_calib_len} tokens, "
+            f"Hessians in {time.perf_counter() - t0:.2f}s")
     return hessians
 
 
@@ -1160,20 +1190,28 @@ def clip_for_size_change(model, args, clip_sigmas, delta_bytes):
     return hi
 
 
-def quantize_to_budget(model, hessians, args, budget, rank, world_size, device, log, clock=None, tokenizer_sha=""):
+@dataclass
+class Quantized:
+    entries: dict  # name -> int or float entry
+    data: bytes | None  # the compressed artifact (rank 0; None elsewhere)
+    clip_sigmas: float
+    tries: list  # (clip, bytes) of each round
+
+
+def quantize_to_budget(model, hessians, args, budget, run, clock=None, tokenizer_sha=""):
     """Rate control: GPTQ, compress, move the clip until the model fills RATE_BAND of the budget
     (RATE_TRIES rounds, up to 4 more while nothing fits; none past the clock's budget once one
-    fits) -> entries, bytes, clip, tries. The artifact records `tokenizer_sha`."""
+    fits) -> Quantized. The artifact records `tokenizer_sha`."""
     clip, tries, best = args.clip_sigmas, [], None
     for attempt in range(args.rate_tries + 4):
         if attempt >= args.rate_tries and best[0][0] == 1:
             break
         t0 = time.perf_counter()
-        entries = quantize_model(model, hessians, args, clip, rank, world_size)
-        data = compress(pack_entries(entries, args, tokenizer_sha)[0]) if rank == 0 else None
-        size = int(_from_rank0(len(data) if rank == 0 else 0, world_size, device))
+        entries = quantize_model(model, hessians, args, clip, run.rank, run.world_size)
+        data = compress(pack_entries(entries, args, tokenizer_sha)[0]) if run.rank == 0 else None
+        size = int(_from_rank0(len(data) if run.rank == 0 else 0, run.world_size, run.device))
         tries.append((clip, size))
-        log(f"rate control {attempt}: clip {clip:.3f} sigmas -> {size} bytes (budget {budget})")
+        run.log(f"rate control {attempt}: clip {clip:.3f} sigmas -> {size} bytes (budget {budget})")
         fits = size <= budget
         key = (1, -clip) if fits else (0, -size)
         if best is None or key > best[0]:
@@ -1184,12 +1222,12 @@ def quantize_to_budget(model, hessians, args, budget, rank, world_size, device, 
             break
         if attempt + 1 < args.rate_tries or not fits:  # rank 0 picks the next clip
             aim = ((1 + RATE_BAND) / 2) ** max(1, attempt + 2 - args.rate_tries) * budget
-            new_clip = clip_for_size_change(model, args, clip, aim - size) if rank == 0 else 0.0
-            new_clip = _from_rank0(new_clip, world_size, device)
+            new_clip = clip_for_size_change(model, args, clip, aim - size) if run.rank == 0 else 0.0
+            new_clip = _from_rank0(new_clip, run.world_size, run.device)
             if new_clip == clip:
                 break
             clip = new_clip
-    return best[1], best[2], best[3], tries
+    return Quantized(best[1], best[2], best[3], tries)
 
 
 def dequantize_entries(entries, args):
@@ -1551,12 +1589,12 @@ def _metrics(sums):
     return {"val_loss": loss / ntok, "val_bpb": loss / math.log(2) / nbytes, "tokens": int(ntok), "bytes": int(nbytes)}
 
 
-def evaluate(score_fn, tokens, luts, seq_len, stride, batch, rank, world_size, device, on_score=None):
+def evaluate(score_fn, tokens, luts, seq_len, stride, batch, run, on_score=None):
     """val_loss, val_bpb over all targets of `tokens` (stride = seq_len: non-overlapping)."""
     n = tokens.numel() - 1
     seq_len = min(seq_len, n)
-    mine = rank_share(sliding_windows(n, seq_len, stride), rank, world_size)
-    return _metrics(_all_reduce_sum(score_windows(score_fn, tokens, luts, mine, batch, device, on_score)))
+    mine = rank_share(sliding_windows(n, seq_len, stride), run.rank, run.world_size)
+    return _metrics(_all_reduce_sum(score_windows(score_fn, tokens, luts, mine, batch, run.device, on_score)))
 
 
 def make_score_fn(model, device):
@@ -1655,19 +1693,88 @@ def document_spans(tokens, bos_id):
     return list(zip(starts, starts[1:] + [n]))
 
 
-def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, monitor=None, started=None):
+def ttt_phase_shares(spans, args, run):
+    """Each phase's documents (TTT_PHASES consecutive parts of the split), this rank's share of
+    each, longest first."""
+    per_phase = -(-len(spans) // args.ttt_phases)
+    for ph in range(0, len(spans), per_phase):
+        yield sorted(spans[ph:ph + per_phase], key=lambda se: se[0] - se[1])[run.rank::run.world_size]
+
+
+class Lanes:
+    """TTT_BATCH_DOCS rows, each running documents one after another, the next (longest first) as
+    soon as its own ends: per row, its document's start and length and the chunk it is at."""
+
+    def __init__(self, docs, rows, chunk_len):
+        self.queue, self.chunk_len = iter(docs), chunk_len
+        self.start, self.length, self.chunk = [0] * rows, [0] * rows, [0] * rows
+
+    def refill(self):
+        """Rows done with their document take the next (none left: an empty row) -> the fresh rows."""
+        for r in range(len(self.start)):
+            if self.chunk[r] * self.chunk_len >= self.length[r]:
+                s, e = next(self.queue, (0, 0))
+                self.start[r], self.length[r], self.chunk[r] = s, e - s, 0
+        return [r for r in range(len(self.start)) if self.chunk[r] == 0 < self.length[r]]
+
+    def busy(self):
+        return any(self.length)
+
+    def a_later_chunk_learns(self):
+        return any((k + 1) * self.chunk_len < n for k, n in zip(self.chunk, self.length))
+
+    def scored_ranges(self):
+        """The token ranges this step scores."""
+        C = self.chunk_len
+        return [(s + k * C, s + min(n, (k + 1) * C)) for s, n, k in zip(self.start, self.length, self.chunk) if n > k * C]
+
+    def advance(self):
+        self.chunk = [k + 1 for k in self.chunk]
+
+
+def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
+    """Between phases: SGD (momentum 0.9) on the documents just scored, in rows of EVAL_SEQ_LEN
+    tokens; every rank takes as many steps, gradients averaged over all rows of all ranks."""
+    window, rows, device = args.eval_seq_len, args.ttt_batch_docs, run.device
+    xs = torch.cat([tokens[s:e] for s, e in docs] + [tokens[:0]])
+    ys = torch.cat([tokens[s + 1:e + 1] for s, e in docs] + [tokens[:0]])
+    have = xs.numel() // window  # whole rows
+    haves = torch.zeros(run.world_size, device=device)
+    haves[run.rank] = have
+    _all_reduce_sum(haves)
+    sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
+    for r0 in range(0, int(haves.max()), rows):
+        r1 = min(r0 + rows, have)
+        step_rows = float((haves - r0).clamp(0, rows).sum())  # mean over all ranks
+        for m0 in range(r0, r1, 8):  # 8-row micro-batches: bounded memory
+            m1 = min(m0 + 8, r1)
+            with _autocast(device):
+                loss = model(xs[m0 * window:m1 * window].view(-1, window), ys[m0 * window:m1 * window].view(-1, window))
+            (loss * ((m1 - m0) * run.world_size / step_rows)).backward()
+        for p in model.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat_all_reduce_avg([p.grad for p in model.parameters()])()
+        sgd.step()
+        sgd.zero_grad(set_to_none=True)
+        if monitor is not None and r1 > r0:
+            monitor("global", r0 * window, r1 * window)  # offsets in this rank's rows
+
+
+def evaluate_with_ttt(model, tokens, luts, args, run, monitor=None, started=None):
     """Score-first TTT: each TTT_CHUNK is scored, then trains its document's adapters; between
     phases, SGD on the scored documents. Chunks attend to cached keys of the document's last
     EVAL_SEQ_LEN - TTT_CHUNK tokens; adaptation stops TTT_MAX_SECONDS after `started` (the
     evaluation's start; default: now). `monitor` is for tests."""
-    C, W, D = args.ttt_chunk, args.eval_seq_len, args.ttt_batch_docs
+    chunk_len, rows, device = args.ttt_chunk, args.ttt_batch_docs, run.device
     spans = document_spans(tokens, args.bos_id)
     model.eval().qat_mix.zero_()
     model.requires_grad_(False)
-    adapters, cache = DocAdapters(args, D, device), KVCache(W - C, D, C, args.bos_id, device)
+    adapters = DocAdapters(args, rows, device)
+    cache = KVCache(args.eval_seq_len - chunk_len, rows, chunk_len, args.bos_id, device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
-    x, y = (torch.full((D, C), v, device=device) for v in (args.bos_id, 0))
-    inside = torch.zeros(D, C, dtype=torch.bool, device=device)
+    x, y = (torch.full((rows, chunk_len), v, device=device) for v in (args.bos_id, 0))
+    inside = torch.zeros(rows, chunk_len, dtype=torch.bool, device=device)
 
     def chunk_step(train):  # fixed shapes: x, y, inside, the cache and the adapters in place
         with torch.set_grad_enabled(train), _autocast(device):
@@ -1677,89 +1784,60 @@ def evaluate_with_ttt(model, tokens, luts, args, rank, world_size, device, log, 
             (nll.sum(1) / inside.sum(1).clamp_min(1)).sum().backward()
             adapters.step()
 
-    if world_size > 1:
+    if run.world_size > 1:
         dist.barrier()
     t0, adapting, stopped, steps, n_tok = time.perf_counter(), True, False, 0, 0
     stop_at = (started or t0) + args.ttt_max_seconds
     model.adapters, steppers = adapters, {t: functools.partial(chunk_step, t) for t in (True, False)}
     if device.type == "cuda":  # kernel launches, not the GPU, bound the eager step: replay graphs
-        cache.start(torch.zeros(D, dtype=torch.long, device=device))
+        cache.start(torch.zeros(rows, dtype=torch.long, device=device))
         steppers = {t: _cuda_graph(f) for t, f in steppers.items()}
         sums.zero_()
-    per_phase = -(-len(spans) // args.ttt_phases)
-    for ph in range(0, len(spans), per_phase):
-        mine = sorted(spans[ph:ph + per_phase], key=lambda se: se[0] - se[1])[rank::world_size]
-        # each row runs documents one after another, the next (longest first) once one ends
-        queue, start, length, chunk = iter(mine), [0] * D, [0] * D, [0] * D
+    shares = list(ttt_phase_shares(spans, args, run))
+    for phase, mine in enumerate(shares):
+        lanes = Lanes(mine, rows, chunk_len)
         while True:
-            for r in range(D):
-                if chunk[r] * C >= length[r]:
-                    s, e = next(queue, (0, 0))  # none left: an empty row (fixed shapes)
-                    start[r], length[r], chunk[r] = s, e - s, 0
-            if not any(length):
+            fresh = lanes.refill()
+            if not lanes.busy():
                 break
-            c, ln, st = _to_device([chunk, length, start], device)[:, :, None]
-            fresh = [r for r in range(D) if chunk[r] == 0 < length[r]]
+            c, ln, st = _to_device([lanes.chunk, lanes.length, lanes.start], device)[:, :, None]
             fresh = _to_device(fresh, device) if fresh else None
             if fresh is not None:
                 adapters.reset(fresh)
             cache.start(c[:, 0], fresh)
-            pos = c * C + torch.arange(C, device=device)
+            pos = c * chunk_len + torch.arange(chunk_len, device=device)
             inside.copy_(pos < ln)  # after a document's end: never attended
             idx = st + torch.where(inside, pos, 0)
             x.copy_(torch.where(inside, tokens[idx], args.bos_id))
             y.copy_(torch.where(inside, tokens[idx + 1], 0))
-            # local clock: this rank's adapters only
-            adapting = adapting and time.perf_counter() < stop_at
-            train_now = adapting and any((k + 1) * C < n for k, n in zip(chunk, length))  # a later chunk learns
+            adapting = adapting and time.perf_counter() < stop_at  # local clock: this rank's adapters only
+            train_now = adapting and lanes.a_later_chunk_learns()
             steppers[train_now]()
-            ranges = [(s + k * C, s + min(n, (k + 1) * C)) for s, n, k in zip(start, length, chunk) if n > k * C]
+            ranges = lanes.scored_ranges()
             n_tok += sum(hi - lo for lo, hi in ranges)
             steps += train_now
             for kind in ("score", "train")[:1 + train_now] if monitor else ():
                 for lo, hi in ranges:
                     monitor(kind, lo, hi)
-            chunk = [k + 1 for k in chunk]
+            lanes.advance()
         over = torch.tensor(float(not adapting or time.perf_counter() >= stop_at), device=device)
-        if world_size > 1:
+        if run.world_size > 1:
             dist.all_reduce(over, op=dist.ReduceOp.MAX)
         if over.item() and not stopped:
-            log(f"ttt: {args.ttt_max_seconds}s into the evaluation after {steps} adapter steps; scoring only from here")
+            run.log(f"ttt: {args.ttt_max_seconds}s into the evaluation after {steps} adapter steps; scoring only from here")
         adapting, stopped = not over.item(), bool(over.item())
-        if adapting and ph + per_phase < len(spans):  # global pass over the scored documents
+        if adapting and phase + 1 < len(shares):
             model.requires_grad_(True).adapters = None
-            xs = torch.cat([tokens[s:e] for s, e in mine] + [tokens[:0]])
-            ys = torch.cat([tokens[s + 1:e + 1] for s, e in mine] + [tokens[:0]])
-            have = xs.numel() // W  # whole rows of W tokens
-            haves = torch.zeros(world_size, device=device)
-            haves[rank] = have
-            _all_reduce_sum(haves)  # all ranks take as many steps
-            sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
-            for r0 in range(0, int(haves.max()), D):
-                r1 = min(r0 + D, have)
-                step_rows = float((haves - r0).clamp(0, D).sum())  # mean over all ranks
-                for m0 in range(r0, r1, 8):  # 8-row micro-batches: bounded memory
-                    m1 = min(m0 + 8, r1)
-                    with _autocast(device):
-                        loss = model(xs[m0 * W:m1 * W].view(-1, W), ys[m0 * W:m1 * W].view(-1, W))
-                    (loss * ((m1 - m0) * world_size / step_rows)).backward()
-                for p in model.parameters():
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                flat_all_reduce_avg([p.grad for p in model.parameters()])()
-                sgd.step()
-                sgd.zero_grad(set_to_none=True)
-                if monitor is not None and r1 > r0:
-                    monitor("global", r0 * W, r1 * W)  # offsets in this rank's rows
+            ttt_global_pass(model, tokens, mine, args, run, monitor)
             model.requires_grad_(False).adapters = adapters
-        log(f"ttt phase {ph // per_phase + 1}/{-(-len(spans) // per_phase)} done at {time.perf_counter() - t0:.1f}s: "
-            f"{n_tok} targets scored here, {steps} adapter steps, val_bpb so far "
-            + (f"{_metrics(sums)['val_bpb']:.5f}" if n_tok else "-"))
+        run.log(f"ttt phase {phase + 1}/{len(shares)} done at {time.perf_counter() - t0:.1f}s: "
+                f"{n_tok} targets scored here, {steps} adapter steps, val_bpb so far "
+                + (f"{_metrics(sums)['val_bpb']:.5f}" if n_tok else "-"))
     model.requires_grad_(True).adapters = None
     out = _metrics(_all_reduce_sum(sums))
     seconds = time.perf_counter() - t0
     total = _all_reduce_sum(torch.tensor(float(n_tok), dtype=torch.float64, device=device)).item()
-    out.update(ttt_steps=steps, seconds=seconds, tokens_per_s_per_gpu=total / seconds / world_size)
+    out.update(ttt_steps=steps, seconds=seconds, tokens_per_s_per_gpu=total / seconds / run.world_size)
     return out
 
 
@@ -1802,8 +1880,8 @@ def lr_scale_at(args, progress):
 class SharedClock:
     """Rank 0's training clock, broadcast each step so all ranks decide alike."""
 
-    def __init__(self, rank, world_size, device, clock=time.perf_counter):
-        self.rank, self.world_size, self.device, self.clock = rank, world_size, device, clock
+    def __init__(self, run, clock=time.perf_counter):
+        self.run, self.clock = run, clock
         self.t0 = clock()
 
     def start(self):
@@ -1813,21 +1891,33 @@ class SharedClock:
         return self.clock() - self.t0
 
     def shared(self, ahead=0.0):  # rank 0's `ahead` too
-        return _from_rank0(self.local() + ahead if self.rank == 0 else 0.0, self.world_size, self.device)
+        return _from_rank0(self.local() + ahead if self.run.rank == 0 else 0.0, self.run.world_size, self.run.device)
 
 
-def qat_clip_for_budget(model, args, budget_bytes, rank, world_size, device):
+def qat_clip_for_budget(model, args, budget_bytes, run):
     """The clip at which the weights would fill the rate band (QAT trains onto it)."""
     clip = args.clip_sigmas
-    if rank == 0:
+    if run.rank == 0:
         size = len(compress(pack_entries(quantize_model(model, None, args, args.clip_sigmas), args)[0]))
         clip = clip_for_size_change(model, args, args.clip_sigmas, (1 + RATE_BAND) / 2 * budget_bytes - size)
-    return _from_rank0(clip, world_size, device)
+    return _from_rank0(clip, run.world_size, run.device)
 
 
-def train(args, model, compiled, opt, loader, rank, world_size, device, log, timer, clock, budget_bytes=0):
-    accum = args.resolved_grad_accum(world_size)
-    micro_seqs = args.train_batch_tokens // (world_size * accum * args.train_seq_len)
+@dataclass
+class TrainStats:
+    steps: int
+    train_seconds: float
+    step_avg_ms: float
+    peak_mem_mib: float
+    reserve_seconds: float  # kept for calibration and the rate control
+    qat_step: int | None
+    final_train_loss: float
+    raw_weights: list | None  # the last step's weights, where EMA replaced them
+
+
+def training_budget(args, model):
+    """Seconds the training loop may run: MAX_WALLCLOCK_SECONDS less the reserve for calibration and
+    rate control (0: no limit) -> (budget, reserve)."""
     reserve = args.gptq_reserve_seconds
     if reserve < 0:
         reserve = estimate_gptq_reserve(_numel(model.parameters()))
@@ -1835,7 +1925,61 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
     if args.max_wallclock_seconds > 0 and budget <= 0:
         raise ConfigError(f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds} leaves no time after the "
                           f"{reserve:.1f}s quantization reserve")
-    log(f"batch: {args.train_batch_tokens} tokens/step = {world_size} ranks x {accum} micro-steps x "
+    return budget, reserve
+
+
+def compile_warmup(args, model, opt, loader, one_step, run):
+    """WARMUP_STEPS steps compile the graphs (both depths of the recurrence: no recompile mid-run);
+    weights, optimizer and data position are then restored."""
+    t0 = time.perf_counter()
+    saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(), loader.stream.state())
+    for i in range(args.warmup_steps):
+        model.recurrence_active = bool(model.recur_layers) and i >= args.warmup_steps // 2
+        one_step(0.0, 1.0)
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    loader.stream.restore(saved[2])
+    _sync(run.device)
+    run.timer.since("compile_warmup (not counted)", t0)
+    run.log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t0:.1f}s, state restored")
+
+
+def start_late_qat(args, model, budget_bytes, step, scale, run):
+    """Fake quantization on from here, on the grid at which the weights would fill the budget."""
+    t0 = time.perf_counter()
+    if budget_bytes > 0:
+        args.clip_sigmas = qat_clip_for_budget(model, args, budget_bytes, run)
+    model.qat_clip.fill_(args.clip_sigmas)
+    model.qat_mix.fill_(1.0)
+    run.log(f"late QAT on at step {step} (lr scale {scale:.3f}), grid clip {args.clip_sigmas:.3f} sigmas "
+            f"(chosen in {time.perf_counter() - t0:.1f}s)")
+
+
+def finalize_weights(args, model, ema, run):
+    """The EMA weights replace the raw ones (returned, to be scored after the artifact); QAT off."""
+    if model.recur_layers and not model.recurrence_active:
+        run.log("WARNING: the run ended before depth recurrence started; the artifact is evaluated with it")
+    model.recurrence_active = bool(model.recur_layers)
+    t0, raw = time.perf_counter(), None
+    if ema is not None:
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in model.parameters()]
+            for p, t in zip(model.parameters(), ema):
+                p.copy_(t.to(p.dtype))
+        run.log(f"final weights: EMA (time constant {args.ema_horizon} of the run)")
+    model.qat_mix.zero_()
+    run.timer.since("weights_average", t0)
+    return raw
+
+
+def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
+    """The timed training loop: the schedule follows the fraction of the run done (steps or time),
+    EMA in run fractions, depth recurrence and late QAT switched on by it -> TrainStats."""
+    device, log = run.device, run.log
+    accum = args.resolved_grad_accum(run.world_size)
+    micro_seqs = args.train_batch_tokens // (run.world_size * accum * args.train_seq_len)
+    budget, reserve = training_budget(args, model)
+    log(f"batch: {args.train_batch_tokens} tokens/step = {run.world_size} ranks x {accum} micro-steps x "
         f"{micro_seqs} seqs x {args.train_seq_len}; training budget {budget:.1f}s (reserve {reserve:.1f}s for GPTQ)")
 
     def one_step(progress, lr_scale):
@@ -1851,25 +1995,13 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
         opt.zero_grad()
         return total / accum, norm
 
-    # compile warm-up, then weights, optimizer and data position restored
     if args.warmup_steps > 0:
-        t0 = time.perf_counter()
-        saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(), loader.stream.state())
-        for i in range(args.warmup_steps):  # both depths: no recompile mid-run
-            model.recurrence_active = bool(model.recur_layers) and i >= args.warmup_steps // 2
-            one_step(0.0, 1.0)
-        model.load_state_dict(saved[0])
-        opt.load_state_dict(saved[1])
-        loader.stream.restore(saved[2])
-        _sync(device)
-        timer.since("compile_warmup (not counted)", t0)
-        log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t0:.1f}s, state restored")
-
+        compile_warmup(args, model, opt, loader, one_step, run)
     params = list(model.parameters())
     ema = [p.detach().float().clone() for p in params] if args.ema_horizon > 0 else None
     step, elapsed, progress, step_s, qat_on_step = 0, 0.0, 0.0, 0.0, None
     _sync(device)
-    if world_size > 1:
+    if run.world_size > 1:
         dist.barrier()  # the ranks start the clock together
     model.recurrence_active = bool(model.recur_layers) and args.recur_start_frac <= 0
     clock.start()
@@ -1879,14 +2011,8 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
             model.recurrence_active = True
             log(f"depth recurrence on at step {step}: layers run {model.layer_order()}")
         if args.qat_start_scale > 0 and qat_on_step is None and scale < args.qat_start_scale:
-            t1 = time.perf_counter()
-            if budget_bytes > 0:
-                args.clip_sigmas = qat_clip_for_budget(model, args, budget_bytes, rank, world_size, device)
-            model.qat_clip.fill_(args.clip_sigmas)
-            model.qat_mix.fill_(1.0)
+            start_late_qat(args, model, budget_bytes, step, scale, run)
             qat_on_step = step
-            log(f"late QAT on at step {step} (lr scale {scale:.3f}), grid clip {args.clip_sigmas:.3f} sigmas "
-                f"(chosen in {time.perf_counter() - t1:.1f}s)")
         loss, norm = one_step(progress, scale)
         loss_v = loss.item()  # sync: the clock measures finished work
         if not math.isfinite(norm):  # all-reduced: all ranks stop alike
@@ -1907,24 +2033,11 @@ def train(args, model, compiled, opt, loader, rank, world_size, device, log, tim
                 f"elapsed:{elapsed:.1f}s step_avg:{step_s * 1000:.1f}ms eta:{left:.0f}s")
         if last:
             break
-    timer.add("training", elapsed)
-    if model.recur_layers and not model.recurrence_active:
-        log("WARNING: the run ended before depth recurrence started; the artifact is evaluated with it")
-    model.recurrence_active = bool(model.recur_layers)
-    t0 = time.perf_counter()
-    raw = None
-    if ema is not None:
-        with torch.no_grad():
-            raw = [p.detach().clone() for p in params]  # scored after the artifact is written
-            for p, t in zip(params, ema):
-                p.copy_(t.to(p.dtype))
-        log(f"final weights: EMA (time constant {args.ema_horizon} of the run)")
-    model.qat_mix.zero_()
-    timer.since("weights_average", t0)
+    run.timer.add("training", elapsed)
+    raw = finalize_weights(args, model, ema, run)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
     log(f"training done: {step} steps in {elapsed:.1f}s ({step_s * 1000:.1f} ms/step), peak memory {peak:.0f} MiB")
-    return {"steps": step, "train_seconds": elapsed, "step_avg_ms": step_s * 1000, "peak_mem_mib": peak,
-            "reserve_seconds": reserve, "qat_step": qat_on_step, "final_train_loss": loss_v, "raw_weights": raw}
+    return TrainStats(step, elapsed, step_s * 1000, peak, reserve, qat_on_step, loss_v, raw)
 
 
 # ----- main
@@ -2033,7 +2146,7 @@ def _scores(r):
     return f"val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}"
 
 
-def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, device, log, timer, started, entries=None):
+def evaluate_artifact(args, model, path, val_tokens, luts, run, started, entries=None):
     """Load the artifact (or its decoded `entries`) into `model`; plain, sliding, TTT evaluation;
     the time since `started` (the evaluation's start) against the limit."""
     t0 = time.perf_counter()
@@ -2044,37 +2157,36 @@ def evaluate_artifact(args, model, path, val_tokens, luts, rank, world_size, dev
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ArtifactError(f"{path}: its tensors do not match the model its header describes ({first})") from None
     model.eval()
-    timer.since("eval_artifact_load", t0)
-    score = make_score_fn(_maybe_compile(model, args, device), device)
+    run.timer.since("eval_artifact_load", t0)
+    score = make_score_fn(_maybe_compile(model, args, run.device), run.device)
     res = {}
 
     def timed_eval(key, phase, label, stride, note=""):
         t0 = time.perf_counter()
-        res[key] = evaluate(score, val_tokens, luts, args.eval_seq_len, stride, args.eval_batch_seqs, rank,
-                            world_size, device)
-        timer.since(phase, t0)
-        log(f"final_int{args.quant_bits}_{label} {_scores(res[key])} ({note}{time.perf_counter() - t0:.1f}s)")
+        res[key] = evaluate(score, val_tokens, luts, args.eval_seq_len, stride, args.eval_batch_seqs, run)
+        run.timer.since(phase, t0)
+        run.log(f"final_int{args.quant_bits}_{label} {_scores(res[key])} ({note}{time.perf_counter() - t0:.1f}s)")
 
     timed_eval("roundtrip", "eval_roundtrip_plain", "roundtrip", args.eval_seq_len)
     if not args.skip_sliding_eval:
         timed_eval("sliding", "eval_sliding", "sliding_window", args.eval_stride, f"stride {args.eval_stride}, ")
     if args.ttt_enabled:
         t0 = time.perf_counter()
-        res["ttt"] = t = evaluate_with_ttt(model, val_tokens, luts, args, rank, world_size, device, log, started=started)
-        timer.since("eval_ttt", t0)
+        res["ttt"] = t = evaluate_with_ttt(model, val_tokens, luts, args, run, started=started)
+        run.timer.since("eval_ttt", t0)
         ref = "sliding" if "sliding" in res else "roundtrip"
-        log(f"final_int{args.quant_bits}_ttt {_scores(t)} ({t['val_bpb'] - res[ref]['val_bpb']:+.5f} bpb vs {ref}, "
-            f"{t['ttt_steps']} adapter steps, {t['seconds']:.1f}s, {t['tokens_per_s_per_gpu']:.0f} tokens/s per GPU)")
+        run.log(f"final_int{args.quant_bits}_ttt {_scores(t)} ({t['val_bpb'] - res[ref]['val_bpb']:+.5f} bpb vs {ref}, "
+                f"{t['ttt_steps']} adapter steps, {t['seconds']:.1f}s, {t['tokens_per_s_per_gpu']:.0f} tokens/s per GPU)")
     res["seconds"] = secs = time.perf_counter() - started
-    log(f"evaluation: {secs:.1f}s from its start to the last score (limit {EVAL_LIMIT_SECONDS}s)"
-        + (": WARNING, NOT compliant" if secs > EVAL_LIMIT_SECONDS else ""))
+    run.log(f"evaluation: {secs:.1f}s from its start to the last score (limit {EVAL_LIMIT_SECONDS}s)"
+            + (": WARNING, NOT compliant" if secs > EVAL_LIMIT_SECONDS else ""))
     return res
 
 
-def log_timing_table(log, timer):
-    log("phase timings:")
-    for name, sec in timer.times.items():
-        log(f"  {name:<34s} {sec:9.2f} s")
+def log_timing_table(run):
+    run.log("phase timings:")
+    for name, sec in run.timer.times.items():
+        run.log(f"  {name:<34s} {sec:9.2f} s")
 
 
 def check_artifact_tokenizer(path, recorded, tokenizer_path, log):
@@ -2088,33 +2200,33 @@ def check_artifact_tokenizer(path, recorded, tokenizer_path, log):
                             f"has {mine}: score it with its own tokenizer")
 
 
-def run_eval_only(args, rank, world_size, device, log):
+def run_eval_only(args, run):
     """EVAL_ONLY: score the artifact; reads no train shard."""
-    timer, t0 = PhaseTimer(), time.perf_counter()
+    t0 = time.perf_counter()
     entries, config = load_artifact(args.eval_only)  # decoded once
-    timer.since("eval_artifact_load", t0)
+    run.timer.since("eval_artifact_load", t0)
     recorded_tokenizer = config.pop(TOKENIZER_KEY, None)
     odd = set(config) ^ set(MODEL_CONFIG_FIELDS)
     if odd:
         raise ArtifactError(f"{args.eval_only} was written by another revision (settings {', '.join(sorted(odd))})")
     for k, v in config.items():
         setattr(args, k, v)
-    luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(device)
-    check_artifact_tokenizer(args.eval_only, recorded_tokenizer, args.tokenizer_path, log)
+    luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(run.device)
+    check_artifact_tokenizer(args.eval_only, recorded_tokenizer, args.tokenizer_path, run.log)
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
-    log(f"data: {describe_data(args, [], val_tokens)}")
-    val_tokens = val_tokens.to(device)
+    run.log(f"data: {describe_data(args, [], val_tokens)}")
+    val_tokens = val_tokens.to(run.device)
     model_bytes, code_bytes = os.path.getsize(args.eval_only), code_as_shipped()[1]
     total = model_bytes + code_bytes
-    log(f"eval-only: {args.eval_only} ({model_bytes} bytes + code {code_bytes} as shipped = {total}, cap "
-        f"{ARTIFACT_CAP_BYTES}), {val_tokens.numel() - 1} val targets; config: "
-        f"{json.dumps(dataclasses.asdict(args), sort_keys=True)}")
+    run.log(f"eval-only: {args.eval_only} ({model_bytes} bytes + code {code_bytes} as shipped = {total}, cap "
+            f"{ARTIFACT_CAP_BYTES}), {val_tokens.numel() - 1} val targets; config: "
+            f"{json.dumps(dataclasses.asdict(args), sort_keys=True)}")
     if total > ARTIFACT_CAP_BYTES:
-        log(f"WARNING: artifact + code = {total} bytes > {ARTIFACT_CAP_BYTES}: NOT compliant")
-    set_attention_backend(args.attn_backend, device, args.doc_mask)
-    model = build_model(args, device)
-    res = evaluate_artifact(args, model, args.eval_only, val_tokens, luts, rank, world_size, device, log, timer, t0, entries)
-    log_timing_table(log, timer)
+        run.log(f"WARNING: artifact + code = {total} bytes > {ARTIFACT_CAP_BYTES}: NOT compliant")
+    set_attention_backend(args.attn_backend, run.device, args.doc_mask)
+    model = build_model(args, run.device)
+    res = evaluate_artifact(args, model, args.eval_only, val_tokens, luts, run, t0, entries)
+    log_timing_table(run)
     return res
 
 
@@ -2172,36 +2284,36 @@ def read_settings():
     return Hyperparameters.from_env(warn=warnings.append), warnings
 
 
-def on_rank0(fn, rank, world_size, device, what):
+def on_rank0(fn, run, what):
     """fn() on rank 0 only; its failure stops every rank alike (none is left waiting in a collective)."""
     failure, out = None, None
-    if rank == 0:
+    if run.rank == 0:
         try:
             out = fn()
         except (ArtifactError, OutputError) as e:
             failure = e
-    if not _from_rank0(failure is None, world_size, device):
+    if not _from_rank0(failure is None, run.world_size, run.device):
         raise failure or OutputError(f"rank 0 could not {what}")
     return out
 
 
 def start_run(args, warnings, run_files):
-    """Processes, device, OUT_DIR claimed for `run_files` (the log first), the log opened
-    -> (rank, world_size, device, log)."""
+    """Processes and device, OUT_DIR claimed for `run_files` (the log first), the log opened -> Run."""
     rank, world_size, device = setup_distributed(args.device)
     args.validate(world_size)
+    run = Run(rank, world_size, device)
 
     def claim():
         claim_out_dir(args.out_dir, run_files)
         return Logger(os.path.join(args.out_dir, run_files[0]), rank)
-    log = on_rank0(claim, rank, world_size, device, f"claim OUT_DIR={args.out_dir}") or Logger(None, rank)
+    run.log = on_rank0(claim, run, f"claim OUT_DIR={args.out_dir}") or Logger(None, rank)
     for w in warnings:
-        log(w, stream=sys.stderr)
+        run.log(w, stream=sys.stderr)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # compiled GPT.forward wrappers share one graph cache: > 8 graphs
     torch._dynamo.config.recompile_limit = 64
-    return rank, world_size, device, log
+    return run
 
 
 def check_budget_fits(args, model, code_bytes):
@@ -2214,85 +2326,94 @@ def check_budget_fits(args, model, code_bytes):
     return budget
 
 
-def quantize_and_write(args, model, loader, budget_bytes, code_bytes, tokenizer_sha, path, rank, world_size, device,
-                       log, timer, clock):
-    """Calibration, GPTQ under rate control, the artifact written (atomically, by rank 0) -> record."""
+@dataclass
+class Written:
+    """The artifact as written (its bytes: rank 0's figures), the clip the rate control chose, the
+    time it all took."""
+    path: str
+    model_bytes: int
+    artifact_bytes: int
+    clip_sigmas: float
+    quant_seconds: float
+
+
+def quantize_and_write(args, model, loader, budget_bytes, code_bytes, path, run, clock):
+    """Calibration, GPTQ under rate control, the artifact written (atomically, by rank 0)."""
     t_q = time.perf_counter()
     if not all(bool(p.isfinite().all()) for p in model.parameters()):  # on every rank
         raise ArtifactError("training diverged: non-finite weights")
     model.eval()
-    hessians = collect_hessians(model, args, loader, device, world_size, log)
-    timer.since("calibration_hessians", t_q)
+    hessians = collect_hessians(model, args, loader, run)
+    run.timer.since("calibration_hessians", t_q)
     t0 = time.perf_counter()
-    entries, data, clip, _ = quantize_to_budget(model, hessians, args, budget_bytes, rank, world_size, device, log,
-                                                clock, tokenizer_sha)
-    timer.since("gptq_rate_control", t0)
+    quantized = quantize_to_budget(model, hessians, args, budget_bytes, run, clock, file_sha256(args.tokenizer_path))
+    run.timer.since("gptq_rate_control", t0)
     t0 = time.perf_counter()
+    data, clip = quantized.data, quantized.clip_sigmas
 
     def write():
         if len(data) > budget_bytes:
             raise ArtifactError(f"the model needs {len(data)} bytes even at clip {clip:.2f} sigmas; the budget "
                                 f"is {budget_bytes}: lower EMBED_BITS or the model size")
         return write_artifact(path, data, code_bytes)
-    total = on_rank0(write, rank, world_size, device, "write the artifact")
-    timer.since("artifact_write", t0)
-    log(f"artifact: {path} model {len(data)} bytes (rANS + lzma, clip {clip:.3f} sigmas) + "
-        f"code {code_bytes} as shipped = {total} bytes (cap {ARTIFACT_CAP_BYTES})")
-    return {"model_bytes": len(data), "artifact_bytes": total, "clip_sigmas": clip,
-            "quant_seconds": time.perf_counter() - t_q}
+    total = on_rank0(write, run, "write the artifact")
+    run.timer.since("artifact_write", t0)
+    model_bytes = len(data) if run.rank == 0 else 0  # the bytes exist on rank 0 only
+    run.log(f"artifact: {path} model {model_bytes} bytes (rANS + lzma, clip {clip:.3f} sigmas) + "
+            f"code {code_bytes} as shipped = {total} bytes (cap {ARTIFACT_CAP_BYTES})")
+    return Written(path, model_bytes, total, clip, time.perf_counter() - t_q)
 
 
 def log_wall_clock(args, stats, written, wall, log):
     budget_note = f" of the {args.max_wallclock_seconds:.0f}s budget" if args.max_wallclock_seconds > 0 else " (no wall-clock limit)"
     log(f"wall clock from the end of the compile warm-up to the artifact written: {wall:.1f}s{budget_note} "
-        f"(training {stats['train_seconds']:.1f}s, quantization {written['quant_seconds']:.1f}s, reserve was "
-        f"{stats['reserve_seconds']:.1f}s)")
+        f"(training {stats.train_seconds:.1f}s, quantization {written.quant_seconds:.1f}s, reserve was "
+        f"{stats.reserve_seconds:.1f}s)")
     if args.max_wallclock_seconds > 0 and wall > args.max_wallclock_seconds:
         log(f"WARNING: training + quantization took {wall:.1f}s > MAX_WALLCLOCK_SECONDS: this run is NOT compliant")
 
 
-def check_ranks_agree(model, world_size, log):
+def check_ranks_agree(model, run):
     """Every rank must hold the same weights: show it."""
-    sums = [weights_checksum(model)] * world_size
-    if world_size > 1:
+    sums = [weights_checksum(model)] * run.world_size
+    if run.world_size > 1:
         dist.all_gather_object(sums, sums[0])
     same = " (identical)" if len(set(sums)) == 1 else " WARNING: ranks differ"
-    log(f"weights checksum per rank: {' '.join(sums)}{same}")
+    run.log(f"weights checksum per rank: {' '.join(sums)}{same}")
 
 
-def score_float_weights(args, model, compiled, stats, val_tokens, luts, rank, world_size, device, log, timer):
+def score_float_weights(args, model, compiled, stats, val_tokens, luts, run):
     """Plain val_bpb of the final (averaged) float weights, then of the raw ones -> (result, raw bpb)."""
     t0 = time.perf_counter()
-    plain_eval = functools.partial(evaluate, make_score_fn(compiled, device), val_tokens, luts, args.eval_seq_len,
-                                   args.eval_seq_len, args.eval_batch_seqs, rank, world_size, device)
+    plain_eval = functools.partial(evaluate, make_score_fn(compiled, run.device), val_tokens, luts, args.eval_seq_len,
+                                   args.eval_seq_len, args.eval_batch_seqs, run)
     pre = plain_eval()
-    log(f"prequant_float {_scores(pre)}" + (" (EMA weights)" if stats["raw_weights"] is not None else ""))
+    run.log(f"prequant_float {_scores(pre)}" + (" (EMA weights)" if stats.raw_weights is not None else ""))
     raw_bpb = None
-    if stats["raw_weights"] is not None:
+    if stats.raw_weights is not None:
         with torch.no_grad():
-            for p, t in zip(model.parameters(), stats["raw_weights"]):
+            for p, t in zip(model.parameters(), stats.raw_weights):
                 p.copy_(t)
         raw_bpb = plain_eval()["val_bpb"]
-        log(f"prequant_float_raw_weights val_bpb:{raw_bpb:.8f} (EMA {pre['val_bpb'] - raw_bpb:+.5f} bpb)")
-    timer.since("eval_prequant_plain", t0)
+        run.log(f"prequant_float_raw_weights val_bpb:{raw_bpb:.8f} (EMA {pre['val_bpb'] - raw_bpb:+.5f} bpb)")
+    run.timer.since("eval_prequant_plain", t0)
     return pre, raw_bpb
 
 
-def write_results(args, paths, cid, data, pre, raw_bpb, res, stats, written, wall, code_bytes, world_size,
-                  device_name, timer):
+def write_results(args, paths, cid, data, pre, raw_bpb, res, stats, written, wall, code_bytes, run, device_name):
     """results_<RUN_ID>.json, then submission.json over the configuration's seeds (rank 0)."""
     final = res.get("ttt", res.get("sliding", res["roundtrip"]))
     results = {"seed": args.seed, "config_id": cid, "val_loss": final["val_loss"], "val_bpb": final["val_bpb"],
                "prequant_val_bpb": pre["val_bpb"], "prequant_raw_val_bpb": raw_bpb,
                "roundtrip_val_bpb": res["roundtrip"]["val_bpb"],
                "sliding_val_bpb": res.get("sliding", {}).get("val_bpb"), "val_tokens": final["tokens"],
-               "artifact_bytes": written["artifact_bytes"], "model_bytes": written["model_bytes"],
-               "code_bytes": code_bytes, "clip_sigmas": written["clip_sigmas"],
-               **{k: stats[k] for k in ("steps", "step_avg_ms", "train_seconds")},
-               "quant_seconds": written["quant_seconds"], "wall_seconds": wall, "eval_seconds": res["seconds"],
-               "peak_mem_mib": stats["peak_mem_mib"], "world_size": world_size, "device": device_name, "data": data,
+               "artifact_bytes": written.artifact_bytes, "model_bytes": written.model_bytes,
+               "code_bytes": code_bytes, "clip_sigmas": written.clip_sigmas, "steps": stats.steps,
+               "step_avg_ms": stats.step_avg_ms, "train_seconds": stats.train_seconds,
+               "quant_seconds": written.quant_seconds, "wall_seconds": wall, "eval_seconds": res["seconds"],
+               "peak_mem_mib": stats.peak_mem_mib, "world_size": run.world_size, "device": device_name, "data": data,
                "finished": time.time(), "torch": torch.__version__, "python": sys.version.split()[0],
-               "note": os.environ.get("LOG_NOTE", ""), "phase_seconds": timer.times}
+               "note": os.environ.get("LOG_NOTE", ""), "phase_seconds": run.timer.times}
     write_json(paths["results"], results)
     write_submission(args.out_dir, os.path.join(args.out_dir, "submission.json"), cid)
 
@@ -2302,52 +2423,50 @@ def main():
     args, warnings = read_settings()
     run_id = args.run_id or f"seed{args.seed}"
     if args.eval_only:
-        run_eval_only(args, *start_run(args, warnings, [f"eval_{run_id}.log"]))
+        run_eval_only(args, start_run(args, warnings, [f"eval_{run_id}.log"]))
         return
     names = run_file_names(args, run_id)
     paths = {k: os.path.join(args.out_dir, n) for k, n in names.items()}
-    rank, world_size, device, log = start_run(args, warnings, list(names.values()))
+    run = start_run(args, warnings, list(names.values()))
+    log = run.log
     code, code_bytes = code_as_shipped()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    cid = config_id(args, code, world_size, device_name)  # before QAT sets args.clip_sigmas
+    device_name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
+    cid = config_id(args, code, run.world_size, device_name)  # before QAT sets args.clip_sigmas
     check_submission_config(args.out_dir, cid)
-    model = build_model(args, device)
+    model = build_model(args, run.device)
     budget_bytes = check_budget_fits(args, model, code_bytes)
-    backend = set_attention_backend(args.attn_backend, device, args.doc_mask)
+    backend = set_attention_backend(args.attn_backend, run.device, args.doc_mask)
     if os.environ.get("LOG_NOTE"):
         log(f"note: {os.environ['LOG_NOTE']}")
     log(f"train_gpt.py: {len(code)} bytes of source, {code_bytes} as shipped (counted); torch {torch.__version__}; "
-        f"world_size {world_size}; device {device_name}; attention {backend}")
+        f"world_size {run.world_size}; device {device_name}; attention {backend}")
     log("config: " + json.dumps(dataclasses.asdict(args), sort_keys=True))
-    timer = PhaseTimer()
 
-    luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(device)
+    luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(run.device)
     train_files = find_shards(args.data_path, "train")
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
     data = describe_data(args, train_files, val_tokens)
     log(f"data: {data}")
-    val_tokens = val_tokens.to(device)
-    loader = DistributedLoader(train_files, args.vocab_size, rank, world_size, device)
+    val_tokens = val_tokens.to(run.device)
+    loader = DistributedLoader(train_files, args.vocab_size, run)
     groups = zip(("banks", "tables", "projections", "scalars"), model.param_groups())
     log(f"parameters: {_numel(model.parameters())} total = " + " + ".join(f"{k} {_numel(g)}" for k, g in groups))
-    compiled = _maybe_compile(model, args, device)
-    opt = Optimizers(model, args, world_size, device)
-    timer.since("startup", t_start)
+    compiled = _maybe_compile(model, args, run.device)
+    opt = Optimizers(model, args, run.world_size, run.device)
+    run.timer.since("startup", t_start)
 
-    clock = SharedClock(rank, world_size, device)
-    stats = train(args, model, compiled, opt, loader, rank, world_size, device, log, timer, clock, budget_bytes)
-    written = quantize_and_write(args, model, loader, budget_bytes, code_bytes, file_sha256(args.tokenizer_path),
-                                 paths["artifact"], rank, world_size, device, log, timer, clock)
+    clock = SharedClock(run)
+    stats = train(args, model, compiled, opt, loader, run, clock, budget_bytes)
+    written = quantize_and_write(args, model, loader, budget_bytes, code_bytes, paths["artifact"], run, clock)
     t_eval, wall = time.perf_counter(), clock.local()  # the evaluation's clock starts; training's ends
     log_wall_clock(args, stats, written, wall, log)
-    check_ranks_agree(model, world_size, log)
-    pre, raw_bpb = score_float_weights(args, model, compiled, stats, val_tokens, luts, rank, world_size, device, log, timer)
-    res = evaluate_artifact(args, model, paths["artifact"], val_tokens, luts, rank, world_size, device, log, timer, t_eval)
+    check_ranks_agree(model, run)
+    pre, raw_bpb = score_float_weights(args, model, compiled, stats, val_tokens, luts, run)
+    res = evaluate_artifact(args, model, paths["artifact"], val_tokens, luts, run, t_eval)
     log(f"quantization gap (plain): {res['roundtrip']['val_bpb'] - pre['val_bpb']:+.5f} bpb")
-    log_timing_table(log, timer)
-    if rank == 0:
-        write_results(args, paths, cid, data, pre, raw_bpb, res, stats, written, wall, code_bytes, world_size,
-                      device_name, timer)
+    log_timing_table(run)
+    if run.rank == 0:
+        write_results(args, paths, cid, data, pre, raw_bpb, res, stats, written, wall, code_bytes, run, device_name)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train_gpt as T
+from helpers import tiny_model_args
 from smoke_data import write_shard
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_gpt.py")
@@ -200,10 +201,8 @@ def test_from_env_warns_on_misspelt_settings():
 
 
 def _valid(**kw):
-    base = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, rope_dims=8, vocab_size=512,
-                train_seq_len=32, train_batch_tokens=2 * 4 * 32, grad_accum_steps=0, eval_seq_len=32, eval_stride=8, ttt_chunk=16)
-    base.update(kw)
-    return T.Hyperparameters(**base)
+    return tiny_model_args(**{**dict(vocab_size=512, train_seq_len=32, train_batch_tokens=2 * 4 * 32, grad_accum_steps=0,
+                                     eval_seq_len=32, eval_stride=8, ttt_chunk=16), **kw})
 
 
 def test_validate_accepts_consistent_config():
@@ -342,7 +341,7 @@ def test_distributed_loader_slices_partition_stream(three_shards, world):
     seqs, seq_len = 2, 5
     span = seqs * seq_len + 1
     ref = T.TokenStream(files, 200)
-    loaders = [T.DistributedLoader(files, 200, r, world, torch.device("cpu")) for r in range(world)]
+    loaders = [T.DistributedLoader(files, 200, T.Run(r, world, torch.device("cpu"))) for r in range(world)]
     for step in range(7):  # several steps, crossing shard boundaries and the wrap-around
         chunk = ref.take(span * world)
         xs, ys = zip(*(ld.next_batch(seqs, seq_len) for ld in loaders))
@@ -367,8 +366,8 @@ def test_step_data_independent_of_world_size(three_shards, world):
     what micro-step j * world + r gets in a single process."""
     files, _ = three_shards
     total_micro, seqs, seq_len = 4, 2, 3
-    single = T.DistributedLoader(files, 200, 0, 1, torch.device("cpu"))
-    ranks = [T.DistributedLoader(files, 200, r, world, torch.device("cpu")) for r in range(world)]
+    single = T.DistributedLoader(files, 200, T.Run(0, 1, torch.device("cpu")))
+    ranks = [T.DistributedLoader(files, 200, T.Run(r, world, torch.device("cpu"))) for r in range(world)]
     for step in range(5):
         ref = [single.next_batch(seqs, seq_len) for _ in range(total_micro)]
         for j in range(total_micro // world):
@@ -382,7 +381,7 @@ def test_distributed_loader_deterministic(three_shards):
     files, _ = three_shards
     runs = []
     for _ in range(2):
-        ld = T.DistributedLoader(files, 200, 1, 2, torch.device("cpu"))
+        ld = T.DistributedLoader(files, 200, T.Run(1, 2, torch.device("cpu")))
         runs.append([ld.next_batch(3, 4) for _ in range(5)])
     for (x1, y1), (x2, y2) in zip(*runs):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)

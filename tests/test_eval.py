@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import smoke_data
 import train_gpt as T
 from conftest import REPO_ROOT
-from helpers import randomized_model
+from helpers import randomized_model, tiny_model_args
 
 pytestmark = pytest.mark.usefixtures("one_thread_math")
 
@@ -33,11 +33,8 @@ SHARED_TOKENIZERS = os.path.join(os.path.dirname(REPO_ROOT), "shared", "tokenize
 
 
 def tiny_args(**kw):
-    base = dict(vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
-                rope_dims=8, bigram_vocab=64, bigram_dim=16, ve_dim=16, train_seq_len=64, eval_seq_len=64,
-                eval_stride=16, eval_batch_seqs=3, gptq_calib_len=64, attn_backend="math", compile="0", seed=5)
-    base.update(kw)
-    return T.Hyperparameters(**base)
+    return tiny_model_args(**{**dict(vocab_size=512, bigram_vocab=64, train_seq_len=64, eval_seq_len=64, eval_stride=16,
+                                     eval_batch_seqs=3, gptq_calib_len=64, attn_backend="math", seed=5), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -230,7 +227,7 @@ def test_evaluate_plain_matches_naive_reference(model, sp_and_luts, val_tokens, 
     tokens = val_tokens[:n + 1]
     ref_bytes = int(luts.target_bytes(tokens[:-1], tokens[1:]).sum())
     ref_nll, ref_count = reference_plain(model, tokens, seq_len)
-    m = T.evaluate(T.make_score_fn(model, CPU), tokens, luts, seq_len, seq_len, batch, 0, 1, CPU)
+    m = T.evaluate(T.make_score_fn(model, CPU), tokens, luts, seq_len, seq_len, batch, T.Run(0, 1, CPU))
     check_metrics(m, ref_nll, ref_count, ref_bytes)
 
 
@@ -242,7 +239,7 @@ def test_evaluate_sliding_matches_brute_force(model, sp_and_luts, val_tokens, n,
     ref_nll, ref_count = reference_sliding(model, tokens, seq_len, stride)
     score = T.make_score_fn(model, CPU)
     spans = []
-    m = T.evaluate(score, tokens, luts, seq_len, stride, batch, 0, 1, CPU,
+    m = T.evaluate(score, tokens, luts, seq_len, stride, batch, T.Run(0, 1, CPU),
                    on_score=lambda lo, hi: spans.append((lo, hi)))
     check_metrics(m, ref_nll, ref_count, ref_bytes)
     assert sorted(spans) == spans and spans[0][0] == 0 and spans[-1][1] == n
@@ -252,7 +249,7 @@ def test_evaluate_sliding_matches_brute_force(model, sp_and_luts, val_tokens, n,
     assert abs(plain_nll - ref_nll) > 1e-4 * abs(ref_nll)
     # split over ranks (no process group: each rank returns its own share's sums)
     for world in (2, 3):
-        parts = [T.evaluate(score, tokens, luts, seq_len, stride, batch, r, world, CPU) for r in range(world)]
+        parts = [T.evaluate(score, tokens, luts, seq_len, stride, batch, T.Run(r, world, CPU)) for r in range(world)]
         assert sum(p["tokens"] for p in parts) == n
         assert sum(p["bytes"] for p in parts) == ref_bytes
         nll = sum(p["val_loss"] * p["tokens"] for p in parts if p["tokens"])
@@ -267,13 +264,11 @@ BOS = 1
 
 
 def ttt_args(**kw):
-    base = dict(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, mlp_mult=2.0, rope_dims=8,
-                bigram_vocab=31, bigram_dim=8, ve_dim=8, train_seq_len=64, eval_seq_len=64, eval_stride=16,
-                eval_batch_seqs=4, attn_backend="math", compile="0", seed=5, ttt_enabled=True, ttt_rank=4,
-                ttt_chunk=16, ttt_batch_docs=3, ttt_phases=3, ttt_lr=0.0, ttt_global_lr=0.0, ttt_wd=0.5,
-                ttt_max_seconds=1e9)
-    base.update(kw)
-    return T.Hyperparameters(**base)
+    return tiny_model_args(**{**dict(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1,
+                                     bigram_vocab=31, bigram_dim=8, ve_dim=8, train_seq_len=64, eval_seq_len=64,
+                                     eval_stride=16, eval_batch_seqs=4, attn_backend="math", seed=5, ttt_enabled=True,
+                                     ttt_rank=4, ttt_chunk=16, ttt_batch_docs=3, ttt_phases=3, ttt_lr=0.0,
+                                     ttt_global_lr=0.0, ttt_wd=0.5, ttt_max_seconds=1e9), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -312,14 +307,14 @@ def run_ttt(model, tokens, args, rank=0, world=1):
     """TTT on a copy of `model`: (result, monitor events, the adapted copy, log lines)."""
     m = copy.deepcopy(model)
     events, logs = [], []
-    res = T.evaluate_with_ttt(m, tokens, LUTS, args, rank, world, CPU, logs.append,
+    res = T.evaluate_with_ttt(m, tokens, LUTS, args, T.Run(rank, world, CPU, logs.append),
                               monitor=lambda kind, lo, hi: events.append((kind, lo, hi)))
     return res, events, m, logs
 
 
 def sliding_reference(model, tokens, args):
     return T.evaluate(T.make_score_fn(model, CPU), tokens, LUTS, args.eval_seq_len, args.eval_stride,
-                      args.eval_batch_seqs, 0, 1, CPU)
+                      args.eval_batch_seqs, T.Run(0, 1, CPU))
 
 
 def assert_scored_once(events, n):
@@ -508,7 +503,7 @@ def test_ttt_schedule_tool_counts_the_chunk_steps_ttt_takes(ttt_model):
     tokens = as_stream(make_docs((150, 20, 33, 8, 97, 40, 5, 61, 12, 70, 26), seed=6))
     m, calls = copy.deepcopy(ttt_model), []
     record_score_calls(m, calls)
-    T.evaluate_with_ttt(m, tokens, LUTS, args, 0, 1, CPU, lambda s: None)
+    T.evaluate_with_ttt(m, tokens, LUTS, args, T.Run(0, 1, CPU, lambda s: None))
     shares = list(ttt_schedule.phase_shares(T.document_spans(tokens, BOS), args, 0, 1))
     lanes = sum(ttt_schedule.lane_steps(s, args.ttt_chunk, args.ttt_batch_docs) for s in shares)
     batches = sum(ttt_schedule.batch_steps(s, args.ttt_chunk, args.ttt_batch_docs) for s in shares)
@@ -535,7 +530,7 @@ def test_ttt_is_score_first(ttt_model):
     m = copy.deepcopy(ttt_model)
     calls_a, events = [], []
     record_score_calls(m, calls_a)
-    res = T.evaluate_with_ttt(m, tokens, LUTS, args, 0, 1, CPU, lambda s: None,
+    res = T.evaluate_with_ttt(m, tokens, LUTS, args, T.Run(0, 1, CPU, lambda s: None),
                               monitor=lambda *e: events.append(e if e[0] != "score" else e + (len(calls_a),)))
     assert_scored_once([e[:3] for e in events], n)
     scored = np.zeros(n, dtype=bool)
@@ -572,7 +567,7 @@ def test_ttt_is_score_first(ttt_model):
     m = copy.deepcopy(ttt_model)
     calls_b = []
     record_score_calls(m, calls_b)
-    T.evaluate_with_ttt(m, changed, LUTS, args, 0, 1, CPU, lambda s: None)
+    T.evaluate_with_ttt(m, changed, LUTS, args, T.Run(0, 1, CPU, lambda s: None))
     assert len(calls_a) == len(calls_b)
     first_global = next(i for i, e in enumerate(events) if e[0] == "global")
     phase0_calls = max(e[3] for e in events[:first_global] if e[0] == "score")
@@ -603,7 +598,7 @@ def test_ttt_scores_a_trained_chunk_before_training_on_it(ttt_model):
     for stream in (tokens, changed):
         m, calls = copy.deepcopy(ttt_model), []
         record_score_calls(m, calls)
-        T.evaluate_with_ttt(m, stream, LUTS, args, 0, 1, CPU, lambda s: None)
+        T.evaluate_with_ttt(m, stream, LUTS, args, T.Run(0, 1, CPU, lambda s: None))
         nll.append({tuple(x[r].tolist()): n[r] for x, _, n in calls for r in range(x.size(0))})
     chunk_a, chunk_b = tuple(tokens[C:2 * C].tolist()), tuple(changed[C:2 * C].tolist())
     assert chunk_a in nll[0] and chunk_b in nll[1]
@@ -631,7 +626,7 @@ def test_ttt_chunk_steps_have_fixed_shapes_and_buffers(ttt_model):
                 assert buffers.setdefault(slot, [t.data_ptr() for t in kv]) == [t.data_ptr() for t in kv]
         return forward(ids, targets, reduction, cache)
     m.forward = recording
-    res = T.evaluate_with_ttt(m, as_stream(docs), LUTS, args, 0, 1, CPU, lambda s: None)
+    res = T.evaluate_with_ttt(m, as_stream(docs), LUTS, args, T.Run(0, 1, CPU, lambda s: None))
     assert res["ttt_steps"] > 0 and len(seen) > 10 and len(buffers) == args.num_layers
     assert len(set(seen)) == 1 and seen[0][0] == (args.ttt_batch_docs, args.ttt_chunk)
 
@@ -731,9 +726,9 @@ def test_ttt_time_budget_counts_from_the_evaluations_start(ttt_model):
     TTT takes no adapter step; started at TTT's own start (None), the same budget adapts."""
     args = ttt_args(ttt_lr=0.05, ttt_global_lr=0.05, ttt_max_seconds=5.0)
     tokens = as_stream(make_docs((40, 23, 50, 8, 33), seed=4))
-    late = T.evaluate_with_ttt(copy.deepcopy(ttt_model), tokens, LUTS, args, 0, 1, CPU, lambda s: None,
+    late = T.evaluate_with_ttt(copy.deepcopy(ttt_model), tokens, LUTS, args, T.Run(0, 1, CPU, lambda s: None),
                                started=time.perf_counter() - 10)
-    fresh = T.evaluate_with_ttt(copy.deepcopy(ttt_model), tokens, LUTS, args, 0, 1, CPU, lambda s: None)
+    fresh = T.evaluate_with_ttt(copy.deepcopy(ttt_model), tokens, LUTS, args, T.Run(0, 1, CPU, lambda s: None))
     assert late["ttt_steps"] == 0 < fresh["ttt_steps"]
     assert late["tokens"] == fresh["tokens"] == tokens.numel() - 1
 
@@ -751,7 +746,7 @@ def run_out_of_time_in_phase_1(model, monkeypatch):
         events.append((kind, lo, hi, phase(lo) if kind != "global" else None))
         if kind == "global":
             now[0] += 1.0
-    res = T.evaluate_with_ttt(copy.deepcopy(model), tokens, LUTS, args, 0, 1, CPU, logs.append, monitor=monitor)
+    res = T.evaluate_with_ttt(copy.deepcopy(model), tokens, LUTS, args, T.Run(0, 1, CPU, logs.append), monitor=monitor)
     return res, events, logs, args, tokens
 
 
@@ -1036,7 +1031,7 @@ def test_eval_only_flags_an_evaluation_over_the_limit(trained_run, smoke_dataset
     logs = []
     args = T.Hyperparameters(eval_only=artifact, data_path=data_dir, tokenizer_path=tok, eval_seq_len=64,
                              eval_stride=32, eval_batch_seqs=8, val_tokens_limit=256, ttt_enabled=False, compile="0")
-    res = T.run_eval_only(args, 0, 1, CPU, logs.append)
+    res = T.run_eval_only(args, T.Run(0, 1, CPU, logs.append))
     line = [s for s in logs if s.startswith("evaluation: ")]
     assert len(line) == 1 and line[0].endswith("(limit 0s): WARNING, NOT compliant"), logs
     assert res["seconds"] > 0 and "sliding" in res
@@ -1051,7 +1046,7 @@ def test_eval_only_refuses_an_artifact_of_another_revision(monkeypatch, change):
     config = {k: v for k, v in config.items() if v is not None}
     monkeypatch.setattr(T, "load_artifact", lambda path: ({}, config))
     with pytest.raises(T.ArtifactError, match=f"another revision.*{next(iter(change))}"):
-        T.run_eval_only(T.Hyperparameters(eval_only="old.ptz", data_path="/nonexistent"), 0, 1, CPU, print)
+        T.run_eval_only(T.Hyperparameters(eval_only="old.ptz", data_path="/nonexistent"), T.Run(0, 1, CPU, print))
 
 
 @pytest.mark.parametrize("content", [b"PGQ1 definitely not an artifact",  # unknown codec tag

@@ -9,17 +9,15 @@ import pytest
 import torch
 
 import train_gpt as T
-from helpers import randomized_model
+from helpers import randomized_model, tiny_model_args
 
 CPU = torch.device("cpu")
 
 
 def tiny_args(**kw):
-    base = dict(vocab_size=64, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
-                rope_dims=8, xsa_layers=2, bigram_vocab=97, bigram_dim=16, ve_dim=16, ve_layers="",
-                train_seq_len=32, eval_seq_len=32, gptq_calib_len=64, compile="0", seed=3, ttt_enabled=False)
-    base.update(kw)
-    return T.Hyperparameters(**base)
+    return tiny_model_args(**{**dict(vocab_size=64, num_layers=3, xsa_layers=2, bigram_vocab=97, ve_layers="",
+                                     train_seq_len=32, eval_seq_len=32, gptq_calib_len=64, seed=3, ttt_enabled=False),
+                              **kw})
 
 
 @pytest.fixture

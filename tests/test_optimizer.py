@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import train_gpt as T
+from helpers import tiny_model_args
 
 CPU = torch.device("cpu")
 
@@ -168,12 +169,9 @@ def test_parallel_muon_row_norm():
 # ----------------------------------------------------------------------------- Optimizers, 1 vs 2 processes
 
 def opt_args(**kw):
-    base = dict(vocab_size=64, num_layers=3, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
-                rope_dims=8, bigram_vocab=97, bigram_dim=16, ve_dim=16, train_seq_len=16, eval_seq_len=16,
-                gptq_calib_len=16, compile="0", ttt_enabled=False, seed=5, muon_momentum_warmup_frac=0.5, matrix_lr=0.05,
-                embed_lr=0.05, scalar_lr=0.05)
-    base.update(kw)
-    return T.Hyperparameters(**base)
+    return tiny_model_args(**{**dict(vocab_size=64, num_layers=3, bigram_vocab=97, train_seq_len=16, eval_seq_len=16,
+                                     gptq_calib_len=16, ttt_enabled=False, seed=5, muon_momentum_warmup_frac=0.5,
+                                     matrix_lr=0.05, embed_lr=0.05, scalar_lr=0.05), **kw})
 
 
 def make_batches(args, steps, seqs, seed=0):
@@ -307,19 +305,16 @@ def test_gradient_clipping_norm_and_coefficient():
 # ----------------------------------------------------------------------------- training
 
 def _train_args(data_dir, vocab, **kw):
-    base = dict(data_path=data_dir, vocab_size=vocab, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2,
-                mlp_mult=2.0, rope_dims=8, bigram_vocab=256, bigram_dim=16, ve_dim=16, train_seq_len=32,
-                eval_seq_len=32, eval_stride=16, gptq_calib_len=32, train_batch_tokens=2 * 4 * 32, grad_accum_steps=2,
-                compile="0", device="cpu", max_wallclock_seconds=0.0, gptq_reserve_seconds=0.0,
-                warmdown_frac=0.0, train_log_every=0, ema_horizon=0.0, qat_start_scale=0.0, seed=7,
-                ttt_enabled=False)
-    base.update(kw)
-    return T.Hyperparameters(**base)
+    return tiny_model_args(**{**dict(data_path=data_dir, vocab_size=vocab, bigram_vocab=256, train_seq_len=32,
+                                     eval_seq_len=32, eval_stride=16, gptq_calib_len=32, train_batch_tokens=2 * 4 * 32,
+                                     grad_accum_steps=2, device="cpu", max_wallclock_seconds=0.0,
+                                     gptq_reserve_seconds=0.0, warmdown_frac=0.0, train_log_every=0, ema_horizon=0.0,
+                                     qat_start_scale=0.0, seed=7, ttt_enabled=False), **kw})
 
 
 def _setup(args):
     files = T.find_shards(args.data_path, "train")
-    loader = T.DistributedLoader(files, args.vocab_size, 0, 1, CPU)
+    loader = T.DistributedLoader(files, args.vocab_size, T.Run(0, 1, CPU))
     model = T.build_model(args, CPU)
     opt = T.Optimizers(model, args, 1, CPU)
     return model, opt, loader
@@ -335,12 +330,11 @@ def _train_on_smoke(data, vocab, **kw):
     x, y = val[:16 * 64].view(16, 64), val[1:16 * 64 + 1].view(16, 64)  # held-out text
     with torch.no_grad():
         start = float(model(x, y))
-    stats = T.train(args, model, model, opt, loader, 0, 1, CPU, lambda m: None, T.PhaseTimer(),
-                    T.SharedClock(0, 1, CPU))
-    assert stats["steps"] == 50
+    stats = T.train(args, model, model, opt, loader, T.Run(0, 1, CPU, lambda m: None), T.SharedClock(T.Run(0, 1, CPU)))
+    assert stats.steps == 50
     with torch.no_grad():
         end = float(model(x, y))
-    return start, end, stats["final_train_loss"]
+    return start, end, stats.final_train_loss
 
 
 def test_loss_falls_on_smoke_data(smoke_dataset):
@@ -368,15 +362,14 @@ def test_train_turns_recurrence_on_late_and_picks_the_qat_clip(smoke_dataset):
     seen, orig_step = [], opt.step
     opt.step = lambda: (seen.append((model.recurrence_active, float(model.qat_mix))), orig_step())[1]
     logs = []
-    stats = T.train(args, model, model, opt, loader, 0, 1, CPU, logs.append, T.PhaseTimer(),
-                    T.SharedClock(0, 1, CPU), budget_bytes=budget)
+    stats = T.train(args, model, model, opt, loader, T.Run(0, 1, CPU, logs.append), T.SharedClock(T.Run(0, 1, CPU)), budget_bytes=budget)
     warm, run = seen[:4], seen[4:]
     assert [a for a, _ in warm] == [False, False, True, True]  # both graphs compiled before the clock
     assert [a for a, _ in run] == [False, False, False, True, True, True]  # progress k / 6 >= 0.5 from step 3
     assert any("depth recurrence on at step 3" in m and "[0, 1, 1, 1]" in m for m in logs), logs
     assert model.recurrence_active  # the artifact is evaluated with it
     # QAT at step 5 (lr scale (1 - 5/6) / 0.6 < 0.5): a budget below the current size -> a wider clip
-    assert stats["qat_step"] == 5 and [q for _, q in run] == [0.0] * 5 + [1.0]
+    assert stats.qat_step == 5 and [q for _, q in run] == [0.0] * 5 + [1.0]
     assert args.clip_sigmas > T.Hyperparameters().clip_sigmas
     assert float(model.qat_clip) == pytest.approx(args.clip_sigmas, rel=1e-6)
     assert any(f"grid clip {args.clip_sigmas:.3f} sigmas" in m for m in logs), logs
@@ -406,10 +399,9 @@ def test_compile_warmup_is_undone(smoke_dataset, monkeypatch, ema):
         opt.step = counting_step
         # train() calls _sync(device) right after the warm-up restore: capture the state there
         monkeypatch.setattr(T, "_sync", lambda device: calls["sync"].append(_snapshot(model, opt, loader)))
-        stats = T.train(args, model, model, opt, loader, 0, 1, CPU, lambda m: None, T.PhaseTimer(),
-                    T.SharedClock(0, 1, CPU))
-        assert stats["steps"] == 5 and calls["step"] == 5 + warm
-        assert stats["qat_step"] == 4  # lr scale (1 - 4/5) / 0.6 = 1/3 < 0.5 at step 4
+        stats = T.train(args, model, model, opt, loader, T.Run(0, 1, CPU, lambda m: None), T.SharedClock(T.Run(0, 1, CPU)))
+        assert stats.steps == 5 and calls["step"] == 5 + warm
+        assert stats.qat_step == 4  # lr scale (1 - 4/5) / 0.6 = 1/3 < 0.5 at step 4
         if warm:
             w_state, n_adam, bufs, pos = calls["sync"][0]
             for k in initial[0]:
@@ -418,7 +410,7 @@ def test_compile_warmup_is_undone(smoke_dataset, monkeypatch, ema):
             assert all((b == 0).all() for b in bufs)
             assert pos == initial[3] == (0, 0)
         finals[warm] = ({k: v.clone() for k, v in model.state_dict().items()}, loader.stream.state(),
-                        stats["final_train_loss"])
+                        stats.final_train_loss)
         assert any(not torch.equal(finals[warm][0][k], initial[0][k]) for k in initial[0])  # training moved weights
     (s0, pos0, loss0), (s3, pos3, loss3) = finals[0], finals[3]
     assert pos0 == pos3 and pos0 != (0, 0)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from helpers import randomized_model
+from helpers import randomized_model, tiny_model_args
 
 pytestmark = pytest.mark.usefixtures("one_thread_math")
 
@@ -21,12 +21,9 @@ CPU = torch.device("cpu")
 
 
 def tiny_args(**kw):
-    base = dict(vocab_size=512, num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0,
-                rope_dims=8, bigram_vocab=64, bigram_dim=16, ve_dim=16, train_seq_len=64, eval_seq_len=64,
-                eval_stride=32, gptq_calib_seqs=12, gptq_calib_len=48, gptq_block=32,
-                attn_backend="math", compile="0", seed=7, recur_passes=2)  # layer 1 recurrent
-    base.update(kw)
-    return T.Hyperparameters(**base)
+    return tiny_model_args(**{**dict(vocab_size=512, bigram_vocab=64, train_seq_len=64, eval_seq_len=64, eval_stride=32,
+                                     gptq_calib_seqs=12, gptq_calib_len=48, gptq_block=32, attn_backend="math", seed=7,
+                                     recur_passes=2), **kw})  # layer 1 recurrent
 
 
 def assert_entries_equal(a: dict, b: dict):
@@ -59,9 +56,9 @@ def model(args):
 def hessians(model, args, smoke_dataset):
     data_dir, _, vocab = smoke_dataset
     assert vocab == args.vocab_size
-    loader = T.DistributedLoader(T.find_shards(data_dir, "train"), vocab, 0, 1, CPU)
+    loader = T.DistributedLoader(T.find_shards(data_dir, "train"), vocab, T.Run(0, 1, CPU))
     logs = []
-    h = T.collect_hessians(model, args, loader, CPU, 1, logs.append)
+    h = T.collect_hessians(model, args, loader, T.Run(0, 1, CPU, logs.append))
     assert logs and "calibration: 12 training seqs x 48 tokens" in logs[0]
     # it took the next 12 x 48 (+1) training tokens: two batches of 8 and 4 sequences
     assert loader.stream.state() == (0, (8 * 48 + 1) + (4 * 48 + 1))
@@ -483,18 +480,21 @@ def test_rate_control_fills_the_budget(model, hessians, args):
     assert lo < hi - 2000
     budget = (lo + hi) // 2
     logs = []
-    entries, data, clip, tries = T.quantize_to_budget(model, hessians, a, budget, 0, 1, CPU, logs.append)
+    q = T.quantize_to_budget(model, hessians, a, budget, T.Run(0, 1, CPU, logs.append))
+    entries, data, clip, tries = q.entries, q.data, q.clip_sigmas, q.tries
     assert T.RATE_BAND * budget <= len(data) <= budget, (tries, budget)
     assert 4.0 < clip < 10.0 and 2 <= len(logs) == len(tries) <= 4
     assert tries[0] == (20.0, size_at(20.0)) and tries[-1] == (clip, len(data))
     back, _ = T.unpack_entries(T.decompress(data))
     assert_entries_equal(entries, back)
     # a roomy budget: the narrowest clip the range allows, then stop
-    _, data, clip, tries = T.quantize_to_budget(model, hessians, a, 10 * hi, 0, 1, CPU, lambda m: None)
+    q = T.quantize_to_budget(model, hessians, a, 10 * hi, T.Run(0, 1, CPU, lambda m: None))
+    _, data, clip, tries = q.entries, q.data, q.clip_sigmas, q.tries
     assert clip == pytest.approx(T.CLIP_RANGE[0], rel=1e-3) and len(tries) == 2 and len(data) == tries[-1][1]
     # impossible: the clip goes to the range's end, where the rounds stop (the clip cannot move
     # any more; the steered tests below make the rounds go on), and the smallest try comes back
-    _, data, clip, tries = T.quantize_to_budget(model, hessians, a, 3000, 0, 1, CPU, lambda m: None)
+    q = T.quantize_to_budget(model, hessians, a, 3000, T.Run(0, 1, CPU, lambda m: None))
+    _, data, clip, tries = q.entries, q.data, q.clip_sigmas, q.tries
     assert 2 <= len(tries) <= a.rate_tries + 4, tries
     assert all(b > 3000 for _, b in tries)
     assert len(data) > 3000 and len(data) == min(b for _, b in tries) and (clip, len(data)) in tries
@@ -525,7 +525,8 @@ def test_rate_control_runs_extra_rounds_until_it_fits(model, hessians, args, mon
     budget = _size_at(model, hessians, args, 7.0)  # clip 4 and 4.2 are both well over it
     aims = _steered(monkeypatch, bad_guesses=2)
     logs = []
-    entries, data, clip, tries = T.quantize_to_budget(model, hessians, a, budget, 0, 1, CPU, logs.append)
+    q = T.quantize_to_budget(model, hessians, a, budget, T.Run(0, 1, CPU, logs.append))
+    entries, data, clip, tries = q.entries, q.data, q.clip_sigmas, q.tries
     assert tries[0][0] == 4.0 and tries[1][0] == pytest.approx(4.2) and tries[2][0] == pytest.approx(4.41)
     assert all(b > budget for _, b in tries[:3])  # both RATE_TRIES rounds and the first extra one miss
     assert len(data) <= budget and T.RATE_BAND * 0.98 * budget <= len(data), (tries, budget)
@@ -545,7 +546,8 @@ def test_rate_control_gives_up_after_four_extra_rounds(model, hessians, monkeypa
     a = tiny_args(rate_tries=1, clip_sigmas=4.0)
     budget = 5000  # far below what any clip gives
     _steered(monkeypatch, bad_guesses=100)
-    _, data, clip, tries = T.quantize_to_budget(model, hessians, a, budget, 0, 1, CPU, lambda m: None)
+    q = T.quantize_to_budget(model, hessians, a, budget, T.Run(0, 1, CPU, lambda m: None))
+    _, data, clip, tries = q.entries, q.data, q.clip_sigmas, q.tries
     assert len(tries) == a.rate_tries + 4
     assert [c for c, _ in tries] == pytest.approx([4.0 * 1.05 ** k for k in range(5)])
     assert len(data) > budget and len(data) == min(b for _, b in tries) and (clip, len(data)) in tries
@@ -559,11 +561,13 @@ def test_rate_control_starts_no_round_past_the_budget_once_one_fits(model, hessi
     roomy = 10 * _size_at(model, hessians, a, 4.0)
     for now, rounds in ((0.0, 2), (599.99, 1)):
         clock = types.SimpleNamespace(shared=lambda ahead=0.0, now=now: now + ahead)
-        _, data, clip, tries = T.quantize_to_budget(model, hessians, a, roomy, 0, 1, CPU, lambda m: None, clock)
+        q = T.quantize_to_budget(model, hessians, a, roomy, T.Run(0, 1, CPU, lambda m: None), clock)
+        _, data, clip, tries = q.entries, q.data, q.clip_sigmas, q.tries
         assert len(tries) == rounds and len(data) == tries[-1][1] <= roomy, (now, tries)
     _steered(monkeypatch, bad_guesses=100)
     late = types.SimpleNamespace(shared=lambda ahead=0.0: 1e9)
-    _, data, _, tries = T.quantize_to_budget(model, hessians, a, 5000, 0, 1, CPU, lambda m: None, late)
+    q = T.quantize_to_budget(model, hessians, a, 5000, T.Run(0, 1, CPU, lambda m: None), late)
+    _, data, _, tries = q.entries, q.data, q.clip_sigmas, q.tries
     assert len(tries) == a.rate_tries + 4 and len(data) > 5000
 
 
@@ -612,8 +616,8 @@ def test_qat_clip_for_budget_hits_the_target():
     for frac in (0.85, 1.1):
         target = frac * start
         budget = int(target / ((1 + T.RATE_BAND) / 2))
-        clips[frac] = T.qat_clip_for_budget(model, args, budget, 0, 1, CPU)
+        clips[frac] = T.qat_clip_for_budget(model, args, budget, T.Run(0, 1, CPU))
         assert abs(size_at(clips[frac]) / target - 1) < 0.05, (frac, clips[frac])
     assert clips[0.85] > args.clip_sigmas > clips[1.1] > T.CLIP_RANGE[0]
-    assert T.qat_clip_for_budget(model, args, 3 * start, 0, 1, CPU) == pytest.approx(T.CLIP_RANGE[0], rel=1e-3)
+    assert T.qat_clip_for_budget(model, args, 3 * start, T.Run(0, 1, CPU)) == pytest.approx(T.CLIP_RANGE[0], rel=1e-3)
     assert args.clip_sigmas == tiny_args().clip_sigmas  # it only reads the settings

@@ -267,12 +267,12 @@ def test_eval_only_flags_an_artifact_over_the_cap(tiny_run, smoke_dataset, tmp_p
     args = T.Hyperparameters(eval_only=str(out / "final_model_t.int6.ptz"), data_path=data_dir, tokenizer_path=tok,
                              eval_seq_len=64, eval_stride=32, eval_batch_seqs=8, val_tokens_limit=256,
                              ttt_enabled=False, skip_sliding_eval=True, compile="0")
-    T.run_eval_only(args, 0, 1, CPU, logs.append)
+    T.run_eval_only(args, T.Run(0, 1, CPU, logs.append))
     assert f"WARNING: artifact + code = {results['artifact_bytes']} bytes > {results['artifact_bytes'] - 1}: " \
            "NOT compliant" in logs
     monkeypatch.setattr(T, "ARTIFACT_CAP_BYTES", results["artifact_bytes"])
     logs.clear()
-    T.run_eval_only(args, 0, 1, CPU, logs.append)
+    T.run_eval_only(args, T.Run(0, 1, CPU, logs.append))
     assert not [l for l in logs if "NOT compliant" in l]
 
 

@@ -80,7 +80,7 @@ def _clock_worker(rank, world, init_file, data_dir, vocab, out_prefix):
                            warmdown_frac=0.6, qat_start_scale=0.5, ema_horizon=0.1, muon_momentum_warmup_frac=0.3,
                            warmup_steps=0)
         files = T.find_shards(args.data_path, "train")
-        loader = T.DistributedLoader(files, vocab, rank, world, CPU)
+        loader = T.DistributedLoader(files, vocab, T.Run(rank, world, CPU))
         model = T.build_model(args, CPU)
         opt = T.Optimizers(model, args, world, CPU)
         seen = []
@@ -93,11 +93,10 @@ def _clock_worker(rank, world, init_file, data_dir, vocab, out_prefix):
         # rank 1's clock runs 3x fast from another origin: a rank reading its own clock would warm
         # down, switch QAT and stop far earlier than rank 0
         skewed = (lambda: 3.0 * time.perf_counter() + 1000.0) if rank == 1 else time.perf_counter
-        clock = T.SharedClock(rank, world, CPU, clock=skewed)
-        stats = T.train(args, model, model, opt, loader, rank, world, CPU, lambda m: None,
-                        T.PhaseTimer(), clock)
-        torch.save({"seen": seen, "steps": stats["steps"], "qat_step": stats["qat_step"], "local": clock.local(),
-                    "train_seconds": stats["train_seconds"], "state": model.state_dict()}, f"{out_prefix}.{rank}")
+        clock = T.SharedClock(T.Run(rank, world, CPU), clock=skewed)
+        stats = T.train(args, model, model, opt, loader, T.Run(rank, world, CPU, lambda m: None), clock)
+        torch.save({"seen": seen, "steps": stats.steps, "qat_step": stats.qat_step, "local": clock.local(),
+                    "train_seconds": stats.train_seconds, "state": model.state_dict()}, f"{out_prefix}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -126,11 +125,12 @@ def _rate_worker(rank, world, init_file, out_prefix):
         T.set_attention_backend("math", CPU)
         args = tiny_args(max_wallclock_seconds=5.0, rate_tries=3)
         model = randomized_model(args, seed=1)
-        clock = T.SharedClock(rank, world, CPU, clock=lambda: 0.0)
+        clock = T.SharedClock(T.Run(rank, world, CPU), clock=lambda: 0.0)
         if rank == 1:  # this rank's own timer says each round takes 10 s (a skew at the limit)
             ticks = itertools.count()
             T.time.perf_counter = lambda: 10.0 * next(ticks)
-        _, _, clip, tries = T.quantize_to_budget(model, None, args, 10**9, rank, world, CPU, lambda m: None, clock)
+        q = T.quantize_to_budget(model, None, args, 10**9, T.Run(rank, world, CPU, lambda m: None), clock)
+        _, _, clip, tries = q.entries, q.data, q.clip_sigmas, q.tries
         written = T._from_rank0(1.0, world, CPU)  # main()'s next collective
         torch.save({"clip": clip, "tries": tries, "written": written}, f"{out_prefix}.{rank}")
     finally:
@@ -151,10 +151,10 @@ def test_non_finite_gradients_stop_training_on_every_rank_alike(smoke_dataset):
     loss: a rank whose batch overflowed must not stop alone while the others wait in a collective."""
     data_dir, _, vocab = smoke_dataset
     args = _train_args(data_dir, vocab, iterations=6, max_wallclock_seconds=0.0, warmup_steps=0)
-    loader = T.DistributedLoader(T.find_shards(args.data_path, "train"), vocab, 0, 1, CPU)
+    loader = T.DistributedLoader(T.find_shards(args.data_path, "train"), vocab, T.Run(0, 1, CPU))
     model = T.build_model(args, CPU)
     opt = T.Optimizers(model, args, 1, CPU)
     calls, step = itertools.count(), opt.step
     opt.step = lambda: float("nan") if next(calls) == 2 else step()
     with pytest.raises(FloatingPointError, match="non-finite gradients at step 2"):
-        T.train(args, model, model, opt, loader, 0, 1, CPU, lambda m: None, T.PhaseTimer(), T.SharedClock(0, 1, CPU))
+        T.train(args, model, model, opt, loader, T.Run(0, 1, CPU, lambda m: None), T.SharedClock(T.Run(0, 1, CPU)))

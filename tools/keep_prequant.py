@@ -5,7 +5,7 @@ held up. Run it where you would run train_gpt.py, with the same
 environment, from a folder holding a copy of train_gpt.py:  python3 keep_prequant.py"""
 import dataclasses, os, sys, threading
 import torch
-sys.path.insert(0, os.getcwd())
+sys.path[:0] = [os.getcwd(), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # a run's own copy first
 import train_gpt as T
 
 orig = T.quantize_to_budget

@@ -12,7 +12,8 @@
 #                                               (sp1024 or sp8192; needs .proxy/tools, .proxy/tokenizers)
 #   bash tools/proxy_run.sh start NAME VARIANT [VAR=VALUE ...]
 #       copy train_gpt.py to /root/runs/NAME and start it detached on /root/shards_VARIANT
-#       (OUT_DIR=/root/runs/NAME/out, SEED=42 unless set; stdout in /root/runs/NAME/stdout.log)
+#       (OUT_DIR=/root/runs/NAME/out, SEED=42 unless set; stdout in /root/runs/NAME/stdout.log;
+#       SHIPPED=1: run the shipped form that tools/ship.py writes instead of the source)
 #   bash tools/proxy_run.sh eval NAME ARTIFACT [VAR=VALUE ...]
 #       the same with EVAL_ONLY=ARTIFACT: score an artifact, no training (VARIANT=sp8192 unless set)
 #   bash tools/proxy_run.sh wait SECONDS [NAME ...]
@@ -124,7 +125,11 @@ start_run() {
   [[ -f $tok ]] || die "no $tok (run: shards $v)"
   [[ -e $d ]] && die "$d exists: choose another NAME"
   mkdir -p "$d"
-  cp "$ROOT/train_gpt.py" "$d/"
+  if [[ ${SHIPPED:-0} == 1 ]]; then  # the file that ships: the compressed self-extracting form
+    (cd "$ROOT" && python3 tools/ship.py "$d/train_gpt.py")
+  else
+    cp "$ROOT/train_gpt.py" "$d/"
+  fi
   local -a cmd=(env "DATA_PATH=$PR/shards_$v" "TOKENIZER_PATH=$tok" "VOCAB_SIZE=$n" "SEED=${SEED:-42}"
                 "OUT_DIR=$d/out" "DATA_NAME=proxy corpus (../shared/corpus), $v shards" "$@"
                 python3 train_gpt.py)

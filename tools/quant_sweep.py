@@ -6,7 +6,7 @@ that grid's), the tied embedding by GPTQ vs RTN, GPTQ vs RTN at fixed clips. Pri
 to sweep.log."""
 import dataclasses, os, sys, time
 import torch
-sys.path.insert(0, os.getcwd())
+sys.path[:0] = [os.getcwd(), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # a run's own copy first
 import train_gpt as T
 
 out = open("sweep.log", "a")
@@ -34,13 +34,14 @@ budget = args.artifact_target_bytes - os.path.getsize("train_gpt.py")
 def ev(sd, stride=None):
     emodel.load_state_dict({k: v.to(dev) for k, v in sd.items()})
     L = args.eval_seq_len
-    return T.evaluate(score, val, luts, L, stride or L, args.eval_batch_seqs, 0, 1, dev)["val_bpb"]
+    return T.evaluate(score, val, luts, L, stride or L, args.eval_batch_seqs, T.Run(0, 1, dev))["val_bpb"]
 
 fb = ev(state); log(f"sweep float plain {fb:.5f}")
 H_nohead = {k: v for k, v in H.items() if k != (-1, "head")}
 for label, hs, slide in (("GPTQ (train calibration)", H, True), ("RTN", None, True), ("tok_emb RTN", H_nohead, False)):
     t0 = time.time()
-    e, data, clip, tries = T.quantize_to_budget(fmodel, hs, args, budget, 0, 1, dev, log)
+    q = T.quantize_to_budget(fmodel, hs, args, budget, T.Run(0, 1, dev, log))
+    e, data, clip, tries = q.entries, q.data, q.clip_sigmas, q.tries
     sd = T.dequantize_entries(e, args)
     log(f"sweep rate control [{label}]: clip {clip:.3f} {len(data)} bytes tries {tries} ({time.time()-t0:.1f}s) "
         f"plain {ev(sd):.5f}" + (f" sliding {ev(sd, args.eval_stride):.5f}" if slide else ""))

@@ -3,7 +3,7 @@ clips (banks int6 at 17.67 sigmas, tables int7 at 14) in the model's shapes; ord
 rANS bytes and time, and (with --lzma, ~2 minutes) lzma-9e bytes. python3 tools/rans_bench.py [--lzma]"""
 import lzma, os, sys, time
 import numpy as np
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path[:0] = [os.getcwd(), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # a run's own copy first
 import train_gpt as T
 
 rng = np.random.default_rng(0)

@@ -5,13 +5,14 @@ wrapper (train_gpt.shipped_form), whose size is what the artifact counts as code
     python3 tools/ship.py --decode FILE [OUT]  the readable source back out of a shipped file
 
 The wrapper decodes the source into SHIPPED_SOURCE and executes it, so a run through it is the
-run of the source byte for byte; train_gpt.py then counts the wrapper's own size."""
+run of the source byte for byte; train_gpt.py then counts the wrapper's own size. Like every
+tool, it works on the train_gpt.py of the current folder if there is one, else the repository's."""
 import os
 import subprocess
 import sys
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+sys.path[:0] = [os.getcwd(), ROOT]  # a run's own copy first
 import train_gpt as T  # noqa: E402
 
 DECODE = ("import sys\n"  # run the wrapper's first statements only: decode, do not execute
@@ -38,7 +39,7 @@ def main(argv):
         print(__doc__.strip(), file=sys.stderr)
         return 2
     out = argv[0] if argv else os.path.join(ROOT, "dist", "train_gpt.py")
-    with open(os.path.join(ROOT, "train_gpt.py"), "rb") as f:
+    with open(T.__file__, "rb") as f:
         source = f.read()
     shipped = T.shipped_form(source)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

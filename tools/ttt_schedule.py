@@ -9,31 +9,26 @@ step count is what the TTT time scales with. CPU only, reads the val shards:
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path[:0] = [os.getcwd(), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # a run's own copy first
 import train_gpt as T
 
 
 def phase_shares(spans, args, rank, world):
-    per = -(-len(spans) // args.ttt_phases)
-    for ph in range(0, len(spans), per):
-        yield sorted(spans[ph:ph + per], key=lambda se: se[0] - se[1])[rank::world]
+    return T.ttt_phase_shares(spans, args, T.Run(rank, world))
 
 
 def batch_steps(mine, C, D):
     return sum(-(-(mine[b][1] - mine[b][0]) // C) for b in range(0, len(mine), D))
 
 
-def lane_steps(mine, C, D):  # the loop of evaluate_with_ttt, without the model
-    queue, length, chunk, steps = iter(mine), [0] * D, [0] * D, 0
+def lane_steps(mine, C, D):  # evaluate_with_ttt's lanes, without the model
+    lanes, steps = T.Lanes(mine, D, C), 0
     while True:
-        for r in range(D):
-            if chunk[r] * C >= length[r]:
-                s, e = next(queue, (0, 0))
-                length[r], chunk[r] = e - s, 0
-        if not any(length):
+        lanes.refill()
+        if not lanes.busy():
             return steps
         steps += 1
-        chunk = [k + 1 for k in chunk]
+        lanes.advance()
 
 
 def main():
