@@ -24,6 +24,7 @@ import time
 import traceback
 import zlib
 from dataclasses import dataclass
+from typing import Callable, NamedTuple
 
 # Inductor's mix-order reduction fused the embedding's backward with eight per-channel gradient
 # sums into one 12 ms kernel per micro-step (H200, torch 2.11): off, 7 % less GPU time per step
@@ -35,10 +36,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # FlashAttention-3 (Hopper); optional
-    from flash_attn_interface import flash_attn_func as _fa3_func
-except Exception:  # noqa: BLE001
-    _fa3_func = None
+# FlashAttention (FA3 or FA4) is imported on demand: see set_attention_backend
 try:  # FlexAttention: skips fully masked blocks
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except Exception:  # noqa: BLE001
@@ -211,7 +209,7 @@ class Hyperparameters:
     ttt_global_lr: float = 0.002
     ttt_max_seconds: float = 480.0  # into the evaluation: adaptation stops, scoring goes on
     # runtime
-    attn_backend: str = "auto"  # auto | fa3 | flex | sdpa | math
+    attn_backend: str = "auto"  # auto (FA3, else FA4, else flex/sdpa) | fa3 | fa4 | flex | sdpa | math
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
     device: str = "auto"
 
@@ -295,7 +293,7 @@ class Hyperparameters:
         within(*CLIP_RANGE, "clip_sigmas")
         within(0, ARTIFACT_CAP_BYTES, "artifact_target_bytes")
         for key, choices in (("compile", ("auto", "0", "1")), ("device", ("auto", "cuda", "cpu")),
-                             ("attn_backend", ("auto", "fa3", "flex", "sdpa", "math"))):
+                             ("attn_backend", ("auto", "fa3", "fa4", "flex", "sdpa", "math"))):
             need(getattr(self, key) in choices, f"{key.upper()}={getattr(self, key)} must be one of {', '.join(choices)}")
         need(self.model_dim % self.num_heads == 0, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
@@ -311,9 +309,8 @@ class Hyperparameters:
              f"RECUR_LAYERS={self.recur_layers} must be consecutive layers in 0..{self.num_layers - 1}")
         need(not rec or self.recur_passes == 0 or self.warmup_steps != 1,
              "WARMUP_STEPS=1 cannot compile both depths of the recurrence: use 0 or >= 2")
-        need(not (self.doc_mask and self.attn_backend.startswith("fa3")),
-             "DOC_MASK=1 needs flex, sdpa or math attention (FA3 is not varlen): set ATTN_BACKEND=auto")
-        need(self.attn_backend != "fa3" or _fa3_func is not None, "ATTN_BACKEND=fa3 but flash_attn_interface is not importable")
+        if self.attn_backend in _VARLEN_LOADERS:
+            need_varlen_provider(self.attn_backend)  # ConfigError: not importable
         accum = self.resolved_grad_accum(world_size)
         per_micro = world_size * accum * self.train_seq_len
         need(self.train_batch_tokens % per_micro == 0,
@@ -449,27 +446,224 @@ def fake_quantize_rows(w, bits, clip_sigmas):
     return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
 
 
-_ATTN_BACKEND = "math"
+_ATTN_BACKEND = "math"  # varlen:fa3 | varlen:fa4 | flex | sdpa | math
+_VARLEN = None  # the VarlenProvider of the varlen:* backends
+
+
+# ----- varlen attention: FlashAttention over the rows' tokens packed into one sequence (the rows are
+# full length, so packing is a reshape), causal within segments that start at every row start and,
+# with DOC_MASK, at every BOS; keys/values keep their Hkv heads (GQA in the kernel)
+
+class VarlenProvider(NamedTuple):
+    """A varlen attention kernel, causal within each segment [cu[i], cu[i+1]) of the packed tokens:
+    forward(q, k, v, cu_seqlens, max_seqlen, scale) -> (out, lse) and
+    backward(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale) -> (dq, dk, dv), with q, out,
+    dout (tokens, H, D), k, v (tokens, Hkv, D), lse (H, tokens) float32 (natural log of each row's
+    softmax sum over scale * q.k), cu_seqlens int32."""
+    name: str
+    forward: Callable
+    backward: Callable
+
+
+def _fa4_provider():
+    # flash-attn-4 (CuTe DSL, JIT-compiled): the two calls its flash_attn_varlen_func's
+    # autograd.Function makes (flash_attn/cute/interface.py, 4.0.0b36); the forward returns
+    # (out, lse, ...) with lse (H, tokens) for varlen, the backward (dq, dk, dv)
+    from flash_attn.cute import interface as fa4
+
+    def forward(q, k, v, cu, max_seqlen, scale):
+        res = fa4._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen,
+                                  max_seqlen_k=max_seqlen, softmax_scale=scale, causal=True, return_lse=True)
+        return res[0], res[1]
+
+    def backward(dout, q, k, v, out, lse, cu, max_seqlen, scale):
+        return fa4._flash_attn_bwd(q, k, v, out, dout, lse, softmax_scale=scale, causal=True, cu_seqlens_q=cu,
+                                   cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen)[:3]
+    return VarlenProvider("fa4", forward, backward)
+
+
+def _keyword_call(fn, names):
+    """fn called by keyword with `names` (`causal` goes to `is_causal` where that is its name); its
+    other parameters without a default get None. FA3 builds order and name these differently."""
+    import inspect
+    sig = inspect.signature(getattr(fn, "_init_fn", fn))  # _init_fn: the function of a torch custom op
+    rename = {"causal": "is_causal"} if "causal" not in sig.parameters else {}
+    wanted = {rename.get(n, n) for n in names}
+    if not wanted <= set(sig.parameters):
+        raise TypeError(f"{fn.__name__}{sig} lacks {sorted(wanted - set(sig.parameters))}")
+    fill = {n: None for n, p in sig.parameters.items() if p.default is p.empty and n not in wanted
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return lambda **kw: fn(**fill, **{rename.get(n, n): x for n, x in kw.items()})
+
+
+def _fa3_provider():
+    # FlashAttention-3 (hopper/flash_attn_interface.py): the private forward and backward its
+    # flash_attn_varlen_func wraps; the forward returns (out, softmax_lse, ...), the backward
+    # writes into dq, dk, dv (what it returns differs between builds)
+    import flash_attn_interface as fa3
+    fwd = _keyword_call(fa3._flash_attn_forward, ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q",
+                                                  "max_seqlen_k", "softmax_scale", "causal"))
+    bwd = _keyword_call(fa3._flash_attn_backward, ("dout", "q", "k", "v", "out", "softmax_lse", "cu_seqlens_q",
+                                                   "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "dq", "dk", "dv",
+                                                   "softmax_scale", "causal"))
+
+    def forward(q, k, v, cu, max_seqlen, scale):
+        res = fwd(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+                  softmax_scale=scale, causal=True)
+        return res[0], res[1]
+
+    def backward(dout, q, k, v, out, lse, cu, max_seqlen, scale):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        bwd(dout=dout, q=q, k=k, v=v, out=out, softmax_lse=lse, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen,
+            max_seqlen_k=max_seqlen, dq=dq, dk=dk, dv=dv, softmax_scale=scale, causal=True)
+        return dq, dk, dv
+    return VarlenProvider("fa3", forward, backward)
+
+
+_VARLEN_LOADERS = {"fa3": _fa3_provider, "fa4": _fa4_provider}  # ATTN_BACKEND=auto tries them in this order
+_VARLEN_MODULES = {"fa3": "flash_attn_interface (FlashAttention-3)", "fa4": "flash_attn.cute (flash-attn-4)"}
+_VARLEN_PROVIDERS = {}  # name -> VarlenProvider, or why it is not usable (str); each loaded once
+
+
+def varlen_provider(name):
+    """The provider `name` (fa3 | fa4), or a str saying why it cannot be used."""
+    if name not in _VARLEN_PROVIDERS:
+        try:
+            _VARLEN_PROVIDERS[name] = _VARLEN_LOADERS[name]()
+        except Exception as e:  # noqa: BLE001 - not installed, or a build without the calls we make
+            _VARLEN_PROVIDERS[name] = f"{type(e).__name__}: {e}"
+    return _VARLEN_PROVIDERS[name]
+
+
+def need_varlen_provider(name):
+    provider = varlen_provider(name)
+    if isinstance(provider, str):
+        raise ConfigError(f"ATTN_BACKEND={name} but {_VARLEN_MODULES[name]} is not usable: {provider}")
+    return provider
+
+
+def _checked(what, got, want):
+    """`got` tensors of the provider have the (shape, dtype) of `want`, else a clear error."""
+    for i, (t, (shape, dtype)) in enumerate(zip(got, want)):
+        if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
+            raise RuntimeError(f"varlen attention provider {_VARLEN.name}: {what} output {i} is "
+                               f"{tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
+    return tuple(t.contiguous() for t in got)  # the fake kernels promise contiguous outputs
+
+
+# custom ops: torch.compile keeps them as single nodes (dynamo cannot trace FA4's CuTe launcher),
+# so the compiled model stays one graph, and nothing in them syncs with the host (CUDA graphs)
+@torch.library.custom_op("pgolf::varlen_attention", mutates_args=(),
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen) -> (Tensor, Tensor)")
+def _varlen_fwd(q, k, v, cu_seqlens, max_seqlen):
+    if _VARLEN is None:
+        raise RuntimeError("varlen attention without a provider: set_attention_backend chose none")
+    got = _VARLEN.forward(q, k, v, cu_seqlens, max_seqlen, q.size(-1) ** -0.5)
+    N, H, _ = q.shape
+    return _checked("forward", got, ((q.shape, q.dtype), ((H, N), torch.float32)))
+
+
+@_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen):
+    return q.new_empty(q.shape), q.new_empty((q.size(1), q.size(0)), dtype=torch.float32)
+
+
+@torch.library.custom_op("pgolf::varlen_attention_backward", mutates_args=(),
+                         schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+                                "Tensor cu_seqlens, int max_seqlen) -> (Tensor, Tensor, Tensor)")
+def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen):
+    got = _VARLEN.backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, q.size(-1) ** -0.5)
+    return _checked("backward", got, tuple((t.shape, t.dtype) for t in (q, k, v)))
+
+
+@_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _varlen_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, ctx.max_seqlen = inputs
+    ctx.save_for_backward(q, k, v, *output, cu_seqlens)
+
+
+def _varlen_backward(ctx, dout, dlse):  # lse only feeds the backward: dlse is ignored
+    q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout
+    return (*_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen), None, None)
+
+
+_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen):
+    """q (tokens,H,D), k, v (tokens,Hkv,D) -> (tokens,H,D): causal attention within each segment
+    [cu_seqlens[i], cu_seqlens[i+1]) (at most `max_seqlen` long), by the provider in use."""
+    return _varlen_fwd(q, k, v, cu_seqlens, max_seqlen)[0]
+
+
+# The kernels launch blocks for every segment of cu_seqlens, empty or not: FA4's varlen scheduler
+# runs (tokens + segments x (tile_m - 1)) / tile_m blocks per head, so B*T segments (room for a
+# BOS at every token) would launch ~tile_m times the blocks needed. The fixed size is instead
+# B + max(B*T / VARLEN_MIN_MEAN_TOKENS, VARLEN_MIN_EXTRA) segments: FineWeb documents are hundreds
+# of tokens (at least ~50 words each), no batch comes near a mean of 128; small batches stay exact
+VARLEN_MIN_MEAN_TOKENS, VARLEN_MIN_EXTRA = 128, 256
+
+
+def varlen_segments(ids, bos_id, doc_mask, max_segments=None):
+    """int32 (max_segments + 1,) starts of the segments of the packed rows `ids` (B,T): every row
+    start and (doc_mask) every BOS, then the total B*T repeated (empty segments). Built on the
+    device without a host sync (fixed size). Beyond `max_segments` (default: see
+    VARLEN_MIN_MEAN_TOKENS), the last BOS starts are dropped, never a row start: those documents
+    then see the previous one of their row, as without DOC_MASK."""
+    B, T = ids.shape
+    N = B * T
+    if not doc_mask:
+        return torch.arange(0, N + 1, T, dtype=torch.int32, device=ids.device)
+    if max_segments is None:
+        max_segments = min(N, B + max(N // VARLEN_MIN_MEAN_TOKENS, VARLEN_MIN_EXTRA))
+    if not B <= max_segments <= N:
+        raise ValueError(f"max_segments={max_segments} must be in {B}..{N} (rows..tokens)")
+    pos = torch.arange(N, device=ids.device)
+    row_start = pos % T == 0
+    bos = (ids.reshape(-1) == bos_id) & ~row_start
+    keep = row_start | (bos & (torch.cumsum(bos, 0) <= max_segments - B))
+    # the k-th kept start goes to slot k; the others all write the total into the last slot,
+    # which holds it anyway (so the duplicate writes agree)
+    slot = torch.where(keep, torch.cumsum(keep, 0) - 1, max_segments)
+    cu = torch.full((max_segments + 1,), N, dtype=torch.int32, device=ids.device)
+    return cu.scatter(0, slot, torch.where(keep, pos, N).to(torch.int32))
+
+
+class VarlenMask(NamedTuple):
+    """The mask of the varlen backends: segment starts (varlen_segments) and the row length."""
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
 
 
 def set_attention_backend(name, device, doc_mask=False):
-    """Resolve ATTN_BACKEND for the process; returns the name in use."""
-    global _ATTN_BACKEND
+    """Resolve ATTN_BACKEND for the process; returns the name in use: varlen:fa3, varlen:fa4 (FA3 or
+    FA4 over the packed segments, with or without document masking), flex, sdpa or math (CPU)."""
+    global _ATTN_BACKEND, _VARLEN
+    provider = need_varlen_provider(name) if name in _VARLEN_LOADERS else None  # on CPU too: a clear error
     if device.type != "cuda":
-        name = "math"
+        name, provider = "math", None
     elif name == "auto":
-        name = "flex" if doc_mask else ("fa3" if _fa3_func is not None else "sdpa")
-    if doc_mask and name == "fa3":  # eval-only: DOC_MASK from the artifact, after validate()
-        raise ConfigError("the model uses document masking, which FA3 (not varlen) cannot do: set ATTN_BACKEND=auto")
+        provider = next((p for p in map(varlen_provider, _VARLEN_LOADERS) if not isinstance(p, str)), None)
+        if provider is None:
+            name = "flex" if doc_mask else "sdpa"
     if name == "flex" and flex_attention is None:
         raise ConfigError("ATTN_BACKEND=flex but torch.nn.attention.flex_attention is not available")
-    _ATTN_BACKEND = name
+    if provider is not None:
+        name = "varlen:" + provider.name
+    _ATTN_BACKEND, _VARLEN = name, provider
     return name
 
 
 def attention_mask(ids, bos_id, doc_mask):
-    """None (causal), a dense (B,1,T,T) bool mask or a Flex block mask (compiled training only:
-    it crashed in inference on H200, slow uncompiled)."""
+    """None (causal), a VarlenMask (varlen backends), a dense (B,1,T,T) bool mask or a Flex block
+    mask (compiled training only: it crashed in inference on H200, slow uncompiled)."""
+    if _ATTN_BACKEND.startswith("varlen"):
+        return VarlenMask(varlen_segments(ids, bos_id, doc_mask), ids.size(1))
     flex = _ATTN_BACKEND == "flex" and torch.is_grad_enabled() and torch.compiler.is_compiling()
     if not doc_mask and not flex:
         return None
@@ -485,9 +679,10 @@ def attention_mask(ids, bos_id, doc_mask):
 
 def causal_attention(q, k, v, mask=None):
     """q: (B,T,H,D); k, v: (B,T,Hkv,D) -> (B,T,H,D), causal, masked by `mask`."""
-    if _ATTN_BACKEND == "fa3" and mask is None:  # masked (TTT's cache): SDPA
-        out = _fa3_func(q, k, v, causal=True)
-        return out[0] if isinstance(out, tuple) else out
+    if isinstance(mask, VarlenMask):
+        B, T, H, D = q.shape
+        q, k, v = (t.reshape(B * T, *t.shape[2:]).contiguous() for t in (q, k, v))  # v may be a view of qkv
+        return varlen_attention(q, k, v, mask.cu_seqlens, mask.max_seqlen).view(B, T, H, D)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if _ATTN_BACKEND == "flex" and mask is not None and not isinstance(mask, torch.Tensor):
         return flex_attention(q, k, v, block_mask=mask, enable_gqa=True).transpose(1, 2)

@@ -245,7 +245,7 @@ def test_validate_accepts_consistent_config():
     (dict(recur_start_frac=1.5), 1, "RECUR_START_FRAC"),
     (dict(parallel_from=-1), 1, "PARALLEL_FROM"),
     (dict(attn_gate_width=65), 1, "ATTN_GATE_WIDTH"),
-    (dict(doc_mask=True, attn_backend="fa3"), 1, "DOC_MASK=1"),
+    (dict(attn_backend="fa4"), 1, r"ATTN_BACKEND=fa4 but flash_attn.cute \(flash-attn-4\) is not usable"),
 ])
 def test_validate_rejects(kw, world, pattern):
     args = _valid(**kw)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import smoke_data
 import train_gpt as T
 from conftest import REPO_ROOT
-from helpers import randomized_model, tiny_model_args
+from helpers import REFERENCE_VARLEN, randomized_model, tiny_model_args, use_varlen
 
 pytestmark = pytest.mark.usefixtures("one_thread_math")
 
@@ -631,21 +631,19 @@ def test_ttt_chunk_steps_have_fixed_shapes_and_buffers(ttt_model):
     assert len(set(seen)) == 1 and seen[0][0] == (args.ttt_batch_docs, args.ttt_chunk)
 
 
-def test_ttt_with_fa3_backend_scores_like_math(ttt_model, monkeypatch):
-    """With DOC_MASK=0 the FA3 backend runs training attention; TTT's chunks (a cache with masked
-    empty slots) must not go through FA3's mask-less causal kernel: at lr 0 the score equals the
-    math backend's. Stand-in for flash_attn_interface: causal aligned to the bottom-right."""
-    def fake_fa3(q, k, v, causal=True):
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        k, v = (t.repeat_interleave(q.size(1) // t.size(1), 1) for t in (k, v))
-        m = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool).tril(k.size(-2) - q.size(-2))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2)
-    args = ttt_args(ttt_phases=1, doc_mask=False)
+def test_ttt_with_varlen_backend_scores_like_math(ttt_model, monkeypatch):
+    """With a varlen (FlashAttention) backend, the global pass between phases trains on whole
+    windows through its kernels (forward and backward); TTT's chunks (a cache with masked empty
+    slots, queries offset into the keys) keep the dense-mask path: the score equals the math
+    backend's. Stand-in for FA3/FA4: the reference provider."""
+    args = ttt_args(ttt_phases=2, ttt_batch_docs=2, ttt_lr=0.03, ttt_global_lr=0.05)
     tokens = as_stream(make_docs((150, 70, 20, 97, 5), seed=4))
     ref = run_ttt(ttt_model, tokens, args)[0]["val_loss"]
-    monkeypatch.setattr(T, "_ATTN_BACKEND", "fa3")
-    monkeypatch.setattr(T, "_fa3_func", fake_fa3)
+    calls = []
+    use_varlen(monkeypatch, T.VarlenProvider("ref", lambda *a: (calls.append("fwd"), REFERENCE_VARLEN.forward(*a))[1],
+                                             lambda *a: (calls.append("bwd"), REFERENCE_VARLEN.backward(*a))[1]))
     assert run_ttt(ttt_model, tokens, args)[0]["val_loss"] == pytest.approx(ref, rel=1e-6)
+    assert calls.count("fwd") > 0 and calls.count("bwd") == calls.count("fwd")
 
 
 def same_draw_at_every_reset(monkeypatch):
