@@ -604,9 +604,21 @@ def varlen_attention(q, k, v, cu_seqlens, max_seqlen):
 # The kernels launch blocks for every segment of cu_seqlens, empty or not: FA4's varlen scheduler
 # runs (tokens + segments x (tile_m - 1)) / tile_m blocks per head, so B*T segments (room for a
 # BOS at every token) would launch ~tile_m times the blocks needed. The fixed size is instead
-# B + max(B*T / VARLEN_MIN_MEAN_TOKENS, VARLEN_MIN_EXTRA) segments: FineWeb documents are hundreds
-# of tokens (at least ~50 words each), no batch comes near a mean of 128; small batches stay exact
+# B + max(B*T / VARLEN_MIN_MEAN_TOKENS, B x the most BOS any validation window holds,
+# VARLEN_MIN_EXTRA) segments: scoring never drops a document start (set_varlen_capacity); a
+# training batch denser than that (a mean under 128 tokens per document) loses its last splits
 VARLEN_MIN_MEAN_TOKENS, VARLEN_MIN_EXTRA = 128, 256
+_VARLEN_BOS_PER_ROW = 0  # set_varlen_capacity
+
+
+def set_varlen_capacity(val_tokens, bos_id, window):
+    """Room in cu_seqlens for as many document starts per row as any `window` tokens of the
+    validation split hold, so that no scored batch drops one -> that count."""
+    global _VARLEN_BOS_PER_ROW
+    counts = torch.cat([torch.zeros(1, dtype=torch.int64), (val_tokens == bos_id).to(torch.int64).cumsum(0)])
+    n = min(window, val_tokens.numel())
+    _VARLEN_BOS_PER_ROW = int((counts[n:] - counts[:-n]).max())
+    return _VARLEN_BOS_PER_ROW
 
 
 def varlen_segments(ids, bos_id, doc_mask, max_segments=None):
@@ -620,7 +632,7 @@ def varlen_segments(ids, bos_id, doc_mask, max_segments=None):
     if not doc_mask:
         return torch.arange(0, N + 1, T, dtype=torch.int32, device=ids.device)
     if max_segments is None:
-        max_segments = min(N, B + max(N // VARLEN_MIN_MEAN_TOKENS, VARLEN_MIN_EXTRA))
+        max_segments = min(N, B + max(N // VARLEN_MIN_MEAN_TOKENS, B * _VARLEN_BOS_PER_ROW, VARLEN_MIN_EXTRA))
     if not B <= max_segments <= N:
         raise ValueError(f"max_segments={max_segments} must be in {B}..{N} (rows..tokens)")
     pos = torch.arange(N, device=ids.device)
@@ -2410,6 +2422,8 @@ def run_eval_only(args, run):
     check_artifact_tokenizer(args.eval_only, recorded_tokenizer, args.tokenizer_path, run.log)
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
     run.log(f"data: {describe_data(args, [], val_tokens)}")
+    set_attention_backend(args.attn_backend, run.device, args.doc_mask)
+    size_varlen_segments(val_tokens, args, run)
     val_tokens = val_tokens.to(run.device)
     model_bytes, code_bytes = os.path.getsize(args.eval_only), code_as_shipped()[1]
     total = model_bytes + code_bytes
@@ -2418,11 +2432,19 @@ def run_eval_only(args, run):
             f"{json.dumps(dataclasses.asdict(args), sort_keys=True)}")
     if total > ARTIFACT_CAP_BYTES:
         run.log(f"WARNING: artifact + code = {total} bytes > {ARTIFACT_CAP_BYTES}: NOT compliant")
-    set_attention_backend(args.attn_backend, run.device, args.doc_mask)
     model = build_model(args, run.device)
     res = evaluate_artifact(args, model, args.eval_only, val_tokens, luts, run, t0, entries)
     log_timing_table(run)
     return res
+
+
+def size_varlen_segments(val_tokens, args, run):
+    """With a varlen backend and DOC_MASK: room for every document start a scored row can hold."""
+    if _ATTN_BACKEND.startswith("varlen") and args.doc_mask:
+        window = max(args.eval_seq_len, args.train_seq_len)
+        n = set_varlen_capacity(val_tokens, args.bos_id, window)
+        run.log(f"varlen attention: room for {n} document starts per row (the most any {window} validation "
+                f"tokens hold)")
 
 
 def weights_checksum(model):
@@ -2642,6 +2664,7 @@ def main():
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
     data = describe_data(args, train_files, val_tokens)
     log(f"data: {data}")
+    size_varlen_segments(val_tokens, args, run)
     val_tokens = val_tokens.to(run.device)
     loader = DistributedLoader(train_files, args.vocab_size, run)
     groups = zip(("banks", "tables", "projections", "scalars"), model.param_groups())

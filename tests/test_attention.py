@@ -64,6 +64,24 @@ def test_varlen_segments_default_cap():
     assert T.varlen_segments(torch.full((2, 40), 7), BOS, True).numel() == 81
 
 
+def test_varlen_capacity_keeps_every_document_start_of_the_validation_split(monkeypatch):
+    """A validation split with a dense run of short documents (40 in one 2,048-token window, more
+    than the default's 16 per row): set_varlen_capacity makes room, and a batch of its densest
+    windows keeps every BOS split (the default alone drops some)."""
+    monkeypatch.setattr(T, "_VARLEN_BOS_PER_ROW", 0)
+    g = torch.Generator().manual_seed(0)
+    val = torch.randint(2, 60, (40_000,), generator=g)
+    val[::700] = BOS
+    val[10_000:10_000 + 40 * 50:50] = BOS  # 40 documents of 50 tokens
+    rows = torch.stack([val[10_000 + i:10_000 + i + 2048] for i in range(0, 48 * 7, 7)])
+    exact = T.varlen_segments(rows, BOS, True, max_segments=rows.numel())
+    need = int((exact < rows.numel()).sum())
+    assert T.varlen_segments(rows, BOS, True).tolist()[:need] != exact.tolist()[:need]  # default: drops splits
+    assert T.set_varlen_capacity(val, BOS, 2048) == 40
+    cu = T.varlen_segments(rows, BOS, True)
+    assert cu.tolist()[:need] == exact.tolist()[:need] and (cu[need:] == rows.numel()).all()
+
+
 def test_varlen_segments_compile_without_host_sync():
     """fullgraph=True fails on any graph break: an .item(), a nonzero() or a size read from the data."""
     ids = rows_with_documents()
