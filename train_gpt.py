@@ -24,6 +24,7 @@ import time
 import traceback
 import zlib
 from dataclasses import dataclass
+from typing import ClassVar
 from typing import Callable, NamedTuple
 
 # Inductor's mix-order reduction fused the embedding's backward with eight per-channel gradient
@@ -1321,7 +1322,7 @@ def quantize_model(model, hessians, args, clip_sigmas, rank=0, world_size=1):
             dist.all_reduce(q)
             dist.all_reduce(s)
         for i in range(n):
-            entries[f"{bank_name}_bank.{i}"] = _int_entry(args.quant_bits, q[i], s[i])
+            entries[f"{bank_name}_bank.{i}"] = IntEntry(args.quant_bits, q[i], s[i])
     for name, t in model.state_dict().items():
         if name.endswith("_bank"):
             continue
@@ -1329,14 +1330,29 @@ def quantize_model(model, hessians, args, clip_sigmas, rank=0, world_size=1):
             H = (hessians or {}).get((-1, "head")) if name == "tok_emb.weight" else None
             q, s = gptq_quantize(t[None], None if H is None else H[None], 2 ** (args.embed_bits - 1) - 1,
                                  args.embed_clip_sigmas, args.gptq_block, args.gptq_damp)
-            entries[name] = _int_entry(args.embed_bits, q[0], s[0])
+            entries[name] = IntEntry(args.embed_bits, q[0], s[0])
         else:
-            entries[name] = {"kind": "float", "value": t.detach().half().cpu()}
+            entries[name] = FloatEntry(t.detach().half().cpu())
     return entries
 
 
-def _int_entry(bits, q, scale):
-    return {"kind": "int", "bits": bits, "q": q.cpu(), "scale": scale.cpu()}
+@dataclass
+class IntEntry:
+    """A quantized matrix of the artifact: int8 codes (rows, cols), one fp16 step per row."""
+    bits: int
+    q: torch.Tensor
+    scale: torch.Tensor
+    kind: ClassVar[str] = "int"
+
+    def __post_init__(self):
+        self.q, self.scale = self.q.cpu(), self.scale.cpu()
+
+
+@dataclass
+class FloatEntry:
+    """A tensor the artifact keeps in fp16."""
+    value: torch.Tensor
+    kind: ClassVar[str] = "float"
 
 
 def order0_bits(counts):
@@ -1440,7 +1456,7 @@ def quantize_to_budget(model, hessians, args, budget, run, clock=None, tokenizer
 def dequantize_entries(entries, args):
     state, banks = {}, {}
     for name, e in entries.items():
-        t = e["q"].float() * e["scale"].float()[:, None] if e["kind"] == "int" else e["value"].float()
+        t = e.q.float() * e.scale.float()[:, None] if e.kind == "int" else e.value.float()
         if "_bank." in name:
             bank, idx = name.rsplit(".", 1)
             banks.setdefault(bank, {})[int(idx)] = t
@@ -1467,17 +1483,17 @@ def pack_entries(entries, args, tokenizer_sha=""):
     table, values, rest = [], [], []
     voff = roff = 0
     for name, e in entries.items():
-        if e["kind"] == "int":
-            qb = e["q"].numpy().astype(np.int8).tobytes()
-            sb = e["scale"].numpy().astype("<f2").tobytes()
-            table.append({"name": name, "kind": "int", "bits": e["bits"], "shape": list(e["q"].shape),
+        if e.kind == "int":
+            qb = e.q.numpy().astype(np.int8).tobytes()
+            sb = e.scale.numpy().astype("<f2").tobytes()
+            table.append({"name": name, "kind": "int", "bits": e.bits, "shape": list(e.q.shape),
                           "voff": voff, "roff": roff})
             values.append(qb)
             rest.append(sb)
             voff, roff = voff + len(qb), roff + len(sb)
         else:
-            vb = e["value"].numpy().astype("<f2").tobytes()
-            table.append({"name": name, "kind": "float", "shape": list(e["value"].shape), "roff": roff})
+            vb = e.value.numpy().astype("<f2").tobytes()
+            table.append({"name": name, "kind": "float", "shape": list(e.value.shape), "roff": roff})
             rest.append(vb)
             roff += len(vb)
     config = {k: getattr(args, k) for k in MODEL_CONFIG_FIELDS}
@@ -1500,10 +1516,10 @@ def unpack_entries(blob):
         if t["kind"] == "int":
             q = np.frombuffer(blob, dtype=np.int8, count=n, offset=vbase + t["voff"]).reshape(shape)
             s = np.frombuffer(blob, dtype="<f2", count=shape[0], offset=rbase + t["roff"])
-            entries[t["name"]] = _int_entry(t["bits"], torch.from_numpy(q.copy()), torch.from_numpy(s.copy()))
+            entries[t["name"]] = IntEntry(t["bits"], torch.from_numpy(q.copy()), torch.from_numpy(s.copy()))
         else:
             v = np.frombuffer(blob, dtype="<f2", count=n, offset=rbase + t["roff"]).reshape(shape)
-            entries[t["name"]] = {"kind": "float", "value": torch.from_numpy(v.copy())}
+            entries[t["name"]] = FloatEntry(torch.from_numpy(v.copy()))
     return entries, header["config"]
 
 

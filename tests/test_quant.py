@@ -3,6 +3,7 @@ vs round-to-nearest on correlated inputs, the SDClip grid and its bytes per para
 control (extra rounds while nothing fits, the error when nothing can), the inverse-Cholesky
 factor, the 16 MB cap and quantize_model with Hessians calibrated on training sequences."""
 import copy
+import dataclasses
 import lzma
 import os
 import struct
@@ -30,16 +31,16 @@ def assert_entries_equal(a: dict, b: dict):
     assert list(a) == list(b)
     for name in a:
         ea, eb = a[name], b[name]
-        assert ea["kind"] == eb["kind"], name
-        if ea["kind"] == "int":
-            assert ea["bits"] == eb["bits"], name
-            assert eb["q"].dtype == torch.int8 and eb["scale"].dtype == torch.float16, name
-            assert torch.equal(ea["q"], eb["q"]), name
+        assert ea.kind == eb.kind, name
+        if ea.kind == "int":
+            assert ea.bits == eb.bits, name
+            assert eb.q.dtype == torch.int8 and eb.scale.dtype == torch.float16, name
+            assert torch.equal(ea.q, eb.q), name
             # bitwise, not numeric equality
-            assert torch.equal(ea["scale"].view(torch.int16), eb["scale"].view(torch.int16)), name
+            assert torch.equal(ea.scale.view(torch.int16), eb.scale.view(torch.int16)), name
         else:
-            assert eb["value"].dtype == torch.float16 and ea["value"].shape == eb["value"].shape, name
-            assert torch.equal(ea["value"].view(torch.int16), eb["value"].view(torch.int16)), name
+            assert eb.value.dtype == torch.float16 and ea.value.shape == eb.value.shape, name
+            assert torch.equal(ea.value.view(torch.int16), eb.value.view(torch.int16)), name
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +76,10 @@ def gptq_entries(model, hessians, args):
 def test_pack_compress_roundtrip_bit_exact(model, args):
     entries = T.quantize_model(model, None, args, 4.0)  # RTN (no Hessians)
     blob, voff, nvals = T.pack_entries(entries, args)
-    assert nvals == sum(e["q"].numel() for e in entries.values() if e["kind"] == "int")
+    assert nvals == sum(e.q.numel() for e in entries.values() if e.kind == "int")
     assert blob[:4] == T.ARTIFACT_MAGIC
     # the values section really holds the int8 values in entry order
-    flat = np.concatenate([e["q"].numpy().reshape(-1) for e in entries.values() if e["kind"] == "int"])
+    flat = np.concatenate([e.q.numpy().reshape(-1) for e in entries.values() if e.kind == "int"])
     assert np.array_equal(np.frombuffer(blob, dtype=np.int8, count=nvals, offset=voff), flat)
 
     data = T.compress(blob)
@@ -89,11 +90,11 @@ def test_pack_compress_roundtrip_bit_exact(model, args):
     assert_entries_equal(entries, back)
     assert config == {k: getattr(args, k) for k in T.MODEL_CONFIG_FIELDS}
     for name, e in back.items():
-        if e["kind"] == "int":
-            qmax = 2 ** (e["bits"] - 1) - 1
-            assert int(e["q"].abs().max()) <= qmax, name
-    assert back["up_bank.0"]["bits"] == 6 and back["down_bank.1"]["bits"] == 6
-    assert back["tok_emb.weight"]["bits"] == args.embed_bits == 7
+        if e.kind == "int":
+            qmax = 2 ** (e.bits - 1) - 1
+            assert int(e.q.abs().max()) <= qmax, name
+    assert back["up_bank.0"].bits == 6 and back["down_bank.1"].bits == 6
+    assert back["tok_emb.weight"].bits == args.embed_bits == 7
 
 
 @pytest.mark.parametrize("packed", [False, True])
@@ -166,16 +167,16 @@ def test_load_artifact_rebuilds_identical_model(model, args, gptq_entries, tmp_p
     for bank, t in fresh.banks().items():
         for i in range(t.size(0)):
             e = loaded[f"{bank}_bank.{i}"]
-            expect = e["q"].float() * e["scale"].float()[:, None]
+            expect = e.q.float() * e.scale.float()[:, None]
             assert torch.equal(t.detach()[i], expect), (bank, i)
     sd = fresh.state_dict()
     for name, e in loaded.items():
         if "_bank." in name:
             continue
-        if e["kind"] == "int":
-            assert torch.equal(sd[name], e["q"].float() * e["scale"].float()[:, None]), name
+        if e.kind == "int":
+            assert torch.equal(sd[name], e.q.float() * e.scale.float()[:, None]), name
         else:
-            assert torch.equal(sd[name], e["value"].float()), name
+            assert torch.equal(sd[name], e.value.float()), name
 
     # the quantized model is close to the source: 6-bit banks on the default 6.5-sigma grid
     # (round to nearest would be off by 6.5 / 31 / sqrt(12) = 6.1 % of the RMS; GPTQ trades some
@@ -226,9 +227,9 @@ def test_load_artifact_corrupt_raises_artifact_error(tmp_path, data):
 
 
 def _small_blob():
-    entries = {"w": {"kind": "int", "bits": 6, "q": torch.arange(-16, 16, dtype=torch.int8).view(4, 8),
-                     "scale": torch.full((4,), 0.01, dtype=torch.float16)},
-               "f": {"kind": "float", "value": torch.ones(3, dtype=torch.float16)}}
+    entries = {"w": T.IntEntry(6, torch.arange(-16, 16, dtype=torch.int8).view(4, 8),
+                               torch.full((4,), 0.01, dtype=torch.float16)),
+               "f": T.FloatEntry(torch.ones(3, dtype=torch.float16))}
     return T.pack_entries(entries, tiny_args())[0]
 
 
@@ -236,7 +237,7 @@ def _small_blob():
 def test_load_artifact_bad_payload_raises_artifact_error(tmp_path, payload):
     """A payload that decompresses fine but is not a complete packed model -> ArtifactError."""
     blob = _small_blob()
-    assert T.unpack_entries(blob)[0]["w"]["q"].shape == (4, 8)  # the intact blob is fine
+    assert T.unpack_entries(blob)[0]["w"].q.shape == (4, 8)  # the intact blob is fine
     if payload == "bad-json":
         blob = T.ARTIFACT_MAGIC + struct.pack("<II", 5, 0) + b"{bad}"
     elif payload == "truncated":
@@ -354,7 +355,7 @@ def test_compressed_bytes_per_parameter_bound():
     sizes, ests = {}, {}
     for clip in (3.0, 4.0, 5.0, 8.0):
         q, s = T.gptq_quantize(W, None, 31, clip)
-        entries = {"w": {"kind": "int", "bits": 6, "q": q[0], "scale": s[0]}}
+        entries = {"w": T.IntEntry(6, q[0], s[0])}
         blob = T.pack_entries(entries, tiny_args())[0]
         sizes[clip] = (len(T.compress(blob)) - 4 * T.rans_lanes(W.numel()) - 2 * 63) / W.numel()
         ests[clip] = (T.order0_bits(np.bincount(q[0].numpy().ravel() + 31)) * q.numel() / 8 + 2 * s.numel()) / W.numel()
@@ -425,17 +426,17 @@ def test_quantize_model_with_hessians_roundtrip(model, hessians, gptq_entries, a
         assert state[f"{bank_name}_bank"].shape == bank.shape
         for i in range(bank.size(0)):
             e = entries[f"{bank_name}_bank.{i}"]
-            assert e["bits"] == 6 and e["q"].dtype == torch.int8
-            assert int(e["q"].abs().max()) <= 31
-            expect = e["q"].float() * e["scale"].float()[:, None]
+            assert e.bits == 6 and e.q.dtype == torch.int8
+            assert int(e.q.abs().max()) <= 31
+            expect = e.q.float() * e.scale.float()[:, None]
             assert torch.equal(state[f"{bank_name}_bank"][i], expect)
-            assert set(e) == {"kind", "bits", "q", "scale"}  # nothing else travels with an entry
+            assert {f.name for f in dataclasses.fields(e)} == {"bits", "q", "scale"}  # nothing else travels with an entry
             H = hessians[keys[bank_name][i]]
             W = bank.detach()[i]
             E = W - expect
             err_gptq += float(((E @ H) * E).sum())
             r = rtn[f"{bank_name}_bank.{i}"]
-            Er = W - r["q"].float() * r["scale"].float()[:, None]
+            Er = W - r.q.float() * r.scale.float()[:, None]
             err_rtn += float(((Er @ H) * Er).sum())
     assert err_gptq < err_rtn, (err_gptq, err_rtn)
     # the tied embedding: GPTQ with the head's Hessian (its input is the final hidden state)
@@ -443,7 +444,7 @@ def test_quantize_model_with_hessians_roundtrip(model, hessians, gptq_entries, a
     W = model.tok_emb.weight.detach()
     errs = []
     for ent in (entries, rtn):
-        E = W - ent["tok_emb.weight"]["q"].float() * ent["tok_emb.weight"]["scale"].float()[:, None]
+        E = W - ent["tok_emb.weight"].q.float() * ent["tok_emb.weight"].scale.float()[:, None]
         errs.append(float(((E @ H) * E).sum()))
     assert errs[0] < errs[1], errs
     # every non-bank tensor of the model is present, tables as int8
@@ -451,7 +452,7 @@ def test_quantize_model_with_hessians_roundtrip(model, hessians, gptq_entries, a
         if name.endswith("_bank"):
             continue
         assert state[name].shape == t.shape
-        kind = entries[name]["kind"]
+        kind = entries[name].kind
         assert kind == ("int" if name in ("tok_emb.weight", "bigram_table", "ve_table") else "float"), name
     # a model loaded from it works
     m2 = T.build_model(args, CPU).eval()
