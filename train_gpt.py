@@ -2720,7 +2720,8 @@ if __name__ == "__main__":
         code = 0
         if dist.is_initialized():
             dist.destroy_process_group()
-    if code:  # a failed rank must not wait for peers in a collective
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code) if dist.is_initialized() else sys.exit(code)
+    # skip finalization: a failed rank must not wait for peers; a gloo thread freeing
+    # tensors in it would take the GIL and abort
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

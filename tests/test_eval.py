@@ -942,6 +942,69 @@ def test_two_rank_run_agrees_with_one_rank(trained_run, smoke_dataset, tmp_path)
     assert p.stdout.count("final_int6_sliding_window") == 1  # rank 0 logs
 
 
+# Runs train_gpt.py's own __main__ block (teardown included) under torchrun. On success, just
+# before it destroys the process group, one more all-reduce keeps its gloo worker thread busy (in
+# a Python callback, as the worker that frees a collective's tensors is) until the interpreter's
+# finalization begins, if it does: a stand-in for a worker not scheduled in time on a loaded box.
+LAGGING_WORKER_WRAPPER = r"""
+import runpy, sys, threading, time
+import torch
+import torch.distributed as dist
+script = sys.argv[1]
+destroy = dist.destroy_process_group
+
+
+class Finalization:
+    def __init__(self):
+        self.begun = threading.Event()
+
+    def __del__(self, sleep=time.sleep):  # the module's globals are cleared after finalization begins
+        self.begun.set()
+        sleep(2)  # (the GIL is free meanwhile)
+
+
+def destroy_while_a_worker_lags(*args, **kw):
+    started = threading.Event()
+
+    def lag(fut):  # on the gloo worker that ran the all-reduce, as it completes
+        sys.stdout.write(f"rank {dist.get_rank()}: gloo worker busy\n")  # one write: ranks share stdout
+        sys.stdout.flush()
+        started.set()
+        fin.begun.wait(10)  # then it takes the GIL back
+
+    dist.all_reduce(torch.ones(1), async_op=True).get_future().then(lag)
+    started.wait()
+    dist.all_reduce(torch.ones(1))  # (on the other worker) every rank is done with the first one
+    destroy(*args, **kw)
+
+
+fin = Finalization()
+dist.destroy_process_group = destroy_while_a_worker_lags
+sys.argv = [script]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_two_rank_run_exits_cleanly_while_a_gloo_worker_lags(smoke_dataset, tmp_path):
+    """A gloo worker thread that still holds Python objects when the main thread is done (CI:
+    the last collective's tensors, freed by the worker a moment after the work completed) takes
+    the GIL again; during the interpreter's finalization CPython ends such a thread with
+    pthread_exit, which aborts the process inside C++ frames ('terminate called without an
+    active exception', SIGABRT, torchrun exit 1 after a complete run). The ranks leave with
+    os._exit: exit status 0 (the unfixed teardown aborted both ranks here, every time)."""
+    data_dir, tok, _ = smoke_dataset
+    wrapper = tmp_path / "lagging_worker.py"
+    wrapper.write_text(LAGGING_WORKER_WRAPPER)
+    env = clean_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, **TINY_RUN)
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(wrapper), os.path.join(REPO_ROOT, "train_gpt.py")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert sorted(re.findall(r"rank (\d): gloo worker busy", p.stdout)) == ["0", "1"], p.stdout[-2000:]
+    assert "terminate called" not in p.stderr and "Fatal Python error" not in p.stderr, p.stderr[-3000:]
+    assert p.stdout.count("final_int6_sliding_window") == 1 and (tmp_path / "results_t.json").is_file()
+
+
 def _fake_results(d, run_id, seed, config, bpb, finished):
     r = {"seed": seed, "config_id": config, "val_loss": bpb * 2, "val_bpb": bpb, "artifact_bytes": 100,
          "steps": 3, "step_avg_ms": 1.0, "code_bytes": 10, "world_size": 1, "device": "cpu", "torch": "x",
