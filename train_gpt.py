@@ -17,6 +17,7 @@ import json
 import lzma
 import math
 import os
+import re
 import struct
 import sys
 import tempfile
@@ -126,6 +127,7 @@ class Hyperparameters:
     run_id: str = ""  # "": seed<SEED>
     out_dir: str = "runs"  # a run refuses to start where its run id's files already are
     data_name: str = ""  # names the data in the log and submission.json, e.g. "FineWeb challenge shards"
+    byte_sidecar: str = "auto"  # bytes per target from DATA_PATH's fineweb_val_bytes_*.bin (auto: if there) | 1 | 0
     # budget
     iterations: int = 20000
     max_wallclock_seconds: float = 600.0
@@ -294,6 +296,7 @@ class Hyperparameters:
         within(*CLIP_RANGE, "clip_sigmas")
         within(0, ARTIFACT_CAP_BYTES, "artifact_target_bytes")
         for key, choices in (("compile", ("auto", "0", "1")), ("device", ("auto", "cuda", "cpu")),
+                             ("byte_sidecar", ("auto", "0", "1")),
                              ("attn_backend", ("auto", "fa3", "fa4", "flex", "sdpa", "math"))):
             need(getattr(self, key) in choices, f"{key.upper()}={getattr(self, key)} must be one of {', '.join(choices)}")
         need(self.model_dim % self.num_heads == 0, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
@@ -365,9 +368,12 @@ def load_shard(path, vocab_size):
 
 
 def find_shards(data_path, split):
+    """DATA_PATH/fineweb_<split>_<number>.bin in order (split "val" leaves out the byte sidecar's
+    fineweb_val_bytes_*.bin, split "val_bytes")."""
     if not os.path.isdir(data_path):
         raise DataError(f"DATA_PATH {data_path} is not a directory (download the challenge data first)")
-    files = sorted(glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin")))
+    files = sorted(f for f in glob.glob(os.path.join(glob.escape(data_path), f"fineweb_{split}_*.bin"))
+                   if re.fullmatch(rf"fineweb_{split}_\d+\.bin", os.path.basename(f)))
     if not files:
         raise DataError(f"no fineweb_{split}_*.bin shards in {data_path}")
     return files
@@ -381,6 +387,76 @@ def load_validation_tokens(data_path, vocab_size, limit=0):
     if tokens.size < 2:
         raise DataError(f"validation split in {data_path} has fewer than 2 tokens")
     return torch.from_numpy(tokens)
+
+
+def load_byte_sidecar(data_path, val_tokens, bos_id, limit=0):
+    """The validation byte sidecar (DATA_PATH/fineweb_val_bytes_*.bin, shard format): per val token,
+    the bytes of the original text it stands for. One per val token (the count of the val shards),
+    0 on every BOS, cut like the val tokens by VAL_TOKENS_LIMIT -> int64 tensor."""
+    want = sum(read_shard_header(f) for f in find_shards(data_path, "val"))
+    files = find_shards(data_path, "val_bytes")
+    counts = np.concatenate([np.asarray(load_shard(f, 65536)) for f in files]).astype(np.int64)
+    if counts.size != want:
+        raise DataError(f"byte sidecar in {data_path} has {counts.size} counts for {want} validation tokens: "
+                        "make the val shards and the sidecar together (tools/caseops_prep.py)")
+    counts = torch.from_numpy(counts[:limit + 1] if limit > 0 else counts)
+    bad = torch.nonzero((val_tokens == bos_id) & (counts != 0)).flatten()
+    if bad.numel():
+        raise DataError(f"byte sidecar in {data_path} gives {int(counts[bad[0]])} bytes to the BOS at validation "
+                        f"token {int(bad[0])} (a BOS stands for no text): sidecar and val shards do not match")
+    return counts
+
+
+# ----- CaseOps: capitals as marker characters (tools/caseops_prep.py makes such data)
+# Over maximal runs of ASCII letters: all-lower unchanged; all-caps of 2+ letters -> ALLCAPS + lower;
+# otherwise TITLE first if the first letter is a capital (a Title word, a single capital), then the
+# lower-case letters, each later capital preceded by CAPNEXT. A literal marker character gets ESC.
+# The tokenizer has the markers as pieces of their own; caseops_decode inverts it exactly.
+CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
+# a run that has a capital (the lookbehind starts matches at a run's start only: linear time)
+_CASE_WORD = re.compile("(?<![A-Za-z])[a-z]*[A-Z][A-Za-z]*|[\ue001-\ue004]")
+_CASE_MARK = re.compile("\ue004(.)|\ue002([a-z]+)|[\ue001\ue003]([a-z])", re.S)
+
+
+def _case_word(m):
+    w = m.group()
+    if w >= CASE_TITLE:  # a literal marker character
+        return CASE_ESC + w
+    if w.isupper() and len(w) > 1:
+        return CASE_ALLCAPS + w.lower()
+    head = CASE_TITLE + w[0].lower() if w[0].isupper() else w[0]
+    return head + "".join(CASE_CAPNEXT + c.lower() if c.isupper() else c for c in w[1:])
+
+
+def _utf8_lengths(cp):
+    return 1 + (cp >= 0x80).astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000)
+
+
+def char_bytes(text):
+    """UTF-8 length of each character of `text` (int64 array)."""
+    return _utf8_lengths(np.frombuffer(text.encode("utf-32-le"), dtype="<u4"))
+
+
+def caseops_transform(text):
+    """The CaseOps text of `text`."""
+    return _CASE_WORD.sub(_case_word, text)
+
+
+def caseops_encode(text):
+    """-> (CaseOps text, per character of it the bytes of `text` it stands for: markers and ESC 0,
+    an escaped marker character its 3, a letter 1, anything else its UTF-8 length)."""
+    out = caseops_transform(text)
+    cp = np.frombuffer(out.encode("utf-32-le"), dtype="<u4")
+    w, escaped = _utf8_lengths(cp), -1
+    for i in np.flatnonzero((cp >= 0xE001) & (cp <= 0xE004)).tolist():
+        if i != escaped:  # an operator (ESC too) stands for nothing; the character after ESC for itself
+            w[i], escaped = 0, (i + 1 if out[i] == CASE_ESC else -1)
+    return out, w
+
+
+def caseops_decode(text):
+    """The text caseops_encode was given."""
+    return _CASE_MARK.sub(lambda m: m[1] or (m[2] or m[3]).upper(), text)
 
 
 class TokenStream:
@@ -1421,17 +1497,17 @@ class Quantized:
     tries: list  # (clip, bytes) of each round
 
 
-def quantize_to_budget(model, hessians, args, budget, run, clock=None, tokenizer_sha=""):
+def quantize_to_budget(model, hessians, args, budget, run, clock=None, tokenizer_sha="", byte_sidecar=False):
     """Rate control: GPTQ, compress, move the clip until the model fills RATE_BAND of the budget
     (RATE_TRIES rounds, up to 4 more while nothing fits; none past the clock's budget once one
-    fits) -> Quantized. The artifact records `tokenizer_sha`."""
+    fits) -> Quantized. The artifact records `tokenizer_sha` and `byte_sidecar`."""
     clip, tries, best = args.clip_sigmas, [], None
     for attempt in range(args.rate_tries + 4):
         if attempt >= args.rate_tries and best[0][0] == 1:
             break
         t0 = time.perf_counter()
         entries = quantize_model(model, hessians, args, clip, run.rank, run.world_size)
-        data = compress(pack_entries(entries, args, tokenizer_sha)[0]) if run.rank == 0 else None
+        data = compress(pack_entries(entries, args, tokenizer_sha, byte_sidecar)[0]) if run.rank == 0 else None
         size = int(_from_rank0(len(data) if run.rank == 0 else 0, run.world_size, run.device))
         tries.append((clip, size))
         run.log(f"rate control {attempt}: clip {clip:.3f} sigmas -> {size} bytes (budget {budget})")
@@ -1475,11 +1551,12 @@ MODEL_CONFIG_FIELDS = ("vocab_size", "bos_id", "num_layers", "model_dim", "num_h
                        "bigram_vocab", "bigram_dim", "ve_dim", "ve_layers", "quant_bits", "train_seq_len", "skip_gates",
                        "parallel_from", "recur_layers", "recur_passes", "attn_gate_width", "doc_mask")
 TOKENIZER_KEY = "tokenizer_sha256"  # beside the model config: the tokenizer the artifact was scored with
+SIDECAR_KEY = "byte_sidecar"  # true: scored on the data's byte sidecar (absent: the tokenizer's table)
 
 
-def pack_entries(entries, args, tokenizer_sha=""):
-    """JSON header (model config, with the tokenizer's fingerprint if given), int values, then
-    scales and floats -> (blob, values_offset, n_values)."""
+def pack_entries(entries, args, tokenizer_sha="", byte_sidecar=False):
+    """JSON header (model config, with the tokenizer's fingerprint if given and whether a byte sidecar
+    scored it), int values, then scales and floats -> (blob, values_offset, n_values)."""
     table, values, rest = [], [], []
     voff = roff = 0
     for name, e in entries.items():
@@ -1499,6 +1576,8 @@ def pack_entries(entries, args, tokenizer_sha=""):
     config = {k: getattr(args, k) for k in MODEL_CONFIG_FIELDS}
     if tokenizer_sha:
         config[TOKENIZER_KEY] = tokenizer_sha
+    if byte_sidecar:  # only then: a table-scored artifact stays byte for byte what it was
+        config[SIDECAR_KEY] = True
     header = json.dumps({"config": config, "tensors": table}, separators=(",", ":")).encode()
     head = ARTIFACT_MAGIC + struct.pack("<II", len(header), voff) + header
     return head + b"".join(values) + b"".join(rest), len(head), voff
@@ -1726,17 +1805,32 @@ def code_as_shipped():
 # ----- evaluation
 
 class ByteLUTs:
-    """Per-token byte accounting from the SentencePiece model."""
+    """Bytes of each target from the SentencePiece model's pieces (the challenge's accounting)."""
 
-    def __init__(self, base, space, boundary):
+    def __init__(self, base, space, boundary, caseops=False):
         self.base, self.space, self.boundary = base, space, boundary
+        self.caseops = caseops  # the CaseOps markers are pieces: this table would count their bytes
 
     def to(self, device):
-        return ByteLUTs(self.base.to(device), self.space.to(device), self.boundary.to(device))
+        return ByteLUTs(self.base.to(device), self.space.to(device), self.boundary.to(device), self.caseops)
 
-    def target_bytes(self, prev, tgt):
+    def target_bytes(self, prev, tgt, pos=None):
         """UTF-8 bytes of `tgt`; a leading space counts only after a non-boundary token."""
         return self.base[tgt] + (self.space[tgt] & ~self.boundary[prev]).to(self.base.dtype)
+
+
+class ByteSidecar:
+    """Bytes of each target from the data's byte sidecar, by the target's position in the val tokens:
+    the original text's bytes, whatever the tokenizer did to the text (CaseOps, normalization)."""
+
+    def __init__(self, counts):
+        self.counts = counts
+
+    def to(self, device):
+        return ByteSidecar(self.counts.to(device))
+
+    def target_bytes(self, prev, tgt, pos):
+        return self.counts[pos]
 
 
 def load_tokenizer_luts(tokenizer_path, vocab_size):
@@ -1761,7 +1855,34 @@ def load_tokenizer_luts(tokenizer_path, vocab_size):
             if piece.startswith("\u2581"):
                 space[i], piece = True, piece[1:]
             base[i] = len(piece.encode("utf-8"))
-    return ByteLUTs(base, space, boundary)
+    caseops = all(sp.piece_to_id(c) != sp.unk_id() for c in (CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESC))
+    return ByteLUTs(base, space, boundary, caseops)
+
+
+def has_byte_sidecar(data_path):
+    return bool(glob.glob(os.path.join(glob.escape(data_path), "fineweb_val_bytes_*.bin")))
+
+
+def use_byte_sidecar(args):
+    """BYTE_SIDECAR: 1 or 0, or auto: whether DATA_PATH has fineweb_val_bytes_*.bin."""
+    return has_byte_sidecar(args.data_path) if args.byte_sidecar == "auto" else args.byte_sidecar == "1"
+
+
+def load_byte_source(args, val_tokens, luts, sidecar):
+    """What counts the bytes of each target -> (the tokenizer's table or the data's byte sidecar,
+    a note for the data: line). A CaseOps tokenizer needs the sidecar: its table counts the markers."""
+    if not sidecar:
+        if luts.caseops:
+            raise DataError(f"tokenizer {args.tokenizer_path} is a CaseOps tokenizer: its byte table counts the "
+                            "case markers, so it needs the byte sidecar fineweb_val_bytes_*.bin in DATA_PATH "
+                            f"(BYTE_SIDECAR={args.byte_sidecar}; tools/caseops_prep.py writes it)")
+        return luts, "bytes from the tokenizer's table"
+    if not has_byte_sidecar(args.data_path):
+        raise DataError(f"BYTE_SIDECAR=1 but {args.data_path} has no fineweb_val_bytes_*.bin (tools/caseops_prep.py "
+                        "writes it)")
+    counts = load_byte_sidecar(args.data_path, val_tokens, args.bos_id, args.val_tokens_limit)
+    sha = sha256_prefix(counts.numpy().astype("<u2").tobytes())
+    return ByteSidecar(counts), f"bytes from the byte sidecar ({int(counts[1:].sum())} bytes, sha256 {sha})"
 
 
 def sliding_windows(n_targets, seq_len, stride):
@@ -1782,8 +1903,10 @@ def rank_share(items, rank, world_size):
 
 
 @torch.no_grad()
-def score_windows(score_fn, tokens, luts, windows, batch, device, on_score=None):
-    """Sum (nll, bytes, tokens) over the scored parts; batches padded to a shape."""
+def score_windows(score_fn, tokens, byte_source, windows, batch, device, on_score=None):
+    """Sum (nll, bytes, tokens) over the scored parts; batches padded to a shape. `byte_source`
+    (ByteLUTs or ByteSidecar) counts each target's bytes from its previous token, itself and its
+    position in `tokens`."""
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for b0 in range(0, len(windows), batch):
         part = windows[b0:b0 + batch]
@@ -1799,7 +1922,7 @@ def score_windows(score_fn, tokens, luts, windows, batch, device, on_score=None)
         nll = score_fn(x, y).double()
         mask = (pos[None, :] >= first[:, None]) & valid[:, None]
         sums[0] += (nll * mask).sum()
-        sums[1] += (luts.target_bytes(x, y).double() * mask).sum()
+        sums[1] += (byte_source.target_bytes(x, y, idx + 1).double() * mask).sum()
         sums[2] += mask.sum()
         if on_score is not None:
             for s, ln, f in windows[b0:b0 + batch]:
@@ -1812,12 +1935,12 @@ def _metrics(sums):
     return {"val_loss": loss / ntok, "val_bpb": loss / math.log(2) / nbytes, "tokens": int(ntok), "bytes": int(nbytes)}
 
 
-def evaluate(score_fn, tokens, luts, seq_len, stride, batch, run, on_score=None):
+def evaluate(score_fn, tokens, byte_source, seq_len, stride, batch, run, on_score=None):
     """val_loss, val_bpb over all targets of `tokens` (stride = seq_len: non-overlapping)."""
     n = tokens.numel() - 1
     seq_len = min(seq_len, n)
     mine = rank_share(sliding_windows(n, seq_len, stride), run.rank, run.world_size)
-    return _metrics(_all_reduce_sum(score_windows(score_fn, tokens, luts, mine, batch, run.device, on_score)))
+    return _metrics(_all_reduce_sum(score_windows(score_fn, tokens, byte_source, mine, batch, run.device, on_score)))
 
 
 def make_score_fn(model, device):
@@ -1984,7 +2107,7 @@ def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
             monitor("global", r0 * window, r1 * window)  # offsets in this rank's rows
 
 
-def evaluate_with_ttt(model, tokens, luts, args, run, monitor=None, started=None):
+def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, started=None):
     """Score-first TTT: each TTT_CHUNK is scored, then trains its document's adapters; between
     phases, SGD on the scored documents. Chunks attend to cached keys of the document's last
     EVAL_SEQ_LEN - TTT_CHUNK tokens; adaptation stops TTT_MAX_SECONDS after `started` (the
@@ -1997,12 +2120,14 @@ def evaluate_with_ttt(model, tokens, luts, args, run, monitor=None, started=None
     cache = KVCache(args.eval_seq_len - chunk_len, rows, chunk_len, args.bos_id, device)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     x, y = (torch.full((rows, chunk_len), v, device=device) for v in (args.bos_id, 0))
+    y_pos = torch.ones(rows, chunk_len, dtype=torch.long, device=device)  # the targets' positions in `tokens`
     inside = torch.zeros(rows, chunk_len, dtype=torch.bool, device=device)
 
-    def chunk_step(train):  # fixed shapes: x, y, inside, the cache and the adapters in place
+    def chunk_step(train):  # fixed shapes: x, y, y_pos, inside, the cache and the adapters in place
         with torch.set_grad_enabled(train), _autocast(device):
             nll = torch.where(inside, model(x, y, reduction="none", cache=cache).float(), 0)
-        sums.add_(torch.stack([nll.detach().sum(), (luts.target_bytes(x, y) * inside).sum(), inside.sum()]).double())
+        nbytes = (byte_source.target_bytes(x, y, y_pos) * inside).sum()
+        sums.add_(torch.stack([nll.detach().sum(), nbytes, inside.sum()]).double())
         if train:  # each document's adapters get their own mean loss
             (nll.sum(1) / inside.sum(1).clamp_min(1)).sum().backward()
             adapters.step()
@@ -2033,6 +2158,7 @@ def evaluate_with_ttt(model, tokens, luts, args, run, monitor=None, started=None
             idx = st + torch.where(inside, pos, 0)
             x.copy_(torch.where(inside, tokens[idx], args.bos_id))
             y.copy_(torch.where(inside, tokens[idx + 1], 0))
+            y_pos.copy_(idx + 1)
             adapting = adapting and time.perf_counter() < stop_at  # local clock: this rank's adapters only
             train_now = adapting and lanes.a_later_chunk_learns()
             steppers[train_now]()
@@ -2352,9 +2478,9 @@ def file_sha256(path):
         return sha256_prefix(f.read())
 
 
-def describe_data(args, train_files, val_tokens):
+def describe_data(args, train_files, val_tokens, bytes_note="bytes from the tokenizer's table"):
     """What the run reads, in one line: DATA_NAME, the train shards, the validation documents and
-    tokens with a fingerprint, the tokenizer with its fingerprint."""
+    tokens with a fingerprint, the tokenizer with its fingerprint, what counts the bytes."""
     name = args.data_name or "unnamed data (DATA_NAME not set)"
     train = (f"{len(train_files)} train shards ({sum(read_shard_header(f) for f in train_files)} tokens), "
              if train_files else "")
@@ -2362,14 +2488,14 @@ def describe_data(args, train_files, val_tokens):
     val_sha = sha256_prefix(val_tokens.numpy().astype("<u2").tobytes())
     return (f"{name}: {args.data_path}, {train}validation {docs} documents, {val_tokens.numel() - 1} targets "
             f"(sha256 {val_sha}); tokenizer {os.path.basename(args.tokenizer_path)} (sha256 "
-            f"{file_sha256(args.tokenizer_path)})")
+            f"{file_sha256(args.tokenizer_path)}); {bytes_note}")
 
 
 def _scores(r):
     return f"val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}"
 
 
-def evaluate_artifact(args, model, path, val_tokens, luts, run, started, entries=None):
+def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, entries=None):
     """Load the artifact (or its decoded `entries`) into `model`; plain, sliding, TTT evaluation;
     the time since `started` (the evaluation's start) against the limit."""
     t0 = time.perf_counter()
@@ -2386,7 +2512,7 @@ def evaluate_artifact(args, model, path, val_tokens, luts, run, started, entries
 
     def timed_eval(key, phase, label, stride, note=""):
         t0 = time.perf_counter()
-        res[key] = evaluate(score, val_tokens, luts, args.eval_seq_len, stride, args.eval_batch_seqs, run)
+        res[key] = evaluate(score, val_tokens, byte_source, args.eval_seq_len, stride, args.eval_batch_seqs, run)
         run.timer.since(phase, t0)
         run.log(f"final_int{args.quant_bits}_{label} {_scores(res[key])} ({note}{time.perf_counter() - t0:.1f}s)")
 
@@ -2395,7 +2521,7 @@ def evaluate_artifact(args, model, path, val_tokens, luts, run, started, entries
         timed_eval("sliding", "eval_sliding", "sliding_window", args.eval_stride, f"stride {args.eval_stride}, ")
     if args.ttt_enabled:
         t0 = time.perf_counter()
-        res["ttt"] = t = evaluate_with_ttt(model, val_tokens, luts, args, run, started=started)
+        res["ttt"] = t = evaluate_with_ttt(model, val_tokens, byte_source, args, run, started=started)
         run.timer.since("eval_ttt", t0)
         ref = "sliding" if "sliding" in res else "roundtrip"
         run.log(f"final_int{args.quant_bits}_ttt {_scores(t)} ({t['val_bpb'] - res[ref]['val_bpb']:+.5f} bpb vs {ref}, "
@@ -2423,21 +2549,35 @@ def check_artifact_tokenizer(path, recorded, tokenizer_path, log):
                             f"has {mine}: score it with its own tokenizer")
 
 
+def check_artifact_byte_source(path, recorded, sidecar, args):
+    """The bytes that score an artifact must be counted the way they were when it was made."""
+    if recorded != sidecar:
+        how = ("the byte sidecar", "the tokenizer's byte table")
+        fix = f"BYTE_SIDECAR={int(recorded)}" + (" and a DATA_PATH with the sidecar" if recorded else "")
+        raise ArtifactError(f"{path} was scored with {how[not recorded]}; BYTE_SIDECAR={args.byte_sidecar} with "
+                            f"DATA_PATH={args.data_path} would use {how[not sidecar]}: set {fix}")
+
+
 def run_eval_only(args, run):
     """EVAL_ONLY: score the artifact; reads no train shard."""
     t0 = time.perf_counter()
     entries, config = load_artifact(args.eval_only)  # decoded once
     run.timer.since("eval_artifact_load", t0)
     recorded_tokenizer = config.pop(TOKENIZER_KEY, None)
+    recorded_sidecar = bool(config.pop(SIDECAR_KEY, False))
     odd = set(config) ^ set(MODEL_CONFIG_FIELDS)
     if odd:
         raise ArtifactError(f"{args.eval_only} was written by another revision (settings {', '.join(sorted(odd))})")
     for k, v in config.items():
         setattr(args, k, v)
-    luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(run.device)
+    luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     check_artifact_tokenizer(args.eval_only, recorded_tokenizer, args.tokenizer_path, run.log)
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
-    run.log(f"data: {describe_data(args, [], val_tokens)}")
+    sidecar = use_byte_sidecar(args)
+    check_artifact_byte_source(args.eval_only, recorded_sidecar, sidecar, args)
+    byte_source, bytes_note = load_byte_source(args, val_tokens, luts, sidecar)
+    byte_source = byte_source.to(run.device)
+    run.log(f"data: {describe_data(args, [], val_tokens, bytes_note)}")
     set_attention_backend(args.attn_backend, run.device, args.doc_mask)
     size_varlen_segments(val_tokens, args, run)
     val_tokens = val_tokens.to(run.device)
@@ -2449,7 +2589,7 @@ def run_eval_only(args, run):
     if total > ARTIFACT_CAP_BYTES:
         run.log(f"WARNING: artifact + code = {total} bytes > {ARTIFACT_CAP_BYTES}: NOT compliant")
     model = build_model(args, run.device)
-    res = evaluate_artifact(args, model, args.eval_only, val_tokens, luts, run, t0, entries)
+    res = evaluate_artifact(args, model, args.eval_only, val_tokens, byte_source, run, t0, entries)
     log_timing_table(run)
     return res
 
@@ -2570,8 +2710,9 @@ class Written:
     quant_seconds: float
 
 
-def quantize_and_write(args, model, loader, budget_bytes, code_bytes, path, run, clock):
-    """Calibration, GPTQ under rate control, the artifact written (atomically, by rank 0)."""
+def quantize_and_write(args, model, loader, budget_bytes, code_bytes, path, run, clock, byte_sidecar=False):
+    """Calibration, GPTQ under rate control, the artifact written (atomically, by rank 0); it records
+    the tokenizer and whether the byte sidecar scores it."""
     t_q = time.perf_counter()
     if not all(bool(p.isfinite().all()) for p in model.parameters()):  # on every rank
         raise ArtifactError("training diverged: non-finite weights")
@@ -2579,7 +2720,8 @@ def quantize_and_write(args, model, loader, budget_bytes, code_bytes, path, run,
     hessians = collect_hessians(model, args, loader, run)
     run.timer.since("calibration_hessians", t_q)
     t0 = time.perf_counter()
-    quantized = quantize_to_budget(model, hessians, args, budget_bytes, run, clock, file_sha256(args.tokenizer_path))
+    quantized = quantize_to_budget(model, hessians, args, budget_bytes, run, clock, file_sha256(args.tokenizer_path),
+                                   byte_sidecar)
     run.timer.since("gptq_rate_control", t0)
     t0 = time.perf_counter()
     data, clip = quantized.data, quantized.clip_sigmas
@@ -2615,11 +2757,11 @@ def check_ranks_agree(model, run):
     run.log(f"weights checksum per rank: {' '.join(sums)}{same}")
 
 
-def score_float_weights(args, model, compiled, stats, val_tokens, luts, run):
+def score_float_weights(args, model, compiled, stats, val_tokens, byte_source, run):
     """Plain val_bpb of the final (averaged) float weights, then of the raw ones -> (result, raw bpb)."""
     t0 = time.perf_counter()
-    plain_eval = functools.partial(evaluate, make_score_fn(compiled, run.device), val_tokens, luts, args.eval_seq_len,
-                                   args.eval_seq_len, args.eval_batch_seqs, run)
+    plain_eval = functools.partial(evaluate, make_score_fn(compiled, run.device), val_tokens, byte_source,
+                                   args.eval_seq_len, args.eval_seq_len, args.eval_batch_seqs, run)
     pre = plain_eval()
     run.log(f"prequant_float {_scores(pre)}" + (" (EMA weights)" if stats.raw_weights is not None else ""))
     raw_bpb = None
@@ -2675,10 +2817,13 @@ def main():
         f"world_size {run.world_size}; device {device_name}; attention {backend}")
     log("config: " + json.dumps(dataclasses.asdict(args), sort_keys=True))
 
-    luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(run.device)
+    luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     train_files = find_shards(args.data_path, "train")
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
-    data = describe_data(args, train_files, val_tokens)
+    sidecar = use_byte_sidecar(args)
+    byte_source, bytes_note = load_byte_source(args, val_tokens, luts, sidecar)
+    byte_source = byte_source.to(run.device)
+    data = describe_data(args, train_files, val_tokens, bytes_note)
     log(f"data: {data}")
     size_varlen_segments(val_tokens, args, run)
     val_tokens = val_tokens.to(run.device)
@@ -2691,12 +2836,12 @@ def main():
 
     clock = SharedClock(run)
     stats = train(args, model, compiled, opt, loader, run, clock, budget_bytes)
-    written = quantize_and_write(args, model, loader, budget_bytes, code_bytes, paths["artifact"], run, clock)
+    written = quantize_and_write(args, model, loader, budget_bytes, code_bytes, paths["artifact"], run, clock, sidecar)
     t_eval, wall = time.perf_counter(), clock.local()  # the evaluation's clock starts; training's ends
     log_wall_clock(args, stats, written, wall, log)
     check_ranks_agree(model, run)
-    pre, raw_bpb = score_float_weights(args, model, compiled, stats, val_tokens, luts, run)
-    res = evaluate_artifact(args, model, paths["artifact"], val_tokens, luts, run, t_eval)
+    pre, raw_bpb = score_float_weights(args, model, compiled, stats, val_tokens, byte_source, run)
+    res = evaluate_artifact(args, model, paths["artifact"], val_tokens, byte_source, run, t_eval)
     log(f"quantization gap (plain): {res['roundtrip']['val_bpb'] - pre['val_bpb']:+.5f} bpb")
     log_timing_table(run)
     if run.rank == 0:

@@ -1,0 +1,461 @@
+"""CaseOps: the case transform and its inverse, tools/caseops_prep.py (shards, the validation byte
+sidecar, the val/train overlap check), scoring on the sidecar in every scorer, the sidecar's
+errors, BOS and marker tokens in the model, and a tiny run on CaseOps data with EVAL_ONLY of its
+artifact scoring the same."""
+import copy
+import json
+import lzma
+import os
+import random
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import smoke_data
+import train_gpt as T
+from conftest import REPO_ROOT
+from helpers import randomized_model, tiny_model_args
+from test_eval import SHARED_TOKENIZERS, TINY_RUN, final_line
+from test_run_files import one_error_line, run_script
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+import caseops_prep as P  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread_math")
+
+CPU = torch.device("cpu")
+TOOL = os.path.join(REPO_ROOT, "tools", "caseops_prep.py")
+MARKS = (T.CASE_TITLE, T.CASE_ALLCAPS, T.CASE_CAPNEXT, T.CASE_ESC)
+
+
+def shared_tokenizer(name):
+    path = os.path.join(SHARED_TOKENIZERS, name)
+    if not os.path.isfile(path):
+        assert not os.environ.get("CI"), f"CI must have the tokenizer at {path}"
+        pytest.skip(f"tokenizer not at {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def caseops_tok():
+    return shared_tokenizer("fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
+
+
+@pytest.fixture(scope="module")
+def plain_tok():
+    return shared_tokenizer("fineweb_8192_bpe.model")
+
+
+# ----- the transform
+
+@pytest.mark.parametrize("text,want", [
+    ("hello", "hello"),
+    ("Hello", T.CASE_TITLE + "hello"),
+    ("HELLO", T.CASE_ALLCAPS + "hello"),
+    ("I", T.CASE_TITLE + "i"),  # a single capital: the Title rule
+    ("a A", "a " + T.CASE_TITLE + "a"),
+    ("iPhone", "i" + T.CASE_CAPNEXT + "phone"),
+    ("McDonald", T.CASE_TITLE + "mc" + T.CASE_CAPNEXT + "donald"),
+    ("ABCd", T.CASE_TITLE + "a" + T.CASE_CAPNEXT + "b" + T.CASE_CAPNEXT + "cd"),
+    ("NASA's", T.CASE_ALLCAPS + "nasa's"),
+    ("Élan straße", "Élan straße"),  # non-ASCII letters stay; "lan" is a lower-case run
+    ("naïVe", "naï" + T.CASE_TITLE + "ve"),
+    ("x2Y", "x2" + T.CASE_TITLE + "y"),
+    ("\ue001A", T.CASE_ESC + "\ue001" + T.CASE_TITLE + "a"),  # a literal marker is escaped
+    ("\ue004\ue004", T.CASE_ESC + "\ue004" + T.CASE_ESC + "\ue004"),
+    ("\ue000", "\ue000"),  # not a marker
+    ("", ""),
+])
+def test_transform_follows_the_rules(text, want):
+    out, w = T.caseops_encode(text)
+    assert out == want and T.caseops_transform(text) == out
+    assert T.caseops_decode(out) == text
+    assert len(w) == len(out) and int(w.sum()) == len(text.encode("utf-8"))
+
+
+def test_transform_weights_per_character():
+    out, w = T.caseops_encode("Hi \ue002 ÉB🎉")
+    assert out == T.CASE_TITLE + "hi " + T.CASE_ESC + "\ue002 É" + T.CASE_TITLE + "b🎉"
+    assert w.tolist() == [0, 1, 1, 1, 0, 3, 1, 2, 0, 1, 4]  # markers and ESC 0, escaped 3, letters 1
+
+
+WORDS = ["word", "Word", "WORD", "wOrD", "mcDonald", "McDonald", "iPhone", "A", "a", "I", "x", "XY", "Élan", "straße",
+         "naïVe", "ÜBER", "ǅ", "ﬁ", "Ａ", "42", "3.14", "x1Y", "\ue000", "\ue001", "\ue002", "\ue003", "\ue004",
+         "\ue004\ue001", "🎉", "日本", "—", "'s"]
+GAPS = ["", " ", "  ", "\n", "\n\n", "\t", "-", ".", ", ", "\r\n"]
+
+
+def test_transform_round_trips_random_strings():
+    rng = random.Random(0)
+    for trial in range(3000):
+        text = "".join(rng.choice(WORDS) + rng.choice(GAPS) for _ in range(rng.randrange(0, 12)))
+        if trial % 3 == 0:  # also raw character soup
+            text = "".join(rng.choice("aZbY \n\ue001\ue002\ue003\ue004é1ß") for _ in range(rng.randrange(0, 20)))
+        out, w = T.caseops_encode(text)
+        assert T.caseops_decode(out) == text, repr(text)
+        assert int(w.sum()) == len(text.encode("utf-8")), repr(text)
+        assert not re.search("[A-Z]", out), repr(out)  # every ASCII capital became a marker
+
+
+# ----- the tokenizer and the tokens the model sees
+
+def test_caseops_tokenizer_ids(caseops_tok, plain_tok):
+    """The CaseOps tokenizer's BOS is BOS_ID's default; the markers are ordinary pieces (not BOS,
+    not control, not bytes), so nothing that looks for a BOS mistakes them for one."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=caseops_tok)
+    assert sp.bos_id() == T.Hyperparameters().bos_id == 1 and sp.vocab_size() == 8192
+    ids = [sp.piece_to_id(m) for m in MARKS]
+    assert ids == [4, 5, 6, 7]
+    for i, m in zip(ids, MARKS):
+        assert sp.id_to_piece(i) == m and not (sp.is_control(i) or sp.is_unknown(i) or sp.is_byte(i))
+    luts = T.load_tokenizer_luts(caseops_tok, 8192)
+    assert luts.caseops and not any(luts.boundary[i] for i in ids)
+    assert not T.load_tokenizer_luts(plain_tok, 8192).caseops
+
+
+def test_marker_tokens_do_not_split_documents():
+    """Documents full of marker ids: the model still isolates documents at BOS only (attention
+    mask, BigramHash, SmearGate), document_spans splits at BOS only, and a marker carries context
+    like any token."""
+    args = tiny_model_args(vocab_size=64, bigram_vocab=32, train_seq_len=32, eval_seq_len=32)
+    model = randomized_model(args, seed=3, emb_std=0.15)
+    doc1, doc2 = [1, 4, 20, 6, 21, 5, 22], [1, 4, 30, 7, 4, 31, 6, 32]
+    with torch.no_grad():
+        joint = model(torch.tensor([doc1 + doc2]))
+        alone = torch.cat([model(torch.tensor([d])) for d in (doc1, doc2)], dim=1)
+        changed = model(torch.tensor([doc1 + [1, 4, 33] + doc2[3:]]))  # a token before a marker changed
+    torch.testing.assert_close(joint, alone, atol=1e-5, rtol=0)
+    assert (changed[0, len(doc1) + 3:] - joint[0, len(doc1) + 3:]).abs().amax() > 1e-3
+    assert T.document_spans(torch.tensor(doc1 + doc2), 1) == [(0, 7), (7, 14)]
+
+
+# ----- the prep tool's pieces
+
+SAMPLES = [
+    "Hello World. The USA and NASA; iPhone, McDonald's.",
+    "line one\nLine Two\n\n  indented  twice   over  ",
+    "  leading spaces and trailing ones   ",
+    "ﬁne ½ Ａ ＢＣ café naïve ÜBER Élan straße",
+    "日本語 🎉 Ω, \ue001 literal \ue004\ue002 markers \ue000",
+    "tabs\there\r\nand CRLF",
+    "x",
+    "ALLCAPS WORDS IN A ROW",
+]
+
+
+def encode_val_docs(tok, identity, docs):
+    P._init(tok, identity, False, None)
+    tokens, sidecar, nbytes, decoded, hashes = P.encode_val((0, docs))
+    return tokens.astype(np.int64), sidecar.astype(np.int64), nbytes
+
+
+def per_doc_sums(tokens, sidecar):
+    starts = list(np.flatnonzero(tokens == 1)) + [len(tokens)]
+    assert starts[0] == 0 and (sidecar[tokens == 1] == 0).all()
+    return [int(sidecar[a:b].sum()) for a, b in zip(starts[:-1], starts[1:])]
+
+
+@pytest.mark.parametrize("identity", [False, True], ids=["caseops", "identity"])
+def test_sidecar_sums_to_each_documents_bytes(caseops_tok, plain_tok, identity):
+    docs = SAMPLES + smoke_data.make_docs(20, seed=4)
+    tokens, sidecar, nbytes = encode_val_docs(plain_tok if identity else caseops_tok, identity, docs)
+    assert per_doc_sums(tokens, sidecar) == [len(d.encode("utf-8")) for d in docs]
+    assert nbytes == sum(len(d.encode("utf-8")) for d in docs)
+
+
+def test_caseops_tokens_decode_to_the_text(caseops_tok):
+    """Where the tokenizer's normalizer changes nothing (single spaces, no NFKC characters), the
+    CaseOps tokens decode back to the very text; elsewhere the sidecar still counts the original."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=caseops_tok)
+    docs = [SAMPLES[0], SAMPLES[-1], "A Title, an iPhone and \ue001 escaped"] + smoke_data.make_docs(10, seed=8)
+    tokens, _, _ = encode_val_docs(caseops_tok, False, docs)
+    starts = list(np.flatnonzero(tokens == 1)) + [len(tokens)]
+    for d, a, b in zip(docs, starts[:-1], starts[1:]):
+        assert T.caseops_decode(sp.decode(tokens[a + 1:b].tolist())) == d
+    assert not set(tokens.tolist()) & {0, 2, 3}  # no pad, EOS or unknown piece
+
+
+def test_normalizer_drops_are_counted(plain_tok):
+    """The tokenizers collapse whitespace (and apply NFKC): the sidecar counts the original bytes,
+    the tokenizer's table the decoded text's."""
+    tokens, sidecar, _ = encode_val_docs(plain_tok, True, ["a  b\n\nc "])
+    luts = T.load_tokenizer_luts(plain_tok, 8192)
+    t = torch.from_numpy(tokens)
+    assert int(sidecar.sum()) == len("a  b\n\nc ") and int(luts.target_bytes(t[:-1], t[1:]).sum()) == len("a b c")
+
+
+def test_whitespace_only_document_is_refused(plain_tok):
+    P._init(plain_tok, True, False, None)
+    with pytest.raises(P.PrepError, match="validation document 1: its byte sidecar sums to 0 but its text has 3"):
+        P.encode_val((0, ["fine", "   "]))
+
+
+# ----- scoring on the sidecar
+
+@pytest.fixture(scope="module")
+def identity_stream(plain_tok):
+    """Plain tokens of text the normalizer leaves alone, with their --identity sidecar."""
+    docs = smoke_data.make_docs(60, seed=11)
+    tokens, sidecar, _ = encode_val_docs(plain_tok, True, docs)
+    return torch.from_numpy(tokens), torch.from_numpy(sidecar)
+
+
+def test_sidecar_scoring_equals_table_scoring(plain_tok, identity_stream):
+    """--identity with the plain tokenizer on text its normalizer leaves alone: the sidecar and the
+    tokenizer's table give the same bytes, so plain, sliding and TTT scores agree to 1e-9."""
+    tokens, counts = identity_stream
+    luts = T.load_tokenizer_luts(plain_tok, 8192)
+    side = T.ByteSidecar(counts)
+    assert int(counts[1:].sum()) == int(luts.target_bytes(tokens[:-1], tokens[1:]).sum())
+    args = tiny_model_args(vocab_size=8192, bigram_vocab=64, train_seq_len=64, eval_seq_len=64, eval_stride=16,
+                           eval_batch_seqs=4, ttt_chunk=16, ttt_rank=2, ttt_batch_docs=4, ttt_phases=2, ttt_lr=0.01)
+    model = randomized_model(args, seed=2)
+    score = T.make_score_fn(model, CPU)
+    n = 700
+    for stride in (64, 16):
+        a, b = (T.evaluate(score, tokens[:n + 1], src, 64, stride, 4, T.Run(0, 1, CPU)) for src in (luts, side))
+        assert a["bytes"] == b["bytes"] and abs(a["val_bpb"] - b["val_bpb"]) < 1e-9
+    a, b = (T.evaluate_with_ttt(copy.deepcopy(model), tokens[:n + 1], src, args, T.Run(0, 1, CPU, lambda s: None))
+            for src in (luts, side))
+    assert a["bytes"] == b["bytes"] and a["ttt_steps"] > 0 and abs(a["val_bpb"] - b["val_bpb"]) < 1e-9
+
+
+def test_sidecar_counts_by_position():
+    """The sidecar answers by position, not by token: two equal tokens, two counts."""
+    tokens = torch.tensor([1, 9, 9, 9, 1, 9])
+    side = T.ByteSidecar(torch.tensor([0, 5, 6, 7, 0, 8]))
+    x, y, pos = tokens[:-1], tokens[1:], torch.arange(1, 6)
+    assert side.target_bytes(x, y, pos).tolist() == [5, 6, 7, 0, 8]
+    args = tiny_model_args(vocab_size=16, bigram_vocab=8)
+    m = T.evaluate(T.make_score_fn(randomized_model(args), CPU), tokens, side, 4, 2, 2, T.Run(0, 1, CPU))
+    assert m["bytes"] == 26 and m["tokens"] == 5
+
+
+# ----- the sidecar's files and errors
+
+def write_shard(path, values):
+    h = np.zeros(256, dtype="<i4")
+    h[:3] = 20240520, 1, len(values)
+    with open(path, "wb") as f:
+        f.write(h.tobytes() + np.asarray(values, dtype="<u2").tobytes())
+
+
+@pytest.fixture
+def val_dir(tmp_path):
+    write_shard(tmp_path / "fineweb_val_000000.bin", [1, 5, 6, 1, 7])
+    write_shard(tmp_path / "fineweb_val_000001.bin", [8, 1, 9])
+    write_shard(tmp_path / "fineweb_train_000000.bin", [1, 5, 6])
+    return tmp_path
+
+
+def test_sidecar_is_read_beside_the_val_shards(val_dir):
+    write_shard(val_dir / "fineweb_val_bytes_000000.bin", [0, 3, 4, 0, 2, 1, 0, 5])
+    assert [os.path.basename(f) for f in T.find_shards(str(val_dir), "val")] == \
+        ["fineweb_val_000000.bin", "fineweb_val_000001.bin"]  # the sidecar is no val shard
+    assert T.find_shards(str(val_dir), "val_bytes") == [str(val_dir / "fineweb_val_bytes_000000.bin")]
+    val = T.load_validation_tokens(str(val_dir), 16)
+    assert T.load_byte_sidecar(str(val_dir), val, 1).tolist() == [0, 3, 4, 0, 2, 1, 0, 5]
+    cut = T.load_validation_tokens(str(val_dir), 16, limit=4)  # VAL_TOKENS_LIMIT cuts both alike
+    assert T.load_byte_sidecar(str(val_dir), cut, 1, limit=4).tolist() == [0, 3, 4, 0, 2]
+
+
+@pytest.mark.parametrize("counts,error", [
+    ([0, 3, 4, 0, 2, 1, 0], "has 7 counts for 8 validation tokens"),  # short
+    ([0, 3, 4, 0, 2, 1, 0, 5, 1], "has 9 counts for 8 validation tokens"),
+    ([0, 3, 4, 2, 2, 1, 0, 5], "gives 2 bytes to the BOS at validation token 3"),
+])
+def test_sidecar_that_does_not_fit_is_a_data_error(val_dir, counts, error):
+    write_shard(val_dir / "fineweb_val_bytes_000000.bin", counts)
+    with pytest.raises(T.DataError, match=error):
+        T.load_byte_sidecar(str(val_dir), T.load_validation_tokens(str(val_dir), 16), 1)
+
+
+def test_truncated_sidecar_is_a_data_error(val_dir):
+    write_shard(val_dir / "fineweb_val_bytes_000000.bin", [0, 3, 4, 0, 2, 1, 0, 5])
+    path = val_dir / "fineweb_val_bytes_000000.bin"
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(T.DataError, match="header says 8 tokens"):
+        T.load_byte_sidecar(str(val_dir), T.load_validation_tokens(str(val_dir), 16), 1)
+
+
+def test_byte_source_setting(val_dir, plain_tok, caseops_tok):
+    luts = T.load_tokenizer_luts(plain_tok, 8192)
+    val = T.load_validation_tokens(str(val_dir), 16)
+    for setting in ("auto", "0"):
+        args = T.Hyperparameters(data_path=str(val_dir), tokenizer_path=plain_tok, byte_sidecar=setting)
+        assert not T.use_byte_sidecar(args) and T.load_byte_source(args, val, luts, False)[0] is luts
+    args = T.Hyperparameters(data_path=str(val_dir), byte_sidecar="1")
+    with pytest.raises(T.DataError, match="BYTE_SIDECAR=1 but .* has no fineweb_val_bytes"):
+        T.load_byte_source(args, val, luts, T.use_byte_sidecar(args))
+    write_shard(val_dir / "fineweb_val_bytes_000000.bin", [0, 3, 4, 0, 2, 1, 0, 5])
+    args = T.Hyperparameters(data_path=str(val_dir))
+    assert T.use_byte_sidecar(args)
+    src, note = T.load_byte_source(args, val, luts, True)
+    assert isinstance(src, T.ByteSidecar) and note.startswith("bytes from the byte sidecar (15 bytes, sha256 ")
+    args = T.Hyperparameters(data_path=str(val_dir), tokenizer_path=caseops_tok, byte_sidecar="0")
+    with pytest.raises(T.DataError, match="is a CaseOps tokenizer: its byte table counts the case markers"):
+        T.load_byte_source(args, val, T.load_tokenizer_luts(caseops_tok, 8192), False)
+    with pytest.raises(T.ConfigError, match="BYTE_SIDECAR=yes must be one of auto, 0, 1"):
+        T.Hyperparameters(byte_sidecar="yes").validate(1)
+
+
+def test_artifact_byte_source_must_match():
+    """EVAL_ONLY scores the way the artifact was made: sidecar for sidecar, table for table."""
+    args = T.Hyperparameters(data_path="/d")
+    for same in (True, False):
+        T.check_artifact_byte_source("a.ptz", same, same, args)
+    with pytest.raises(T.ArtifactError, match="a.ptz was scored with the byte sidecar; .* would use the tokenizer's "
+                                              "byte table: set BYTE_SIDECAR=1 and a DATA_PATH with the sidecar"):
+        T.check_artifact_byte_source("a.ptz", True, False, args)
+    with pytest.raises(T.ArtifactError, match="scored with the tokenizer's byte table; .* set BYTE_SIDECAR=0$"):
+        T.check_artifact_byte_source("a.ptz", False, True, args)
+    config = json.loads(T.pack_entries({}, args, "abc", byte_sidecar=True)[0][12:].decode())["config"]
+    assert config[T.TOKENIZER_KEY] == "abc" and config[T.SIDECAR_KEY] is True
+    assert T.SIDECAR_KEY not in json.loads(T.pack_entries({}, args, "abc")[0][12:].decode())["config"]
+
+
+# ----- the tool end to end
+
+def write_corpus(d, val_docs, train_docs, files=2):
+    d.mkdir(parents=True, exist_ok=True)
+    with lzma.open(d / "val.txt.xz", "wt", encoding="utf-8") as f:
+        f.write("\n<|doc|>\n".join(val_docs) + "\n")
+    per = -(-len(train_docs) // files)
+    for i in range(files):
+        with lzma.open(d / f"train_{i:03d}.txt.xz", "wt", encoding="utf-8") as f:
+            f.write("\n<|doc|>\n".join(train_docs[i * per:(i + 1) * per]) + "\n")
+    return d
+
+
+def prep(*args, timeout=300):
+    return subprocess.run([sys.executable, TOOL, "--workers", "2", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def cased_docs(n, seed):
+    """smoke_data documents with a few more case patterns."""
+    rng = random.Random(seed)
+    extra = ["The USA and NASA agree.", "An iPhone at McDonald's.", "I said HELLO world.", "Über Élan, ÇA VA?"]
+    return [d + " " + rng.choice(extra) for d in smoke_data.make_docs(n, seed)]
+
+
+def test_identity_prep_reproduces_make_shards(tmp_path, plain_tok):
+    """--identity with the plain tokenizer: the very shards ../shared/tools/make_shards.py writes (the
+    same documents, the same tokens), plus the sidecar."""
+    make_shards = os.path.join(os.path.dirname(REPO_ROOT), "shared", "tools", "make_shards.py")
+    if not os.path.isfile(make_shards):
+        assert not os.environ.get("CI"), f"CI must have {make_shards}"
+        pytest.skip("no make_shards.py beside the checkout")
+    corpus = write_corpus(tmp_path / "c", cased_docs(30, 1), cased_docs(80, 2))
+    ref = subprocess.run([sys.executable, make_shards, "--corpus", corpus, "--tokenizer", plain_tok, "--out",
+                          tmp_path / "ref", "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    p = prep("--identity", "--corpus", corpus, "--tokenizer", plain_tok, "--out", tmp_path / "id",
+             "--compare-val", tmp_path / "ref")
+    assert p.returncode == 0, p.stderr
+    assert "val tokens identical to" in p.stdout
+    for name in ("fineweb_val_000000.bin", "fineweb_train_000000.bin"):
+        assert (tmp_path / "id" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+    assert (tmp_path / "id" / "fineweb_val_bytes_000000.bin").is_file()
+
+
+def test_prep_refuses_a_validation_document_in_train(tmp_path, caseops_tok):
+    val, train = cased_docs(10, 3), cased_docs(30, 4)
+    train[17] = "  " + val[6].replace(" ", "\n", 1) + " "  # the same text, spaced otherwise
+    p = prep("--corpus", write_corpus(tmp_path / "c", val, train), "--tokenizer", caseops_tok, "--out", tmp_path / "o")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: train document 17 is validation document 6 "), lines
+
+
+def test_prep_from_docs_jsonl(tmp_path, caseops_tok):
+    """--docs: the first --num-val-docs documents are validation, the rest train; fewer documents
+    than that, a duplicate, or an occupied output folder: one error line."""
+    docs = cased_docs(12, 5)
+    path = tmp_path / "docs_selected.jsonl"
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)))
+    p = prep("--docs", path, "--num-val-docs", 5, "--tokenizer", caseops_tok, "--out", tmp_path / "o")
+    assert p.returncode == 0, p.stderr
+    val = T.load_validation_tokens(str(tmp_path / "o"), 8192).numpy()
+    side = T.load_byte_sidecar(str(tmp_path / "o"), torch.from_numpy(val), 1).numpy()
+    assert per_doc_sums(val, side) == [len(d.encode("utf-8")) for d in docs[:5]]
+    train = np.fromfile(tmp_path / "o" / "fineweb_train_000000.bin", dtype="<u2", offset=1024)
+    assert (train == 1).sum() == 7
+    again = prep("--docs", path, "--num-val-docs", 5, "--tokenizer", caseops_tok, "--out", tmp_path / "o")
+    assert again.returncode == 1 and "already holds fineweb_*.bin shards" in again.stderr
+    few = prep("--docs", path, "--num-val-docs", 20, "--tokenizer", caseops_tok, "--out", tmp_path / "few")
+    assert few.returncode == 1 and "has 12 documents, fewer than --num-val-docs=20" in few.stderr
+    path.write_text(path.read_text() + json.dumps({"text": docs[2]}) + "\n")
+    dup = prep("--docs", path, "--num-val-docs", 5, "--tokenizer", caseops_tok, "--out", tmp_path / "dup")
+    assert dup.returncode == 1 and "train document 7 is validation document 2" in dup.stderr
+    plain = prep("--docs", path, "--tokenizer", shared_tokenizer("fineweb_8192_bpe.model"), "--out", tmp_path / "p")
+    assert plain.returncode == 1 and "no pieces for the case markers" in plain.stderr
+
+
+# ----- a tiny run on CaseOps data
+
+CASEOPS_RUN = {**TINY_RUN, "VOCAB_SIZE": 8192, "VAL_TOKENS_LIMIT": 1500, "TTT_ENABLED": 1, "TTT_CHUNK": 16,
+               "TTT_RANK": 4, "TTT_BATCH_DOCS": 4, "TTT_PHASES": 2, "TTT_LR": 0.01}
+
+
+@pytest.fixture(scope="module")
+def caseops_run(tmp_path_factory, caseops_tok):
+    """CaseOps shards made by the tool from synthetic documents, one tiny run on them (TTT on)."""
+    root = tmp_path_factory.mktemp("caseops")
+    corpus = write_corpus(root / "corpus", cased_docs(60, 6), cased_docs(240, 7))
+    p = prep("--corpus", corpus, "--tokenizer", caseops_tok, "--out", root / "data")
+    assert p.returncode == 0, p.stderr
+    run = run_script(root, DATA_PATH=root / "data", TOKENIZER_PATH=caseops_tok, OUT_DIR=root, **CASEOPS_RUN)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return root, run.stdout
+
+
+def test_caseops_run_scores_on_the_sidecar(caseops_run, caseops_tok):
+    root, stdout = caseops_run
+    line = next(l for l in stdout.splitlines() if l.startswith("data: "))
+    val = T.load_validation_tokens(str(root / "data"), 8192, 1500)
+    counts = T.load_byte_sidecar(str(root / "data"), val, 1, 1500)
+    assert line.endswith(f"; bytes from the byte sidecar ({int(counts[1:].sum())} bytes, sha256 "
+                         f"{T.sha256_prefix(counts.numpy().astype('<u2').tobytes())})")
+    _, config = T.load_artifact(str(root / "final_model_t.int6.ptz"))
+    assert config[T.SIDECAR_KEY] is True and config[T.TOKENIZER_KEY] == T.file_sha256(caseops_tok)
+    for kind in ("roundtrip", "sliding_window", "ttt"):
+        assert 0 < float(final_line(stdout, kind)[1]) < 20
+
+
+def test_caseops_eval_only_scores_the_same(caseops_run, caseops_tok):
+    root, stdout = caseops_run
+    env = dict(DATA_PATH=root / "data", TOKENIZER_PATH=caseops_tok, OUT_DIR=root / "eval",
+               EVAL_ONLY=root / "final_model_t.int6.ptz", **CASEOPS_RUN)
+    p = run_script(root, **env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    for kind in ("roundtrip", "sliding_window", "ttt"):
+        assert final_line(p.stdout, kind) == final_line(stdout, kind), kind
+    # scored another way than it was made: one clear error, before any scoring
+    p = run_script(root, **{**env, "OUT_DIR": root / "eval0", "BYTE_SIDECAR": 0})
+    one_error_line(p, "was scored with the byte sidecar", "set BYTE_SIDECAR=1")
+    assert "val_bpb" not in p.stdout
+
+
+def test_run_with_a_bad_sidecar_stops_before_training(caseops_run, caseops_tok, tmp_path):
+    root, _ = caseops_run
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in os.listdir(root / "data"):
+        (data / f).write_bytes((root / "data" / f).read_bytes())
+    side = data / "fineweb_val_bytes_000000.bin"
+    counts = np.fromfile(side, dtype="<u2", offset=1024)
+    write_shard(side, counts[:-1])  # one count short
+    p = run_script(tmp_path, DATA_PATH=data, TOKENIZER_PATH=caseops_tok, OUT_DIR=tmp_path / "o", **CASEOPS_RUN)
+    one_error_line(p, f"has {len(counts) - 1} counts for {len(counts)} validation tokens")
+    assert "step:" not in p.stdout
+    side.unlink()  # no sidecar at all: the CaseOps tokenizer's table would count the markers
+    p = run_script(tmp_path, DATA_PATH=data, TOKENIZER_PATH=caseops_tok, OUT_DIR=tmp_path / "o2", **CASEOPS_RUN)
+    one_error_line(p, "is a CaseOps tokenizer")
+    assert "step:" not in p.stdout

@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""CaseOps data: documents -> case transform (train_gpt.caseops_encode) -> SentencePiece tokens, BOS
+before every document -> challenge-format shards, train and val, and the validation byte sidecar.
+
+    python3 tools/caseops_prep.py --corpus ../shared/corpus --out data/caseops_sp8192 \\
+        --tokenizer ../shared/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
+    python3 tools/caseops_prep.py --docs docs_selected.jsonl --out data/datasets/fineweb10B_caseops8192 \\
+        --tokenizer .../fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
+    --identity: no transform (plain shards + sidecar, e.g. with fineweb_8192_bpe.model)
+    --compare-val DIR: the val tokens written must equal DIR's (with --identity and the tokenizer
+        that made DIR: proves the validation documents are DIR's, e.g. the challenge's)
+
+Inputs. --corpus DIR: DIR/train_*.txt.xz and DIR/val.txt.xz, documents separated by a line
+"<|doc|>" (split as ../shared/tools/make_shards.py splits them: the same documents). --docs FILE:
+one JSON object per line with a "text" field, the challenge's docs_selected.jsonl; ASSUMED, as in
+the challenge's data script: the first --num-val-docs (50,000) documents are the validation split
+and the rest train (check it with --identity --compare-val against the challenge's shards).
+
+Outputs in --out (an empty folder): fineweb_val_000000.bin..., fineweb_val_bytes_000000.bin... (the
+sidecar, split like the val shards), fineweb_train_000000.bin...; shard format: 256 int32 header
+(20240520, 1, count), then uint16 per token. Sidecar: per val token, the bytes of the ORIGINAL
+text it stands for: BOS 0, markers and ESC 0, an escaped marker character 3, a letter 1, anything
+else its UTF-8 length. The bytes come from SentencePiece's piece offsets into the text it was given
+(so from before its normalizer, which collapses whitespace and applies NFKC): a character goes to
+the piece whose span holds it (of a character split into byte pieces, the last), text the
+normalizer dropped to the next piece (at a document's end, the last). Every validation document's
+counts must sum to its UTF-8 length and its transform must invert exactly; no validation document
+(sha256 of its whitespace-normalized text) may be in the train split. Any failure: one error line.
+Deterministic: batches go to a worker pool and come back in input order.
+
+The original text has more bytes than the tokenizer's table counts (0.45 % on the proxy val: the
+normalizer's work), so compare a CaseOps run with plain shards that have an --identity sidecar.
+"""
+import argparse
+import glob
+import hashlib
+import itertools
+import json
+import lzma
+import os
+import sys
+import time
+from multiprocessing import Pool
+
+import numpy as np
+
+sys.path[:0] = [os.getcwd(), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # a run's own copy first
+import train_gpt as T  # noqa: E402
+
+SEP = "<|doc|>"
+VAL_BYTES = "fineweb_val_bytes"
+
+
+class PrepError(Exception):
+    """Data that cannot be made right: one line, and the tool stops."""
+
+
+# ----- reading documents
+
+def iter_corpus_docs(path):
+    """Documents of one .txt.xz (or .txt) file, as make_shards.py splits them."""
+    opener = lzma.open if path.endswith(".xz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        cur = []
+        for line in f:
+            if line.rstrip("\r\n") == SEP:
+                doc = "".join(cur).strip("\n")
+                if doc:
+                    yield doc
+                cur = []
+            else:
+                cur.append(line)
+        doc = "".join(cur).strip("\n")
+        if doc:
+            yield doc
+
+
+def iter_jsonl_lines(path):
+    """Raw lines of a JSONL file (the workers parse them)."""
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield line
+
+
+def batches(items, batch_docs=256, batch_chars=2_000_000):
+    """(index of the batch's first document, documents) in order."""
+    batch, chars, first = [], 0, 0
+    for item in items:
+        batch.append(item)
+        chars += len(item)
+        if len(batch) >= batch_docs or chars >= batch_chars:
+            yield first, batch
+            first, batch, chars = first + len(batch), [], 0
+    if batch:
+        yield first, batch
+
+
+# ----- the workers
+
+_sp = _identity = _jsonl = _val_hashes = None
+
+
+def _init(tokenizer, identity, jsonl, val_hashes):
+    global _sp, _identity, _jsonl, _val_hashes
+    import sentencepiece as spm
+    _sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    _identity, _jsonl, _val_hashes = identity, jsonl, val_hashes
+
+
+def _text(item):
+    if not _jsonl:
+        return item
+    try:
+        return json.loads(item)["text"]
+    except (ValueError, KeyError, TypeError):
+        raise PrepError(f"a line of the --docs file is not a JSON object with a \"text\": {item[:80]!r}") from None
+
+
+def doc_hash(text):
+    """sha256 of the text with its whitespace runs made one space: the same document, however spaced."""
+    return hashlib.sha256(" ".join(text.split()).encode("utf-8")).digest()
+
+
+def _varint(buf, i):
+    value = shift = 0
+    while True:
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _fields(buf):
+    """(field number, value) of a protobuf message: ints for varints, bytes for the rest."""
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        kind = key & 7
+        if kind == 0:
+            value, i = _varint(buf, i)
+        elif kind == 2:
+            n, i = _varint(buf, i)
+            value, i = buf[i:i + n], i + n
+        elif kind in (1, 5):  # fixed 64 or 32 bits
+            size = 8 if kind == 1 else 4
+            value, i = buf[i:i + size], i + size
+        else:
+            raise PrepError(f"unexpected protobuf wire type {kind} from SentencePiece")
+        yield key >> 3, value
+
+
+def piece_ids_and_begins(serialized):
+    """Ids and begin offsets (bytes into the text given) of a SentencePieceText's pieces, from its
+    serialized form: needs no protobuf package (sentencepiece 0.2.3 dropped "immutable_proto")."""
+    ids, begins = [], []
+    for field, piece in _fields(serialized):
+        if field == 2:  # repeated SentencePiece: piece 1, id 2, surface 3, begin 4, end 5
+            f = dict(_fields(piece))
+            ids.append(f.get(2, 0))
+            begins.append(f.get(4, 0))
+    return np.array(ids, dtype=np.int64), np.array(begins, dtype=np.int64)
+
+
+def token_bytes(text, weights, begins):
+    """Per piece, the weights of the characters in its territory: from its begin offset to the next
+    piece's (the first piece from 0, the last to the end): a character split into byte pieces goes
+    to its last piece (the others have empty spans), text the normalizer dropped to the next piece."""
+    b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    if not len(begins):  # no piece: nothing to count on (the caller sees the bytes missing)
+        return np.zeros(0, dtype=np.int64)
+    if begins[0] < 0 or begins[-1] > len(b) or np.any(np.diff(begins) < 0):
+        raise PrepError("SentencePiece piece offsets are not in order")
+    at_byte = np.zeros(len(b) + 1, dtype=np.int64)
+    at_byte[np.flatnonzero((b & 0xC0) != 0x80)] = weights  # a character's weight at its first byte
+    before = np.concatenate(([0], np.cumsum(at_byte[:-1])))  # weight of the characters before byte k
+    cuts = np.concatenate(([0], begins[1:], [len(b)]))
+    return np.diff(before[cuts])
+
+
+def encode_val(job):
+    """Validation documents -> (tokens, sidecar, original bytes, bytes of the tokenizer's decoded
+    text, hashes)."""
+    first, items = job
+    texts = [_text(x) for x in items]
+    moved = [(t, T.char_bytes(t)) if _identity else T.caseops_encode(t) for t in texts]
+    serialized = _sp.encode([m[0] for m in moved], out_type="serialized_proto")
+    tokens, sidecar, decoded = [], [], 0
+    bos = _sp.bos_id()
+    for k, (text, (ctext, weights), blob) in enumerate(zip(texts, moved, serialized)):
+        where = f"validation document {first + k}"
+        if not _identity and T.caseops_decode(ctext) != text:
+            raise PrepError(f"{where}: the case transform does not invert exactly")
+        ids, begins = piece_ids_and_begins(blob)
+        counts = token_bytes(ctext, weights, begins)
+        n = len(text.encode("utf-8"))
+        if int(counts.sum()) != n:
+            raise PrepError(f"{where}: its byte sidecar sums to {int(counts.sum())} but its text has {n} UTF-8 bytes "
+                            f"({len(ids)} tokens; text {text[:60]!r})")
+        if counts.size and counts.max() > 65535:
+            raise PrepError(f"{where}: a token stands for {int(counts.max())} bytes, more than uint16 holds")
+        tokens += [[bos], ids]
+        sidecar += [[0], counts]
+        plain = _sp.decode(ids.tolist())
+        decoded += len((plain if _identity else T.caseops_decode(plain)).encode("utf-8"))
+    nbytes = sum(len(t.encode("utf-8")) for t in texts)
+    return (np.concatenate(tokens).astype("<u2"), np.concatenate(sidecar).astype("<u2"), nbytes, decoded,
+            [doc_hash(t) for t in texts])
+
+
+def encode_train(job):
+    """Train documents -> (tokens, bytes); a validation document among them stops the tool."""
+    first, items = job
+    texts = [_text(x) for x in items]
+    for k, t in enumerate(texts):
+        h = doc_hash(t)
+        if h in _val_hashes:
+            raise PrepError(f"train document {first + k} is validation document {_val_hashes[h]} (sha256 of its "
+                            f"whitespace-normalized text {h.hex()[:16]}): no validation document may be in a train shard")
+    ids = _sp.encode(texts if _identity else [T.caseops_transform(t) for t in texts])
+    bos = _sp.bos_id()
+    out = np.concatenate([np.concatenate(([bos], x)) for x in ids]).astype("<u2")
+    return out, sum(len(t.encode("utf-8")) for t in texts)
+
+
+# ----- writing shards
+
+class ShardWriter:
+    """Tokens into OUT/<prefix>_000000.bin, ... of `shard_tokens` each (the last one shorter)."""
+
+    def __init__(self, out_dir, prefix, shard_tokens):
+        self.out_dir, self.prefix, self.size = out_dir, prefix, shard_tokens
+        self.buf, self.fill, self.shards, self.total = np.empty(shard_tokens, dtype="<u2"), 0, 0, 0
+
+    def add(self, tokens):
+        self.total += len(tokens)
+        while len(tokens):
+            k = min(len(tokens), self.size - self.fill)
+            self.buf[self.fill:self.fill + k] = tokens[:k]
+            self.fill, tokens = self.fill + k, tokens[k:]
+            if self.fill == self.size:
+                self._write()
+
+    def _write(self):
+        header = np.zeros(T.SHARD_HEADER_INTS, dtype="<i4")
+        header[:3] = T.SHARD_MAGIC, T.SHARD_VERSION, self.fill
+        with open(os.path.join(self.out_dir, f"{self.prefix}_{self.shards:06d}.bin"), "wb") as f:
+            f.write(header.tobytes())
+            f.write(self.buf[:self.fill].tobytes())
+        self.shards, self.fill = self.shards + 1, 0
+
+    def close(self):
+        if self.fill:
+            self._write()
+        return self.shards
+
+
+def write_val(pool, jobs, out_dir, shard_tokens):
+    """Validation shards and their sidecar -> ({hash: document index}, documents)."""
+    toks, side = ShardWriter(out_dir, "fineweb_val", shard_tokens), ShardWriter(out_dir, VAL_BYTES, shard_tokens)
+    hashes, docs, nbytes, decoded, t0 = {}, 0, 0, 0, time.time()
+    for tokens, sidecar, nb, dec, hs in pool.imap(encode_val, jobs, chunksize=1):
+        toks.add(tokens)
+        side.add(sidecar)
+        for h in hs:
+            hashes.setdefault(h, docs)
+            docs += 1
+        nbytes, decoded = nbytes + nb, decoded + dec
+    if not docs:
+        raise PrepError("no validation documents")
+    shards = toks.close(), side.close()
+    print(f"fineweb_val: {docs:,} docs, {nbytes:,} bytes (= the sidecar's sum), {toks.total:,} tokens "
+          f"(incl. BOS), {toks.total / nbytes:.4f} tokens/byte, {shards[0]} shard(s) + {shards[1]} sidecar shard(s); "
+          f"the tokenizer's decoded text has {decoded:,} bytes ({decoded / nbytes - 1:+.2%}: its normalizer), "
+          f"{time.time() - t0:.0f}s", flush=True)
+    return hashes, docs
+
+
+def write_train(pool, jobs, out_dir, shard_tokens, max_tokens):
+    w, nbytes, t0 = ShardWriter(out_dir, "fineweb_train", shard_tokens), 0, time.time()
+    for tokens, nb in pool.imap(encode_train, jobs, chunksize=1):
+        if max_tokens is not None:
+            tokens = tokens[:max_tokens - w.total]
+        w.add(tokens)
+        nbytes += nb
+        if max_tokens is not None and w.total >= max_tokens:
+            break
+    shards = w.close()
+    print(f"fineweb_train: {nbytes:,} bytes, {w.total:,} tokens (incl. BOS), {shards} shard(s), "
+          f"{time.time() - t0:.0f}s", flush=True)
+
+
+def compare_val(out_dir, other):
+    mine, theirs = (T.load_validation_tokens(d, 65536).numpy() for d in (out_dir, other))
+    n = min(len(mine), len(theirs))
+    diff = np.flatnonzero(mine[:n] != theirs[:n])
+    if len(mine) != len(theirs) or diff.size:
+        at = int(diff[0]) if diff.size else n
+        raise PrepError(f"val tokens differ from {other}'s: {len(mine):,} against {len(theirs):,} tokens, first "
+                        f"difference at token {at:,} (document {int((mine[:at + 1] == 1).sum())})")
+    print(f"val tokens identical to {other}'s ({len(mine):,} tokens)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", help="folder with train_*.txt.xz and val.txt.xz")
+    src.add_argument("--docs", help="docs_selected.jsonl: the first --num-val-docs documents are validation")
+    ap.add_argument("--num-val-docs", type=int, default=50_000, help="with --docs (default 50,000, the challenge's)")
+    ap.add_argument("--tokenizer", required=True, help="SentencePiece .model (the CaseOps one, or any with --identity)")
+    ap.add_argument("--out", required=True, help="output folder (empty or new)")
+    ap.add_argument("--identity", action="store_true", help="no case transform: plain shards + sidecar")
+    ap.add_argument("--workers", type=int, default=os.cpu_count())
+    ap.add_argument("--shard-tokens", type=int, default=100_000_000)
+    ap.add_argument("--max-train-tokens", type=int, default=None)
+    ap.add_argument("--skip-train", action="store_true", help="only the val shards and the sidecar")
+    ap.add_argument("--compare-val", metavar="DIR", help="stop unless the val tokens equal DIR's fineweb_val_*.bin")
+    a = ap.parse_args()
+    try:
+        run(a)
+    except PrepError as e:
+        sys.exit(f"error: {e}")
+
+
+def run(a):
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=a.tokenizer)
+    if sp.get_piece_size() > 65536 or sp.bos_id() < 0:
+        raise PrepError(f"tokenizer {a.tokenizer}: needs a BOS id and at most 65,536 pieces")
+    markers = [sp.piece_to_id(c) for c in (T.CASE_TITLE, T.CASE_ALLCAPS, T.CASE_CAPNEXT, T.CASE_ESC)]
+    if not a.identity and sp.unk_id() in markers:
+        raise PrepError(f"tokenizer {a.tokenizer} has no pieces for the case markers U+E001..U+E004: "
+                        "a CaseOps tokenizer is needed (or --identity)")
+    if a.docs and a.num_val_docs < 1:
+        raise PrepError("--num-val-docs must be >= 1")
+    os.makedirs(a.out, exist_ok=True)
+    if glob.glob(os.path.join(glob.escape(a.out), "fineweb_*.bin")):
+        raise PrepError(f"{a.out} already holds fineweb_*.bin shards: use an empty folder (no stale shard mixes in)")
+    print(f"tokenizer {a.tokenizer}: {sp.get_piece_size()} pieces, bos_id {sp.bos_id()}, "
+          f"{'identity (no case transform)' if a.identity else f'CaseOps markers at ids {markers}'}", flush=True)
+    if a.corpus:
+        val_path = os.path.join(a.corpus, "val.txt.xz")
+        train_paths = sorted(glob.glob(os.path.join(glob.escape(a.corpus), "train_*.txt.xz")))
+        if not os.path.exists(val_path) or not (train_paths or a.skip_train):
+            raise PrepError(f"{a.corpus} needs val.txt.xz and train_*.txt.xz")
+        val_items = iter_corpus_docs(val_path)
+        train_items = itertools.chain.from_iterable(iter_corpus_docs(p) for p in train_paths)
+    else:
+        if not os.path.isfile(a.docs):
+            raise PrepError(f"--docs {a.docs} is not a file")
+        val_items = itertools.islice(iter_jsonl_lines(a.docs), a.num_val_docs)
+        train_items = itertools.islice(iter_jsonl_lines(a.docs), a.num_val_docs, None)
+    init = (a.tokenizer, a.identity, bool(a.docs))
+    with Pool(a.workers, initializer=_init, initargs=(*init, None)) as pool:
+        val_hashes, val_docs = write_val(pool, batches(val_items), a.out, a.shard_tokens)
+    if a.docs and val_docs < a.num_val_docs:
+        raise PrepError(f"{a.docs} has {val_docs} documents, fewer than --num-val-docs={a.num_val_docs}")
+    if a.compare_val:
+        compare_val(a.out, a.compare_val)
+    if not a.skip_train:
+        with Pool(a.workers, initializer=_init, initargs=(*init, val_hashes)) as pool:
+            write_train(pool, batches(train_items), a.out, a.shard_tokens, a.max_train_tokens)
+
+
+if __name__ == "__main__":
+    main()
