@@ -428,34 +428,13 @@ def _case_word(m):
     return head + "".join(CASE_CAPNEXT + c.lower() if c.isupper() else c for c in w[1:])
 
 
-def _utf8_lengths(cp):
-    return 1 + (cp >= 0x80).astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000)
-
-
-def char_bytes(text):
-    """UTF-8 length of each character of `text` (int64 array)."""
-    return _utf8_lengths(np.frombuffer(text.encode("utf-32-le"), dtype="<u4"))
-
-
 def caseops_transform(text):
     """The CaseOps text of `text`."""
     return _CASE_WORD.sub(_case_word, text)
 
 
-def caseops_encode(text):
-    """-> (CaseOps text, per character of it the bytes of `text` it stands for: markers and ESC 0,
-    an escaped marker character its 3, a letter 1, anything else its UTF-8 length)."""
-    out = caseops_transform(text)
-    cp = np.frombuffer(out.encode("utf-32-le"), dtype="<u4")
-    w, escaped = _utf8_lengths(cp), -1
-    for i in np.flatnonzero((cp >= 0xE001) & (cp <= 0xE004)).tolist():
-        if i != escaped:  # an operator (ESC too) stands for nothing; the character after ESC for itself
-            w[i], escaped = 0, (i + 1 if out[i] == CASE_ESC else -1)
-    return out, w
-
-
 def caseops_decode(text):
-    """The text caseops_encode was given."""
+    """The text caseops_transform was given."""
     return _CASE_MARK.sub(lambda m: m[1] or (m[2] or m[3]).upper(), text)
 
 

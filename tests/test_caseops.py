@@ -71,16 +71,8 @@ def plain_tok():
     ("", ""),
 ])
 def test_transform_follows_the_rules(text, want):
-    out, w = T.caseops_encode(text)
-    assert out == want and T.caseops_transform(text) == out
-    assert T.caseops_decode(out) == text
-    assert len(w) == len(out) and int(w.sum()) == len(text.encode("utf-8"))
-
-
-def test_transform_weights_per_character():
-    out, w = T.caseops_encode("Hi \ue002 ÉB🎉")
-    assert out == T.CASE_TITLE + "hi " + T.CASE_ESC + "\ue002 É" + T.CASE_TITLE + "b🎉"
-    assert w.tolist() == [0, 1, 1, 1, 0, 3, 1, 2, 0, 1, 4]  # markers and ESC 0, escaped 3, letters 1
+    out = T.caseops_transform(text)
+    assert out == want and T.caseops_decode(out) == text
 
 
 WORDS = ["word", "Word", "WORD", "wOrD", "mcDonald", "McDonald", "iPhone", "A", "a", "I", "x", "XY", "Élan", "straße",
@@ -95,9 +87,8 @@ def test_transform_round_trips_random_strings():
         text = "".join(rng.choice(WORDS) + rng.choice(GAPS) for _ in range(rng.randrange(0, 12)))
         if trial % 3 == 0:  # also raw character soup
             text = "".join(rng.choice("aZbY \n\ue001\ue002\ue003\ue004é1ß") for _ in range(rng.randrange(0, 20)))
-        out, w = T.caseops_encode(text)
+        out = T.caseops_transform(text)
         assert T.caseops_decode(out) == text, repr(text)
-        assert int(w.sum()) == len(text.encode("utf-8")), repr(text)
         assert not re.search("[A-Z]", out), repr(out)  # every ASCII capital became a marker
 
 
@@ -160,12 +151,35 @@ def per_doc_sums(tokens, sidecar):
     return [int(sidecar[a:b].sum()) for a, b in zip(starts[:-1], starts[1:])]
 
 
+def normalized_bytes(tok, docs):
+    """UTF-8 bytes of each document as the tokenizer reproduces it (after its normalizer)."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=tok)
+    return [len(sp.decode(sp.encode(d)).encode("utf-8")) for d in docs]
+
+
 @pytest.mark.parametrize("identity", [False, True], ids=["caseops", "identity"])
 def test_sidecar_sums_to_each_documents_bytes(caseops_tok, plain_tok, identity):
-    docs = SAMPLES + smoke_data.make_docs(20, seed=4)
+    """Per document, the sidecar sums to the bytes of its text as the plain tokenizer reproduces it
+    (the challenge's count: the same in both cases, markers or not); where the normalizer changes
+    nothing (the synthetic documents), to its original UTF-8 length."""
+    synthetic = smoke_data.make_docs(20, seed=4)
+    docs = SAMPLES + synthetic
     tokens, sidecar, nbytes = encode_val_docs(plain_tok if identity else caseops_tok, identity, docs)
-    assert per_doc_sums(tokens, sidecar) == [len(d.encode("utf-8")) for d in docs]
+    sums = per_doc_sums(tokens, sidecar)
+    assert sums == normalized_bytes(plain_tok, docs)
+    assert sums[len(SAMPLES):] == [len(d.encode("utf-8")) for d in synthetic]
     assert nbytes == sum(len(d.encode("utf-8")) for d in docs)
+
+
+def test_caseops_sidecar_equals_the_plain_table_on_the_same_text(caseops_tok, plain_tok):
+    """The same documents, CaseOps tokens with their sidecar and plain tokens with the tokenizer's
+    table: the same total bytes, so the two runs' bpb divide by the same number."""
+    docs = SAMPLES + smoke_data.make_docs(30, seed=5)
+    _, sidecar, _ = encode_val_docs(caseops_tok, False, docs)
+    plain, _, _ = encode_val_docs(plain_tok, True, docs)
+    luts, t = T.load_tokenizer_luts(plain_tok, 8192), torch.from_numpy(plain)
+    assert int(sidecar.sum()) == int(luts.target_bytes(t[:-1], t[1:]).sum())
 
 
 def test_caseops_tokens_decode_to_the_text(caseops_tok):
@@ -181,19 +195,22 @@ def test_caseops_tokens_decode_to_the_text(caseops_tok):
     assert not set(tokens.tolist()) & {0, 2, 3}  # no pad, EOS or unknown piece
 
 
-def test_normalizer_drops_are_counted(plain_tok):
-    """The tokenizers collapse whitespace (and apply NFKC): the sidecar counts the original bytes,
-    the tokenizer's table the decoded text's."""
-    tokens, sidecar, _ = encode_val_docs(plain_tok, True, ["a  b\n\nc "])
+def test_sidecar_counts_as_the_table_does_after_the_normalizer(plain_tok):
+    """The tokenizers collapse whitespace (and apply NFKC): the sidecar counts what the table counts,
+    the text as the tokenizer reproduces it, token for token; the tool reports the original's bytes."""
+    tokens, sidecar, nbytes = encode_val_docs(plain_tok, True, ["a  b\n\nc ", "   "])
     luts = T.load_tokenizer_luts(plain_tok, 8192)
     t = torch.from_numpy(tokens)
-    assert int(sidecar.sum()) == len("a  b\n\nc ") and int(luts.target_bytes(t[:-1], t[1:]).sum()) == len("a b c")
+    assert sidecar[1:].tolist() == luts.target_bytes(t[:-1], t[1:]).tolist()
+    assert per_doc_sums(tokens, sidecar) == [len("a b c"), 0] and nbytes == len("a  b\n\nc ") + 3
 
 
-def test_whitespace_only_document_is_refused(plain_tok):
+def test_a_sidecar_that_does_not_add_up_is_refused(plain_tok, monkeypatch):
+    """Counts that do not sum to the decoded text's bytes (here: a broken counting rule) stop the tool."""
     P._init(plain_tok, True, False, None)
-    with pytest.raises(P.PrepError, match="validation document 1: its byte sidecar sums to 0 but its text has 3"):
-        P.encode_val((0, ["fine", "   "]))
+    monkeypatch.setattr(P, "sidecar_counts", lambda ids: np.ones(len(ids), dtype=np.int64))
+    with pytest.raises(P.PrepError, match="validation document 0: its byte sidecar sums to .* but its decoded text has"):
+        P.encode_val((0, ["Hello there, world"]))
 
 
 # ----- scoring on the sidecar

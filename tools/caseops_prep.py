@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CaseOps data: documents -> case transform (train_gpt.caseops_encode) -> SentencePiece tokens, BOS
+"""CaseOps data: documents -> case transform (train_gpt.caseops_transform) -> SentencePiece tokens, BOS
 before every document -> challenge-format shards, train and val, and the validation byte sidecar.
 
     python3 tools/caseops_prep.py --corpus ../shared/corpus --out data/caseops_sp8192 \\
@@ -18,18 +18,16 @@ and the rest train (check it with --identity --compare-val against the challenge
 
 Outputs in --out (an empty folder): fineweb_val_000000.bin..., fineweb_val_bytes_000000.bin... (the
 sidecar, split like the val shards), fineweb_train_000000.bin...; shard format: 256 int32 header
-(20240520, 1, count), then uint16 per token. Sidecar: per val token, the bytes of the ORIGINAL
-text it stands for: BOS 0, markers and ESC 0, an escaped marker character 3, a letter 1, anything
-else its UTF-8 length. The bytes come from SentencePiece's piece offsets into the text it was given
-(so from before its normalizer, which collapses whitespace and applies NFKC): a character goes to
-the piece whose span holds it (of a character split into byte pieces, the last), text the
-normalizer dropped to the next piece (at a document's end, the last). Every validation document's
-counts must sum to its UTF-8 length and its transform must invert exactly; no validation document
-(sha256 of its whitespace-normalized text) may be in the train split. Any failure: one error line.
-Deterministic: batches go to a worker pool and come back in input order.
-
-The original text has more bytes than the tokenizer's table counts (0.45 % on the proxy val: the
-normalizer's work), so compare a CaseOps run with plain shards that have an --identity sidecar.
+(20240520, 1, count), then uint16 per token. Sidecar: per val token, the bytes it stands for as the
+challenge counts bytes (the tokenizer's table: a piece's UTF-8 bytes, its leading "▁" one space
+after a non-boundary token, BOS 0), except that the CaseOps markers and ESC count 0 (an escaped
+marker character counts its own 3): bytes of the original text as the tokenizer reproduces it
+(after its normalizer, which collapses whitespace and applies NFKC, like the table's count of
+plain tokens). So with --identity the sidecar equals the table, token for token, and CaseOps and
+plain scores compare directly. Every validation document's counts must sum to the UTF-8 length of
+its decoded tokens (case markers undone) and its transform must invert exactly; no validation
+document (sha256 of its whitespace-normalized text) may be in the train split. Any failure: one
+error line. Deterministic: batches go to a worker pool and come back in input order.
 """
 import argparse
 import glob
@@ -102,10 +100,16 @@ _sp = _identity = _jsonl = _val_hashes = None
 
 
 def _init(tokenizer, identity, jsonl, val_hashes):
-    global _sp, _identity, _jsonl, _val_hashes
+    global _sp, _identity, _jsonl, _val_hashes, _table, _markers, _esc
     import sentencepiece as spm
     _sp = spm.SentencePieceProcessor(model_file=tokenizer)
     _identity, _jsonl, _val_hashes = identity, jsonl, val_hashes
+    luts = T.load_tokenizer_luts(tokenizer, _sp.vocab_size())
+    _table = tuple(t.numpy() for t in (luts.base, luts.space, luts.boundary))
+    ids = [_sp.piece_to_id(c) for c in (T.CASE_TITLE, T.CASE_ALLCAPS, T.CASE_CAPNEXT, T.CASE_ESC)]
+    if not identity and _sp.unk_id() in ids:
+        raise PrepError(f"{tokenizer} has no piece for each CaseOps marker U+E001..U+E004: not a CaseOps tokenizer")
+    _markers, _esc = np.array(ids), ids[-1]
 
 
 def _text(item):
@@ -122,91 +126,48 @@ def doc_hash(text):
     return hashlib.sha256(" ".join(text.split()).encode("utf-8")).digest()
 
 
-def _varint(buf, i):
-    value = shift = 0
-    while True:
-        b = buf[i]
-        i += 1
-        value |= (b & 0x7F) << shift
-        if b < 0x80:
-            return value, i
-        shift += 7
-
-
-def _fields(buf):
-    """(field number, value) of a protobuf message: ints for varints, bytes for the rest."""
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        kind = key & 7
-        if kind == 0:
-            value, i = _varint(buf, i)
-        elif kind == 2:
-            n, i = _varint(buf, i)
-            value, i = buf[i:i + n], i + n
-        elif kind in (1, 5):  # fixed 64 or 32 bits
-            size = 8 if kind == 1 else 4
-            value, i = buf[i:i + size], i + size
-        else:
-            raise PrepError(f"unexpected protobuf wire type {kind} from SentencePiece")
-        yield key >> 3, value
-
-
-def piece_ids_and_begins(serialized):
-    """Ids and begin offsets (bytes into the text given) of a SentencePieceText's pieces, from its
-    serialized form: needs no protobuf package (sentencepiece 0.2.3 dropped "immutable_proto")."""
-    ids, begins = [], []
-    for field, piece in _fields(serialized):
-        if field == 2:  # repeated SentencePiece: piece 1, id 2, surface 3, begin 4, end 5
-            f = dict(_fields(piece))
-            ids.append(f.get(2, 0))
-            begins.append(f.get(4, 0))
-    return np.array(ids, dtype=np.int64), np.array(begins, dtype=np.int64)
-
-
-def token_bytes(text, weights, begins):
-    """Per piece, the weights of the characters in its territory: from its begin offset to the next
-    piece's (the first piece from 0, the last to the end): a character split into byte pieces goes
-    to its last piece (the others have empty spans), text the normalizer dropped to the next piece."""
-    b = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    if not len(begins):  # no piece: nothing to count on (the caller sees the bytes missing)
-        return np.zeros(0, dtype=np.int64)
-    if begins[0] < 0 or begins[-1] > len(b) or np.any(np.diff(begins) < 0):
-        raise PrepError("SentencePiece piece offsets are not in order")
-    at_byte = np.zeros(len(b) + 1, dtype=np.int64)
-    at_byte[np.flatnonzero((b & 0xC0) != 0x80)] = weights  # a character's weight at its first byte
-    before = np.concatenate(([0], np.cumsum(at_byte[:-1])))  # weight of the characters before byte k
-    cuts = np.concatenate(([0], begins[1:], [len(b)]))
-    return np.diff(before[cuts])
+def sidecar_counts(ids):
+    """Bytes per token of one document (its BOS not included) as the challenge counts them (the
+    tokenizer's table), the CaseOps markers and ESC 0 except a marker character ESC escapes."""
+    base, space, boundary = _table
+    prev = np.concatenate(([_sp.bos_id()], ids[:-1]))
+    counts = base[ids] + (space[ids] & ~boundary[prev])
+    if _identity:
+        return counts
+    operator_esc = set()  # an ESC that escapes (an escaped ESC is a literal character)
+    for i in np.flatnonzero(np.isin(ids, _markers)).tolist():
+        if i - 1 in operator_esc:
+            continue  # the literal character: its 3 bytes, as the table has them
+        counts[i] = 0
+        if ids[i] == _esc:
+            operator_esc.add(i)
+    return counts
 
 
 def encode_val(job):
-    """Validation documents -> (tokens, sidecar, original bytes, bytes of the tokenizer's decoded
-    text, hashes)."""
+    """Validation documents -> (tokens, sidecar, original bytes, bytes counted, hashes)."""
     first, items = job
     texts = [_text(x) for x in items]
-    moved = [(t, T.char_bytes(t)) if _identity else T.caseops_encode(t) for t in texts]
-    serialized = _sp.encode([m[0] for m in moved], out_type="serialized_proto")
-    tokens, sidecar, decoded = [], [], 0
-    bos = _sp.bos_id()
-    for k, (text, (ctext, weights), blob) in enumerate(zip(texts, moved, serialized)):
+    moved = texts if _identity else [T.caseops_transform(t) for t in texts]
+    tokens, sidecar, counted = [], [], 0
+    for k, (text, ctext, ids) in enumerate(zip(texts, moved, _sp.encode(moved))):
         where = f"validation document {first + k}"
         if not _identity and T.caseops_decode(ctext) != text:
             raise PrepError(f"{where}: the case transform does not invert exactly")
-        ids, begins = piece_ids_and_begins(blob)
-        counts = token_bytes(ctext, weights, begins)
-        n = len(text.encode("utf-8"))
+        ids = np.array(ids, dtype=np.int64)
+        counts = sidecar_counts(ids)
+        decoded = _sp.decode(ids.tolist())
+        n = len((decoded if _identity else T.caseops_decode(decoded)).encode("utf-8"))
         if int(counts.sum()) != n:
-            raise PrepError(f"{where}: its byte sidecar sums to {int(counts.sum())} but its text has {n} UTF-8 bytes "
-                            f"({len(ids)} tokens; text {text[:60]!r})")
+            raise PrepError(f"{where}: its byte sidecar sums to {int(counts.sum())} but its decoded text has {n} "
+                            f"UTF-8 bytes ({len(ids)} tokens; text {text[:60]!r})")
         if counts.size and counts.max() > 65535:
             raise PrepError(f"{where}: a token stands for {int(counts.max())} bytes, more than uint16 holds")
-        tokens += [[bos], ids]
+        tokens += [[_sp.bos_id()], ids]
         sidecar += [[0], counts]
-        plain = _sp.decode(ids.tolist())
-        decoded += len((plain if _identity else T.caseops_decode(plain)).encode("utf-8"))
+        counted += n
     nbytes = sum(len(t.encode("utf-8")) for t in texts)
-    return (np.concatenate(tokens).astype("<u2"), np.concatenate(sidecar).astype("<u2"), nbytes, decoded,
+    return (np.concatenate(tokens).astype("<u2"), np.concatenate(sidecar).astype("<u2"), nbytes, counted,
             [doc_hash(t) for t in texts])
 
 
@@ -271,9 +232,9 @@ def write_val(pool, jobs, out_dir, shard_tokens):
     if not docs:
         raise PrepError("no validation documents")
     shards = toks.close(), side.close()
-    print(f"fineweb_val: {docs:,} docs, {nbytes:,} bytes (= the sidecar's sum), {toks.total:,} tokens "
-          f"(incl. BOS), {toks.total / nbytes:.4f} tokens/byte, {shards[0]} shard(s) + {shards[1]} sidecar shard(s); "
-          f"the tokenizer's decoded text has {decoded:,} bytes ({decoded / nbytes - 1:+.2%}: its normalizer), "
+    print(f"fineweb_val: {docs:,} docs, {decoded:,} bytes counted (= the sidecar's sum; the original text has "
+          f"{nbytes:,}, {nbytes / decoded - 1:+.2%}: the tokenizer's normalizer), {toks.total:,} tokens (incl. BOS), "
+          f"{toks.total / decoded:.4f} tokens/byte, {shards[0]} shard(s) + {shards[1]} sidecar shard(s), "
           f"{time.time() - t0:.0f}s", flush=True)
     return hashes, docs
 
