@@ -391,7 +391,7 @@ def load_validation_tokens(data_path, vocab_size, limit=0):
 
 def load_byte_sidecar(data_path, val_tokens, bos_id, limit=0):
     """The validation byte sidecar (DATA_PATH/fineweb_val_bytes_*.bin, shard format): per val token,
-    the bytes of the original text it stands for. One per val token (the count of the val shards),
+    its bytes as the challenge counts them, case markers 0 (tools/caseops_prep.py). One per val token (the count of the val shards),
     0 on every BOS, cut like the val tokens by VAL_TOKENS_LIMIT -> int64 tensor."""
     want = sum(read_shard_header(f) for f in find_shards(data_path, "val"))
     files = find_shards(data_path, "val_bytes")
@@ -1799,8 +1799,8 @@ class ByteLUTs:
 
 
 class ByteSidecar:
-    """Bytes of each target from the data's byte sidecar, by the target's position in the val tokens:
-    the original text's bytes, whatever the tokenizer did to the text (CaseOps, normalization)."""
+    """Bytes of each target from the data's byte sidecar, by the target's position in the val tokens
+    (CaseOps: the text's bytes without the case markers, which the tokenizer's table would count)."""
 
     def __init__(self, counts):
         self.counts = counts
