@@ -11,14 +11,14 @@ import train_gpt as T
 orig = T.quantize_to_budget
 threads = []
 
-def patched(model, hessians, args, budget, rank, *rest, **kw):
-    if rank == 0:
+def patched(model, hessians, args, budget, run, *rest, **kw):
+    if run.rank == 0:
         blob = {"state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
                 "hessians": {k: v.cpu().clone() for k, v in hessians.items()}, "args": dataclasses.asdict(args)}
         th = threading.Thread(target=torch.save, args=(blob, os.path.join(args.out_dir, "prequant.pt")))
         th.start()
         threads.append(th)
-    return orig(model, hessians, args, budget, rank, *rest, **kw)
+    return orig(model, hessians, args, budget, run, *rest, **kw)
 
 T.quantize_to_budget = patched
 T.main()

@@ -36,6 +36,8 @@ for lr in (0.0, 0.003):
                 p.add_(torch.randn_like(p) * 0.05)
         luts = T.ByteLUTs(torch.full((1024,), 3), torch.zeros(1024, dtype=torch.bool), torch.zeros(1024, dtype=torch.bool))
         t0 = time.perf_counter()
-        res = T.evaluate_with_ttt(model, tokens, luts, args, T.Run(0, 1, torch.device("cpu"), lambda s: None))
+        where = (torch.device("cpu"), lambda s: None)  # revisions before the Run context took them apart
+        where = (T.Run(0, 1, *where),) if hasattr(T, "Run") else (0, 1, *where)
+        res = T.evaluate_with_ttt(model, tokens, luts, args, *where)
         print(f"{path} lr {lr}: {time.perf_counter() - t0:.1f}s val_loss {res['val_loss']:.6f} "
               f"steps {res['ttt_steps']} tokens {res['tokens']}", flush=True)
