@@ -26,10 +26,12 @@ state = blob["state"]
 H = {k: v.to(dev) for k, v in blob["hessians"].items()}
 fmodel = T.build_model(args, dev); fmodel.load_state_dict(state); fmodel.eval()
 emodel = T.build_model(args, dev); emodel.eval()
-luts = T.load_tokenizer_luts(args.tokenizer_path, args.vocab_size).to(dev)
-val = T.load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit).to(dev)
+val = T.load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
+luts = T.load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
+luts = T.load_byte_source(args, val, luts, T.use_byte_sidecar(args))[0].to(dev)  # as the run counted bytes
+val = val.to(dev)
 score = T.make_score_fn(torch.compile(emodel, dynamic=False) if dev.type == "cuda" else emodel, dev)
-budget = args.artifact_target_bytes - os.path.getsize("train_gpt.py")
+budget = args.artifact_target_bytes - T.code_as_shipped()[1]  # the code counts as shipped
 
 def ev(sd, stride=None):
     emodel.load_state_dict({k: v.to(dev) for k, v in sd.items()})
