@@ -708,23 +708,64 @@ class VarlenMask(NamedTuple):
     max_seqlen: int
 
 
+def varlen_self_check(provider, device):
+    """None if `provider` computes a small two-document causal attention (GQA) and its gradients as
+    plain math does on `device`, else why not: an FA build whose private calls take or return other
+    things than the ones made here is found at start, not mid-run."""
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(256, h, 64, device=device, dtype=dtype, generator=g) for h in (4, 2, 2))
+    dout = torch.randn_like(q)
+    cu = torch.tensor([0, 100, 256], dtype=torch.int32, device=device)
+    pos = torch.arange(256, device=device)
+    doc = (pos >= 100).int()
+    mask = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    qh, kh, vh = ref[0].transpose(0, 1), *(t.repeat_interleave(2, 1).transpose(0, 1) for t in ref[1:])
+    want_out = _math_attention(qh, kh, vh, mask).transpose(0, 1)
+    want_out.backward(dout.float())
+    try:
+        out, lse = provider.forward(q, k, v, cu, 256, 64 ** -0.5)
+        got = (out, *provider.backward(dout, q, k, v, out, lse, cu, 256, 64 ** -0.5))
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use it
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    for what, a, b in zip(("out", "dq", "dk", "dv"), got, (want_out.detach(), *(t.grad for t in ref))):
+        err = float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)) if a.shape == b.shape else math.inf
+        if not err <= 0.05:  # bf16 kernels: ~1 %; a wrong layout or call: ~100 %
+            return f"its {what} differs from math attention's by {err:.3g} of its largest value"
+    return None
+
+
 def set_attention_backend(name, device, doc_mask=False):
     """Resolve ATTN_BACKEND for the process; returns the name in use: varlen:fa3, varlen:fa4 (FA3 or
-    FA4 over the packed segments, with or without document masking), flex, sdpa or math (CPU)."""
+    FA4 over the packed segments, with or without document masking, after a self-check on the
+    device), flex, sdpa or math (CPU); with auto, why a provider was passed over."""
     global _ATTN_BACKEND, _VARLEN
     provider = need_varlen_provider(name) if name in _VARLEN_LOADERS else None  # on CPU too: a clear error
+    passed_over = []
     if device.type != "cuda":
         name, provider = "math", None
     elif name == "auto":
-        provider = next((p for p in map(varlen_provider, _VARLEN_LOADERS) if not isinstance(p, str)), None)
+        for candidate in _VARLEN_LOADERS:
+            provider = varlen_provider(candidate)
+            why = provider if isinstance(provider, str) else varlen_self_check(provider, device)
+            if why is None:
+                break
+            if not isinstance(provider, str):  # importable but wrong: say so
+                passed_over.append(f"{candidate} failed its self-check: {why}")
+            provider = None
         if provider is None:
             name = "flex" if doc_mask else "sdpa"
+    elif provider is not None:
+        why = varlen_self_check(provider, device)
+        if why is not None:
+            raise ConfigError(f"ATTN_BACKEND={name}: {_VARLEN_MODULES[name]} failed its self-check: {why}")
     if name == "flex" and flex_attention is None:
         raise ConfigError("ATTN_BACKEND=flex but torch.nn.attention.flex_attention is not available")
     if provider is not None:
         name = "varlen:" + provider.name
     _ATTN_BACKEND, _VARLEN = name, provider
-    return name
+    return name + (f" ({'; '.join(passed_over)})" if passed_over else "")
 
 
 def attention_mask(ids, bos_id, doc_mask):

@@ -13,6 +13,14 @@ from helpers import REFERENCE_VARLEN, _reference_backward, _reference_forward, r
 CPU = torch.device("cpu")
 BOS = 1
 pytestmark = pytest.mark.usefixtures("one_thread_math")
+SELF_CHECK = T.varlen_self_check
+
+
+@pytest.fixture(autouse=True)
+def no_self_check_on_the_pretend_gpu(monkeypatch):
+    """Tests resolve backends for torch.device("cuda") without one: the self-check, which runs the
+    provider on the device, is tested on its own below."""
+    monkeypatch.setattr(T, "varlen_self_check", lambda provider, device: None)
 
 
 def rows_with_documents(B=3, Tn=16, seed=0):
@@ -354,3 +362,37 @@ def test_unimportable_provider_is_a_config_error(monkeypatch, name, module):
     with pytest.raises(T.ConfigError, match=f"ATTN_BACKEND={name} but {module}"):
         T.set_attention_backend(name, CPU, True)  # eval-only runs skip validate()
     assert T._ATTN_BACKEND == "math"
+
+
+def test_self_check_passes_a_right_provider_and_names_what_a_wrong_one_gets_wrong():
+    assert SELF_CHECK(REFERENCE_VARLEN, CPU) is None
+
+    def scaled_dq(*a):
+        dq, dk, dv = _reference_backward(*a)
+        return 1.5 * dq, dk, dv
+    assert "its dq differs from math attention's by 0.5" in SELF_CHECK(REFERENCE_VARLEN._replace(backward=scaled_dq), CPU)
+
+    def no_gqa(q, k, v, cu, max_seqlen, scale):  # treats k, v as if they had the query heads
+        return _reference_forward(q, k.repeat(1, 2, 1), v.repeat(1, 2, 1), cu, max_seqlen, scale)
+    assert "its out differs" in SELF_CHECK(REFERENCE_VARLEN._replace(forward=no_gqa), CPU)
+
+    def other_call(*a):
+        raise TypeError("_flash_attn_forward() got an unexpected keyword argument 'causal'")
+    assert SELF_CHECK(REFERENCE_VARLEN._replace(forward=other_call), CPU) == \
+        "TypeError: _flash_attn_forward() got an unexpected keyword argument 'causal'"
+
+
+def test_auto_passes_over_a_provider_that_fails_its_self_check(monkeypatch):
+    monkeypatch.setattr(T, "_ATTN_BACKEND", "math")
+    monkeypatch.setattr(T, "_VARLEN", None)
+    fa3, fa4 = REFERENCE_VARLEN._replace(name="fa3"), REFERENCE_VARLEN._replace(name="fa4")
+    monkeypatch.setattr(T, "_VARLEN_PROVIDERS", {"fa3": fa3, "fa4": fa4})
+    monkeypatch.setattr(T, "varlen_self_check", lambda p, d: "its dq differs" if p.name == "fa3" else None)
+    cuda = torch.device("cuda")
+    assert T.set_attention_backend("auto", cuda, True) == "varlen:fa4 (fa3 failed its self-check: its dq differs)"
+    assert T._VARLEN is fa4 and T._ATTN_BACKEND == "varlen:fa4"
+    monkeypatch.setattr(T, "varlen_self_check", lambda p, d: "its dq differs")
+    assert T.set_attention_backend("auto", cuda, True).startswith("flex (fa3 failed") and T._VARLEN is None
+    with pytest.raises(T.ConfigError, match="ATTN_BACKEND=fa4: flash_attn.cute .* failed its self-check: its dq"):
+        T.set_attention_backend("fa4", cuda, True)
+
