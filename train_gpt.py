@@ -78,6 +78,7 @@ class Run:
     device: torch.device = torch.device("cpu")
     log: object = print  # a callable taking one line
     timer: object = None  # PhaseTimer; a fresh one if not given
+    began: bool = False  # its work (training, or EVAL_ONLY's scoring) has begun
 
     def __post_init__(self):
         self.timer = self.timer or PhaseTimer()
@@ -104,9 +105,11 @@ def _meant_setting(key, names):
         return None
     if up in names:
         return up
+    if f"{up}_ENABLED" in names:  # TTT=0
+        return f"{up}_ENABLED"
     close = difflib.get_close_matches(up, names, n=1, cutoff=0.85)
     same_head = [n for n in names if n.split("_")[0] == up.split("_")[0]]
-    return (close or difflib.get_close_matches(up, same_head, n=1, cutoff=0.0) or [None])[0]
+    return (close or difflib.get_close_matches(up, same_head, n=1, cutoff=0.6) or [None])[0]
 
 
 def _layer_list(text, key):
@@ -2109,22 +2112,37 @@ def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
     haves[run.rank] = have
     _all_reduce_sum(haves)
     sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
-    for r0 in range(0, int(haves.max()), rows):
-        r1 = min(r0 + rows, have)
-        step_rows = float((haves - r0).clamp(0, rows).sum())  # mean over all ranks
-        for m0 in range(r0, r1, 8):  # 8-row micro-batches: bounded memory
-            m1 = min(m0 + 8, r1)
-            with _autocast(device):
-                loss = model(xs[m0 * window:m1 * window].view(-1, window), ys[m0 * window:m1 * window].view(-1, window))
-            (loss * ((m1 - m0) * run.world_size / step_rows)).backward()
-        for p in model.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        flat_all_reduce_avg([p.grad for p in model.parameters()])()
-        sgd.step()
-        sgd.zero_grad(set_to_none=True)
-        if monitor is not None and r1 > r0:
-            monitor("global", r0 * window, r1 * window)  # offsets in this rank's rows
+    with varlen_room_for(xs[:have * window].view(-1, window), args.bos_id):
+        for r0 in range(0, int(haves.max()), rows):
+            r1 = min(r0 + rows, have)
+            step_rows = float((haves - r0).clamp(0, rows).sum())  # mean over all ranks
+            for m0 in range(r0, r1, 8):  # 8-row micro-batches: bounded memory
+                m1 = min(m0 + 8, r1)
+                with _autocast(device):
+                    loss = model(xs[m0 * window:m1 * window].view(-1, window), ys[m0 * window:m1 * window].view(-1, window))
+                (loss * ((m1 - m0) * run.world_size / step_rows)).backward()
+            for p in model.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat_all_reduce_avg([p.grad for p in model.parameters()])()
+            sgd.step()
+            sgd.zero_grad(set_to_none=True)
+            if monitor is not None and r1 > r0:
+                monitor("global", r0 * window, r1 * window)  # offsets in this rank's rows
+
+
+@contextlib.contextmanager
+def varlen_room_for(rows, bos_id):
+    """Room in the varlen segments for as many document starts per row as any of `rows` holds:
+    the global pass packs the shortest documents together, denser than any validation window."""
+    global _VARLEN_BOS_PER_ROW
+    saved = _VARLEN_BOS_PER_ROW
+    if rows.numel():
+        _VARLEN_BOS_PER_ROW = max(saved, int((rows[:, 1:] == bos_id).sum(1).max()))
+    try:
+        yield
+    finally:
+        _VARLEN_BOS_PER_ROW = saved
 
 
 def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, started=None):
@@ -2416,7 +2434,7 @@ class Logger:
     to: a run does not mix itself into another's)."""
 
     def __init__(self, path, rank):
-        self.rank, self.file = rank, None
+        self.rank, self.file, self.path = rank, None, path
         if path and rank == 0:
             try:
                 self.file = open(path, "x")
@@ -2432,6 +2450,31 @@ class Logger:
         if self.file:
             self.file.write(msg + "\n")
             self.file.flush()
+
+    def close_failed(self, line, keep):
+        """The run failed: `line` ends its log; a log of a run whose work never began (settings and
+        checks only) is removed instead, so that the corrected rerun can take its name."""
+        if not self.file:
+            return
+        if keep:
+            self.file.write(line + "\n")
+        self.file.close()
+        if not keep:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+
+
+@contextlib.contextmanager
+def failure_recorded(run):
+    """A failure's error line in the run's log too (see Logger.close_failed)."""
+    try:
+        yield
+    except BaseException as e:
+        line = ("error: interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
+                if isinstance(e, (ConfigError, DataError, ArtifactError, OutputError)) else f"error: {type(e).__name__}: {e}")
+        if hasattr(run.log, "close_failed"):
+            run.log.close_failed(line, keep=run.began)
+        raise
 
 
 def setup_distributed(device_pref):
@@ -2609,6 +2652,7 @@ def run_eval_only(args, run):
     if total > ARTIFACT_CAP_BYTES:
         run.log(f"WARNING: artifact + code = {total} bytes > {ARTIFACT_CAP_BYTES}: NOT compliant")
     model = build_model(args, run.device)
+    run.began = True
     res = evaluate_artifact(args, model, args.eval_only, val_tokens, byte_source, run, t0, entries)
     log_timing_table(run)
     return res
@@ -2817,12 +2861,17 @@ def main():
     t_start = time.perf_counter()
     args, warnings = read_settings()
     run_id = args.run_id or f"seed{args.seed}"
-    if args.eval_only:
-        run_eval_only(args, start_run(args, warnings, [f"eval_{run_id}.log"]))
-        return
-    names = run_file_names(args, run_id)
-    paths = {k: os.path.join(args.out_dir, n) for k, n in names.items()}
+    names = {"log": f"eval_{run_id}.log"} if args.eval_only else run_file_names(args, run_id)
     run = start_run(args, warnings, list(names.values()))
+    with failure_recorded(run):
+        if args.eval_only:
+            run_eval_only(args, run)
+        else:
+            train_and_score(args, run, {k: os.path.join(args.out_dir, n) for k, n in names.items()}, t_start)
+
+
+def train_and_score(args, run, paths, t_start):
+    """The training run, in its phases: checks, data, training, the artifact, its scores, results."""
     log = run.log
     code, code_bytes = code_as_shipped()
     device_name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
@@ -2855,6 +2904,7 @@ def main():
     run.timer.since("startup", t_start)
 
     clock = SharedClock(run)
+    run.began = True
     stats = train(args, model, compiled, opt, loader, run, clock, budget_bytes)
     written = quantize_and_write(args, model, loader, budget_bytes, code_bytes, paths["artifact"], run, clock, sidecar)
     t_eval, wall = time.perf_counter(), clock.local()  # the evaluation's clock starts; training's ends

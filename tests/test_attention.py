@@ -396,3 +396,17 @@ def test_auto_passes_over_a_provider_that_fails_its_self_check(monkeypatch):
     with pytest.raises(T.ConfigError, match="ATTN_BACKEND=fa4: flash_attn.cute .* failed its self-check: its dq"):
         T.set_attention_backend("fa4", cuda, True)
 
+
+def test_varlen_room_for_the_global_pass_rows(monkeypatch):
+    """TTT's global pass packs short documents densely: inside varlen_room_for those rows keep every
+    document start; the capacity is restored afterwards."""
+    monkeypatch.setattr(T, "_VARLEN_BOS_PER_ROW", 3)
+    rows = torch.full((8, 2048), 7)
+    rows[:, ::40] = BOS  # 52 documents per row, far more than 3 or the default's 16
+    exact = T.varlen_segments(rows, BOS, True, max_segments=rows.numel())
+    need = int((exact < rows.numel()).sum())
+    with T.varlen_room_for(rows, BOS):
+        assert T._VARLEN_BOS_PER_ROW == 51
+        assert T.varlen_segments(rows, BOS, True).tolist()[:need] == exact.tolist()[:need]
+    assert T._VARLEN_BOS_PER_ROW == 3
+

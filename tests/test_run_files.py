@@ -216,7 +216,19 @@ def test_ctrl_c_is_one_line_and_leaves_no_partial_file(smoke_dataset, tmp_path):
     assert proc.returncode == 130, err[-2000:]
     lines = [l for l in err.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: interrupted") and "Traceback" not in err, err
-    assert sorted(os.listdir(tmp_path)) == ["train_t.log"]
+    assert sorted(os.listdir(tmp_path)) == ["train_t.log"]  # training had begun: its log stays, with the error
+    assert log.read_text().splitlines()[-1] == "error: interrupted (Ctrl-C)"
+
+
+def test_a_run_that_fails_before_training_leaves_no_log_and_its_rerun_goes_ahead(smoke_dataset, tmp_path):
+    """A mistyped DATA_PATH: one error line and no file (the log held settings only), so the
+    corrected rerun with the same RUN_ID is not refused."""
+    data_dir, tok, _ = smoke_dataset
+    p = run_script(tmp_path, DATA_PATH=tmp_path / "typo", TOKENIZER_PATH=tok, OUT_DIR=tmp_path / "o", **TINY_RUN)
+    one_error_line(p, "is not a directory")
+    assert os.listdir(tmp_path / "o") == []
+    p = run_script(tmp_path, DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path / "o", **TINY_RUN)
+    assert p.returncode == 0, p.stderr[-2000:]
 
 
 # ----- the artifact and its tokenizer
@@ -320,7 +332,7 @@ def test_lookalike_variables_are_warned_about():
     args = T.Hyperparameters.from_env(env, warn=seen.append)
     assert args.num_layers == 3 and len(seen) == 3, seen
     assert "SKIP_SLIDING is not a setting; did you mean SKIP_SLIDING_EVAL?" in seen[0]
-    assert "TTT is not a setting; did you mean TTT_" in seen[1]
+    assert "TTT is not a setting; did you mean TTT_ENABLED?" in seen[1]
     assert "num_layers is not a setting; did you mean NUM_LAYERS?" in seen[2]
 
 

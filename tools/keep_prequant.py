@@ -1,8 +1,9 @@
 """Run train_gpt.main() unchanged, but keep a copy of the float (pre-quantization) weights and
 the GPTQ Hessians in OUT_DIR/prequant.pt for tools/quant_sweep.py, with the run's settings
 (`clip_sigmas` is then the late-QAT grid); saved by a thread, so the timed quantization is not
-held up. Run it where you would run train_gpt.py, with the same
-environment, from a folder holding a copy of train_gpt.py:  python3 keep_prequant.py"""
+held up. Run it where you would run train_gpt.py, with the same environment:
+python3 tools/keep_prequant.py (a train_gpt.py in the current folder is the one run, else the
+repository's); then python3 tools/quant_sweep.py with the same OUT_DIR."""
 import dataclasses, os, sys, threading
 import torch
 sys.path[:0] = [os.getcwd(), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # a run's own copy first

@@ -201,7 +201,7 @@ wait_runs() {
   for d in "${dirs[@]}"; do files+=("$d/stdout.log"); done
   if [[ ${KEEP_ARTIFACT:-0} == 1 ]]; then for d in "${dirs[@]}"; do files+=("$d"/out/*.ptz); done; fi
   for d in "${dirs[@]}"; do files+=("$d"/out/results_*.json "$d/out/submission.json"); done
-  for d in "${dirs[@]}"; do files+=("$d"/out/train_*.log); done
+  for d in "${dirs[@]}"; do files+=("$d"/out/train_*.log "$d"/out/eval_*.log); done
   for f in "${files[@]}"; do
     d=${f%/stdout.log}; d=${d%/out/*}
     copy_out "$f" "$(basename "$d").$(basename "$f")"

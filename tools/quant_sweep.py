@@ -1,6 +1,5 @@
 """Quantization comparisons on the float weights + Hessians that keep_prequant.py saved
-(prequant.pt in the current folder, next to a copy of train_gpt.py; the run's settings come
-with it): GPTQ vs round-to-nearest at equal bytes, by rate control starting from the run's
+(OUT_DIR/prequant.pt, OUT_DIR as the run had it: default runs; the run's settings come with it): GPTQ vs round-to-nearest at equal bytes, by rate control starting from the run's
 late-QAT grid (the clip the weights were trained onto; where its first round fits, the row is
 that grid's), the tied embedding by GPTQ vs RTN, GPTQ vs RTN at fixed clips. Prints and appends
 to sweep.log."""
@@ -15,7 +14,7 @@ def log(m):
 
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 torch.backends.cuda.matmul.allow_tf32 = True
-blob = torch.load("prequant.pt")
+blob = torch.load(os.path.join(T.Hyperparameters.from_env().out_dir, "prequant.pt"))
 saved = {f.name for f in dataclasses.fields(T.Hyperparameters)} & set(blob.get("args", {}))
 args = T.Hyperparameters(**{k: blob["args"][k] for k in saved}) if saved else T.Hyperparameters.from_env()
 if os.environ.get("VAL_TOKENS_LIMIT"):
@@ -28,7 +27,9 @@ fmodel = T.build_model(args, dev); fmodel.load_state_dict(state); fmodel.eval()
 emodel = T.build_model(args, dev); emodel.eval()
 val = T.load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
 luts = T.load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
-luts = T.load_byte_source(args, val, luts, T.use_byte_sidecar(args))[0].to(dev)  # as the run counted bytes
+sidecar = T.use_byte_sidecar(args)
+luts = T.load_byte_source(args, val, luts, sidecar)[0].to(dev)  # as the run counted bytes
+T.size_varlen_segments(val, args, T.Run(0, 1, dev, log))  # as the run sized the varlen segments
 val = val.to(dev)
 score = T.make_score_fn(torch.compile(emodel, dynamic=False) if dev.type == "cuda" else emodel, dev)
 budget = args.artifact_target_bytes - T.code_as_shipped()[1]  # the code counts as shipped
@@ -42,7 +43,8 @@ fb = ev(state); log(f"sweep float plain {fb:.5f}")
 H_nohead = {k: v for k, v in H.items() if k != (-1, "head")}
 for label, hs, slide in (("GPTQ (train calibration)", H, True), ("RTN", None, True), ("tok_emb RTN", H_nohead, False)):
     t0 = time.time()
-    q = T.quantize_to_budget(fmodel, hs, args, budget, T.Run(0, 1, dev, log))
+    q = T.quantize_to_budget(fmodel, hs, args, budget, T.Run(0, 1, dev, log), None,
+                             T.file_sha256(args.tokenizer_path), sidecar)  # the run's artifact header
     e, data, clip, tries = q.entries, q.data, q.clip_sigmas, q.tries
     sd = T.dequantize_entries(e, args)
     log(f"sweep rate control [{label}]: clip {clip:.3f} {len(data)} bytes tries {tries} ({time.time()-t0:.1f}s) "
