@@ -2635,15 +2635,9 @@ def run_eval_only(args, run):
         setattr(args, k, v)
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     check_artifact_tokenizer(args.eval_only, recorded_tokenizer, args.tokenizer_path, run.log)
-    val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
-    sidecar = use_byte_sidecar(args)
-    check_artifact_byte_source(args.eval_only, recorded_sidecar, sidecar, args)
-    byte_source, bytes_note = load_byte_source(args, val_tokens, luts, sidecar)
-    byte_source = byte_source.to(run.device)
-    run.log(f"data: {describe_data(args, [], val_tokens, bytes_note)}")
+    check_artifact_byte_source(args.eval_only, recorded_sidecar, use_byte_sidecar(args), args)
     set_attention_backend(args.attn_backend, run.device, args.doc_mask)
-    size_varlen_segments(val_tokens, args, run)
-    val_tokens = val_tokens.to(run.device)
+    val_tokens, byte_source, _, _ = load_scoring_data(args, run, luts)
     model_bytes, code_bytes = os.path.getsize(args.eval_only), code_as_shipped()[1]
     total = model_bytes + code_bytes
     run.log(f"eval-only: {args.eval_only} ({model_bytes} bytes + code {code_bytes} as shipped = {total}, cap "
@@ -2656,6 +2650,19 @@ def run_eval_only(args, run):
     res = evaluate_artifact(args, model, args.eval_only, val_tokens, byte_source, run, t0, entries)
     log_timing_table(run)
     return res
+
+
+def load_scoring_data(args, run, luts, train_files=()):
+    """The validation tokens and what counts their bytes (the tokenizer's table `luts` or the data's
+    sidecar), named in the log's data: line, the varlen segments sized for them -> (tokens and byte
+    source on the device, the data line, whether the sidecar counts)."""
+    val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
+    sidecar = use_byte_sidecar(args)
+    byte_source, bytes_note = load_byte_source(args, val_tokens, luts, sidecar)
+    data = describe_data(args, train_files, val_tokens, bytes_note)
+    run.log(f"data: {data}")
+    size_varlen_segments(val_tokens, args, run)
+    return val_tokens.to(run.device), byte_source.to(run.device), data, sidecar
 
 
 def size_varlen_segments(val_tokens, args, run):
@@ -2888,14 +2895,7 @@ def train_and_score(args, run, paths, t_start):
 
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     train_files = find_shards(args.data_path, "train")
-    val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
-    sidecar = use_byte_sidecar(args)
-    byte_source, bytes_note = load_byte_source(args, val_tokens, luts, sidecar)
-    byte_source = byte_source.to(run.device)
-    data = describe_data(args, train_files, val_tokens, bytes_note)
-    log(f"data: {data}")
-    size_varlen_segments(val_tokens, args, run)
-    val_tokens = val_tokens.to(run.device)
+    val_tokens, byte_source, data, sidecar = load_scoring_data(args, run, luts, train_files)
     loader = DistributedLoader(train_files, args.vocab_size, run)
     groups = zip(("banks", "tables", "projections", "scalars"), model.param_groups())
     log(f"parameters: {_numel(model.parameters())} total = " + " + ".join(f"{k} {_numel(g)}" for k, g in groups))

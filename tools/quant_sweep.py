@@ -25,12 +25,9 @@ state = blob["state"]
 H = {k: v.to(dev) for k, v in blob["hessians"].items()}
 fmodel = T.build_model(args, dev); fmodel.load_state_dict(state); fmodel.eval()
 emodel = T.build_model(args, dev); emodel.eval()
-val = T.load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
-luts = T.load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
-sidecar = T.use_byte_sidecar(args)
-luts = T.load_byte_source(args, val, luts, sidecar)[0].to(dev)  # as the run counted bytes
-T.size_varlen_segments(val, args, T.Run(0, 1, dev, log))  # as the run sized the varlen segments
-val = val.to(dev)
+# bytes counted and varlen segments sized as the run had them
+val, luts, _, sidecar = T.load_scoring_data(args, T.Run(0, 1, dev, log),
+                                            T.load_tokenizer_luts(args.tokenizer_path, args.vocab_size))
 score = T.make_score_fn(torch.compile(emodel, dynamic=False) if dev.type == "cuda" else emodel, dev)
 budget = args.artifact_target_bytes - T.code_as_shipped()[1]  # the code counts as shipped
 
