@@ -211,8 +211,16 @@ class Hyperparameters:
     ttt_batch_docs: int = 64
     ttt_lr: float = 0.0003
     ttt_wd: float = 0.5
+    ttt_beta1: float = 0.9  # the adapters' Adam
+    ttt_eps: float = 1e-8
+    ttt_alpha: float = 0.0  # adapter output x alpha / rank (0: x 1)
+    ttt_keep_a: bool = False  # a row's A carries over to its next document (only B and Adam state reset)
+    ttt_qv: bool = True  # adapters on the queries and values too (off: keys only of q/k/v)
     ttt_phases: int = 3
     ttt_global_lr: float = 0.002
+    ttt_global_tokens: int = 0  # tokens per global SGD step (0: TTT_BATCH_DOCS rows of EVAL_SEQ_LEN)
+    ttt_global_cosine: bool = False  # global pass lr decays to 0 over the pass (cosine)
+    ttt_global_clip: float = 0.0  # global pass gradient norm clip (0: none)
     ttt_max_seconds: float = 480.0  # into the evaluation: adaptation stops, scoring goes on
     # runtime
     attn_backend: str = "auto"  # auto (FA3, else FA4, else flex/sdpa) | fa3 | fa4 | flex | sdpa | math
@@ -292,7 +300,8 @@ class Hyperparameters:
         within(-1, math.inf, "gptq_reserve_seconds", "xsa_layers")
         within(0, math.inf, *(f.name for f in dataclasses.fields(self) if f.type in ("int", "float")
                               and f.name not in ("gptq_reserve_seconds", "xsa_layers")))
-        within(0, 1, "warmdown_frac", "muon_momentum_warmup_frac", "min_lr_scale", "ema_horizon", "recur_start_frac")
+        within(0, 1, "warmdown_frac", "muon_momentum_warmup_frac", "min_lr_scale", "ema_horizon", "recur_start_frac",
+               "ttt_beta1")
         within(2, 8, "quant_bits", "embed_bits")
         within(2, 65536, "vocab_size")  # uint16 shards
         within(2, math.inf, "gptq_calib_len")
@@ -1986,21 +1995,33 @@ class DocAdapters:
         self.params = list(self.A.values()) + list(self.B.values())
         self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
         self.steps = torch.zeros(docs, device=device)
-        self.lr, self.wd = args.ttt_lr, args.ttt_wd
+        self.lr, self.wd, self.b1, self.eps = args.ttt_lr, args.ttt_wd, args.ttt_beta1, args.ttt_eps
+        self.scale = args.ttt_alpha / r if args.ttt_alpha > 0 else 1.0
+        self.keep_a, self.fresh_a = args.ttt_keep_a, torch.ones(docs, dtype=torch.bool, device=device)
+        self.out_mask = {}
+        if not args.ttt_qv:  # the q/k/v adapter writes the keys only
+            mask = torch.zeros(d + 2 * kv, 1, device=device)
+            mask[d:d + kv] = 1
+            self.out_mask = {(l, "qkv"): mask for l in range(args.num_layers)}
         self.gen = torch.Generator(device=device).manual_seed(args.seed)
 
     @torch.no_grad()
     def reset(self, rows):
-        """Fresh adapters and Adam state for `rows` (an index tensor)."""
+        """Fresh adapters and Adam state for `rows` (an index tensor); with TTT_KEEP_A, a row's A
+        is drawn once and then learns on across its documents."""
+        redraw = (self.fresh_a[rows] | (not self.keep_a)).view(-1, 1, 1)  # no host sync
         for k, A in self.A.items():
-            A[rows] = torch.randn(len(rows), *A.shape[1:], generator=self.gen, device=A.device) * A.size(-1) ** -0.5
+            new = torch.randn(len(rows), *A.shape[1:], generator=self.gen, device=A.device) * A.size(-1) ** -0.5
+            A[rows] = torch.where(redraw, new, A[rows])
             self.B[k][rows] = 0
+        self.fresh_a[rows] = False
         for m, v in self.moments:
             m[rows], v[rows] = 0, 0
         self.steps[rows] = 0
 
     @torch.no_grad()
-    def step(self, b1=0.9, b2=0.99, eps=1e-8):
+    def step(self, b2=0.99):
+        b1, eps = self.b1, self.eps
         self.steps += 1
         c1, c2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
         for p, (m, v) in zip(self.params, self.moments):
@@ -2011,7 +2032,9 @@ class DocAdapters:
             g.zero_()
 
     def __call__(self, layer, kind, x):
-        A, B = self.A[(layer, kind)], self.B[(layer, kind)]
+        A, B = self.A[(layer, kind)], self.B[(layer, kind)] * self.scale
+        if (layer, kind) in self.out_mask:  # masked rows get no gradient: they stay zero
+            B = B * self.out_mask[(layer, kind)]
         return torch.bmm(torch.bmm(x, A.mT.to(x.dtype)), B.mT.to(x.dtype))
 
 
@@ -2103,8 +2126,12 @@ class Lanes:
 
 def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
     """Between phases: SGD (momentum 0.9) on the documents just scored, in rows of EVAL_SEQ_LEN
-    tokens; every rank takes as many steps, gradients averaged over all rows of all ranks."""
-    window, rows, device = args.eval_seq_len, args.ttt_batch_docs, run.device
+    tokens, TTT_GLOBAL_TOKENS a step (all ranks); every rank takes as many steps, gradients averaged
+    over all rows of all ranks, clipped at TTT_GLOBAL_CLIP, the lr constant or cosine to 0."""
+    window, device = args.eval_seq_len, run.device
+    rows = args.ttt_batch_docs
+    if args.ttt_global_tokens > 0:
+        rows = max(1, round(args.ttt_global_tokens / (window * run.world_size)))
     xs = torch.cat([tokens[s:e] for s, e in docs] + [tokens[:0]])
     ys = torch.cat([tokens[s + 1:e + 1] for s, e in docs] + [tokens[:0]])
     have = xs.numel() // window  # whole rows
@@ -2112,8 +2139,9 @@ def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
     haves[run.rank] = have
     _all_reduce_sum(haves)
     sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
+    n_steps = -(-int(haves.max()) // rows)
     with varlen_room_for(xs[:have * window].view(-1, window), args.bos_id):
-        for r0 in range(0, int(haves.max()), rows):
+        for i, r0 in enumerate(range(0, int(haves.max()), rows)):
             r1 = min(r0 + rows, have)
             step_rows = float((haves - r0).clamp(0, rows).sum())  # mean over all ranks
             for m0 in range(r0, r1, 8):  # 8-row micro-batches: bounded memory
@@ -2125,6 +2153,10 @@ def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             flat_all_reduce_avg([p.grad for p in model.parameters()])()
+            if args.ttt_global_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.ttt_global_clip)
+            if args.ttt_global_cosine:
+                sgd.param_groups[0]["lr"] = args.ttt_global_lr * 0.5 * (1 + math.cos(math.pi * i / n_steps))
             sgd.step()
             sgd.zero_grad(set_to_none=True)
             if monitor is not None and r1 > r0:
