@@ -24,16 +24,16 @@ if [[ "${1:-}" == "--smoke" || "${SMOKE:-0}" == "1" ]]; then
   exec python3 train_gpt.py
 fi
 
-if [[ -z "${DATA_PATH:-}" ]]; then  # the challenge's data where its download script puts it
-  export DATA_PATH=./data/datasets/fineweb10B_sp8192
-  export DATA_NAME=${DATA_NAME:-"FineWeb challenge shards, sp8192 (cached_challenge_fineweb.py)"}
+if [[ -z "${DATA_PATH:-}" ]]; then  # CaseOps shards of the challenge's documents, made by tools/caseops_prep.py
+  export DATA_PATH=./data/datasets/fineweb10B_caseops8192
+  export DATA_NAME=${DATA_NAME:-"FineWeb challenge documents, CaseOps sp8192 (tools/caseops_prep.py)"}
 fi
-export TOKENIZER_PATH=${TOKENIZER_PATH:-./data/tokenizers/fineweb_8192_bpe.model}
+export TOKENIZER_PATH=${TOKENIZER_PATH:-./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model}
 export RUN_ID=${RUN_ID:-seed$SEED} OUT_DIR=${OUT_DIR:-runs}
 # with TTT on (the default) its score is the result, and the sliding pass (~100 s on 8 GPUs) would
 # push the evaluation past 600 s; with TTT off the sliding score is the result
 export SKIP_SLIDING_EVAL=${SKIP_SLIDING_EVAL:-${TTT_ENABLED:-1}}
-get_data="python3 data/cached_challenge_fineweb.py --variant sp8192 (from the parameter-golf repository)"
+get_data="python3 tools/caseops_prep.py --docs docs_selected.jsonl --tokenizer \$TOKENIZER_PATH --out \$DATA_PATH (README: CaseOps data; plain SP8192: set DATA_PATH and TOKENIZER_PATH)"
 command -v nvidia-smi >/dev/null 2>&1 || fail "no NVIDIA GPU found (nvidia-smi missing); for a CPU run use: bash launch.sh --smoke"
 ngpu=${NPROC_PER_NODE:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}
 [[ "$ngpu" -ge 1 ]] || fail "no GPU visible to nvidia-smi; for a CPU run use: bash launch.sh --smoke"

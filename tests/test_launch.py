@@ -33,7 +33,7 @@ def test_launch_without_data_fails_in_one_line(tmp_path):
     r = run_launch({"PATH": f"{fake_bin}:{os.environ['PATH']}", "DATA_PATH": str(tmp_path / "nope")})
     assert r.returncode == 1
     lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and "fineweb_train_" in lines[0] and "cached_challenge_fineweb" in lines[0], r.stderr
+    assert len(lines) == 1 and "fineweb_train_" in lines[0] and "caseops_prep.py" in lines[0], r.stderr
 
 
 @pytest.mark.parametrize("env,skip", [({}, "1"), ({"TTT_ENABLED": "0"}, "0"), ({"TTT_ENABLED": "1"}, "1"),

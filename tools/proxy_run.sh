@@ -9,13 +9,14 @@
 # On the GPU machine (each call carrying the .proxy folders that it reads):
 #   bash tools/proxy_run.sh unpack DIR...       copy carried corpus parts into /root/corpus
 #   bash tools/proxy_run.sh shards VARIANT      tokenize /root/corpus into /root/shards_VARIANT
-#                                               (sp1024 or sp8192; needs .proxy/tools, .proxy/tokenizers)
+#                                               (sp1024, sp8192 or caseops: CaseOps sp8192 with its byte
+#                                               sidecar, tools/caseops_prep.py; needs .proxy/tools, .proxy/tokenizers)
 #   bash tools/proxy_run.sh start NAME VARIANT [VAR=VALUE ...]
 #       copy train_gpt.py to /root/runs/NAME and start it detached on /root/shards_VARIANT
 #       (OUT_DIR=/root/runs/NAME/out, SEED=42 unless set; stdout in /root/runs/NAME/stdout.log;
 #       SHIPPED=1: run the shipped form that tools/ship.py writes instead of the source)
 #   bash tools/proxy_run.sh eval NAME ARTIFACT [VAR=VALUE ...]
-#       the same with EVAL_ONLY=ARTIFACT: score an artifact, no training (VARIANT=sp8192 unless set)
+#       the same with EVAL_ONLY=ARTIFACT: score an artifact, no training (VARIANT=caseops unless set)
 #   bash tools/proxy_run.sh wait SECONDS [NAME ...]
 #       wait up to SECONDS while a run is alive, print each run's progress, and copy its stdout,
 #       log, results json and submission.json (the .ptz artifact too with KEEP_ARTIFACT=1) into
@@ -38,8 +39,11 @@ check_name() {
   [[ $1 =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "NAME must be letters, digits, '.', '_', '-': $1"
 }
 check_variant() {
-  [[ $1 =~ ^sp[0-9]+$ ]] || die "VARIANT must look like sp1024 or sp8192: $1"
+  [[ $1 =~ ^sp[0-9]+$ || $1 == caseops ]] || die "VARIANT must be caseops or look like sp1024 or sp8192: $1"
 }
+# the variant's tokenizer file name and vocabulary size
+tokenizer_of() { if [[ $1 == caseops ]]; then echo fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model; else echo "fineweb_${1#sp}_bpe.model"; fi; }
+vocab_of() { if [[ $1 == caseops ]]; then echo 8192; else echo "${1#sp}"; fi; }
 check_assignments() {
   local a
   for a in "$@"; do
@@ -94,10 +98,10 @@ unpack() {
 }
 
 shards() {
-  local v=$1 n tok out tmp
+  local v=$1 tok out tmp
   check_variant "$v"
-  n=${v#sp} out=$PR/shards_$v
-  tok=$ROOT/.proxy/tokenizers/fineweb_${n}_bpe.model
+  out=$PR/shards_$v
+  tok=$ROOT/.proxy/tokenizers/$(tokenizer_of "$v")
   [[ -f $tok ]] || die "no $tok (carry .proxy/tokenizers)"
   [[ -f $ROOT/.proxy/tools/make_shards.py ]] || die "no .proxy/tools/make_shards.py (carry .proxy/tools)"
   mkdir -p "$PR/tokenizers"
@@ -107,8 +111,12 @@ shards() {
   echo "corpus: $(cd "$PR/corpus" && echo train_*.txt.xz) val.txt.xz"
   tmp=$out.partial
   rm -rf "$tmp"
-  python3 "$ROOT/.proxy/tools/make_shards.py" --corpus "$PR/corpus" --tokenizer "$tok" \
-    --out "$tmp" --workers "$(nproc)"
+  if [[ $v == caseops ]]; then  # the case transform, the tokens and the validation byte sidecar
+    python3 "$ROOT/tools/caseops_prep.py" --corpus "$PR/corpus" --tokenizer "$tok" --out "$tmp" --workers "$(nproc)"
+  else
+    python3 "$ROOT/.proxy/tools/make_shards.py" --corpus "$PR/corpus" --tokenizer "$tok" \
+      --out "$tmp" --workers "$(nproc)"
+  fi
   mv "$tmp" "$out"
 }
 
@@ -119,8 +127,8 @@ start_run() {
   check_name "$name"
   check_variant "$v"
   check_assignments "$@"
-  n=${v#sp} d=$PR/runs/$name
-  tok=$PR/tokenizers/fineweb_${n}_bpe.model
+  n=$(vocab_of "$v") d=$PR/runs/$name
+  tok=$PR/tokenizers/$(tokenizer_of "$v")
   [[ -f $PR/shards_$v/fineweb_val_000000.bin ]] || die "no shards in $PR/shards_$v (run: shards $v)"
   [[ -f $tok ]] || die "no $tok (run: shards $v)"
   [[ -e $d ]] && die "$d exists: choose another NAME"
@@ -131,7 +139,7 @@ start_run() {
     cp "$ROOT/train_gpt.py" "$d/"
   fi
   local -a cmd=(env "DATA_PATH=$PR/shards_$v" "TOKENIZER_PATH=$tok" "VOCAB_SIZE=$n" "SEED=${SEED:-42}"
-                "OUT_DIR=$d/out" "DATA_NAME=proxy corpus (../shared/corpus), $v shards" "$@"
+                "OUT_DIR=$d/out" "DATA_NAME=proxy corpus (../shared/corpus), ${v/caseops/CaseOps sp8192} shards" "$@"
                 python3 train_gpt.py)
   printf '%q ' "${cmd[@]}" >"$d/command.txt"
   echo >>"$d/command.txt"
@@ -150,7 +158,7 @@ eval_run() {
   shift 2
   [[ -f $art ]] || die "no artifact at $art"
   art=$(cd "$(dirname "$art")" && pwd)/$(basename "$art")
-  start_run "$name" "${VARIANT:-sp8192}" "EVAL_ONLY=$art" "$@"
+  start_run "$name" "${VARIANT:-caseops}" "EVAL_ONLY=$art" "$@"
 }
 
 # copy_out SRC NAME.FILE: copy into $OUT under a flat, safe name, at most MAX_FILES files

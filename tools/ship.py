@@ -1,11 +1,13 @@
-"""The file that ships as train_gpt.py: the readable source compressed into a self-extracting
-wrapper (train_gpt.shipped_form), whose size is what the artifact counts as code.
+"""The file that ships as train_gpt.py: the readable source less its comments and docstrings
+(train_gpt.minified) compressed into a self-extracting wrapper (train_gpt.shipped_form), whose
+size is what the artifact counts as code.
 
     python3 tools/ship.py [OUT]               write it (default dist/train_gpt.py) and check it
-    python3 tools/ship.py --decode FILE [OUT]  the readable source back out of a shipped file
+    python3 tools/ship.py --decode FILE [OUT]  the code back out of a shipped file
 
-The wrapper decodes the source into SHIPPED_SOURCE and executes it, so a run through it is the
-run of the source byte for byte; train_gpt.py then counts the wrapper's own size. Like every
+The wrapper decodes the code into SHIPPED_SOURCE and executes it: the source's syntax tree less
+its docstrings, so a run through it is the run of the source; train_gpt.py then counts the
+wrapper's own size. Like every
 tool, it works on the train_gpt.py of the current folder if there is one, else the repository's."""
 import os
 import subprocess
@@ -44,10 +46,12 @@ def main(argv):
     shipped = T.shipped_form(source)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     T.write_atomic(out, shipped)
-    if decode(out) != source:
-        print(f"{out}: decoding does not give the source back", file=sys.stderr)
+    code = T.minified(source)
+    if decode(out) != code:
+        print(f"{out}: decoding does not give the minified source back", file=sys.stderr)
         return 1
-    print(f"{out}: {len(shipped)} bytes shipped for {len(source)} bytes of source (decodes to it exactly)")
+    print(f"{out}: {len(shipped)} bytes shipped for {len(source)} bytes of source ({len(code)} minified; "
+          f"decodes to it exactly)")
     return 0
 
 
