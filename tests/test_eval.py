@@ -397,14 +397,19 @@ def test_doc_adapters_are_per_row_lora_starting_at_zero(ttt_model):
         assert torch.equal(out[0], base[0]) and (out[1] - base[1]).abs().max() > 1e-3
 
 
-def test_doc_adapters_adam_is_adamw_per_row():
+@pytest.mark.parametrize("b1, eps, gscale", [(0.9, 1e-8, 1.0), (0.0, 1e-10, 1e-9)],
+                         ids=["default", "beta1_0_eps_1e-10"])
+def test_doc_adapters_adam_is_adamw_per_row(b1, eps, gscale):
     """DocAdapters.step is AdamW on each row with the row's own step count: row 0 takes 5 steps,
-    row 1 is reset after 3; each equals torch's AdamW on that row alone, given the same gradients."""
-    args = ttt_args(ttt_rank=2, ttt_lr=0.01, ttt_wd=0.5)
+    row 1 is reset after 3; each equals torch's AdamW on that row alone, given the same gradients.
+    Also with TTT_BETA1=0, TTT_EPS=1e-10 (AdamW(betas=(0, 0.99), eps=1e-10)): gradients of size
+    1e-9 make sqrt(v) as small as eps, so an eps left at 1e-8 (or a beta1 left at 0.9, from the
+    second step on) moves the parameters visibly elsewhere."""
+    args = ttt_args(ttt_rank=2, ttt_lr=0.01, ttt_wd=0.5, ttt_beta1=b1, ttt_eps=eps)
     ad = T.DocAdapters(args, 2, CPU)
     ad.reset(torch.arange(2))
     g = torch.Generator().manual_seed(0)
-    grads = [[torch.randn(p.shape, generator=g) for p in ad.params] for _ in range(5)]
+    grads = [[torch.randn(p.shape, generator=g) * gscale for p in ad.params] for _ in range(5)]
     start0 = [p.detach()[0].clone() for p in ad.params]
     for t, gs in enumerate(grads):
         if t == 3:
@@ -416,7 +421,7 @@ def test_doc_adapters_adam_is_adamw_per_row():
 
     def adamw(p0, gs):
         p = p0.clone().requires_grad_(True)
-        opt = torch.optim.AdamW([p], lr=0.01, betas=(0.9, 0.99), weight_decay=0.5)
+        opt = torch.optim.AdamW([p], lr=0.01, betas=(b1, 0.99), eps=eps, weight_decay=0.5)
         for gr in gs:
             p.grad = gr.clone()
             opt.step()
@@ -425,6 +430,110 @@ def test_doc_adapters_adam_is_adamw_per_row():
         torch.testing.assert_close(p.detach()[0], adamw(start0[i], [gs[i][0] for gs in grads]))
         torch.testing.assert_close(p.detach()[1], adamw(start1[i], [gs[i][1] for gs in grads[3:]]))
     assert ad.steps.tolist() == [5, 2]
+
+
+def test_doc_adapters_alpha_scales_the_delta():
+    """TTT_ALPHA: delta(x) = (alpha / rank) x A^T B^T per row, and 0 means a scale of 1. Rank 4
+    with alpha 2 and 12 (scales 0.5 and 3, so neither is 1 or alpha itself): a scale that is
+    not applied, or alpha not divided by the rank, fails the comparison."""
+    for alpha, scale in ((0.0, 1.0), (2.0, 0.5), (12.0, 3.0)):
+        args = ttt_args(ttt_rank=4, ttt_alpha=alpha)
+        ad = T.DocAdapters(args, 2, CPU)
+        ad.reset(torch.arange(2))
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            for key in ((0, "qkv"), (2, "down"), (-1, "head")):
+                A, B = ad.A[key], ad.B[key]
+                B.copy_(torch.randn(B.shape, generator=g))
+                x = torch.randn(2, 5, A.size(-1), generator=g)
+                ref = torch.stack([x[b] @ A[b].T @ B[b].T for b in range(2)]) * scale
+                torch.testing.assert_close(ad(key[0], key[1], x), ref, msg=f"alpha {alpha}, {key}")
+
+
+def adapter_state(ad, rows):
+    """Copies of A, B, both Adam moments and the step counts of `rows`."""
+    return ([A.detach()[rows].clone() for A in ad.A.values()], [B.detach()[rows].clone() for B in ad.B.values()],
+            [t[rows].clone() for mv in ad.moments for t in mv], ad.steps[rows].clone())
+
+
+def test_doc_adapters_keep_a_draws_a_once_per_row():
+    """TTT_KEEP_A: a row's A is drawn at the row's first reset (random, each row its own), then
+    kept: after a training step (A, B, moments and step count all move) a second reset of the
+    same rows leaves their trained A exactly as it was, while B, the moments and the step count
+    go back to zero; a row reset for the first time beside a kept one gets a fresh draw (its A
+    was zero until then), and a row not reset keeps all its state. Without TTT_KEEP_A the
+    second reset draws A anew. Fails if A is redrawn (or zeroed, or left undrawn at the first
+    reset), if the first-reset flag is shared by all rows, or if B / Adam state carry over."""
+    g = torch.Generator().manual_seed(0)
+    for keep in (True, False):
+        ad = T.DocAdapters(ttt_args(ttt_rank=2, ttt_lr=0.01, ttt_keep_a=keep), 3, CPU)
+        first = torch.tensor([0, 1])
+        ad.reset(first)
+        for A in ad.A.values():  # drawn for rows 0 and 1, each its own; row 2 not yet
+            assert A[0].abs().min() > 0 and A[1].abs().min() > 0 and not torch.equal(A[0], A[1])
+            assert not A[2].any()
+        for p in ad.params:
+            p.grad = torch.randn(p.shape, generator=g)
+        ad.step()  # A, B, the moments and the steps of every row move
+        A1, B1, M1, S1 = adapter_state(ad, first)
+        assert all(b.abs().min() > 0 for b in B1) and all(m.abs().min() > 0 for m in M1) and S1.tolist() == [1, 1]
+        untouched = adapter_state(ad, torch.tensor([2]))
+        ad.reset(first)
+        A2, B2, M2, S2 = adapter_state(ad, first)
+        for a1, a2 in zip(A1, A2):
+            if keep:
+                assert torch.equal(a1, a2)  # the trained A, kept
+            else:
+                assert (a1 != a2).all()  # a fresh draw
+        assert not any(b.any() for b in B2) and not any(m.any() for m in M2) and not S2.any()
+        for x, y in zip(untouched[:3], adapter_state(ad, torch.tensor([2]))[:3]):  # row 2: not reset, unchanged
+            assert all(torch.equal(a, b) for a, b in zip(x, y))
+        assert ad.steps[2] == 1
+        A_row1 = [A.detach()[1].clone() for A in ad.A.values()]
+        row2_before = [A.detach()[2].clone() for A in ad.A.values()]
+        ad.reset(torch.tensor([1, 2]))  # row 2's first reset, row 1's third
+        for A, a1, a2 in zip((A.detach() for A in ad.A.values()), A_row1, row2_before):
+            assert (A[2] != a2).all() and float(A[2].std()) == pytest.approx(A.size(-1) ** -0.5, rel=0.5)
+            assert not torch.equal(A[2], A[1]) and not torch.equal(A[2], A[0])
+            assert torch.equal(A[1], a1) == keep
+
+
+@pytest.mark.parametrize("qv", [False, True], ids=["keys_only", "qkv"])
+def test_doc_adapters_without_qv_write_keys_only(ttt_model, qv):
+    """TTT_QV=0: the q/k/v adapter's delta is masked to the key columns [d, d + kv). Trained on
+    a real loss through the model (3 Adam steps, lr 0.05), the qkv adapters' B rows of the query
+    columns [0, d) and the value columns [d + kv, d + 2 kv) stay exactly zero (no gradient, and
+    Adam's update of a zero moment is 0), the key rows and every other adapter do learn; with
+    B set to random values by hand, the adapter still writes exactly 0 into q and v (the mask
+    acts on the output, not only through B's gradients). With TTT_QV=1 (the control) the same
+    steps do move the q and v rows: the loss really reaches them, so the check is sensitive."""
+    args = ttt_args(ttt_rank=2, ttt_lr=0.05, ttt_qv=qv)
+    d, kv = args.model_dim, args.num_kv_heads * args.head_dim
+    q_v = torch.cat([torch.arange(d), torch.arange(d + kv, d + 2 * kv)])
+    ad = T.DocAdapters(args, 2, CPU)
+    ad.reset(torch.arange(2))
+    m = copy.deepcopy(ttt_model).requires_grad_(False)
+    m.adapters = ad
+    docs = make_docs([24, 24, 24, 24], seed=8)
+    ids = torch.cat(docs).view(2, 48)
+    targets = torch.roll(ids, -1, dims=1)
+    for _ in range(3):
+        m(ids, targets).backward()
+        ad.step()
+        for l in range(args.num_layers):
+            B = ad.B[(l, "qkv")].detach()
+            assert B[:, d:d + kv].abs().min() > 0
+            assert (not B[:, q_v].any()) == (not qv), l
+        assert all(B.detach().abs().max() > 0 for k, B in ad.B.items() if k[1] != "qkv")
+    x = torch.randn(2, 5, d, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for l in range(args.num_layers):
+            for by_hand in (False, True):
+                if by_hand:
+                    ad.B[(l, "qkv")].normal_()
+                out = ad(l, "qkv", x)
+                assert out[..., d:d + kv].abs().min() > 0
+                assert (not out[..., q_v].any()) == (not qv), (l, by_hand)
 
 
 def test_ttt_with_zero_lr_equals_sliding_eval(ttt_model):
@@ -581,6 +690,246 @@ def test_ttt_is_score_first(ttt_model):
             differing_later += int((na[same] != nb[same]).sum())
     assert compared_in_x > 0  # the edited chunk's unchanged start really was compared
     assert differing_later > 0  # the global pass trained on the edit: later phases see it
+
+
+def check_score_first_monitor(events, spans, args, rows_per_step):
+    """The monitor's order (events: (kind, lo, hi, ...)): every target scored once; a chunk is
+    trained only after its score event, at most once; phases score in order; each global pass
+    trains on whole rows (at most `rows_per_step` a step) of its phase's documents, after all of
+    them were scored, before the next phase scores; none after the last phase."""
+    n = spans[-1][1]
+    phase = phase_of_target(spans, args)
+    groups = phase_docs(spans, args)
+    assert_scored_once([e[:3] for e in events], n)
+    scored = np.zeros(n, dtype=bool)
+    trained = np.zeros(n, dtype=bool)
+    cur_phase, globals_seen = 0, [0] * len(groups)
+    for kind, lo, hi, *_ in events:
+        if kind == "score":
+            assert phase(lo) == phase(hi - 1) >= cur_phase
+            cur_phase = phase(lo)
+            scored[lo:hi] = True
+        elif kind == "train":
+            assert scored[lo:hi].all() and not trained[lo:hi].any(), (lo, hi)
+            assert hi - lo <= args.ttt_chunk
+            trained[lo:hi] = True
+        else:
+            assert kind == "global"
+            mine = groups[cur_phase]
+            assert 0 <= lo < hi <= sum(e - s for s, e in mine)
+            assert lo % args.eval_seq_len == 0 and 0 < hi - lo <= rows_per_step * args.eval_seq_len
+            for s, e in mine:  # every document of the phase fully scored
+                assert scored[s:e].all()
+            globals_seen[cur_phase] += 1
+    assert all(globals_seen[:-1]) and globals_seen[-1] == 0
+    return trained
+
+
+def first_event_reading(events, spans, args, e0, e1):
+    """Index of the first "train" or "global" event whose tokens (inputs or targets) include the
+    edited stream positions e0..e1-1. A train event [lo, hi) reads inputs lo..hi-1 and targets
+    lo+1..hi; a global event's range is in the concatenated rows of its phase's documents."""
+    phase = phase_of_target(spans, args)
+    groups = phase_docs(spans, args)
+    p = phase(e0)
+    base, off = 0, None  # the edit's offset in phase p's concatenation
+    for s, e in groups[p]:
+        if s <= e0 < e:
+            off = base + e0 - s
+        base += e - s
+    cur = 0
+    for i, (kind, lo, hi, *_) in enumerate(events):
+        if kind == "score":
+            cur = phase(lo)
+        elif kind == "train" and lo < e1 and hi + 1 > e0:
+            return i
+        elif kind == "global" and cur == p and lo < off + (e1 - e0) and hi > off - 1:
+            return i
+    raise AssertionError("no event reads the edit")
+
+
+SCORE_FIRST_RECIPES = {
+    "keep_a_beta1_0_eps_alpha": dict(ttt_keep_a=True, ttt_beta1=0.0, ttt_eps=1e-10, ttt_alpha=8.0),
+    "keys_only": dict(ttt_qv=False),
+    "global_tokens_cosine_clip": dict(ttt_global_tokens=64, ttt_global_cosine=True, ttt_global_clip=0.3),
+}
+# (the edited document's index and length, its offsets edited): the 60-token document of
+# phase 0, in its last chunk (48..59); the 52-token document of phase 1, in its chunk 1 (16..31)
+SCORE_FIRST_EDITS = {"phase0_last_chunk": (0, 60, 52, 56), "phase1_middle_chunk": (9, 52, 24, 28)}
+
+
+@pytest.mark.parametrize("edit", SCORE_FIRST_EDITS)
+@pytest.mark.parametrize("recipe", SCORE_FIRST_RECIPES)
+def test_ttt_recipe_settings_are_score_first(ttt_model, recipe, edit):
+    """Score-first under the recipe settings (TTT_KEEP_A with TTT_BETA1=0, TTT_EPS=1e-10 and
+    TTT_ALPHA; TTT_QV=0; TTT_GLOBAL_TOKENS with TTT_GLOBAL_COSINE and TTT_GLOBAL_CLIP), real
+    learning rates, 3 phases, documents of several chunks, more documents than a batch holds.
+    The monitor: as in test_ttt_is_score_first. Independently of the monitor, the general
+    property: some tokens are edited; every scoring forward made before the first adapter step
+    or global step that reads the edited tokens is bit-identical, on the positions whose inputs
+    (up to them) and target are unchanged, between the original and the edited stream; so no
+    score depends on text that was not yet scored. (With TTT_KEEP_A a row's A, trained on a
+    document, carries on to the row's next document, so later scores of unchanged text do
+    change.) The scoring forward of the edited chunk itself comes before that step and is
+    compared; and some later forward differs (the check is sensitive). Phase 0's scores after
+    an edit of its 60-token document's last chunk, before the global pass, differ with
+    TTT_KEEP_A (the row's next document starts from the A trained on the edit) and are
+    bit-identical without it (A redrawn, B zero). Broken on purpose (training a chunk before
+    scoring it, or a global pass over the next phase's documents), this test fails."""
+    args = ttt_args(ttt_phases=3, ttt_batch_docs=2, ttt_lr=0.02, ttt_global_lr=0.05, **SCORE_FIRST_RECIPES[recipe])
+    lengths = (60, 30, 9, 37, 70, 31, 16, 44, 75, 52, 23, 47, 66, 12, 38)
+    tokens = as_stream(make_docs(lengths, seed=1))
+    spans = T.document_spans(tokens, BOS)
+    assert all(len(g) > args.ttt_batch_docs for g in phase_docs(spans, args))
+    rows = args.ttt_global_tokens // args.eval_seq_len if args.ttt_global_tokens else args.ttt_batch_docs
+
+    def run(stream):
+        m, calls, events = copy.deepcopy(ttt_model), [], []
+        record_score_calls(m, calls)
+        res = T.evaluate_with_ttt(m, stream, LUTS, args, T.Run(0, 1, CPU, lambda s: None),
+                                  monitor=lambda *e: events.append(e + (len(calls),)))
+        return res, calls, events
+    res, calls_a, events = run(tokens)
+    assert res["ttt_steps"] > 0
+    trained = check_score_first_monitor(events, spans, args, rows)
+    for s, e in spans:  # every chunk but a document's last was trained on
+        assert trained[s:s + (e - s - 1) // args.ttt_chunk * args.ttt_chunk].all(), (s, e)
+
+    doc, length, o0, o1 = SCORE_FIRST_EDITS[edit]
+    s = spans[doc][0]
+    assert spans[doc][1] - s == length
+    e0, e1 = s + o0, s + o1
+    changed = tokens.clone()
+    changed[e0:e1] = (tokens[e0:e1] - 2 + 7) % 62 + 2  # other tokens, no BOS
+    _, calls_b, events_b = run(changed)
+    assert len(calls_a) == len(calls_b) and [e[0] for e in events] == [e[0] for e in events_b]
+    first = first_event_reading(events, spans, args, e0, e1)
+    before = events[first][3]  # score calls made before the first step that reads the edit
+    compared_edited, differing = 0, []
+    for i, ((xa, ya, na), (xb, yb, nb)) in enumerate(zip(calls_a, calls_b)):
+        same = (xa == xb).long().cumprod(dim=1).bool() & (ya == yb)  # unchanged prefix and target
+        differing.append(int((na[same] != nb[same]).sum()))
+        if i < before:
+            assert differing[i] == 0, f"score call {i} depends on text not yet scored"
+            compared_edited += int((same & ~(xa == xb).all(dim=1, keepdim=True)).sum())
+    assert compared_edited > 0  # the edited chunk's scoring forward came before its training
+    assert sum(differing[before:]) > 0
+    if edit == "phase0_last_chunk":  # before phase 0's global pass the edit reaches later documents
+        first_global = next(e[3] for e in events if e[0] == "global")  # through a kept A only
+        assert (sum(differing[before:first_global]) > 0) == args.ttt_keep_a
+
+
+GLOBAL_LENGTHS = (150, 70, 20, 97, 5, 33, 61, 120, 44, 90, 130, 64, 88, 17, 101)
+
+
+def global_passes(events):
+    """The "global" events, one list per global pass (a pass: consecutive global events)."""
+    passes, prev = [], None
+    for e in events:
+        if e[0] == "global":
+            if prev != "global":
+                passes.append([])
+            passes[-1].append(e)
+        prev = e[0]
+    return passes
+
+
+@pytest.mark.parametrize("tokens_per_step, world, rows",
+                         [(0, 1, 4), (192, 1, 3), (100, 1, 2), (20, 1, 1), (384, 2, 3)])
+def test_ttt_global_tokens_sets_the_rows_per_step(ttt_model, tokens_per_step, world, rows):
+    """TTT_GLOBAL_TOKENS: each global step takes max(1, round(tokens / (EVAL_SEQ_LEN * world)))
+    rows of this rank's share (0: TTT_BATCH_DOCS = 4 rows), so a pass over a phase of R whole
+    rows has ceil(R / rows) "global" events, all of `rows` rows but the last. The cases give 3,
+    2 and 1 row(s) (100 tokens round to 2, 20 to 1), and on 2 ranks 384 tokens are 3 rows a
+    rank (6 if the world size were left out; no process group: the call is rank 0's alone, so
+    evaluate_with_ttt's barrier is skipped by calling the pass directly). A setting that is
+    ignored, or not divided by the window or the world size, gives other counts."""
+    args = ttt_args(ttt_phases=3, ttt_batch_docs=4, ttt_global_tokens=tokens_per_step)
+    W = args.eval_seq_len
+    stream = as_stream(make_docs(GLOBAL_LENGTHS, seed=3))
+    spans = T.document_spans(stream, BOS)
+    if world == 1:
+        passes = global_passes(run_ttt(ttt_model, stream, args)[1])
+        groups = phase_docs(spans, args)[:-1]  # no pass after the last phase
+    else:
+        groups = [sorted(spans, key=lambda se: se[0] - se[1])[0::world]]  # a rank-0 share of all documents
+        events = []
+        m = copy.deepcopy(ttt_model).requires_grad_(True)
+        T.ttt_global_pass(m, stream, groups[0], args, T.Run(0, world, CPU), lambda *e: events.append(e))
+        passes = [events]
+    assert len(passes) == len(groups) == (2 if world == 1 else 1)
+    for got, docs in zip(passes, groups):
+        have = sum(e - s for s, e in docs) // W
+        assert have >= 5
+        assert len(got) == -(-have // rows), (len(got), have, rows)
+        assert [hi - lo for _, lo, hi in got] == [rows * W] * (have // rows) + [have % rows * W] * (have % rows > 0)
+
+
+def record_sgd_steps(monkeypatch):
+    """Every SGD step (the global pass's): (its lr, the gradient norm it sees, the gradients)."""
+    steps = []
+    step = torch.optim.SGD.step
+
+    def recording(self, *a, **kw):
+        grads = [p.grad.detach().flatten() for p in self.param_groups[0]["params"] if p.grad is not None]
+        g = torch.cat(grads)
+        steps.append((self.param_groups[0]["lr"], float(g.norm()), g.clone()))
+        return step(self, *a, **kw)
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    return steps
+
+
+def test_ttt_global_cosine_decays_the_lr_in_each_pass(ttt_model, monkeypatch):
+    """TTT_GLOBAL_COSINE: in each global pass (two here, of one row a step) step i of n takes
+    lr TTT_GLOBAL_LR * 0.5 * (1 + cos(pi i / n)): the full lr first, then down towards 0,
+    restarting with the next pass. Off, every step takes TTT_GLOBAL_LR. The lr the SGD step
+    reads is recorded, so a schedule not applied (or applied after the step, or over the
+    wrong count) fails."""
+    stream = as_stream(make_docs(GLOBAL_LENGTHS, seed=3))
+    steps = record_sgd_steps(monkeypatch)
+    for cosine in (True, False):
+        steps.clear()
+        args = ttt_args(ttt_phases=3, ttt_global_lr=0.05, ttt_global_tokens=64, ttt_global_cosine=cosine)
+        events = run_ttt(ttt_model, stream, args)[1]
+        passes = [len(p) for p in global_passes(events)]
+        rows = [sum(e - s for s, e in g) // args.eval_seq_len for g in phase_docs(T.document_spans(stream, BOS), args)]
+        assert passes == rows[:2] and min(passes) >= 5 and len(steps) == sum(passes)
+        lrs = [lr for lr, _, _ in steps]
+        if cosine:
+            want = [0.05 * 0.5 * (1 + math.cos(math.pi * i / n)) for n in passes for i in range(n)]
+            assert lrs == pytest.approx(want, rel=1e-12)
+            assert lrs[0] == lrs[passes[0]] == 0.05 and 0 < lrs[-1] < 0.006
+        else:
+            assert lrs == [0.05] * len(steps)
+
+
+def test_ttt_global_clip_bounds_the_averaged_gradient(ttt_model, monkeypatch):
+    """TTT_GLOBAL_CLIP: the gradient the SGD step sees has norm <= the clip, after the all-reduce
+    (a stand-in all-reduce scales the gradients by 10, as ranks with larger gradients would: a
+    clip before it lets 10x the clip through). Without the clip the same steps see norms far
+    above it (the check is sensitive), and the clip only scales: the first step's clipped
+    gradient is the unclipped one times clip / norm."""
+    clip = 0.5
+
+    def times_ten(tensors):  # the stand-in all-reduce: returns its waiter, which does the work
+        def finish():
+            for t in tensors:
+                t.mul_(10)
+        return finish
+    monkeypatch.setattr(T, "flat_all_reduce_avg", times_ten)
+    stream = as_stream(make_docs(GLOBAL_LENGTHS[:12], seed=3))
+    runs = {}
+    steps = record_sgd_steps(monkeypatch)
+    for c in (0.0, clip):
+        steps.clear()
+        run_ttt(ttt_model, stream, ttt_args(ttt_phases=3, ttt_global_lr=0.05, ttt_global_tokens=64, ttt_global_clip=c))
+        runs[c] = list(steps)
+    free, clipped = runs[0.0], runs[clip]
+    assert len(free) == len(clipped) > 4
+    assert min(n for _, n, _ in free) > 10 * clip
+    assert all(n <= clip + 1e-5 for _, n, _ in clipped)
+    assert [n for _, n, _ in clipped] == pytest.approx([clip] * len(clipped), rel=1e-4)
+    torch.testing.assert_close(clipped[0][2], free[0][2] * (clip / free[0][1]))
 
 
 def test_ttt_scores_a_trained_chunk_before_training_on_it(ttt_model):
