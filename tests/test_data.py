@@ -189,6 +189,22 @@ def test_from_env_boolean_spellings(word, value):
     assert T.Hyperparameters.from_env({"TTT_ENABLED": word}).ttt_enabled is value
 
 
+def test_profile_sets_the_scale_dependent_defaults_and_explicit_settings_win():
+    """The defaults are the 8xH100 configuration (MLP 4x, recurrence on); PROFILE=1gpu gives the
+    proxy's one-GPU choices, except where a setting is given; an unknown profile is one error."""
+    eight = T.Hyperparameters.from_env({})
+    assert (eight.profile, eight.mlp_mult, eight.recur_passes) == ("8xh100", 4.0, 2)
+    one = T.Hyperparameters.from_env({"PROFILE": "1gpu"})
+    assert (one.profile, one.mlp_mult, one.recur_passes) == ("1gpu", 3.0, 0)
+    mixed = T.Hyperparameters.from_env({"PROFILE": "1gpu", "MLP_MULT": "4", "RECUR_PASSES": "1"})
+    assert (mixed.mlp_mult, mixed.recur_passes) == (4.0, 1)
+    for k in set(T.PROFILES["1gpu"]):  # the profile changes exactly what it names
+        assert getattr(one, k) != getattr(eight, k)
+    assert {k: v for k, v in vars(one).items() if getattr(eight, k) != v} == {"profile": "1gpu", **T.PROFILES["1gpu"]}
+    with pytest.raises(T.ConfigError, match="PROFILE=2gpu must be one of 8xh100, 1gpu"):
+        T.Hyperparameters.from_env({"PROFILE": "2gpu"})
+
+
 def test_from_env_warns_on_misspelt_settings():
     seen = []
     env = {"NUM_LAYER": "9", "WARMDOWN_FRACT": "0.5", "PATH": "/bin", "HOME": "/root", "RANK": "0",

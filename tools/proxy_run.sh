@@ -13,7 +13,7 @@
 #                                               sidecar, tools/caseops_prep.py; needs .proxy/tools, .proxy/tokenizers)
 #   bash tools/proxy_run.sh start NAME VARIANT [VAR=VALUE ...]
 #       copy train_gpt.py to /root/runs/NAME and start it detached on /root/shards_VARIANT
-#       (OUT_DIR=/root/runs/NAME/out, SEED=42 unless set; stdout in /root/runs/NAME/stdout.log;
+#       (OUT_DIR=/root/runs/NAME/out, SEED=42 and PROFILE=1gpu unless set; stdout in /root/runs/NAME/stdout.log;
 #       SHIPPED=1: run the shipped form that tools/ship.py writes instead of the source)
 #   bash tools/proxy_run.sh eval NAME ARTIFACT [VAR=VALUE ...]
 #       the same with EVAL_ONLY=ARTIFACT: score an artifact, no training (VARIANT=caseops unless set)
@@ -138,7 +138,7 @@ start_run() {
   else
     cp "$ROOT/train_gpt.py" "$d/"
   fi
-  local -a cmd=(env "DATA_PATH=$PR/shards_$v" "TOKENIZER_PATH=$tok" "VOCAB_SIZE=$n" "SEED=${SEED:-42}"
+  local -a cmd=(env "DATA_PATH=$PR/shards_$v" "TOKENIZER_PATH=$tok" "VOCAB_SIZE=$n" "SEED=${SEED:-42}" "PROFILE=1gpu"
                 "OUT_DIR=$d/out" "DATA_NAME=proxy corpus (../shared/corpus), ${v/caseops/CaseOps sp8192} shards" "$@"
                 python3 train_gpt.py)
   printf '%q ' "${cmd[@]}" >"$d/command.txt"
