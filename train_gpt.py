@@ -231,6 +231,12 @@ class Hyperparameters:
     ttt_global_cosine: bool = False  # global pass lr decays to 0 over the pass (cosine)
     ttt_global_clip: float = 0.0  # global pass gradient norm clip (0: none)
     ttt_max_seconds: float = 480.0  # into the evaluation: adaptation stops, scoring goes on
+    # token n-gram tilt (every scorer): p'(a) ~ p(a) e^(beta [a = hint]) where an earlier context hints
+    ngram_tilt: bool = False
+    ngram_max: int = 16  # longest context, tokens
+    ngram_min: int = 1
+    ngram_conf: float = 0.8  # least share of the context's earlier continuations the hint must have had
+    ngram_beta: float = 2.625
     # runtime
     attn_backend: str = "auto"  # auto (FA3, else FA4, else flex/sdpa) | fa3 | fa4 | flex | sdpa | math
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
@@ -348,6 +354,10 @@ class Hyperparameters:
              f"grad_accum({accum}) x TRAIN_SEQ_LEN({self.train_seq_len}) = {per_micro}")
         need(not 0 < self.qat_start_scale <= self.min_lr_scale, "QAT_START_SCALE must be 0 or above MIN_LR_SCALE")
         need(self.max_wallclock_seconds > 0 or self.iterations > 0, "set ITERATIONS or MAX_WALLCLOCK_SECONDS")
+        within(0, 1, "ngram_conf")
+        if self.ngram_tilt:
+            within(1, math.inf, "ngram_min")
+            within(self.ngram_min, math.inf, "ngram_max")
         if self.ttt_enabled:
             within(1, math.inf, "ttt_rank", "ttt_batch_docs", "ttt_phases")
             within(1, self.eval_seq_len - 1, "ttt_chunk")
@@ -1064,10 +1074,14 @@ class GPT(nn.Module):
         c = self.args.logit_softcap
         return c * torch.tanh(logits / c) if c > 0 else logits
 
-    def forward(self, ids, targets=None, reduction="mean", cache=None):
+    def forward(self, ids, targets=None, reduction="mean", cache=None, hints=None):
+        """Logits; with `targets`, their cross entropy; with `hints` too (per target, -1: none), the
+        per-target (plain, tilted) negative log-likelihoods stacked (NGRAM_BETA)."""
         logits = self.logits_from_hidden(self.hidden(ids, cache))
         if targets is None:
             return logits
+        if hints is not None:
+            return torch.stack(tilted_nll(logits, targets, hints, self.args.ngram_beta))
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return loss if reduction == "mean" else loss.view(targets.shape)
 
@@ -1990,7 +2004,7 @@ def score_windows(score_fn, tokens, byte_source, windows, batch, device, on_scor
         pos = torch.arange(length, device=device)
         idx = starts[:, None] + pos[None, :]
         x, y = tokens[idx], tokens[idx + 1]
-        nll = score_fn(x, y).double()
+        nll = score_fn(x, y, idx + 1).double()
         mask = (pos[None, :] >= first[:, None]) & valid[:, None]
         sums[0] += (nll * mask).sum()
         sums[1] += (byte_source.target_bytes(x, y, idx + 1).double() * mask).sum()
@@ -2014,11 +2028,69 @@ def evaluate(score_fn, tokens, byte_source, seq_len, stride, batch, run, on_scor
     return _metrics(_all_reduce_sum(score_windows(score_fn, tokens, byte_source, mine, batch, run.device, on_score)))
 
 
-def make_score_fn(model, device):
-    def score(x, y):
+def make_score_fn(model, device, hints=None):
+    """score(x, y, y_pos) -> per-target nll (tilted by `hints[y_pos]` if given)."""
+    def score(x, y, y_pos):
         with _autocast(device):
-            return model(x, y, reduction="none")
+            return model(x, y, reduction="none") if hints is None else model(x, y, reduction="none", hints=hints[y_pos])[1]
     return score
+
+
+# ----- token n-gram tilt: hints from the tokens before each target (known once they are scored)
+
+_CTX_MUL, _PAIR_MUL = -7046029254386353131, -4417276706812531889  # odd 64-bit constants (int64 wraps)
+
+
+def _earlier_same_key(keys):
+    """Per element: how many earlier elements (by index) have its key, and the index of the latest
+    one (-1: none)."""
+    order = torch.sort(keys, stable=True).indices
+    sk = keys[order]
+    first = torch.ones_like(sk, dtype=torch.bool)
+    first[1:] = sk[1:] != sk[:-1]
+    k = torch.arange(sk.numel(), device=keys.device)
+    rank, prev = torch.empty_like(k), torch.empty_like(k)
+    rank[order] = k - torch.cummax(torch.where(first, k, 0), 0).values
+    prev[order] = torch.where(first, -1, order.roll(1))
+    return rank, prev
+
+
+def ngram_hints(tokens, args):
+    """hints[k] for the target tokens[k] (-1: none; hints[0] = -1): of the contexts tokens[k-n:k]
+    (NGRAM_MIN <= n <= NGRAM_MAX) seen before, the longest proposes what followed its latest
+    occurrence, a hint if at least NGRAM_CONF of its earlier occurrences went on so. hints[k]
+    depends on tokens[:k] only: the tokens scored before tokens[k] in the stream's order."""
+    t = tokens.long()
+    n_in = t.numel() - 1  # input i predicts t[i + 1]
+    hint = torch.full((n_in,), -1, dtype=torch.long, device=t.device)
+    conf = torch.zeros(n_in, device=t.device)
+    ctx = torch.zeros(n_in, dtype=torch.long, device=t.device)
+    for n in range(1, args.ngram_max + 1):
+        if n > n_in:
+            break
+        ctx[n - 1:] = ctx[n - 1:] * _CTX_MUL + t[:n_in - n + 1] + 1  # ctx[i]: t[i-n+1..i]
+        if n < args.ngram_min:
+            continue
+        keys = ctx[n - 1:]
+        seen, prev = _earlier_same_key(keys)
+        pair_seen, _ = _earlier_same_key(keys * _PAIR_MUL + t[n:] + 1)  # context and what followed
+        has = prev >= 0  # longer contexts found override shorter ones
+        j = prev.clamp_min(0)
+        share = (pair_seen[j] + 1).float() / seen.clamp_min(1).float()
+        hint[n - 1:] = torch.where(has, t[n + j], hint[n - 1:])
+        conf[n - 1:] = torch.where(has, share, conf[n - 1:])
+    return torch.cat((hint.new_full((1,), -1), torch.where(conf >= args.ngram_conf, hint, -1)))
+
+
+def tilted_nll(logits, y, hints, beta):
+    """(-log p(y), -log p'(y)) with p'(a) = p(a) e^(beta [a = h]) / (1 + p(h) (e^beta - 1)): the
+    hint h's probability scaled up, renormalised over the whole vocabulary; no hint: p' = p."""
+    logits = logits.float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(y.shape)  # as unhinted
+    lse = torch.logsumexp(logits, -1)
+    log_ph = logits.gather(-1, hints.clamp_min(0)[..., None]).squeeze(-1) - lse
+    tilt = torch.log1p(math.expm1(beta) * log_ph.exp()) - beta * (y == hints).float()
+    return nll, nll + torch.where(hints >= 0, tilt, 0)
 
 
 class DocAdapters:
@@ -2216,10 +2288,11 @@ def varlen_room_for(rows, bos_id):
         _VARLEN_BOS_PER_ROW = saved
 
 
-def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, started=None):
+def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, started=None, hints=None):
     """Score-first TTT: each TTT_CHUNK is scored, then trains its document's adapters; between
     phases, SGD on the scored documents. Chunks attend to cached keys of the document's last
-    EVAL_SEQ_LEN - TTT_CHUNK tokens; adaptation stops TTT_MAX_SECONDS after `started` (the
+    EVAL_SEQ_LEN - TTT_CHUNK tokens; the scores are tilted by `hints` (per position of `tokens`)
+    if given, the adapters learn the untilted loss; adaptation stops TTT_MAX_SECONDS after `started` (the
     evaluation's start; default: now). `monitor` is for tests."""
     chunk_len, rows, device = args.ttt_chunk, args.ttt_batch_docs, run.device
     spans = document_spans(tokens, args.bos_id)
@@ -2231,12 +2304,15 @@ def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, start
     x, y = (torch.full((rows, chunk_len), v, device=device) for v in (args.bos_id, 0))
     y_pos = torch.ones(rows, chunk_len, dtype=torch.long, device=device)  # the targets' positions in `tokens`
     inside = torch.zeros(rows, chunk_len, dtype=torch.bool, device=device)
+    hint = None if hints is None else torch.full((rows, chunk_len), -1, device=device)
 
     def chunk_step(train):  # fixed shapes: x, y, y_pos, inside, the cache and the adapters in place
         with torch.set_grad_enabled(train), _autocast(device):
-            nll = torch.where(inside, model(x, y, reduction="none", cache=cache).float(), 0)
+            out = model(x, y, reduction="none", cache=cache, hints=hint).float()
+        nll, scored = (out, out) if hint is None else (out[0], out[1])  # adapters learn the model's own loss
+        nll, scored = (torch.where(inside, t, 0) for t in (nll, scored))
         nbytes = (byte_source.target_bytes(x, y, y_pos) * inside).sum()
-        sums.add_(torch.stack([nll.detach().sum(), nbytes, inside.sum()]).double())
+        sums.add_(torch.stack([scored.detach().sum(), nbytes, inside.sum()]).double())
         if train:  # each document's adapters get their own mean loss
             (nll.sum(1) / inside.sum(1).clamp_min(1)).sum().backward()
             adapters.step()
@@ -2267,6 +2343,8 @@ def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, start
             idx = st + torch.where(inside, pos, 0)
             x.copy_(torch.where(inside, tokens[idx], args.bos_id))
             y.copy_(torch.where(inside, tokens[idx + 1], 0))
+            if hint is not None:
+                hint.copy_(torch.where(inside, hints[idx + 1], -1))
             y_pos.copy_(idx + 1)
             adapting = adapting and time.perf_counter() < stop_at  # local clock: this rank's adapters only
             train_now = adapting and lanes.a_later_chunk_learns()
@@ -2646,24 +2724,34 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
         raise ArtifactError(f"{path}: its tensors do not match the model its header describes ({first})") from None
     model.eval()
     run.timer.since("eval_artifact_load", t0)
-    score = make_score_fn(_maybe_compile(model, args, run.device), run.device)
+    hints, tilt = None, ""
+    if args.ngram_tilt:  # on the evaluation's clock
+        t0 = time.perf_counter()
+        hints = ngram_hints(val_tokens, args)
+        run.timer.since("eval_ngram_hints", t0)
+        hinted = hints[1:] >= 0
+        right = float((hints[1:] == val_tokens[1:])[hinted].float().mean()) if bool(hinted.any()) else 0.0
+        run.log(f"n-gram tilt: hints for {float(hinted.float().mean()):.1%} of the targets, built in "
+                f"{time.perf_counter() - t0:.1f}s (after the fact: {right:.1%} of them right); beta {args.ngram_beta}")
+        tilt = "n-gram tilt, "
+    score = make_score_fn(_maybe_compile(model, args, run.device), run.device, hints)
     res = {}
 
     def timed_eval(key, phase, label, stride, note=""):
         t0 = time.perf_counter()
         res[key] = evaluate(score, val_tokens, byte_source, args.eval_seq_len, stride, args.eval_batch_seqs, run)
         run.timer.since(phase, t0)
-        run.log(f"final_int{args.quant_bits}_{label} {_scores(res[key])} ({note}{time.perf_counter() - t0:.1f}s)")
+        run.log(f"final_int{args.quant_bits}_{label} {_scores(res[key])} ({tilt}{note}{time.perf_counter() - t0:.1f}s)")
 
     timed_eval("roundtrip", "eval_roundtrip_plain", "roundtrip", args.eval_seq_len)
     if not args.skip_sliding_eval:
         timed_eval("sliding", "eval_sliding", "sliding_window", args.eval_stride, f"stride {args.eval_stride}, ")
     if args.ttt_enabled:
         t0 = time.perf_counter()
-        res["ttt"] = t = evaluate_with_ttt(model, val_tokens, byte_source, args, run, started=started)
+        res["ttt"] = t = evaluate_with_ttt(model, val_tokens, byte_source, args, run, started=started, hints=hints)
         run.timer.since("eval_ttt", t0)
         ref = "sliding" if "sliding" in res else "roundtrip"
-        run.log(f"final_int{args.quant_bits}_ttt {_scores(t)} ({t['val_bpb'] - res[ref]['val_bpb']:+.5f} bpb vs {ref}, "
+        run.log(f"final_int{args.quant_bits}_ttt {_scores(t)} ({tilt}{t['val_bpb'] - res[ref]['val_bpb']:+.5f} bpb vs {ref}, "
                 f"{t['ttt_steps']} adapter steps, {t['seconds']:.1f}s, {t['tokens_per_s_per_gpu']:.0f} tokens/s per GPU)")
     res["seconds"] = secs = time.perf_counter() - started
     run.log(f"evaluation: {secs:.1f}s from its start to the last score (limit {EVAL_LIMIT_SECONDS}s)"

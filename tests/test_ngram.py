@@ -1,0 +1,192 @@
+"""Token n-gram tilt: the hints against a brute-force reference, their causality (a hint depends
+only on the tokens before its target), the tilted distribution's normalisation, and the tilt in
+the sliding evaluation and in score-first TTT (scored tilted, adapters trained on the model's own
+loss)."""
+import copy
+import math
+
+import pytest
+import torch
+
+import train_gpt as T
+from helpers import randomized_model, tiny_model_args
+
+pytestmark = pytest.mark.usefixtures("one_thread_math")
+
+CPU = torch.device("cpu")
+BOS = 1
+
+
+def ngram_args(**kw):
+    return tiny_model_args(**{**dict(vocab_size=48, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1,
+                                     bigram_vocab=31, bigram_dim=8, ve_dim=8, train_seq_len=32, eval_seq_len=32,
+                                     eval_stride=8, eval_batch_seqs=3, attn_backend="math", seed=5, ngram_tilt=True,
+                                     ngram_max=6, ngram_min=1, ngram_conf=0.8, ttt_enabled=True, ttt_rank=2,
+                                     ttt_chunk=8, ttt_batch_docs=2, ttt_phases=2, ttt_max_seconds=1e9), **kw})
+
+
+def repetitive_stream(seed, n_docs=8):
+    """Documents that reuse phrases of a small pool: many contexts recur, some with another ending."""
+    g = torch.Generator().manual_seed(seed)
+    pool = [torch.randint(2, 48, (int(torch.randint(3, 9, (1,), generator=g)),), generator=g) for _ in range(6)]
+    docs = []
+    for _ in range(n_docs):
+        parts = [torch.tensor([BOS])]
+        for _ in range(int(torch.randint(2, 6, (1,), generator=g))):
+            parts.append(pool[int(torch.randint(0, 6, (1,), generator=g))])
+            if bool(torch.rand(1, generator=g) < 0.4):
+                parts.append(torch.randint(2, 48, (2,), generator=g))
+        docs.append(torch.cat(parts))
+    return torch.cat(docs + [torch.tensor([BOS])])
+
+
+def reference_hints(tokens, args):
+    """The rule written out: for target k, the longest context tokens[k-n:k] seen before; its
+    latest occurrence's continuation, if it followed at least NGRAM_CONF of the occurrences."""
+    t = tokens.tolist()
+    out = [-1]
+    for k in range(1, len(t)):
+        hint = -1
+        for n in range(min(args.ngram_max, k), args.ngram_min - 1, -1):
+            ctx = t[k - n:k]
+            ends = [j for j in range(n, k) if t[j - n:j] == ctx]  # earlier occurrences, each followed by t[j]
+            if ends:
+                cand = t[ends[-1]]
+                if sum(t[j] == cand for j in ends) >= args.ngram_conf * len(ends):
+                    hint = cand
+                break
+        out.append(hint)
+    return torch.tensor(out)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(ngram_min=2, ngram_max=4), dict(ngram_conf=0.5), dict(ngram_max=1)])
+def test_hints_equal_the_rule_written_out(kw):
+    args = ngram_args(**kw)
+    for seed in range(4):
+        tokens = repetitive_stream(seed)
+        hints = T.ngram_hints(tokens, args)
+        assert hints.shape == tokens.shape and int(hints[0]) == -1
+        assert torch.equal(hints, reference_hints(tokens, args)), seed
+        assert (hints >= 0).sum() > len(tokens) // 5  # the streams do give hints
+
+
+def test_a_hint_depends_only_on_the_tokens_before_its_target():
+    """Changing tokens[k:] leaves hints[:k + 1] as they were (hints[k] is for the target tokens[k],
+    already unknown to it); the check is sensitive: changing an earlier token changes later hints."""
+    args = ngram_args()
+    tokens = repetitive_stream(7, n_docs=10)
+    hints = T.ngram_hints(tokens, args)
+    g = torch.Generator().manual_seed(3)
+    for k in torch.randint(1, len(tokens), (25,), generator=g).tolist():
+        changed = tokens.clone()
+        changed[k:] = torch.randint(2, 48, (len(tokens) - k,), generator=g)
+        assert torch.equal(T.ngram_hints(changed, args)[:k + 1], hints[:k + 1]), k
+    changed = tokens.clone()
+    changed[len(tokens) // 3] = 47 if int(tokens[len(tokens) // 3]) != 47 else 46
+    assert not torch.equal(T.ngram_hints(changed, args), hints)
+
+
+def test_the_tilted_distribution_sums_to_one():
+    """exp(-tilted nll) over every possible target sums to 1 for any logits and hint; no hint or
+    beta 0 leaves the model's distribution; the hinted token's probability rises."""
+    g = torch.Generator().manual_seed(0)
+    V = 37
+    for beta in (0.0, 1.0, 2.625, 6.0):
+        logits = torch.randn(5, V, generator=g) * 3
+        hint = torch.tensor([3, -1, 0, 36, 17])
+        ys = torch.arange(V)
+        nll, tilted = T.tilted_nll(logits[:, None, :].expand(5, V, V), ys[None, :].expand(5, V), hint[:, None].expand(5, V), beta)
+        torch.testing.assert_close(torch.exp(-tilted).sum(1), torch.ones(5, dtype=torch.float32), atol=1e-5, rtol=0)
+        torch.testing.assert_close(nll, -torch.log_softmax(logits, -1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(tilted[1], nll[1])  # no hint
+        if beta == 0:
+            torch.testing.assert_close(tilted, nll)
+        else:
+            rows = torch.tensor([0, 2, 3, 4])
+            assert bool((tilted[rows, hint[rows]] < nll[rows, hint[rows]]).all())
+
+
+def test_the_models_hinted_scores_are_the_tilt_of_its_own():
+    args = ngram_args()
+    model = randomized_model(args, seed=1)
+    tokens = repetitive_stream(2)[:33]
+    x, y = tokens[:-1][None], tokens[1:][None]
+    hints = T.ngram_hints(tokens, args)[1:][None]
+    with torch.no_grad():
+        plain = model(x, y, reduction="none")
+        nll, tilted = model(x, y, reduction="none", hints=hints)
+        ref = T.tilted_nll(model(x), y, hints, args.ngram_beta)[1]
+    torch.testing.assert_close(nll, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(tilted, ref)
+    assert bool((hints >= 0).any()) and not torch.allclose(tilted, nll)
+
+
+def tilt_reference(model, tokens, args):
+    """Mean tilted nll over all targets, each predicted with its document-masked full past (every
+    test stream here is shorter than EVAL_SEQ_LEN)."""
+    assert tokens.numel() - 1 <= args.eval_seq_len
+    hints = T.ngram_hints(tokens, args)
+    x, y = tokens[:-1][None], tokens[1:][None]
+    with torch.no_grad():
+        return float(T.tilted_nll(model(x), y, hints[1:][None], args.ngram_beta)[1].mean())
+
+
+def test_sliding_evaluation_scores_the_tilt():
+    """evaluate() with the hints = the tilted loss of every target in its full context; beta 0 =
+    the plain evaluation."""
+    args = ngram_args()
+    model = randomized_model(args, seed=1)
+    tokens = repetitive_stream(4, n_docs=3)[:args.eval_seq_len + 1]
+    hints = T.ngram_hints(tokens, args)
+    luts = T.ByteLUTs(torch.ones(48, dtype=torch.long), torch.zeros(48, dtype=torch.bool), torch.zeros(48, dtype=torch.bool))
+    run = T.Run(0, 1, CPU)
+    tilted = T.evaluate(T.make_score_fn(model, CPU, hints), tokens, luts, args.eval_seq_len, args.eval_stride, 2, run)
+    assert tilted["val_loss"] == pytest.approx(tilt_reference(model, tokens, args), rel=1e-5)
+    plain = T.evaluate(T.make_score_fn(model, CPU), tokens, luts, args.eval_seq_len, args.eval_stride, 2, run)
+    args0 = ngram_args(ngram_beta=0.0)
+    model0 = copy.deepcopy(model)
+    model0.args = args0
+    beta0 = T.evaluate(T.make_score_fn(model0, CPU, hints), tokens, luts, args.eval_seq_len, args.eval_stride, 2, run)
+    assert beta0["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
+    assert abs(tilted["val_loss"] - plain["val_loss"]) > 1e-3
+
+
+def test_ttt_scores_tilted_and_trains_on_the_models_own_loss(monkeypatch):
+    """TTT with hints: at lr 0 its score is the sliding evaluation's tilted score; with learning,
+    the adapters get the same gradients as without hints (they learn the model, not the tilt),
+    while the score differs."""
+    long = dict(eval_seq_len=64, train_seq_len=64)  # every document fits a window less a stride:
+    args = ngram_args(ttt_lr=0.0, ttt_global_lr=0.0, **long)  # TTT's context = the sliding one's
+    model = randomized_model(args, seed=1)
+    tokens = repetitive_stream(5, n_docs=6)
+    assert max(e - s for s, e in T.document_spans(tokens, BOS)) <= args.eval_seq_len - args.eval_stride
+    hints = T.ngram_hints(tokens, args)
+    luts = T.ByteLUTs(torch.ones(48, dtype=torch.long), torch.zeros(48, dtype=torch.bool), torch.zeros(48, dtype=torch.bool))
+    run = T.Run(0, 1, CPU)
+    ref = T.evaluate(T.make_score_fn(model, CPU, hints), tokens, luts, args.eval_seq_len, args.eval_stride, 2,
+                     T.Run(0, 1, CPU, lambda s: None))
+    res = T.evaluate_with_ttt(copy.deepcopy(model), tokens, luts, args, T.Run(0, 1, CPU, lambda s: None), hints=hints)
+    assert res["tokens"] == ref["tokens"] and res["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)
+
+    grads = {True: [], False: []}
+    step = T.DocAdapters.step
+    for with_hints in (True, False):
+        def recording(self, **kw):
+            grads[with_hints].append([p.grad.clone() for p in self.params])
+            return step(self, **kw)
+        monkeypatch.setattr(T.DocAdapters, "step", recording)
+        out = T.evaluate_with_ttt(copy.deepcopy(model), tokens, luts, ngram_args(ttt_lr=0.01, ttt_global_lr=0.0, **long), run,
+                                  hints=hints if with_hints else None)
+        grads[with_hints].append(out["val_loss"])
+    assert len(grads[True]) == len(grads[False]) > 3
+    for a, b in zip(grads[True][:-1], grads[False][:-1]):
+        for ga, gb in zip(a, b):
+            assert torch.equal(ga, gb)
+    assert abs(grads[True][-1] - grads[False][-1]) > 1e-3
+
+
+def test_settings_are_checked():
+    with pytest.raises(T.ConfigError, match="NGRAM_MAX"):
+        ngram_args(ngram_min=4, ngram_max=2).validate(1)
+    with pytest.raises(T.ConfigError, match="NGRAM_CONF"):
+        ngram_args(ngram_conf=1.5).validate(1)
