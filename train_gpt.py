@@ -236,6 +236,7 @@ class Hyperparameters:
     ngram_max: int = 16  # longest context, tokens
     ngram_min: int = 1
     ngram_conf: float = 0.8  # least share of the context's earlier continuations the hint must have had
+    ngram_min_count: int = 2  # a context proposes once seen this often (once: ~40 % of such hints right, proxy)
     ngram_beta: float = 2.625
     # runtime
     attn_backend: str = "auto"  # auto (FA3, else FA4, else flex/sdpa) | fa3 | fa4 | flex | sdpa | math
@@ -2057,9 +2058,10 @@ def _earlier_same_key(keys):
 
 def ngram_hints(tokens, args):
     """hints[k] for the target tokens[k] (-1: none; hints[0] = -1): of the contexts tokens[k-n:k]
-    (NGRAM_MIN <= n <= NGRAM_MAX) seen before, the longest proposes what followed its latest
-    occurrence, a hint if at least NGRAM_CONF of its earlier occurrences went on so. hints[k]
-    depends on tokens[:k] only: the tokens scored before tokens[k] in the stream's order."""
+    (NGRAM_MIN <= n <= NGRAM_MAX) seen at least NGRAM_MIN_COUNT times before, the longest proposes
+    what followed its latest occurrence, a hint if at least NGRAM_CONF of its earlier occurrences
+    went on so. hints[k] depends on tokens[:k] only: the tokens scored before tokens[k] in the
+    stream's order."""
     t = tokens.long()
     n_in = t.numel() - 1  # input i predicts t[i + 1]
     hint = torch.full((n_in,), -1, dtype=torch.long, device=t.device)
@@ -2074,7 +2076,7 @@ def ngram_hints(tokens, args):
         keys = ctx[n - 1:]
         seen, prev = _earlier_same_key(keys)
         pair_seen, _ = _earlier_same_key(keys * _PAIR_MUL + t[n:] + 1)  # context and what followed
-        has = prev >= 0  # longer contexts found override shorter ones
+        has = seen >= max(1, args.ngram_min_count)  # longer contexts found override shorter ones
         j = prev.clamp_min(0)
         share = (pair_seen[j] + 1).float() / seen.clamp_min(1).float()
         hint[n - 1:] = torch.where(has, t[n + j], hint[n - 1:])

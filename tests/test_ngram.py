@@ -41,8 +41,9 @@ def repetitive_stream(seed, n_docs=8):
 
 
 def reference_hints(tokens, args):
-    """The rule written out: for target k, the longest context tokens[k-n:k] seen before; its
-    latest occurrence's continuation, if it followed at least NGRAM_CONF of the occurrences."""
+    """The rule written out: for target k, the longest context tokens[k-n:k] seen at least
+    NGRAM_MIN_COUNT times before; its latest occurrence's continuation, if it followed at least
+    NGRAM_CONF of the occurrences."""
     t = tokens.tolist()
     out = [-1]
     for k in range(1, len(t)):
@@ -50,7 +51,7 @@ def reference_hints(tokens, args):
         for n in range(min(args.ngram_max, k), args.ngram_min - 1, -1):
             ctx = t[k - n:k]
             ends = [j for j in range(n, k) if t[j - n:j] == ctx]  # earlier occurrences, each followed by t[j]
-            if ends:
+            if len(ends) >= max(1, args.ngram_min_count):
                 cand = t[ends[-1]]
                 if sum(t[j] == cand for j in ends) >= args.ngram_conf * len(ends):
                     hint = cand
@@ -59,7 +60,8 @@ def reference_hints(tokens, args):
     return torch.tensor(out)
 
 
-@pytest.mark.parametrize("kw", [{}, dict(ngram_min=2, ngram_max=4), dict(ngram_conf=0.5), dict(ngram_max=1)])
+@pytest.mark.parametrize("kw", [{}, dict(ngram_min=2, ngram_max=4), dict(ngram_conf=0.5), dict(ngram_max=1),
+                                dict(ngram_min_count=1), dict(ngram_min_count=3)])
 def test_hints_equal_the_rule_written_out(kw):
     args = ngram_args(**kw)
     for seed in range(4):
@@ -67,7 +69,7 @@ def test_hints_equal_the_rule_written_out(kw):
         hints = T.ngram_hints(tokens, args)
         assert hints.shape == tokens.shape and int(hints[0]) == -1
         assert torch.equal(hints, reference_hints(tokens, args)), seed
-        assert (hints >= 0).sum() > len(tokens) // 5  # the streams do give hints
+        assert (hints >= 0).sum() > len(tokens) // 10  # the streams do give hints
 
 
 def test_a_hint_depends_only_on_the_tokens_before_its_target():
