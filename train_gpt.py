@@ -227,9 +227,6 @@ class Hyperparameters:
     ttt_qv: bool = True  # adapters on the queries and values too (off: keys only of q/k/v)
     ttt_phases: int = 3
     ttt_global_lr: float = 0.002
-    ttt_global_tokens: int = 0  # tokens per global SGD step (0: TTT_BATCH_DOCS rows of EVAL_SEQ_LEN)
-    ttt_global_cosine: bool = False  # global pass lr decays to 0 over the pass (cosine)
-    ttt_global_clip: float = 0.0  # global pass gradient norm clip (0: none)
     ttt_max_seconds: float = 480.0  # into the evaluation: adaptation stops, scoring goes on
     # token n-gram tilt (every scorer): p'(a) ~ p(a) e^(beta [a = hint]) where an earlier context hints
     ngram_tilt: bool = False
@@ -356,6 +353,7 @@ class Hyperparameters:
         need(not 0 < self.qat_start_scale <= self.min_lr_scale, "QAT_START_SCALE must be 0 or above MIN_LR_SCALE")
         need(self.max_wallclock_seconds > 0 or self.iterations > 0, "set ITERATIONS or MAX_WALLCLOCK_SECONDS")
         within(0, 1, "ngram_conf")
+        need(self.ttt_beta1 < 1 and self.ttt_eps > 0, "TTT_BETA1 must be below 1 and TTT_EPS above 0")
         if self.ngram_tilt:
             within(1, math.inf, "ngram_min")
             within(self.ngram_min, math.inf, "ngram_max")
@@ -2042,46 +2040,84 @@ def make_score_fn(model, device, hints=None):
 _CTX_MUL, _PAIR_MUL = -7046029254386353131, -4417276706812531889  # odd 64-bit constants (int64 wraps)
 
 
-def _earlier_same_key(keys):
-    """Per element: how many earlier elements (by index) have its key, and the index of the latest
-    one (-1: none)."""
-    order = torch.sort(keys, stable=True).indices
-    sk = keys[order]
-    first = torch.ones_like(sk, dtype=torch.bool)
-    first[1:] = sk[1:] != sk[:-1]
+def _earlier_events(keys, time):
+    """Per event (a key at a time; ties: scored together): how many events of its key come before
+    it (earlier time, or the same time and a lower index), how many of them at an earlier time
+    (`seen`: those it may use), and the index of the last of these (-1: none)."""
+    by_time = torch.sort(time, stable=True).indices
+    order = by_time[torch.sort(keys[by_time], stable=True).indices]  # by key, then time, then index
+    sk, st = keys[order], time[order]
     k = torch.arange(sk.numel(), device=keys.device)
-    rank, prev = torch.empty_like(k), torch.empty_like(k)
-    rank[order] = k - torch.cummax(torch.where(first, k, 0), 0).values
-    prev[order] = torch.where(first, -1, order.roll(1))
-    return rank, prev
+    new_key = torch.ones_like(sk, dtype=torch.bool)
+    new_key[1:] = sk[1:] != sk[:-1]
+    new_block = new_key.clone()
+    new_block[1:] |= st[1:] != st[:-1]
+    key_start = torch.cummax(torch.where(new_key, k, 0), 0).values
+    block_start = torch.cummax(torch.where(new_block, k, 0), 0).values
+    before, seen, last = (torch.empty_like(k) for _ in range(3))
+    before[order], seen[order] = k - key_start, block_start - key_start
+    last[order] = torch.where(block_start > key_start, order[(block_start - 1).clamp_min(0)], -1)
+    return before, seen, last
 
 
-def ngram_hints(tokens, args):
-    """hints[k] for the target tokens[k] (-1: none; hints[0] = -1): of the contexts tokens[k-n:k]
-    (NGRAM_MIN <= n <= NGRAM_MAX) seen at least NGRAM_MIN_COUNT times before, the longest proposes
-    what followed its latest occurrence, a hint if at least NGRAM_CONF of its earlier occurrences
-    went on so. hints[k] depends on tokens[:k] only: the tokens scored before tokens[k] in the
-    stream's order."""
+def document_starts(tokens, bos_id):
+    """Per position, where its document starts (its BOS; 0 before the first)."""
+    i = torch.arange(tokens.numel(), device=tokens.device)
+    return torch.cummax(torch.where(tokens == bos_id, i, 0), 0).values
+
+
+def ngram_hints(tokens, args, time=None):
+    """hints[k] for the target tokens[k] (-1: none; hints[0] = -1). Each target, once scored, is an
+    event: its contexts tokens[k-n:k] inside its document, and itself. time[k] orders the scoring
+    (None: the stream's order; equal times: scored together, unseen by each other). Of target k's
+    contexts (NGRAM_MIN <= n <= NGRAM_MAX) seen at least NGRAM_MIN_COUNT times at earlier times,
+    the longest proposes what followed its latest occurrence: a hint if at least NGRAM_CONF of
+    those occurrences went on so. So hints[k] depends only on tokens scored before tokens[k]."""
     t = tokens.long()
     n_in = t.numel() - 1  # input i predicts t[i + 1]
+    when = torch.arange(1, n_in + 1, device=t.device) if time is None else time[1:].to(t.device)
+    room = torch.arange(n_in, device=t.device) - document_starts(t, args.bos_id)[:n_in] + 1  # BOS..i
     hint = torch.full((n_in,), -1, dtype=torch.long, device=t.device)
     conf = torch.zeros(n_in, device=t.device)
     ctx = torch.zeros(n_in, dtype=torch.long, device=t.device)
-    for n in range(1, args.ngram_max + 1):
-        if n > n_in:
-            break
+    for n in range(1, min(args.ngram_max, n_in) + 1):
         ctx[n - 1:] = ctx[n - 1:] * _CTX_MUL + t[:n_in - n + 1] + 1  # ctx[i]: t[i-n+1..i]
         if n < args.ngram_min:
             continue
-        keys = ctx[n - 1:]
-        seen, prev = _earlier_same_key(keys)
-        pair_seen, _ = _earlier_same_key(keys * _PAIR_MUL + t[n:] + 1)  # context and what followed
+        inside = torch.nonzero(room >= n).flatten()  # contexts that stay in their document
+        keys, w = ctx[inside], when[inside]
+        _, seen, last = _earlier_events(keys, w)
+        pair_before, _, _ = _earlier_events(keys * _PAIR_MUL + t[inside + 1] + 1, w)  # context and what followed
         has = seen >= max(1, args.ngram_min_count)  # longer contexts found override shorter ones
-        j = prev.clamp_min(0)
-        share = (pair_seen[j] + 1).float() / seen.clamp_min(1).float()
-        hint[n - 1:] = torch.where(has, t[n + j], hint[n - 1:])
-        conf[n - 1:] = torch.where(has, share, conf[n - 1:])
+        j = last.clamp_min(0)
+        share = (pair_before[j] + 1).float() / seen.clamp_min(1).float()
+        hint[inside] = torch.where(has, t[inside[j] + 1], hint[inside])
+        conf[inside] = torch.where(has, share, conf[inside])
     return torch.cat((hint.new_full((1,), -1), torch.where(conf >= args.ngram_conf, hint, -1)))
+
+
+def ttt_scoring_times(tokens, args, world_size):
+    """time[k]: the step at which TTT scores target k, counted over phases (each rank's step s of a
+    phase at the same time: their chunks are scored together, whichever rank runs first)."""
+    spans = document_spans(tokens, args.bos_id)
+    time = torch.zeros(tokens.numel(), dtype=torch.long)
+    shares = [list(ttt_phase_shares(spans, args, Run(r, world_size))) for r in range(world_size)]
+    base = 1
+    for phase in range(len(shares[0])):
+        longest = 0
+        for mine in shares:
+            lanes, step = Lanes(mine[phase], args.ttt_batch_docs, args.ttt_chunk), 0
+            while True:
+                lanes.refill()
+                if not lanes.busy():
+                    break
+                for lo, hi in lanes.scored_ranges():
+                    time[lo + 1:hi + 1] = base + step  # targets lo+1..hi
+                lanes.advance()
+                step += 1
+            longest = max(longest, step)
+        base += longest
+    return time
 
 
 def tilted_nll(logits, y, hints, beta):
@@ -2239,12 +2275,8 @@ class Lanes:
 
 def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
     """Between phases: SGD (momentum 0.9) on the documents just scored, in rows of EVAL_SEQ_LEN
-    tokens, TTT_GLOBAL_TOKENS a step (all ranks); every rank takes as many steps, gradients averaged
-    over all rows of all ranks, clipped at TTT_GLOBAL_CLIP, the lr constant or cosine to 0."""
-    window, device = args.eval_seq_len, run.device
-    rows = args.ttt_batch_docs
-    if args.ttt_global_tokens > 0:
-        rows = max(1, round(args.ttt_global_tokens / (window * run.world_size)))
+    tokens; every rank takes as many steps, gradients averaged over all rows of all ranks."""
+    window, rows, device = args.eval_seq_len, args.ttt_batch_docs, run.device
     xs = torch.cat([tokens[s:e] for s, e in docs] + [tokens[:0]])
     ys = torch.cat([tokens[s + 1:e + 1] for s, e in docs] + [tokens[:0]])
     have = xs.numel() // window  # whole rows
@@ -2252,9 +2284,8 @@ def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
     haves[run.rank] = have
     _all_reduce_sum(haves)
     sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
-    n_steps = -(-int(haves.max()) // rows)
     with varlen_room_for(xs[:have * window].view(-1, window), args.bos_id):
-        for i, r0 in enumerate(range(0, int(haves.max()), rows)):
+        for r0 in range(0, int(haves.max()), rows):
             r1 = min(r0 + rows, have)
             step_rows = float((haves - r0).clamp(0, rows).sum())  # mean over all ranks
             for m0 in range(r0, r1, 8):  # 8-row micro-batches: bounded memory
@@ -2266,10 +2297,6 @@ def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             flat_all_reduce_avg([p.grad for p in model.parameters()])()
-            if args.ttt_global_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.ttt_global_clip)
-            if args.ttt_global_cosine:
-                sgd.param_groups[0]["lr"] = args.ttt_global_lr * 0.5 * (1 + math.cos(math.pi * i / n_steps))
             sgd.step()
             sgd.zero_grad(set_to_none=True)
             if monitor is not None and r1 > r0:
@@ -2726,16 +2753,20 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
         raise ArtifactError(f"{path}: its tensors do not match the model its header describes ({first})") from None
     model.eval()
     run.timer.since("eval_artifact_load", t0)
-    hints, tilt = None, ""
-    if args.ngram_tilt:  # on the evaluation's clock
+    hints = ttt_hints = None
+    tilt = "n-gram tilt, " if args.ngram_tilt else ""
+    if args.ngram_tilt:  # on the evaluation's clock; TTT scores in another order: its own hints
         t0 = time.perf_counter()
         hints = ngram_hints(val_tokens, args)
+        if args.ttt_enabled:
+            ttt_hints = ngram_hints(val_tokens, args, ttt_scoring_times(val_tokens.cpu(), args, run.world_size))
         run.timer.since("eval_ngram_hints", t0)
-        hinted = hints[1:] >= 0
-        right = float((hints[1:] == val_tokens[1:])[hinted].float().mean()) if bool(hinted.any()) else 0.0
-        run.log(f"n-gram tilt: hints for {float(hinted.float().mean()):.1%} of the targets, built in "
-                f"{time.perf_counter() - t0:.1f}s (after the fact: {right:.1%} of them right); beta {args.ngram_beta}")
-        tilt = "n-gram tilt, "
+        for name, h in (("stream order", hints), ("TTT's order", ttt_hints))[:1 + args.ttt_enabled]:
+            hinted = h[1:] >= 0
+            right = float((h[1:] == val_tokens[1:])[hinted].float().mean()) if bool(hinted.any()) else 0.0
+            run.log(f"n-gram tilt ({name}): hints for {float(hinted.float().mean()):.1%} of the targets "
+                    f"(after the fact: {right:.1%} of them right); beta {args.ngram_beta}")
+        run.log(f"n-gram hints built in {time.perf_counter() - t0:.1f}s")
     score = make_score_fn(_maybe_compile(model, args, run.device), run.device, hints)
     res = {}
 
@@ -2750,7 +2781,7 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
         timed_eval("sliding", "eval_sliding", "sliding_window", args.eval_stride, f"stride {args.eval_stride}, ")
     if args.ttt_enabled:
         t0 = time.perf_counter()
-        res["ttt"] = t = evaluate_with_ttt(model, val_tokens, byte_source, args, run, started=started, hints=hints)
+        res["ttt"] = t = evaluate_with_ttt(model, val_tokens, byte_source, args, run, started=started, hints=ttt_hints)
         run.timer.since("eval_ttt", t0)
         ref = "sliding" if "sliding" in res else "roundtrip"
         run.log(f"final_int{args.quant_bits}_ttt {_scores(t)} ({tilt}{t['val_bpb'] - res[ref]['val_bpb']:+.5f} bpb vs {ref}, "

@@ -595,13 +595,15 @@ def test_ttt_cache_equals_band_masked_forward(ttt_model, monkeypatch, lanes):
 
 
 def record_score_calls(m, calls):
-    """Record every scoring forward (reduction="none") of `m`: (inputs, targets, nll)."""
+    """Record every scoring forward (reduction="none") of `m`: (inputs, targets, nll scored: the
+    tilted one when it has hints)."""
     forward = m.forward
 
     def recording(ids, targets=None, reduction="mean", cache=None, **kw):
         out = forward(ids, targets, reduction, cache, **kw)
         if reduction == "none":
-            calls.append((ids.clone(), targets.clone(), out.detach().clone()))
+            scored = out[1] if kw.get("hints") is not None else out
+            calls.append((ids.clone(), targets.clone(), scored.detach().clone()))
         return out
     m.forward = recording
 
@@ -755,9 +757,9 @@ def first_event_reading(events, spans, args, e0, e1):
 SCORE_FIRST_RECIPES = {
     "keep_a_beta1_0_eps_alpha": dict(ttt_keep_a=True, ttt_beta1=0.0, ttt_eps=1e-10, ttt_alpha=8.0),
     "keys_only": dict(ttt_qv=False),
-    "global_tokens_cosine_clip": dict(ttt_global_tokens=64, ttt_global_cosine=True, ttt_global_clip=0.3),
+    "ngram_tilt": dict(ngram_tilt=True, ngram_max=4, ngram_min_count=1),
     "all_together": dict(ttt_keep_a=True, ttt_beta1=0.0, ttt_eps=1e-10, ttt_alpha=8.0, ttt_qv=False,
-                         ttt_global_tokens=64, ttt_global_cosine=True, ttt_global_clip=0.3),
+                         ngram_tilt=True, ngram_max=4, ngram_min_count=1),
 }
 # (the edited document's index and length, its offsets edited): the 60-token document of
 # phase 0, in its last chunk (48..59); the 52-token document of phase 1, in its chunk 1 (16..31)
@@ -768,7 +770,7 @@ SCORE_FIRST_EDITS = {"phase0_last_chunk": (0, 60, 52, 56), "phase1_middle_chunk"
 @pytest.mark.parametrize("recipe", SCORE_FIRST_RECIPES)
 def test_ttt_recipe_settings_are_score_first(ttt_model, recipe, edit):
     """Score-first under the recipe settings (TTT_KEEP_A with TTT_BETA1=0, TTT_EPS=1e-10 and
-    TTT_ALPHA; TTT_QV=0; TTT_GLOBAL_TOKENS with TTT_GLOBAL_COSINE and TTT_GLOBAL_CLIP; all at
+    TTT_ALPHA; TTT_QV=0; the n-gram tilt, its hints made from the stream, edited or not; all at
     once), real learning rates, 3 phases, documents of several chunks, more documents than a
     batch holds.
     The monitor: as in test_ttt_is_score_first. Independently of the monitor, the general
@@ -781,20 +783,21 @@ def test_ttt_recipe_settings_are_score_first(ttt_model, recipe, edit):
     compared; and some later forward differs (the check is sensitive). Phase 0's scores after
     an edit of its 60-token document's last chunk, before the global pass, differ with
     TTT_KEEP_A (the row's next document starts from the A trained on the edit) and are
-    bit-identical without it (A redrawn, B zero). Broken on purpose (training a chunk before
+    bit-identical without it (A redrawn, B zero) unless n-gram hints carry the scored edit on. Broken on purpose (training a chunk before
     scoring it, or a global pass over the next phase's documents), this test fails."""
     args = ttt_args(ttt_phases=3, ttt_batch_docs=2, ttt_lr=0.02, ttt_global_lr=0.05, **SCORE_FIRST_RECIPES[recipe])
     lengths = (60, 30, 9, 37, 70, 31, 16, 44, 75, 52, 23, 47, 66, 12, 38)
     tokens = as_stream(make_docs(lengths, seed=1))
     spans = T.document_spans(tokens, BOS)
     assert all(len(g) > args.ttt_batch_docs for g in phase_docs(spans, args))
-    rows = args.ttt_global_tokens // args.eval_seq_len if args.ttt_global_tokens else args.ttt_batch_docs
+    rows = args.ttt_batch_docs
 
     def run(stream):
         m, calls, events = copy.deepcopy(ttt_model), [], []
         record_score_calls(m, calls)
+        hints = T.ngram_hints(stream, args, T.ttt_scoring_times(stream, args, 1)) if args.ngram_tilt else None
         res = T.evaluate_with_ttt(m, stream, LUTS, args, T.Run(0, 1, CPU, lambda s: None),
-                                  monitor=lambda *e: events.append(e + (len(calls),)))
+                                  monitor=lambda *e: events.append(e + (len(calls),)), hints=hints)
         return res, calls, events
     res, calls_a, events = run(tokens)
     assert res["ttt_steps"] > 0
@@ -822,121 +825,8 @@ def test_ttt_recipe_settings_are_score_first(ttt_model, recipe, edit):
     assert compared_edited > 0  # the edited chunk's scoring forward came before its training
     assert sum(differing[before:]) > 0
     if edit == "phase0_last_chunk":  # before phase 0's global pass the edit reaches later documents
-        first_global = next(e[3] for e in events if e[0] == "global")  # through a kept A only
-        assert (sum(differing[before:first_global]) > 0) == args.ttt_keep_a
-
-
-GLOBAL_LENGTHS = (150, 70, 20, 97, 5, 33, 61, 120, 44, 90, 130, 64, 88, 17, 101)
-
-
-def global_passes(events):
-    """The "global" events, one list per global pass (a pass: consecutive global events)."""
-    passes, prev = [], None
-    for e in events:
-        if e[0] == "global":
-            if prev != "global":
-                passes.append([])
-            passes[-1].append(e)
-        prev = e[0]
-    return passes
-
-
-@pytest.mark.parametrize("tokens_per_step, world, rows",
-                         [(0, 1, 4), (192, 1, 3), (100, 1, 2), (20, 1, 1), (384, 2, 3)])
-def test_ttt_global_tokens_sets_the_rows_per_step(ttt_model, tokens_per_step, world, rows):
-    """TTT_GLOBAL_TOKENS: each global step takes max(1, round(tokens / (EVAL_SEQ_LEN * world)))
-    rows of this rank's share (0: TTT_BATCH_DOCS = 4 rows), so a pass over a phase of R whole
-    rows has ceil(R / rows) "global" events, all of `rows` rows but the last. The cases give 3,
-    2 and 1 row(s) (100 tokens round to 2, 20 to 1), and on 2 ranks 384 tokens are 3 rows a
-    rank (6 if the world size were left out; no process group: the call is rank 0's alone, so
-    evaluate_with_ttt's barrier is skipped by calling the pass directly). A setting that is
-    ignored, or not divided by the window or the world size, gives other counts."""
-    args = ttt_args(ttt_phases=3, ttt_batch_docs=4, ttt_global_tokens=tokens_per_step)
-    W = args.eval_seq_len
-    stream = as_stream(make_docs(GLOBAL_LENGTHS, seed=3))
-    spans = T.document_spans(stream, BOS)
-    if world == 1:
-        passes = global_passes(run_ttt(ttt_model, stream, args)[1])
-        groups = phase_docs(spans, args)[:-1]  # no pass after the last phase
-    else:
-        groups = [sorted(spans, key=lambda se: se[0] - se[1])[0::world]]  # a rank-0 share of all documents
-        events = []
-        m = copy.deepcopy(ttt_model).requires_grad_(True)
-        T.ttt_global_pass(m, stream, groups[0], args, T.Run(0, world, CPU), lambda *e: events.append(e))
-        passes = [events]
-    assert len(passes) == len(groups) == (2 if world == 1 else 1)
-    for got, docs in zip(passes, groups):
-        have = sum(e - s for s, e in docs) // W
-        assert have >= 5
-        assert len(got) == -(-have // rows), (len(got), have, rows)
-        assert [hi - lo for _, lo, hi in got] == [rows * W] * (have // rows) + [have % rows * W] * (have % rows > 0)
-
-
-def record_sgd_steps(monkeypatch):
-    """Every SGD step (the global pass's): (its lr, the gradient norm it sees, the gradients)."""
-    steps = []
-    step = torch.optim.SGD.step
-
-    def recording(self, *a, **kw):
-        grads = [p.grad.detach().flatten() for p in self.param_groups[0]["params"] if p.grad is not None]
-        g = torch.cat(grads)
-        steps.append((self.param_groups[0]["lr"], float(g.norm()), g.clone()))
-        return step(self, *a, **kw)
-    monkeypatch.setattr(torch.optim.SGD, "step", recording)
-    return steps
-
-
-def test_ttt_global_cosine_decays_the_lr_in_each_pass(ttt_model, monkeypatch):
-    """TTT_GLOBAL_COSINE: in each global pass (two here, of one row a step) step i of n takes
-    lr TTT_GLOBAL_LR * 0.5 * (1 + cos(pi i / n)): the full lr first, then down towards 0,
-    restarting with the next pass. Off, every step takes TTT_GLOBAL_LR. The lr the SGD step
-    reads is recorded, so a schedule not applied (or applied after the step, or over the
-    wrong count) fails."""
-    stream = as_stream(make_docs(GLOBAL_LENGTHS, seed=3))
-    steps = record_sgd_steps(monkeypatch)
-    for cosine in (True, False):
-        steps.clear()
-        args = ttt_args(ttt_phases=3, ttt_global_lr=0.05, ttt_global_tokens=64, ttt_global_cosine=cosine)
-        events = run_ttt(ttt_model, stream, args)[1]
-        passes = [len(p) for p in global_passes(events)]
-        rows = [sum(e - s for s, e in g) // args.eval_seq_len for g in phase_docs(T.document_spans(stream, BOS), args)]
-        assert passes == rows[:2] and min(passes) >= 5 and len(steps) == sum(passes)
-        lrs = [lr for lr, _, _ in steps]
-        if cosine:
-            want = [0.05 * 0.5 * (1 + math.cos(math.pi * i / n)) for n in passes for i in range(n)]
-            assert lrs == pytest.approx(want, rel=1e-12)
-            assert lrs[0] == lrs[passes[0]] == 0.05 and 0 < lrs[-1] < 0.006
-        else:
-            assert lrs == [0.05] * len(steps)
-
-
-def test_ttt_global_clip_bounds_the_averaged_gradient(ttt_model, monkeypatch):
-    """TTT_GLOBAL_CLIP: the gradient the SGD step sees has norm <= the clip, after the all-reduce
-    (a stand-in all-reduce scales the gradients by 10, as ranks with larger gradients would: a
-    clip before it lets 10x the clip through). Without the clip the same steps see norms far
-    above it (the check is sensitive), and the clip only scales: the first step's clipped
-    gradient is the unclipped one times clip / norm."""
-    clip = 0.5
-
-    def times_ten(tensors):  # the stand-in all-reduce: returns its waiter, which does the work
-        def finish():
-            for t in tensors:
-                t.mul_(10)
-        return finish
-    monkeypatch.setattr(T, "flat_all_reduce_avg", times_ten)
-    stream = as_stream(make_docs(GLOBAL_LENGTHS[:12], seed=3))
-    runs = {}
-    steps = record_sgd_steps(monkeypatch)
-    for c in (0.0, clip):
-        steps.clear()
-        run_ttt(ttt_model, stream, ttt_args(ttt_phases=3, ttt_global_lr=0.05, ttt_global_tokens=64, ttt_global_clip=c))
-        runs[c] = list(steps)
-    free, clipped = runs[0.0], runs[clip]
-    assert len(free) == len(clipped) > 4
-    assert min(n for _, n, _ in free) > 10 * clip
-    assert all(n <= clip + 1e-5 for _, n, _ in clipped)
-    assert [n for _, n, _ in clipped] == pytest.approx([clip] * len(clipped), rel=1e-4)
-    torch.testing.assert_close(clipped[0][2], free[0][2] * (clip / free[0][1]))
+        first_global = next(e[3] for e in events if e[0] == "global")  # through a kept A or the hints only
+        assert (sum(differing[before:first_global]) > 0) == (args.ttt_keep_a or args.ngram_tilt)
 
 
 def test_ttt_scores_a_trained_chunk_before_training_on_it(ttt_model):
