@@ -45,6 +45,7 @@ try:  # FlexAttention: skips fully masked blocks
 except Exception:  # noqa: BLE001
     create_block_mask = flex_attention = None
 ARTIFACT_CAP_BYTES, EVAL_LIMIT_SECONDS = 16_000_000, 600
+FINEWEB_VAL_BYTES_EST = 151e6  # ~62 M sp1024 validation tokens at ~0.41 tokens per byte: for TTT's 8-GPU estimate
 CLIP_RANGE = (3.0, 64.0)  # rate-control clips (sigmas); under ~3 clipping costs more
 RATE_BAND = 0.985  # rate control stops once the model fills this much of its budget
 # Gaussian rows predict the trained model's bytes to 2 % (15.43 vs 15.74 MB at clip 8.93, the 600 s
@@ -2786,6 +2787,10 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
         ref = "sliding" if "sliding" in res else "roundtrip"
         run.log(f"final_int{args.quant_bits}_ttt {_scores(t)} ({tilt}{t['val_bpb'] - res[ref]['val_bpb']:+.5f} bpb vs {ref}, "
                 f"{t['ttt_steps']} adapter steps, {t['seconds']:.1f}s, {t['tokens_per_s_per_gpu']:.0f} tokens/s per GPU)")
+        fineweb_tokens = FINEWEB_VAL_BYTES_EST * t["tokens"] / t["bytes"]
+        run.log(f"ttt estimate: FineWeb's validation (~{FINEWEB_VAL_BYTES_EST / 1e6:.0f} MB, ~{fineweb_tokens / 1e6:.1f} M "
+                f"tokens at this data's tokens per byte) on 8 GPUs of this speed: "
+                f"~{fineweb_tokens / (8 * t['tokens_per_s_per_gpu']):.0f}s of TTT")
     res["seconds"] = secs = time.perf_counter() - started
     run.log(f"evaluation: {secs:.1f}s from its start to the last score (limit {EVAL_LIMIT_SECONDS}s)"
             + (": WARNING, NOT compliant" if secs > EVAL_LIMIT_SECONDS else ""))

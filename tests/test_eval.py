@@ -1315,11 +1315,14 @@ def test_eval_only_opens_no_train_shard(trained_run, smoke_dataset, tmp_path):
 
 def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     """A training run with TTT, then EVAL_ONLY of its artifact with the same TTT settings: the
-    very same TTT line (loss and bpb to 8 decimals), and TTT did adapt (steps > 0)."""
+    very same TTT line (loss and bpb to 8 decimals), and TTT did adapt (steps > 0); the 8-GPU TTT
+    estimate is logged. EVAL_ONLY with the n-gram tilt: hints in both orders, other scores."""
     data_dir, tok, _ = smoke_dataset
     ttt = dict(TTT_ENABLED=1, TTT_CHUNK=16, TTT_RANK=4, TTT_BATCH_DOCS=4, TTT_PHASES=2, TTT_LR=0.01)
     runs = []
-    for extra in ({}, {"EVAL_ONLY": "final_model_t.int6.ptz"}):
+    tilt = {"EVAL_ONLY": "final_model_t.int6.ptz", "RUN_ID": "tilt", "NGRAM_TILT": 1, "NGRAM_MIN_COUNT": 1,
+            "SKIP_SLIDING_EVAL": 1}
+    for extra in ({}, {"EVAL_ONLY": "final_model_t.int6.ptz"}, tilt):
         env = clean_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, **{**TINY_RUN, **ttt, **extra})
         p = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_gpt.py")], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
@@ -1328,6 +1331,12 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     assert "eval-only:" in runs[1] and "training done" not in runs[1]
     assert final_line(runs[1], "ttt") == final_line(runs[0], "ttt")
     assert int(re.search(r"bpb vs \w+, (\d+) adapter steps", runs[0]).group(1)) > 0
+    assert re.search(r"^ttt estimate: FineWeb's validation .* on 8 GPUs of this speed: ~\d+s of TTT$", runs[0], re.M)
+    assert "n-gram" not in runs[1]
+    assert re.search(r"^n-gram tilt \(stream order\): hints for [\d.]+% of the targets", runs[2], re.M)
+    assert re.search(r"^n-gram tilt \(TTT's order\): hints for [\d.]+% of the targets", runs[2], re.M)
+    assert re.search(r"^final_int6_ttt .*\(n-gram tilt, ", runs[2], re.M)
+    assert final_line(runs[2], "ttt") != final_line(runs[1], "ttt")
 
 
 def test_eval_only_flags_an_evaluation_over_the_limit(trained_run, smoke_dataset, monkeypatch):
