@@ -647,28 +647,7 @@ def test_ttt_is_score_first(ttt_model):
     record_score_calls(m, calls_a)
     res = T.evaluate_with_ttt(m, tokens, LUTS, args, T.Run(0, 1, CPU, lambda s: None),
                               monitor=lambda *e: events.append(e if e[0] != "score" else e + (len(calls_a),)))
-    assert_scored_once([e[:3] for e in events], n)
-    scored = np.zeros(n, dtype=bool)
-    trained = np.zeros(n, dtype=bool)
-    cur_phase, globals_seen = 0, {0: 0, 1: 0, 2: 0}
-    for kind, lo, hi, *_ in events:
-        if kind == "score":
-            assert phase(lo) == phase(hi - 1) >= cur_phase
-            cur_phase = phase(lo)
-            scored[lo:hi] = True
-        elif kind == "train":
-            assert scored[lo:hi].all() and not trained[lo:hi].any(), (lo, hi)
-            assert hi - lo <= args.ttt_chunk
-            trained[lo:hi] = True
-        else:
-            assert kind == "global"
-            mine = groups[cur_phase]  # rows of W tokens of the phase's documents, concatenated
-            assert 0 <= lo < hi <= sum(e - s for s, e in mine)
-            assert lo % args.eval_seq_len == 0 and hi % args.eval_seq_len == 0
-            for s, e in mine:  # every document of the phase fully scored
-                assert scored[s:e].all()
-            globals_seen[cur_phase] += 1
-    assert globals_seen[0] > 0 and globals_seen[1] > 0 and globals_seen[2] == 0  # none after the last phase
+    trained = check_score_first_monitor(events, spans, args, args.ttt_batch_docs)
     for s, e in spans:  # every chunk but a document's last was trained on
         last = s + (e - s - 1) // args.ttt_chunk * args.ttt_chunk
         assert trained[s:last].all(), (s, e)
