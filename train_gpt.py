@@ -228,6 +228,7 @@ class Hyperparameters:
     ttt_qv: bool = True  # adapters on the queries and values too (off: keys only of q/k/v)
     ttt_phases: int = 3
     ttt_global_lr: float = 0.002
+    ttt_softcap_lr: float = 0.0  # > 0: caps of their own for positive and negative logits, learned by the global pass
     ttt_max_seconds: float = 480.0  # into the evaluation: adaptation stops, scoring goes on
     # token n-gram tilt (every scorer): p'(a) ~ p(a) e^(beta [a = hint]) where an earlier context hints
     ngram_tilt: bool = False
@@ -988,6 +989,7 @@ class GPT(nn.Module):
         self.register_buffer("qat_clip", torch.tensor(float(a.clip_sigmas)), persistent=False)
         self._capture = None
         self.adapters = None  # TTT's per-document LoRA
+        self.softcap_pn = None  # TTT_SOFTCAP_LR: (positive, negative) logit caps
 
     def adapt(self, layer, kind, x, y):
         return y if self.adapters is None else y + self.adapters(layer, kind, x)
@@ -1071,6 +1073,9 @@ class GPT(nn.Module):
 
     def logits_from_hidden(self, h):
         logits = self.adapt(-1, "head", h, F.linear(h, self.tok_emb.weight)).float()
+        if self.softcap_pn is not None:
+            cp, cn = self.softcap_pn[0], self.softcap_pn[1]
+            return torch.where(logits > 0, cp * torch.tanh(logits / cp), cn * torch.tanh(logits / cn))
         c = self.args.logit_softcap
         return c * torch.tanh(logits / c) if c > 0 else logits
 
@@ -2284,7 +2289,10 @@ def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
     haves = torch.zeros(run.world_size, device=device)
     haves[run.rank] = have
     _all_reduce_sum(haves)
-    sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
+    caps = [model.softcap_pn] if model.softcap_pn is not None else []
+    rest = [p for p in model.parameters() if all(p is not c for c in caps)]
+    sgd = torch.optim.SGD([{"params": rest}] + [{"params": caps, "lr": args.ttt_softcap_lr}] * bool(caps),
+                          lr=args.ttt_global_lr, momentum=0.9)
     with varlen_room_for(xs[:have * window].view(-1, window), args.bos_id):
         for r0 in range(0, int(haves.max()), rows):
             r1 = min(r0 + rows, have)
@@ -2300,6 +2308,8 @@ def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
             flat_all_reduce_avg([p.grad for p in model.parameters()])()
             sgd.step()
             sgd.zero_grad(set_to_none=True)
+            for c in caps:  # a cap at or below 0 would flip the logits
+                c.data.clamp_(min=1.0)
             if monitor is not None and r1 > r0:
                 monitor("global", r0 * window, r1 * window)  # offsets in this rank's rows
 
@@ -2351,6 +2361,8 @@ def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, start
         dist.barrier()
     t0, adapting, stopped, steps, n_tok = time.perf_counter(), True, False, 0, 0
     stop_at = (started or t0) + args.ttt_max_seconds
+    if args.ttt_softcap_lr > 0 and args.logit_softcap > 0:  # both caps start at the trained one
+        model.softcap_pn = nn.Parameter(torch.full((2,), float(args.logit_softcap), device=device), requires_grad=False)
     model.adapters, steppers = adapters, {t: functools.partial(chunk_step, t) for t in (True, False)}
     if device.type == "cuda":  # kernel launches, not the GPU, bound the eager step: replay graphs
         cache.start(torch.zeros(rows, dtype=torch.long, device=device))
@@ -2399,6 +2411,9 @@ def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, start
         run.log(f"ttt phase {phase + 1}/{len(shares)} done at {time.perf_counter() - t0:.1f}s: "
                 f"{n_tok} targets scored here, {steps} adapter steps, val_bpb so far "
                 + (f"{_metrics(sums)['val_bpb']:.5f}" if n_tok else "-"))
+    if model.softcap_pn is not None:
+        run.log("ttt: logit caps after the global passes: positive {:.3f}, negative {:.3f}".format(*model.softcap_pn.tolist()))
+        model.softcap_pn = None
     model.requires_grad_(True).adapters = None
     out = _metrics(_all_reduce_sum(sums))
     seconds = time.perf_counter() - t0

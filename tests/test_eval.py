@@ -737,6 +737,7 @@ SCORE_FIRST_RECIPES = {
     "keep_a_beta1_0_eps_alpha": dict(ttt_keep_a=True, ttt_beta1=0.0, ttt_eps=1e-10, ttt_alpha=8.0),
     "keys_only": dict(ttt_qv=False),
     "ngram_tilt": dict(ngram_tilt=True, ngram_max=4, ngram_min_count=1),
+    "softcap": dict(ttt_softcap_lr=20.0),
     "all_together": dict(ttt_keep_a=True, ttt_beta1=0.0, ttt_eps=1e-10, ttt_alpha=8.0, ttt_qv=False,
                          ngram_tilt=True, ngram_max=4, ngram_min_count=1),
 }
@@ -995,6 +996,37 @@ def test_ttt_logs_once_when_the_time_budget_runs_out(ttt_model, monkeypatch):
     res, _, logs, _, _ = run_out_of_time_in_phase_1(ttt_model, monkeypatch)
     spent = [s for s in logs if "scoring only from here" in s]
     assert len(spent) == 1 and f"after {res['ttt_steps']} adapter steps" in spent[0]
+
+
+def test_ttt_softcap_caps_are_learned_by_the_global_pass_only(monkeypatch):
+    """TTT_SOFTCAP_LR: caps of their own for positive and negative logits, both starting at
+    LOGIT_SOFTCAP, trained by the global passes only (at their own lr, even with TTT_GLOBAL_LR 0):
+    the first phase's scores are bit-identical to a run without them, the caps end apart from
+    30 and from each other, later scores change, and the model is handed back without them."""
+    model = randomized_model(ttt_args(), seed=2, emb_std=0.8)  # logits large enough for the cap to matter
+    tokens = as_stream(make_docs((150, 70, 20, 97, 5, 33, 61, 44, 12, 80, 66, 41), seed=4))
+    runs = {}
+    for name, kw in (("plain", {}), ("caps", dict(ttt_softcap_lr=20.0)), ("caps_only", dict(ttt_softcap_lr=20.0, ttt_global_lr=0.0))):
+        calls = []
+        m = copy.deepcopy(model)
+        record_score_calls(m, calls)
+        args = ttt_args(ttt_phases=3, ttt_lr=0.02, **{"ttt_global_lr": 0.05, **kw})
+        logs = []
+        res = T.evaluate_with_ttt(m, tokens, LUTS, args, T.Run(0, 1, CPU, logs.append),
+                                  monitor=lambda *e: calls.append(e) if e[0] == "global" else None)
+        runs[name] = (res, calls, logs, m)
+    first_global = [next(i for i, c in enumerate(r[1]) if c[0] == "global") for r in runs.values()]
+    assert first_global[0] == first_global[1] > 0
+    for a, b in zip(runs["plain"][1][:first_global[0]], runs["caps"][1][:first_global[0]]):
+        assert torch.equal(a[2], b[2])  # phase 0: the same scores
+    for name in ("caps", "caps_only"):
+        line = next(l for l in runs[name][2] if l.startswith("ttt: logit caps"))
+        pos, neg = (float(v) for v in re.findall(r"(?:positive|negative) (-?[\d.]+)", line))
+        assert 1 <= pos < 29.99 and 1 <= neg < 29.999 and abs(pos - neg) > 1e-3, line
+        m = runs[name][3]
+        assert m.softcap_pn is None and set(m.state_dict()) == set(model.state_dict())
+    assert runs["caps"][0]["val_loss"] != runs["plain"][0]["val_loss"]
+    assert not any("logit caps" in l for l in runs["plain"][2])
 
 
 def test_ttt_learns_repeated_text(ttt_model):
