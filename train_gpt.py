@@ -14,6 +14,7 @@ import difflib
 import functools
 import glob
 import hashlib
+import io
 import json
 import lzma
 import math
@@ -23,6 +24,7 @@ import struct
 import sys
 import tempfile
 import time
+import tokenize
 import traceback
 import zlib
 from dataclasses import dataclass
@@ -1843,32 +1845,58 @@ def load_artifact(path):
 
 
 # ----- code as shipped
-# The file that ships as train_gpt.py is this source without its comments and docstrings (as
-# ast.unparse writes it), lzma-compressed into a latin-1 string literal that decodes and runs it
-# (the records' practice); the artifact counts that file's bytes.
+# The file that ships as train_gpt.py is this source without its comments, blank lines and
+# docstrings, lzma-compressed into a latin-1 string literal that decodes and runs it (the records'
+# practice); the artifact counts that file's bytes.
 _SHIP_ESCAPES = {0: b"\\000", 10: b"\\n", 13: b"\\r", 34: b'\\"', 92: b"\\\\"}  # other bytes stand for themselves
 
 
-def _without_docstrings(tree):
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
-                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
-                and isinstance(body[0].value.value, str)):
-            if len(body) > 1:
-                del body[0]
-            else:
-                body[0].value.value = ""
-    return tree
+def _docstrings(tree):
+    """The docstring statements of the module, its classes and functions."""
+    return [node.body[0] for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+            and isinstance(node.body[0].value.value, str)]
 
 
 def minified(source):
-    """The code that ships for `source` (bytes): the same syntax tree less its docstrings, written
-    by ast.unparse (no comments); checked to parse back to that tree."""
-    tree = _without_docstrings(ast.parse(source))
-    code = ast.unparse(tree) + "\n"
+    """The code that ships for `source` (bytes): its own lines less comments, blank lines and
+    docstrings (a docstring on lines of its own becomes ""), cut by the tokenizer, never rewritten:
+    the same on every Python version. Checked to parse to the source's syntax tree, those
+    docstrings emptied."""
+    text = source.decode()
+    lines = text.splitlines(keepends=True)
+    doc_at = {d.lineno: d for d in _docstrings(ast.parse(text))}
+    drop, cut, docs = set(), {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        (r0, c0), (r1, c1) = tok.start, tok.end
+        if tok.type == tokenize.COMMENT:
+            if lines[r0 - 1][:c0].strip():
+                cut[r0 - 1] = c0
+            else:
+                drop.add(r0 - 1)
+        elif tok.type == tokenize.NL and not lines[r0 - 1].strip():
+            drop.add(r0 - 1)
+        elif (tok.type == tokenize.STRING and r0 in doc_at and r0 - 1 not in docs and not lines[r0 - 1][:c0].strip()
+              and not lines[r1 - 1][c1:].split("#")[0].strip()):
+            docs[r0 - 1] = (r1 - 1, c0)
+    out, i = [], 0
+    while i < len(lines):
+        if i in docs:
+            end, c0 = docs[i]
+            out.append(lines[i][:c0] + '""\n')
+            i = end + 1
+            continue
+        if i not in drop:
+            out.append(lines[i][:cut[i]].rstrip() + "\n" if i in cut else lines[i])
+        i += 1
+    code = "".join(out)
+    tree = ast.parse(text)
+    for d in _docstrings(tree):
+        if d.lineno - 1 in docs:
+            d.value.value = ""
     if ast.dump(ast.parse(code)) != ast.dump(tree):
-        raise ValueError("ast.unparse does not give the source's syntax tree back")
+        raise ValueError("the minified code does not parse to the source's syntax tree")
     return code.encode()
 
 
@@ -2591,8 +2619,8 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
         if model.recur_layers and not model.recurrence_active and progress >= args.recur_start_frac:
             model.recurrence_active = True
             recur_at = (step, elapsed)
-            log(f"depth recurrence on at step {step} ({elapsed:.1f}s, {step_s * 1000:.1f} ms/step so far; compiled in "
-                f"the warm-up): layers run {model.layer_order()}")
+            log(f"depth recurrence on at step {step} ({elapsed:.1f}s, {step_s * 1000:.1f} ms/step so far"
+                + ("; compiled in the warm-up" if args.warmup_steps >= 2 else "") + f"): layers run {model.layer_order()}")
         if args.qat_start_scale > 0 and qat_on_step is None and scale < args.qat_start_scale:
             start_late_qat(args, model, budget_bytes, step, scale, run)
             qat_on_step = step
@@ -2622,7 +2650,8 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
     log(f"training done: {step} steps in {elapsed:.1f}s ({step_s * 1000:.1f} ms/step), peak memory {peak:.0f} MiB")
     if recur_at is not None and step > recur_at[0] > 0:
         log(f"step time: {recur_at[1] / recur_at[0] * 1000:.1f} ms before depth recurrence ({recur_at[0]} steps), "
-            f"{(elapsed - recur_at[1]) / (step - recur_at[0]) * 1000:.1f} ms with it ({step - recur_at[0]} steps)")
+            f"{(elapsed - recur_at[1]) / (step - recur_at[0]) * 1000:.1f} ms with it ({step - recur_at[0]} steps"
+            + (", late QAT's start included)" if qat_on_step is not None and qat_on_step >= recur_at[0] else ")"))
     return TrainStats(step, elapsed, step_s * 1000, peak, reserve, qat_on_step, loss_v, raw)
 
 
@@ -2783,18 +2812,20 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
             run.log(f"n-gram tilt ({name}): hints for {float(hinted.float().mean()):.1%} of the targets "
                     f"(after the fact: {right:.1%} of them right); beta {args.ngram_beta}")
         run.log(f"n-gram hints built in {time.perf_counter() - t0:.1f}s")
-    score = make_score_fn(_maybe_compile(model, args, run.device), run.device, hints)
+    compiled = _maybe_compile(model, args, run.device)
     res = {}
 
-    def timed_eval(key, phase, label, stride, note=""):
+    def timed_eval(key, phase, label, stride, note="", hints=None):
         t0 = time.perf_counter()
+        score = make_score_fn(compiled, run.device, hints)
         res[key] = evaluate(score, val_tokens, byte_source, args.eval_seq_len, stride, args.eval_batch_seqs, run)
         run.timer.since(phase, t0)
-        run.log(f"final_int{args.quant_bits}_{label} {_scores(res[key])} ({tilt}{note}{time.perf_counter() - t0:.1f}s)")
+        run.log(f"final_int{args.quant_bits}_{label} {_scores(res[key])} ({note}{time.perf_counter() - t0:.1f}s)")
 
+    # the round trip, a diagnostic against the float score, untilted
     timed_eval("roundtrip", "eval_roundtrip_plain", "roundtrip", args.eval_seq_len)
     if not args.skip_sliding_eval:
-        timed_eval("sliding", "eval_sliding", "sliding_window", args.eval_stride, f"stride {args.eval_stride}, ")
+        timed_eval("sliding", "eval_sliding", "sliding_window", args.eval_stride, f"{tilt}stride {args.eval_stride}, ", hints)
     if args.ttt_enabled:
         t0 = time.perf_counter()
         res["ttt"] = t = evaluate_with_ttt(model, val_tokens, byte_source, args, run, started=started, hints=ttt_hints)
@@ -2803,7 +2834,7 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
         run.log(f"final_int{args.quant_bits}_ttt {_scores(t)} ({tilt}{t['val_bpb'] - res[ref]['val_bpb']:+.5f} bpb vs {ref}, "
                 f"{t['ttt_steps']} adapter steps, {t['seconds']:.1f}s, {t['tokens_per_s_per_gpu']:.0f} tokens/s per GPU)")
         fineweb_tokens = FINEWEB_VAL_BYTES_EST * t["tokens"] / t["bytes"]
-        run.log(f"ttt estimate: FineWeb's validation (~{FINEWEB_VAL_BYTES_EST / 1e6:.0f} MB, ~{fineweb_tokens / 1e6:.1f} M "
+        run.log(f"ttt estimate (indicative): FineWeb's validation (~{FINEWEB_VAL_BYTES_EST / 1e6:.0f} MB, ~{fineweb_tokens / 1e6:.1f} M "
                 f"tokens at this data's tokens per byte) on 8 GPUs of this speed: "
                 f"~{fineweb_tokens / (8 * t['tokens_per_s_per_gpu']):.0f}s of TTT")
     res["seconds"] = secs = time.perf_counter() - started

@@ -71,19 +71,31 @@ def test_shipped_form_carries_any_bytes(tmp_path):
 
 
 def test_minified_drops_comments_and_docstrings_only():
-    """The shipped code: no comment and no docstring left, every other node of the syntax tree the
-    same (a body that was only a docstring keeps an empty one); the real script shrinks by a fifth."""
-    source = (b'"""Module doc."""\nimport os  # why\n\n\nclass A:\n    """Class doc."""\n\n    def f(self, x="#no"):\n'
-              b'        """Only a docstring."""\n\n    def g(self):\n        """Doc."""\n        return f"{os.sep}#"  # c\n')
+    """The shipped code: no comment, blank line or docstring left (a docstring becomes ""), every
+    other line the source's own text (cut, never rewritten: the same bytes on every Python
+    version, where ast.unparse's output changes with the version and 3.12's does not compile on
+    3.11); '#' inside strings and f-strings stays; the real script shrinks by a fifth and parses
+    to its own syntax tree with the docstrings emptied."""
+    source = (b'"""Module doc."""\nimport os  # why\n\n\nclass A:\n    """Class doc."""\n\n    # alone\n'
+              b'    def f(self, x="#no"):\n        """Only a docstring."""\n\n    def g(self):\n        """Doc\n\n'
+              b'        on lines."""\n        s = """a\n\n# kept: inside a string\n"""\n'
+              b'        return f"{os.sep}#" + s[:1]  # c\n')
     code = T.minified(source).decode()
-    assert "doc" not in code.lower() and "# why" not in code and "# c" not in code
-    assert "'#no'" in code and "#'" in code  # a '#' inside strings stays
+    assert "doc" not in code.lower() and "# why" not in code and "# c" not in code and "alone" not in code
+    assert 'x="#no"' in code and 'f"{os.sep}#"' in code and "\n\n# kept: inside a string\n" in code
     ns = {}
     exec(code, ns)
-    assert ns["A"]().g() == os.sep + "#" and ns["A"]().f() is None
+    assert ns["A"]().g() == os.sep + "#a" and ns["A"]().f() is None
     real = open(SCRIPT, "rb").read()
-    assert len(T.minified(real)) < 0.85 * len(real)
-    assert T.ast.dump(T.ast.parse(T.minified(real))) == T.ast.dump(T._without_docstrings(T.ast.parse(real)))
+    mini = T.minified(real)
+    assert len(mini) < 0.85 * len(real)
+    lines = real.decode().splitlines()
+    for line in mini.decode().splitlines():
+        assert line.strip() == '""' or any(s.startswith(line) for s in lines), line
+    tree = T.ast.parse(real)
+    for d in T._docstrings(tree):
+        d.value.value = ""
+    assert T.ast.dump(T.ast.parse(mini)) == T.ast.dump(tree)
 
 
 def test_ship_tool_writes_and_decodes_the_wrapper(tmp_path):
