@@ -2071,7 +2071,7 @@ def make_score_fn(model, device, hints=None):
 
 # ----- token n-gram tilt: hints from the tokens before each target (known once they are scored)
 
-_CTX_MUL, _PAIR_MUL = -7046029254386353131, -4417276706812531889  # odd 64-bit constants (int64 wraps)
+_CTX_MUL, _PAIR_MUL, _GROUP_MUL = -7046029254386353131, -4417276706812531889, 1609587929392839161  # odd; int64 wraps
 
 
 def _earlier_events(keys, time):
@@ -2100,16 +2100,21 @@ def document_starts(tokens, bos_id):
     return torch.cummax(torch.where(tokens == bos_id, i, 0), 0).values
 
 
-def ngram_hints(tokens, args, time=None):
+def ngram_hints(tokens, args, schedule=None):
     """hints[k] for the target tokens[k] (-1: none; hints[0] = -1). Each target, once scored, is an
-    event: its contexts tokens[k-n:k] inside its document, and itself. time[k] orders the scoring
-    (None: the stream's order; equal times: scored together, unseen by each other). Of target k's
-    contexts (NGRAM_MIN <= n <= NGRAM_MAX) seen at least NGRAM_MIN_COUNT times at earlier times,
-    the longest proposes what followed its latest occurrence: a hint if at least NGRAM_CONF of
-    those occurrences went on so. So hints[k] depends only on tokens scored before tokens[k]."""
+    event: its contexts tokens[k-n:k] inside its document, and itself. `schedule`: (phase, lane,
+    step) per target (None: the stream's order, a phase per target); target k may use the events of
+    earlier phases and those of its own lane (rank) in its phase at earlier steps: tokens scored
+    before it on any reading of "before". Of its contexts (NGRAM_MIN <= n <= NGRAM_MAX) seen at
+    least NGRAM_MIN_COUNT times so, the longest proposes what followed its latest occurrence: a
+    hint if at least NGRAM_CONF of those occurrences went on so."""
     t = tokens.long()
     n_in = t.numel() - 1  # input i predicts t[i + 1]
-    when = torch.arange(1, n_in + 1, device=t.device) if time is None else time[1:].to(t.device)
+    if schedule is None:
+        phase, lane_step = torch.arange(1, n_in + 1, device=t.device), None
+    else:
+        phase, lane, step = (x[1:].to(t.device) for x in schedule)
+        lane_step = (phase * (int(lane.max()) + 1) + lane, step)  # (phase, lane) as one group
     room = torch.arange(n_in, device=t.device) - document_starts(t, args.bos_id)[:n_in] + 1  # BOS..i
     hint = torch.full((n_in,), -1, dtype=torch.long, device=t.device)
     conf = torch.zeros(n_in, device=t.device)
@@ -2119,39 +2124,44 @@ def ngram_hints(tokens, args, time=None):
         if n < args.ngram_min:
             continue
         inside = torch.nonzero(room >= n).flatten()  # contexts that stay in their document
-        keys, w = ctx[inside], when[inside]
-        _, seen, last = _earlier_events(keys, w)
-        pair_before, _, _ = _earlier_events(keys * _PAIR_MUL + t[inside + 1] + 1, w)  # context and what followed
-        has = seen >= max(1, args.ngram_min_count)  # longer contexts found override shorter ones
+        keys = ctx[inside]
+        pairs = keys * _PAIR_MUL + t[inside + 1] + 1  # context and what followed
+        _, seen, last = _earlier_events(keys, phase[inside])  # earlier phases
+        pair_before, pair_seen, _ = _earlier_events(pairs, phase[inside])
         j = last.clamp_min(0)
-        share = (pair_before[j] + 1).float() / seen.clamp_min(1).float()
+        agree = pair_before[j] + 1
+        if lane_step is not None:  # and this lane's earlier steps of this phase: later than all those
+            group, step = (x[inside] for x in lane_step)
+            _, seen_b, last_b = _earlier_events(keys * _GROUP_MUL + group, step)
+            pair_before_b, _, _ = _earlier_events(pairs * _GROUP_MUL + group, step)
+            jb = last_b.clamp_min(0)
+            mine = seen_b > 0
+            agree = torch.where(mine, pair_before_b[jb] + 1 + pair_seen[jb], agree)
+            j, seen = torch.where(mine, jb, j), seen + seen_b
+        has = seen >= max(1, args.ngram_min_count)  # longer contexts found override shorter ones
+        share = agree.float() / seen.clamp_min(1).float()
         hint[inside] = torch.where(has, t[inside[j] + 1], hint[inside])
         conf[inside] = torch.where(has, share, conf[inside])
     return torch.cat((hint.new_full((1,), -1), torch.where(conf >= args.ngram_conf, hint, -1)))
 
 
-def ttt_scoring_times(tokens, args, world_size):
-    """time[k]: the step at which TTT scores target k, counted over phases (each rank's step s of a
-    phase at the same time: their chunks are scored together, whichever rank runs first)."""
+def ttt_schedule(tokens, args, world_size):
+    """(phase, lane, step) per target of `tokens` as TTT scores it on `world_size` ranks: the phase
+    (from 1), the rank (lane) and that rank's chunk step within the phase (target 0: zeros)."""
     spans = document_spans(tokens, args.bos_id)
-    time = torch.zeros(tokens.numel(), dtype=torch.long)
-    shares = [list(ttt_phase_shares(spans, args, Run(r, world_size))) for r in range(world_size)]
-    base = 1
-    for phase in range(len(shares[0])):
-        longest = 0
-        for mine in shares:
-            lanes, step = Lanes(mine[phase], args.ttt_batch_docs, args.ttt_chunk), 0
+    phase, lane, step = (torch.zeros(tokens.numel(), dtype=torch.long) for _ in range(3))
+    for rank in range(world_size):
+        for ph, mine in enumerate(ttt_phase_shares(spans, args, Run(rank, world_size))):
+            lanes, k = Lanes(mine, args.ttt_batch_docs, args.ttt_chunk), 0
             while True:
                 lanes.refill()
                 if not lanes.busy():
                     break
-                for lo, hi in lanes.scored_ranges():
-                    time[lo + 1:hi + 1] = base + step  # targets lo+1..hi
+                for lo, hi in lanes.scored_ranges():  # targets lo+1..hi
+                    phase[lo + 1:hi + 1], lane[lo + 1:hi + 1], step[lo + 1:hi + 1] = ph + 1, rank, k
                 lanes.advance()
-                step += 1
-            longest = max(longest, step)
-        base += longest
-    return time
+                k += 1
+    return phase, lane, step
 
 
 def tilted_nll(logits, y, hints, beta):
@@ -2804,7 +2814,7 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
         t0 = time.perf_counter()
         hints = ngram_hints(val_tokens, args)
         if args.ttt_enabled:
-            ttt_hints = ngram_hints(val_tokens, args, ttt_scoring_times(val_tokens.cpu(), args, run.world_size))
+            ttt_hints = ngram_hints(val_tokens, args, ttt_schedule(val_tokens.cpu(), args, run.world_size))
         run.timer.since("eval_ngram_hints", t0)
         for name, h in (("stream order", hints), ("TTT's order", ttt_hints))[:1 + args.ttt_enabled]:
             hinted = h[1:] >= 0

@@ -775,7 +775,7 @@ def test_ttt_recipe_settings_are_score_first(ttt_model, recipe, edit):
     def run(stream):
         m, calls, events = copy.deepcopy(ttt_model), [], []
         record_score_calls(m, calls)
-        hints = T.ngram_hints(stream, args, T.ttt_scoring_times(stream, args, 1)) if args.ngram_tilt else None
+        hints = T.ngram_hints(stream, args, T.ttt_schedule(stream, args, 1)) if args.ngram_tilt else None
         res = T.evaluate_with_ttt(m, stream, LUTS, args, T.Run(0, 1, CPU, lambda s: None),
                                   monitor=lambda *e: events.append(e + (len(calls),)), hints=hints)
         return res, calls, events

@@ -40,26 +40,33 @@ def repetitive_stream(seed, n_docs=8):
     return torch.cat(docs + [torch.tensor([BOS])])
 
 
-def reference_hints(tokens, args, time=None):
+def reference_hints(tokens, args, schedule=None):
     """The rule written out: for target k, the longest context tokens[k-n:k] inside its document
-    seen at least NGRAM_MIN_COUNT times among the targets scored at earlier times; what followed
-    the latest of them (by time, then position), if at least NGRAM_CONF of them went on so."""
+    seen at least NGRAM_MIN_COUNT times among the targets k may use: those of earlier phases, and
+    those of its phase and lane at earlier steps (no schedule: the targets before it); what
+    followed the latest of them, if at least NGRAM_CONF of them went on so. Latest: by phase, then
+    (in k's own phase) step, then position."""
     t = tokens.tolist()
-    time = list(range(len(t))) if time is None else time.tolist()
+    if schedule is None:
+        phase, lane, step = list(range(len(t))), [0] * len(t), [0] * len(t)
+    else:
+        phase, lane, step = (x.tolist() for x in schedule)
     start, doc_start = 0, []
     for i, tok in enumerate(t):
         start = i if tok == BOS else start
         doc_start.append(start)
     out = [-1]
     for k in range(1, len(t)):
+        def usable(j):
+            return phase[j] < phase[k] or (phase[j] == phase[k] and lane[j] == lane[k] and step[j] < step[k])
         hint = -1
         for n in range(min(args.ngram_max, k - doc_start[k - 1]), args.ngram_min - 1, -1):
             ctx = t[k - n:k]
-            ends = sorted((time[j], j) for j in range(n, len(t))
-                          if time[j] < time[k] and j - n >= doc_start[j - 1] and t[j - n:j] == ctx)
+            ends = sorted((phase[j], step[j] if phase[j] == phase[k] else 0, j) for j in range(n, len(t))
+                          if usable(j) and j - n >= doc_start[j - 1] and t[j - n:j] == ctx)
             if len(ends) >= max(1, args.ngram_min_count):
-                cand = t[ends[-1][1]]
-                if sum(t[j] == cand for _, j in ends) >= args.ngram_conf * len(ends):
+                cand = t[ends[-1][2]]
+                if sum(t[j] == cand for _, _, j in ends) >= args.ngram_conf * len(ends):
                     hint = cand
                 break
         out.append(hint)
@@ -78,23 +85,23 @@ def test_hints_equal_the_rule_written_out(kw):
         assert (hints >= 0).sum() > len(tokens) // 10  # the streams do give hints
 
 
-def test_hints_in_another_scoring_order_equal_the_rule_written_out():
-    """With TTT's scoring times (steps; targets of one step do not see each other) and with
-    random times with many ties."""
+def test_hints_in_ttts_order_equal_the_rule_written_out():
+    """With TTT's schedule on one and two ranks, and with random schedules (many ties, lanes)."""
     g = torch.Generator().manual_seed(5)
     for kw in ({}, dict(ngram_min_count=1), dict(ngram_max=3, ngram_conf=0.5)):
         args = ngram_args(**kw)
         for seed in range(3):
             tokens = repetitive_stream(seed)
-            for time in (T.ttt_scoring_times(tokens, args, 1), T.ttt_scoring_times(tokens, args, 2),
-                         torch.randint(0, 12, tokens.shape, generator=g)):
-                hints = T.ngram_hints(tokens, args, time)
-                assert torch.equal(hints, reference_hints(tokens, args, time)), (kw, seed)
+            randoms = tuple(torch.randint(0, hi, tokens.shape, generator=g) for hi in (4, 3, 6))
+            for schedule in (T.ttt_schedule(tokens, args, 1), T.ttt_schedule(tokens, args, 2), randoms):
+                hints = T.ngram_hints(tokens, args, schedule)
+                assert torch.equal(hints, reference_hints(tokens, args, schedule)), (kw, seed)
 
 
-def test_ttt_scoring_times_follow_the_lanes():
-    """ttt_scoring_times gives each target the step of the chunk that scores it (phases one after
-    another; on two ranks each rank's step s shares a time): recorded from a TTT run's monitor."""
+def test_ttt_schedule_follows_the_lanes():
+    """ttt_schedule gives each target the phase, rank and step of the chunk that scores it: on one
+    rank recorded from a TTT run's monitor (a range's targets share their step; steps count up
+    within each phase, a row per document); on two ranks each rank's lane holds its share."""
     args = ngram_args(ttt_phases=2, ttt_batch_docs=2)
     model = randomized_model(args, seed=1)
     tokens = repetitive_stream(3, n_docs=7)
@@ -102,16 +109,22 @@ def test_ttt_scoring_times_follow_the_lanes():
     events = []
     T.evaluate_with_ttt(copy.deepcopy(model), tokens, luts, args, T.Run(0, 1, CPU, lambda s: None),
                         monitor=lambda kind, lo, hi: events.append((kind, lo, hi)))
-    time = T.ttt_scoring_times(tokens, args, 1)
+    phase, lane, step = T.ttt_schedule(tokens, args, 1)
     scored = [(lo, hi) for kind, lo, hi in events if kind == "score"]
-    for lo, hi in scored:  # a range's targets share one time
-        assert len(set(time[lo + 1:hi + 1].tolist())) == 1
-    steps = [int(time[lo + 1]) for lo, _ in scored]
-    assert steps == sorted(steps) and steps[0] == 1 and int(time[0]) == 0 and bool((time[1:] > 0).all())
-    per_step = [steps.count(v) for v in sorted(set(steps))]
-    assert max(per_step) == args.ttt_batch_docs and len(per_step) == int(time.max())  # a row per document
-    two = T.ttt_scoring_times(tokens, args, 2)
-    assert int(two.max()) < int(time.max())  # two ranks: fewer steps, shared
+    assert sorted(k for lo, hi in scored for k in range(lo + 1, hi + 1)) == list(range(1, len(tokens)))
+    seen = []
+    for lo, hi in scored:  # in the run's order: (phase, step) never goes back
+        assert len(set(zip(phase[lo + 1:hi + 1].tolist(), step[lo + 1:hi + 1].tolist()))) == 1
+        seen.append((int(phase[lo + 1]), int(step[lo + 1])))
+    assert seen == sorted(seen) and seen[0] == (1, 0) and not lane.any()
+    assert max(seen.count(v) for v in set(seen)) == args.ttt_batch_docs
+    phase2, lane2, step2 = T.ttt_schedule(tokens, args, 2)
+    spans = T.document_spans(tokens, BOS)
+    for rank in range(2):
+        for ph, mine in enumerate(T.ttt_phase_shares(spans, args, T.Run(rank, 2))):
+            for s, e in mine:
+                assert bool((lane2[s + 1:e + 1] == rank).all()) and bool((phase2[s + 1:e + 1] == ph + 1).all())
+    assert torch.equal(phase2, phase) and int(step2.max()) < int(step.max())
 
 
 def test_a_hint_depends_only_on_the_tokens_before_its_target():
@@ -204,7 +217,7 @@ def test_ttt_scores_tilted_and_trains_on_the_models_own_loss(monkeypatch):
     model = randomized_model(args, seed=1)
     tokens = repetitive_stream(5, n_docs=6)
     assert max(e - s for s, e in T.document_spans(tokens, BOS)) <= args.eval_seq_len - args.eval_stride
-    hints = T.ngram_hints(tokens, args, T.ttt_scoring_times(tokens, args, 1))  # TTT's order
+    hints = T.ngram_hints(tokens, args, T.ttt_schedule(tokens, args, 1))  # TTT's order
     luts = T.ByteLUTs(torch.ones(48, dtype=torch.long), torch.zeros(48, dtype=torch.bool), torch.zeros(48, dtype=torch.bool))
     run = T.Run(0, 1, CPU)
     ref = T.evaluate(T.make_score_fn(model, CPU, hints), tokens, luts, args.eval_seq_len, args.eval_stride, 2,
