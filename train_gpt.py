@@ -3147,8 +3147,9 @@ def train_and_score(args, run, paths, t_start):
     backend = set_attention_backend(args.attn_backend, run.device, args.doc_mask)
     if os.environ.get("LOG_NOTE"):
         log(f"note: {os.environ['LOG_NOTE']}")
-    log(f"train_gpt.py: {code_bytes} bytes as shipped (counted; {len(code)} bytes of code less comments and docstrings); torch {torch.__version__}; "
-        f"world_size {run.world_size}; device {device_name}; attention {backend}")
+    log(f"train_gpt.py: {code_bytes} bytes as shipped (counted; {len(code)} bytes of code less comments and "
+        f"docstrings); profile {args.profile}; torch {torch.__version__}; world_size {run.world_size}; "
+        f"device {device_name}; attention {backend}")
     log("config: " + json.dumps(dataclasses.asdict(args), sort_keys=True))
 
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size)

@@ -5,6 +5,7 @@ import errno
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +141,14 @@ def test_log_and_submission_name_the_data(tiny_run, smoke_dataset):
     note = json.loads((out / "submission.json").read_text())["data_note"]
     assert note.startswith("scored on smoke text for tests: ") and "measured on 1x cpu" in note
     assert results["data"] in note
+
+
+def test_first_log_line_names_the_code_bytes_profile_and_attention(tiny_run):
+    out, stdout, results = tiny_run
+    first = next(l for l in stdout.splitlines() if l.startswith("train_gpt.py: "))
+    assert re.match(rf"train_gpt.py: {results['code_bytes']} bytes as shipped \(counted; \d+ bytes of code less "
+                    r"comments and docstrings\); profile 8xh100; torch \S+; world_size 1; device cpu; attention math$",
+                    first), first
 
 
 def test_unnamed_data_says_so(smoke_dataset):
