@@ -1866,7 +1866,8 @@ def minified(source):
     docstrings emptied."""
     text = source.decode()
     lines = text.splitlines(keepends=True)
-    doc_at = {d.lineno: d for d in _docstrings(ast.parse(text))}
+    tree = ast.parse(text)
+    doc_lines = {d.lineno for d in _docstrings(tree)}
     drop, cut, docs = set(), {}, {}
     for tok in tokenize.generate_tokens(io.StringIO(text).readline):
         (r0, c0), (r1, c1) = tok.start, tok.end
@@ -1877,7 +1878,7 @@ def minified(source):
                 drop.add(r0 - 1)
         elif tok.type == tokenize.NL and not lines[r0 - 1].strip():
             drop.add(r0 - 1)
-        elif (tok.type == tokenize.STRING and r0 in doc_at and r0 - 1 not in docs and not lines[r0 - 1][:c0].strip()
+        elif (tok.type == tokenize.STRING and r0 in doc_lines and r0 - 1 not in docs and not lines[r0 - 1][:c0].strip()
               and not lines[r1 - 1][c1:].split("#")[0].strip()):
             docs[r0 - 1] = (r1 - 1, c0)
     out, i = [], 0
@@ -1891,7 +1892,6 @@ def minified(source):
             out.append(lines[i][:cut[i]].rstrip() + "\n" if i in cut else lines[i])
         i += 1
     code = "".join(out)
-    tree = ast.parse(text)
     for d in _docstrings(tree):
         if d.lineno - 1 in docs:
             d.value.value = ""
@@ -1903,7 +1903,11 @@ def minified(source):
 def shipped_form(source):
     """The self-extracting file for `source` (bytes): it sets SHIPPED_SOURCE (the minified code)
     and executes it."""
-    packed = lzma.compress(minified(source), format=lzma.FORMAT_RAW,
+    return _self_extracting(minified(source))
+
+
+def _self_extracting(code):
+    packed = lzma.compress(code, format=lzma.FORMAT_RAW,
                            filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
     literal = b"".join(_SHIP_ESCAPES.get(b, bytes((b,))) for b in packed)
     return (b'# -*- coding: latin-1 -*-\nimport lzma as L\nSHIPPED_SOURCE=L.decompress("' + literal
@@ -1917,7 +1921,10 @@ def code_as_shipped():
     with open(os.path.abspath(__file__), "rb") as f:
         own = f.read()
     source = globals().get("SHIPPED_SOURCE")
-    return (source, len(own)) if source is not None else (minified(own), len(shipped_form(own)))
+    if source is not None:
+        return source, len(own)
+    code = minified(own)  # once: the shipped form wraps it
+    return code, len(_self_extracting(code))
 
 
 # ----- evaluation
@@ -2152,15 +2159,10 @@ def ttt_schedule(tokens, args, world_size):
     phase, lane, step = (torch.zeros(tokens.numel(), dtype=torch.long) for _ in range(3))
     for rank in range(world_size):
         for ph, mine in enumerate(ttt_phase_shares(spans, args, Run(rank, world_size))):
-            lanes, k = Lanes(mine, args.ttt_batch_docs, args.ttt_chunk), 0
-            while True:
-                lanes.refill()
-                if not lanes.busy():
-                    break
+            lanes = Lanes(mine, args.ttt_batch_docs, args.ttt_chunk)
+            for k, _ in enumerate(lanes.steps()):
                 for lo, hi in lanes.scored_ranges():  # targets lo+1..hi
                     phase[lo + 1:hi + 1], lane[lo + 1:hi + 1], step[lo + 1:hi + 1] = ph + 1, rank, k
-                lanes.advance()
-                k += 1
     return phase, lane, step
 
 
@@ -2191,11 +2193,10 @@ class DocAdapters:
         self.lr, self.wd, self.b1, self.eps = args.ttt_lr, args.ttt_wd, args.ttt_beta1, args.ttt_eps
         self.scale = args.ttt_alpha / r if args.ttt_alpha > 0 else 1.0
         self.keep_a, self.fresh_a = args.ttt_keep_a, torch.ones(docs, dtype=torch.bool, device=device)
-        self.out_mask = {}
+        self.qkv_mask = None
         if not args.ttt_qv:  # the q/k/v adapter writes the keys only
-            mask = torch.zeros(d + 2 * kv, 1, device=device)
-            mask[d:d + kv] = 1
-            self.out_mask = {(l, "qkv"): mask for l in range(args.num_layers)}
+            self.qkv_mask = torch.zeros(d + 2 * kv, 1, device=device)
+            self.qkv_mask[d:d + kv] = 1
         self.gen = torch.Generator(device=device).manual_seed(args.seed)
 
     @torch.no_grad()
@@ -2226,8 +2227,8 @@ class DocAdapters:
 
     def __call__(self, layer, kind, x):
         A, B = self.A[(layer, kind)], self.B[(layer, kind)] * self.scale
-        if (layer, kind) in self.out_mask:  # masked rows get no gradient: they stay zero
-            B = B * self.out_mask[(layer, kind)]
+        if kind == "qkv" and self.qkv_mask is not None:  # masked rows get no gradient: they stay zero
+            B = B * self.qkv_mask
         return torch.bmm(torch.bmm(x, A.mT.to(x.dtype)), B.mT.to(x.dtype))
 
 
@@ -2304,6 +2305,16 @@ class Lanes:
 
     def busy(self):
         return any(self.length)
+
+    def steps(self):
+        """Walk the chunk steps until every document is done: per step (before advancing past it),
+        the rows that start a document."""
+        while True:
+            fresh = self.refill()
+            if not self.busy():
+                return
+            yield fresh
+            self.advance()
 
     def a_later_chunk_learns(self):
         return any((k + 1) * self.chunk_len < n for k, n in zip(self.chunk, self.length))
@@ -2409,10 +2420,7 @@ def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, start
     shares = list(ttt_phase_shares(spans, args, run))
     for phase, mine in enumerate(shares):
         lanes = Lanes(mine, rows, chunk_len)
-        while True:
-            fresh = lanes.refill()
-            if not lanes.busy():
-                break
+        for fresh in lanes.steps():
             c, ln, st = _to_device([lanes.chunk, lanes.length, lanes.start], device)[:, :, None]
             fresh = _to_device(fresh, device) if fresh else None
             if fresh is not None:
@@ -2435,7 +2443,6 @@ def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, start
             for kind in ("score", "train")[:1 + train_now] if monitor else ():
                 for lo, hi in ranges:
                     monitor(kind, lo, hi)
-            lanes.advance()
         over = torch.tensor(float(not adapting or time.perf_counter() >= stop_at), device=device)
         if run.world_size > 1:
             dist.all_reduce(over, op=dist.ReduceOp.MAX)

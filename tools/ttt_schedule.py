@@ -22,13 +22,7 @@ def batch_steps(mine, C, D):
 
 
 def lane_steps(mine, C, D):  # evaluate_with_ttt's lanes, without the model
-    lanes, steps = T.Lanes(mine, D, C), 0
-    while True:
-        lanes.refill()
-        if not lanes.busy():
-            return steps
-        steps += 1
-        lanes.advance()
+    return sum(1 for _ in T.Lanes(mine, D, C).steps())
 
 
 def main():
