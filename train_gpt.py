@@ -2029,10 +2029,10 @@ def rank_share(items, rank, world_size):
 
 @torch.no_grad()
 def score_windows(score_fn, tokens, byte_source, windows, batch, device, on_score=None):
-    """Sum (nll, bytes, tokens) over the scored parts; batches padded to a shape. `byte_source`
-    (ByteLUTs or ByteSidecar) counts each target's bytes from its previous token, itself and its
-    position in `tokens`."""
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    """Sum (nll, bytes, tokens, untilted nll) over the scored parts; batches padded to a shape.
+    `byte_source` (ByteLUTs or ByteSidecar) counts each target's bytes from its previous token,
+    itself and its position in `tokens`."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     for b0 in range(0, len(windows), batch):
         part = windows[b0:b0 + batch]
         valid = torch.arange(batch, device=device) < len(part)
@@ -2045,8 +2045,10 @@ def score_windows(score_fn, tokens, byte_source, windows, batch, device, on_scor
         idx = starts[:, None] + pos[None, :]
         x, y = tokens[idx], tokens[idx + 1]
         nll = score_fn(x, y, idx + 1).double()
+        plain, nll = (nll, nll) if nll.dim() == 2 else nll  # (untilted, tilted) with hints
         mask = (pos[None, :] >= first[:, None]) & valid[:, None]
         sums[0] += (nll * mask).sum()
+        sums[3] += (plain * mask).sum()
         sums[1] += (byte_source.target_bytes(x, y, idx + 1).double() * mask).sum()
         sums[2] += mask.sum()
         if on_score is not None:
@@ -2056,8 +2058,9 @@ def score_windows(score_fn, tokens, byte_source, windows, batch, device, on_scor
 
 
 def _metrics(sums):
-    loss, nbytes, ntok = (float(v) for v in sums)
-    return {"val_loss": loss / ntok, "val_bpb": loss / math.log(2) / nbytes, "tokens": int(ntok), "bytes": int(nbytes)}
+    loss, nbytes, ntok, plain = (float(v) for v in sums)
+    return {"val_loss": loss / ntok, "val_bpb": loss / math.log(2) / nbytes, "tokens": int(ntok), "bytes": int(nbytes),
+            "untilted_bpb": plain / math.log(2) / nbytes}  # = val_bpb without n-gram hints
 
 
 def evaluate(score_fn, tokens, byte_source, seq_len, stride, batch, run, on_score=None):
@@ -2069,10 +2072,10 @@ def evaluate(score_fn, tokens, byte_source, seq_len, stride, batch, run, on_scor
 
 
 def make_score_fn(model, device, hints=None):
-    """score(x, y, y_pos) -> per-target nll (tilted by `hints[y_pos]` if given)."""
+    """score(x, y, y_pos) -> per-target nll; with `hints`, (untilted, tilted by `hints[y_pos]`) stacked."""
     def score(x, y, y_pos):
         with _autocast(device):
-            return model(x, y, reduction="none") if hints is None else model(x, y, reduction="none", hints=hints[y_pos])[1]
+            return model(x, y, reduction="none") if hints is None else model(x, y, reduction="none", hints=hints[y_pos])
     return score
 
 
@@ -2389,7 +2392,7 @@ def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, start
     model.requires_grad_(False)
     adapters = DocAdapters(args, rows, device)
     cache = KVCache(args.eval_seq_len - chunk_len, rows, chunk_len, args.bos_id, device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # as score_windows'
     x, y = (torch.full((rows, chunk_len), v, device=device) for v in (args.bos_id, 0))
     y_pos = torch.ones(rows, chunk_len, dtype=torch.long, device=device)  # the targets' positions in `tokens`
     inside = torch.zeros(rows, chunk_len, dtype=torch.bool, device=device)
@@ -2401,7 +2404,7 @@ def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, start
         nll, scored = (out, out) if hint is None else (out[0], out[1])  # adapters learn the model's own loss
         nll, scored = (torch.where(inside, t, 0) for t in (nll, scored))
         nbytes = (byte_source.target_bytes(x, y, y_pos) * inside).sum()
-        sums.add_(torch.stack([scored.detach().sum(), nbytes, inside.sum()]).double())
+        sums.add_(torch.stack([scored.detach().sum(), nbytes, inside.sum(), nll.detach().sum()]).double())
         if train:  # each document's adapters get their own mean loss
             (nll.sum(1) / inside.sum(1).clamp_min(1)).sum().backward()
             adapters.step()
@@ -2803,6 +2806,10 @@ def _scores(r):
     return f"val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}"
 
 
+def _untilted(r, tilted):  # the same pass's score without the n-gram hints: the tilt's ablation row
+    return f"untilted val_bpb {r['untilted_bpb']:.8f}, tilt {r['val_bpb'] - r['untilted_bpb']:+.5f}; " if tilted else ""
+
+
 def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, entries=None):
     """Load the artifact (or its decoded `entries`) into `model`; plain, sliding, TTT evaluation;
     the time since `started` (the evaluation's start) against the limit."""
@@ -2837,7 +2844,8 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
         score = make_score_fn(compiled, run.device, hints)
         res[key] = evaluate(score, val_tokens, byte_source, args.eval_seq_len, stride, args.eval_batch_seqs, run)
         run.timer.since(phase, t0)
-        run.log(f"final_int{args.quant_bits}_{label} {_scores(res[key])} ({note}{time.perf_counter() - t0:.1f}s)")
+        run.log(f"final_int{args.quant_bits}_{label} {_scores(res[key])} ({note}{_untilted(res[key], hints is not None)}"
+                f"{time.perf_counter() - t0:.1f}s)")
 
     # the round trip, a diagnostic against the float score, untilted
     timed_eval("roundtrip", "eval_roundtrip_plain", "roundtrip", args.eval_seq_len)
@@ -2848,7 +2856,8 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
         res["ttt"] = t = evaluate_with_ttt(model, val_tokens, byte_source, args, run, started=started, hints=ttt_hints)
         run.timer.since("eval_ttt", t0)
         ref = "sliding" if "sliding" in res else "roundtrip"
-        run.log(f"final_int{args.quant_bits}_ttt {_scores(t)} ({tilt}{t['val_bpb'] - res[ref]['val_bpb']:+.5f} bpb vs {ref}, "
+        run.log(f"final_int{args.quant_bits}_ttt {_scores(t)} ({tilt}{_untilted(t, args.ngram_tilt)}"
+                f"{t['val_bpb'] - res[ref]['val_bpb']:+.5f} bpb vs {ref}, "
                 f"{t['ttt_steps']} adapter steps, {t['seconds']:.1f}s, {t['tokens_per_s_per_gpu']:.0f} tokens/s per GPU)")
         fineweb_tokens = FINEWEB_VAL_BYTES_EST * t["tokens"] / t["bytes"]
         run.log(f"ttt estimate (indicative): FineWeb's validation (~{FINEWEB_VAL_BYTES_EST / 1e6:.0f} MB, ~{fineweb_tokens / 1e6:.1f} M "
@@ -3118,6 +3127,7 @@ def write_results(args, paths, cid, data, pre, raw_bpb, res, stats, written, wal
                "prequant_val_bpb": pre["val_bpb"], "prequant_raw_val_bpb": raw_bpb,
                "roundtrip_val_bpb": res["roundtrip"]["val_bpb"],
                "sliding_val_bpb": res.get("sliding", {}).get("val_bpb"), "val_tokens": final["tokens"],
+               "ngram_tilt": args.ngram_tilt, "untilted_val_bpb": final["untilted_bpb"],
                "artifact_bytes": written.artifact_bytes, "model_bytes": written.model_bytes,
                "code_bytes": code_bytes, "clip_sigmas": written.clip_sigmas, "steps": stats.steps,
                "step_avg_ms": stats.step_avg_ms, "train_seconds": stats.train_seconds,

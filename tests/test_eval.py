@@ -1348,6 +1348,8 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     assert re.search(r"^n-gram tilt \(TTT's order\): hints for [\d.]+% of the targets", runs[2], re.M)
     assert re.search(r"^final_int6_ttt .*\(n-gram tilt, ", runs[2], re.M)
     assert final_line(runs[2], "ttt") != final_line(runs[1], "ttt")
+    untilted = float(re.search(r"^final_int6_ttt .*untilted val_bpb ([\d.]+), tilt [-+][\d.]+;", runs[2], re.M).group(1))
+    assert untilted == pytest.approx(float(final_line(runs[1], "ttt")[1]), abs=2e-8)  # the same pass, hints off
     assert final_line(runs[2], "roundtrip") == final_line(runs[1], "roundtrip")  # the diagnostic stays untilted
 
 

@@ -189,8 +189,8 @@ def tilt_reference(model, tokens, args):
 
 
 def test_sliding_evaluation_scores_the_tilt():
-    """evaluate() with the hints = the tilted loss of every target in its full context; beta 0 =
-    the plain evaluation."""
+    """evaluate() with the hints = the tilted loss of every target in its full context, and the
+    same pass's untilted score = the plain evaluation's; beta 0 = the plain evaluation."""
     args = ngram_args()
     model = randomized_model(args, seed=1)
     tokens = repetitive_stream(4, n_docs=3)[:args.eval_seq_len + 1]
@@ -206,6 +206,8 @@ def test_sliding_evaluation_scores_the_tilt():
     beta0 = T.evaluate(T.make_score_fn(model0, CPU, hints), tokens, luts, args.eval_seq_len, args.eval_stride, 2, run)
     assert beta0["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
     assert abs(tilted["val_loss"] - plain["val_loss"]) > 1e-3
+    assert tilted["untilted_bpb"] == pytest.approx(plain["val_bpb"], rel=1e-9)
+    assert plain["untilted_bpb"] == plain["val_bpb"]
 
 
 def test_ttt_scores_tilted_and_trains_on_the_models_own_loss(monkeypatch):
@@ -234,8 +236,11 @@ def test_ttt_scores_tilted_and_trains_on_the_models_own_loss(monkeypatch):
         monkeypatch.setattr(T.DocAdapters, "step", recording)
         out = T.evaluate_with_ttt(copy.deepcopy(model), tokens, luts, ngram_args(ttt_lr=0.01, ttt_global_lr=0.0, **long), run,
                                   hints=hints if with_hints else None)
-        grads[with_hints].append(out["val_loss"])
+        grads[with_hints].append(out["val_bpb"])
+        if with_hints:
+            untilted = out["untilted_bpb"]
     assert len(grads[True]) == len(grads[False]) > 3
+    assert untilted == pytest.approx(grads[False][-1], rel=1e-9)  # the tilt's ablation row from the same pass
     for a, b in zip(grads[True][:-1], grads[False][:-1]):
         for ga, gb in zip(a, b):
             assert torch.equal(ga, gb)
