@@ -227,18 +227,16 @@ class Hyperparameters:
     ttt_eps: float = 1e-10
     ttt_alpha: float = 144.0  # adapter output x alpha / rank (0: x 1)
     ttt_keep_a: bool = True  # a row's A carries over to its next document (only B and Adam state reset)
-    ttt_qv: bool = True  # adapters on the queries and values too (off: keys only of q/k/v)
     ttt_phases: int = 3
     ttt_global_lr: float = 0.002
-    ttt_softcap_lr: float = 0.0  # > 0: caps of their own for positive and negative logits, learned by the global pass
     ttt_max_seconds: float = 480.0  # into the evaluation: adaptation stops, scoring goes on
     # token n-gram tilt (every scorer): p'(a) ~ p(a) e^(beta [a = hint]) where an earlier context hints
-    ngram_tilt: bool = False
+    ngram_tilt: bool = True
     ngram_max: int = 16  # longest context, tokens
     ngram_min: int = 1
-    ngram_conf: float = 0.8  # least share of the context's earlier continuations the hint must have had
-    ngram_min_count: int = 2  # a context proposes once seen this often (once: ~40 % of such hints right, proxy)
-    ngram_beta: float = 2.625
+    ngram_conf: float = 0.95  # least share of the context's earlier continuations the hint must have had
+    ngram_min_count: int = 3  # a context proposes once seen this often (once: ~40 % of such hints right, proxy)
+    ngram_beta: float = 1.0  # 2.625 with 0.8 / 2, the field's beta: +0.0048 on the proxy (RESULTS.md)
     # runtime
     attn_backend: str = "auto"  # auto (FA3, else FA4, else flex/sdpa) | fa3 | fa4 | flex | sdpa | math
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
@@ -991,7 +989,6 @@ class GPT(nn.Module):
         self.register_buffer("qat_clip", torch.tensor(float(a.clip_sigmas)), persistent=False)
         self._capture = None
         self.adapters = None  # TTT's per-document LoRA
-        self.softcap_pn = None  # TTT_SOFTCAP_LR: (positive, negative) logit caps
 
     def adapt(self, layer, kind, x, y):
         return y if self.adapters is None else y + self.adapters(layer, kind, x)
@@ -1075,9 +1072,6 @@ class GPT(nn.Module):
 
     def logits_from_hidden(self, h):
         logits = self.adapt(-1, "head", h, F.linear(h, self.tok_emb.weight)).float()
-        if self.softcap_pn is not None:
-            cp, cn = self.softcap_pn[0], self.softcap_pn[1]
-            return torch.where(logits > 0, cp * torch.tanh(logits / cp), cn * torch.tanh(logits / cn))
         c = self.args.logit_softcap
         return c * torch.tanh(logits / c) if c > 0 else logits
 
@@ -2045,7 +2039,7 @@ def score_windows(score_fn, tokens, byte_source, windows, batch, device, on_scor
         idx = starts[:, None] + pos[None, :]
         x, y = tokens[idx], tokens[idx + 1]
         nll = score_fn(x, y, idx + 1).double()
-        plain, nll = (nll, nll) if nll.dim() == 2 else nll  # (untilted, tilted) with hints
+        plain, nll = (nll, nll) if nll.dim() == 2 else nll  # with hints: (untilted, tilted)
         mask = (pos[None, :] >= first[:, None]) & valid[:, None]
         sums[0] += (nll * mask).sum()
         sums[3] += (plain * mask).sum()
@@ -2196,10 +2190,6 @@ class DocAdapters:
         self.lr, self.wd, self.b1, self.eps = args.ttt_lr, args.ttt_wd, args.ttt_beta1, args.ttt_eps
         self.scale = args.ttt_alpha / r if args.ttt_alpha > 0 else 1.0
         self.keep_a, self.fresh_a = args.ttt_keep_a, torch.ones(docs, dtype=torch.bool, device=device)
-        self.qkv_mask = None
-        if not args.ttt_qv:  # the q/k/v adapter writes the keys only
-            self.qkv_mask = torch.zeros(d + 2 * kv, 1, device=device)
-            self.qkv_mask[d:d + kv] = 1
         self.gen = torch.Generator(device=device).manual_seed(args.seed)
 
     @torch.no_grad()
@@ -2230,8 +2220,6 @@ class DocAdapters:
 
     def __call__(self, layer, kind, x):
         A, B = self.A[(layer, kind)], self.B[(layer, kind)] * self.scale
-        if kind == "qkv" and self.qkv_mask is not None:  # masked rows get no gradient: they stay zero
-            B = B * self.qkv_mask
         return torch.bmm(torch.bmm(x, A.mT.to(x.dtype)), B.mT.to(x.dtype))
 
 
@@ -2341,10 +2329,7 @@ def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
     haves = torch.zeros(run.world_size, device=device)
     haves[run.rank] = have
     _all_reduce_sum(haves)
-    caps = [model.softcap_pn] if model.softcap_pn is not None else []
-    rest = [p for p in model.parameters() if all(p is not c for c in caps)]
-    sgd = torch.optim.SGD([{"params": rest}] + [{"params": caps, "lr": args.ttt_softcap_lr}] * bool(caps),
-                          lr=args.ttt_global_lr, momentum=0.9)
+    sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
     with varlen_room_for(xs[:have * window].view(-1, window), args.bos_id):
         for r0 in range(0, int(haves.max()), rows):
             r1 = min(r0 + rows, have)
@@ -2360,8 +2345,6 @@ def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
             flat_all_reduce_avg([p.grad for p in model.parameters()])()
             sgd.step()
             sgd.zero_grad(set_to_none=True)
-            for c in caps:  # a cap at or below 0 would flip the logits
-                c.data.clamp_(min=1.0)
             if monitor is not None and r1 > r0:
                 monitor("global", r0 * window, r1 * window)  # offsets in this rank's rows
 
@@ -2413,8 +2396,6 @@ def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, start
         dist.barrier()
     t0, adapting, stopped, steps, n_tok = time.perf_counter(), True, False, 0, 0
     stop_at = (started or t0) + args.ttt_max_seconds
-    if args.ttt_softcap_lr > 0 and args.logit_softcap > 0:  # both caps start at the trained one
-        model.softcap_pn = nn.Parameter(torch.full((2,), float(args.logit_softcap), device=device), requires_grad=False)
     model.adapters, steppers = adapters, {t: functools.partial(chunk_step, t) for t in (True, False)}
     if device.type == "cuda":  # kernel launches, not the GPU, bound the eager step: replay graphs
         cache.start(torch.zeros(rows, dtype=torch.long, device=device))
@@ -2459,9 +2440,6 @@ def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, start
         run.log(f"ttt phase {phase + 1}/{len(shares)} done at {time.perf_counter() - t0:.1f}s: "
                 f"{n_tok} targets scored here, {steps} adapter steps, val_bpb so far "
                 + (f"{_metrics(sums)['val_bpb']:.5f}" if n_tok else "-"))
-    if model.softcap_pn is not None:
-        run.log("ttt: logit caps after the global passes: positive {:.3f}, negative {:.3f}".format(*model.softcap_pn.tolist()))
-        model.softcap_pn = None
     model.requires_grad_(True).adapters = None
     out = _metrics(_all_reduce_sum(sums))
     seconds = time.perf_counter() - t0

@@ -262,7 +262,7 @@ def test_evaluate_sliding_matches_brute_force(model, sp_and_luts, val_tokens, n,
 # The adapters are the plain ones (AdamW(0.9, eps 1e-8), scale 1, A drawn per document) whatever
 # the defaults: TTT_ALPHA=144 over rank 4 would scale them by 36 (80 in a run: 1.8), which makes TTT
 # blow up here; the tests of the recipe settings turn them on explicitly.
-PLAIN_ADAPTERS = dict(ttt_beta1=0.9, ttt_eps=1e-8, ttt_alpha=0.0, ttt_keep_a=False, ttt_qv=True)
+PLAIN_ADAPTERS = dict(ttt_beta1=0.9, ttt_eps=1e-8, ttt_alpha=0.0, ttt_keep_a=False)
 
 BOS = 1
 
@@ -272,7 +272,8 @@ def ttt_args(**kw):
                                      bigram_vocab=31, bigram_dim=8, ve_dim=8, train_seq_len=64, eval_seq_len=64,
                                      eval_stride=16, eval_batch_seqs=4, attn_backend="math", seed=5, ttt_enabled=True,
                                      ttt_rank=4, ttt_chunk=16, ttt_batch_docs=3, ttt_phases=3, ttt_lr=0.0,
-                                     ttt_global_lr=0.0, ttt_wd=0.5, ttt_max_seconds=1e9, **PLAIN_ADAPTERS), **kw})
+                                     ttt_global_lr=0.0, ttt_wd=0.5, ttt_max_seconds=1e9, ngram_tilt=False,
+                                     **PLAIN_ADAPTERS), **kw})
 
 
 @pytest.fixture(scope="module")
@@ -502,44 +503,6 @@ def test_doc_adapters_keep_a_draws_a_once_per_row():
             assert torch.equal(A[1], a1) == keep
 
 
-@pytest.mark.parametrize("qv", [False, True], ids=["keys_only", "qkv"])
-def test_doc_adapters_without_qv_write_keys_only(ttt_model, qv):
-    """TTT_QV=0: the q/k/v adapter's delta is masked to the key columns [d, d + kv). Trained on
-    a real loss through the model (3 Adam steps, lr 0.05), the qkv adapters' B rows of the query
-    columns [0, d) and the value columns [d + kv, d + 2 kv) stay exactly zero (no gradient, and
-    Adam's update of a zero moment is 0), the key rows and every other adapter do learn; with
-    B set to random values by hand, the adapter still writes exactly 0 into q and v (the mask
-    acts on the output, not only through B's gradients). With TTT_QV=1 (the control) the same
-    steps do move the q and v rows: the loss really reaches them, so the check is sensitive."""
-    args = ttt_args(ttt_rank=2, ttt_lr=0.05, ttt_qv=qv)
-    d, kv = args.model_dim, args.num_kv_heads * args.head_dim
-    q_v = torch.cat([torch.arange(d), torch.arange(d + kv, d + 2 * kv)])
-    ad = T.DocAdapters(args, 2, CPU)
-    ad.reset(torch.arange(2))
-    m = copy.deepcopy(ttt_model).requires_grad_(False)
-    m.adapters = ad
-    docs = make_docs([24, 24, 24, 24], seed=8)
-    ids = torch.cat(docs).view(2, 48)
-    targets = torch.roll(ids, -1, dims=1)
-    for _ in range(3):
-        m(ids, targets).backward()
-        ad.step()
-        for l in range(args.num_layers):
-            B = ad.B[(l, "qkv")].detach()
-            assert B[:, d:d + kv].abs().min() > 0
-            assert (not B[:, q_v].any()) == (not qv), l
-        assert all(B.detach().abs().max() > 0 for k, B in ad.B.items() if k[1] != "qkv")
-    x = torch.randn(2, 5, d, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        for l in range(args.num_layers):
-            for by_hand in (False, True):
-                if by_hand:
-                    ad.B[(l, "qkv")].normal_()
-                out = ad(l, "qkv", x)
-                assert out[..., d:d + kv].abs().min() > 0
-                assert (not out[..., q_v].any()) == (not qv), (l, by_hand)
-
-
 def test_ttt_with_zero_lr_equals_sliding_eval(ttt_model):
     """lr 0 (adapters and global passes): every target scored once, with the same context as
     the doc-masked sliding evaluation when no document is longer than EVAL_SEQ_LEN -
@@ -735,11 +698,8 @@ def first_event_reading(events, spans, args, e0, e1):
 
 SCORE_FIRST_RECIPES = {
     "keep_a_beta1_0_eps_alpha": dict(ttt_keep_a=True, ttt_beta1=0.0, ttt_eps=1e-10, ttt_alpha=8.0),
-    "keys_only": dict(ttt_qv=False),
     "ngram_tilt": dict(ngram_tilt=True, ngram_max=4, ngram_min_count=1),
-    "softcap": dict(ttt_softcap_lr=20.0),
-    "all_together": dict(ttt_keep_a=True, ttt_beta1=0.0, ttt_eps=1e-10, ttt_alpha=8.0, ttt_qv=False,
-                         ngram_tilt=True, ngram_max=4, ngram_min_count=1),
+    "all_together": dict(ttt_keep_a=True, ttt_beta1=0.0, ttt_eps=1e-10, ttt_alpha=8.0, ngram_tilt=True, ngram_max=4, ngram_min_count=1),
 }
 # (the edited document's index and length, its offsets edited): the 60-token document of
 # phase 0, in its last chunk (48..59); the 52-token document of phase 1, in its chunk 1 (16..31)
@@ -750,7 +710,7 @@ SCORE_FIRST_EDITS = {"phase0_last_chunk": (0, 60, 52, 56), "phase1_middle_chunk"
 @pytest.mark.parametrize("recipe", SCORE_FIRST_RECIPES)
 def test_ttt_recipe_settings_are_score_first(ttt_model, recipe, edit):
     """Score-first under the recipe settings (TTT_KEEP_A with TTT_BETA1=0, TTT_EPS=1e-10 and
-    TTT_ALPHA; TTT_QV=0; the n-gram tilt, its hints made from the stream, edited or not; all at
+    TTT_ALPHA; the n-gram tilt, its hints made from the stream, edited or not; all at
     once), real learning rates, 3 phases, documents of several chunks, more documents than a
     batch holds.
     The monitor: as in test_ttt_is_score_first. Independently of the monitor, the general
@@ -996,37 +956,6 @@ def test_ttt_logs_once_when_the_time_budget_runs_out(ttt_model, monkeypatch):
     res, _, logs, _, _ = run_out_of_time_in_phase_1(ttt_model, monkeypatch)
     spent = [s for s in logs if "scoring only from here" in s]
     assert len(spent) == 1 and f"after {res['ttt_steps']} adapter steps" in spent[0]
-
-
-def test_ttt_softcap_caps_are_learned_by_the_global_pass_only(monkeypatch):
-    """TTT_SOFTCAP_LR: caps of their own for positive and negative logits, both starting at
-    LOGIT_SOFTCAP, trained by the global passes only (at their own lr, even with TTT_GLOBAL_LR 0):
-    the first phase's scores are bit-identical to a run without them, the caps end apart from
-    30 and from each other, later scores change, and the model is handed back without them."""
-    model = randomized_model(ttt_args(), seed=2, emb_std=0.8)  # logits large enough for the cap to matter
-    tokens = as_stream(make_docs((150, 70, 20, 97, 5, 33, 61, 44, 12, 80, 66, 41), seed=4))
-    runs = {}
-    for name, kw in (("plain", {}), ("caps", dict(ttt_softcap_lr=20.0)), ("caps_only", dict(ttt_softcap_lr=20.0, ttt_global_lr=0.0))):
-        calls = []
-        m = copy.deepcopy(model)
-        record_score_calls(m, calls)
-        args = ttt_args(ttt_phases=3, ttt_lr=0.02, **{"ttt_global_lr": 0.05, **kw})
-        logs = []
-        res = T.evaluate_with_ttt(m, tokens, LUTS, args, T.Run(0, 1, CPU, logs.append),
-                                  monitor=lambda *e: calls.append(e) if e[0] == "global" else None)
-        runs[name] = (res, calls, logs, m)
-    first_global = [next(i for i, c in enumerate(r[1]) if c[0] == "global") for r in runs.values()]
-    assert first_global[0] == first_global[1] > 0
-    for a, b in zip(runs["plain"][1][:first_global[0]], runs["caps"][1][:first_global[0]]):
-        assert torch.equal(a[2], b[2])  # phase 0: the same scores
-    for name in ("caps", "caps_only"):
-        line = next(l for l in runs[name][2] if l.startswith("ttt: logit caps"))
-        pos, neg = (float(v) for v in re.findall(r"(?:positive|negative) (-?[\d.]+)", line))
-        assert 1 <= pos < 29.99 and 1 <= neg < 29.999 and abs(pos - neg) > 1e-3, line
-        m = runs[name][3]
-        assert m.softcap_pn is None and set(m.state_dict()) == set(model.state_dict())
-    assert runs["caps"][0]["val_loss"] != runs["plain"][0]["val_loss"]
-    assert not any("logit caps" in l for l in runs["plain"][2])
 
 
 def test_ttt_learns_repeated_text(ttt_model):
@@ -1327,13 +1256,13 @@ def test_eval_only_opens_no_train_shard(trained_run, smoke_dataset, tmp_path):
 def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     """A training run with TTT, then EVAL_ONLY of its artifact with the same TTT settings: the
     very same TTT line (loss and bpb to 8 decimals), and TTT did adapt (steps > 0); the 8-GPU TTT
-    estimate is logged. EVAL_ONLY with the n-gram tilt: hints in both orders, other scores."""
+    estimate is logged. The n-gram tilt (on by default): hints in both orders, and the untilted
+    twin of its TTT score = EVAL_ONLY's score with NGRAM_TILT=0."""
     data_dir, tok, _ = smoke_dataset
-    ttt = dict(TTT_ENABLED=1, TTT_CHUNK=16, TTT_RANK=4, TTT_BATCH_DOCS=4, TTT_PHASES=2, TTT_LR=0.01)
+    ttt = dict(TTT_ENABLED=1, TTT_CHUNK=16, TTT_RANK=4, TTT_BATCH_DOCS=4, TTT_PHASES=2, TTT_LR=0.01, NGRAM_MIN_COUNT=1)
     runs = []
-    tilt = {"EVAL_ONLY": "final_model_t.int6.ptz", "RUN_ID": "tilt", "NGRAM_TILT": 1, "NGRAM_MIN_COUNT": 1,
-            "SKIP_SLIDING_EVAL": 1}
-    for extra in ({}, {"EVAL_ONLY": "final_model_t.int6.ptz"}, tilt):
+    plain = {"EVAL_ONLY": "final_model_t.int6.ptz", "RUN_ID": "plain", "NGRAM_TILT": 0, "SKIP_SLIDING_EVAL": 1}
+    for extra in ({}, {"EVAL_ONLY": "final_model_t.int6.ptz"}, plain):
         env = clean_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, **{**TINY_RUN, **ttt, **extra})
         p = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_gpt.py")], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
@@ -1343,13 +1272,14 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     assert final_line(runs[1], "ttt") == final_line(runs[0], "ttt")
     assert int(re.search(r"bpb vs \w+, (\d+) adapter steps", runs[0]).group(1)) > 0
     assert re.search(r"^ttt estimate \(indicative\): FineWeb's validation .* on 8 GPUs of this speed: ~\d+s of TTT$", runs[0], re.M)
-    assert "n-gram" not in runs[1]
-    assert re.search(r"^n-gram tilt \(stream order\): hints for [\d.]+% of the targets", runs[2], re.M)
-    assert re.search(r"^n-gram tilt \(TTT's order\): hints for [\d.]+% of the targets", runs[2], re.M)
-    assert re.search(r"^final_int6_ttt .*\(n-gram tilt, ", runs[2], re.M)
+    assert "n-gram" not in runs[2]
+    for run in runs[:2]:
+        assert re.search(r"^n-gram tilt \(stream order\): hints for [\d.]+% of the targets", run, re.M)
+        assert re.search(r"^n-gram tilt \(TTT's order\): hints for [\d.]+% of the targets", run, re.M)
+        assert re.search(r"^final_int6_ttt .*\(n-gram tilt, ", run, re.M)
     assert final_line(runs[2], "ttt") != final_line(runs[1], "ttt")
-    untilted = float(re.search(r"^final_int6_ttt .*untilted val_bpb ([\d.]+), tilt [-+][\d.]+;", runs[2], re.M).group(1))
-    assert untilted == pytest.approx(float(final_line(runs[1], "ttt")[1]), abs=2e-8)  # the same pass, hints off
+    untilted = float(re.search(r"^final_int6_ttt .*untilted val_bpb ([\d.]+), tilt [-+][\d.]+;", runs[1], re.M).group(1))
+    assert untilted == pytest.approx(float(final_line(runs[2], "ttt")[1]), abs=2e-8)  # the same pass, hints off
     assert final_line(runs[2], "roundtrip") == final_line(runs[1], "roundtrip")  # the diagnostic stays untilted
 
 

@@ -138,7 +138,7 @@ start_run() {
   else
     cp "$ROOT/train_gpt.py" "$d/"
   fi
-  local -a cmd=(env "DATA_PATH=$PR/shards_$v" "TOKENIZER_PATH=$tok" "VOCAB_SIZE=$n" "SEED=${SEED:-42}" "PROFILE=1gpu"
+  local -a cmd=(env -u OUT "DATA_PATH=$PR/shards_$v" "TOKENIZER_PATH=$tok" "VOCAB_SIZE=$n" "SEED=${SEED:-42}" "PROFILE=1gpu"
                 "OUT_DIR=$d/out" "DATA_NAME=proxy corpus (../shared/corpus), ${v/caseops/CaseOps sp8192} shards" "$@"
                 python3 train_gpt.py)
   printf '%q ' "${cmd[@]}" >"$d/command.txt"
