@@ -147,6 +147,9 @@ class Hyperparameters:
     gptq_reserve_seconds: float = -1.0  # -1: from model size
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
+    # progressive context, "LEN@FRACTION,...", e.g. "1024@0,2048@0.25,3072@0.5": each length from that
+    # fraction of the run on, tokens per step unchanged ("": TRAIN_SEQ_LEN throughout)
+    train_seq_schedule: str = ""
     grad_accum_steps: int = 0  # 0: max(1, 4 // world_size)
     warmup_steps: int = 20  # compile warm-up, undone afterwards
     # schedule in fractions of the run: same shape on 1 and 8 GPUs
@@ -297,6 +300,27 @@ class Hyperparameters:
             return list(range(max(0, self.num_layers - 2), self.num_layers))
         return _layer_list(self.ve_layers, "VE_LAYERS")
 
+    def train_seq_lens(self):
+        """[(from fraction, length), ...] of the training context, fractions rising from 0."""
+        if not self.train_seq_schedule.strip():
+            return [(0.0, self.train_seq_len)]
+        out = []
+        for item in self.train_seq_schedule.split(","):
+            try:
+                length, frac = item.split("@")
+                out.append((float(frac), int(length)))
+            except ValueError:
+                raise ConfigError(f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule!r} must be LEN@FRACTION,... "
+                                  f"(e.g. 1024@0,2048@0.5)") from None
+        return out
+
+    def train_seq_len_at(self, progress):
+        return [n for f, n in self.train_seq_lens() if f <= progress][-1]
+
+    @property
+    def longest_train_seq(self):
+        return max(n for _, n in self.train_seq_lens())
+
     def recur_layer_list(self, even_if_off=False):
         if self.recur_passes <= 0 and not even_if_off:
             return []
@@ -343,15 +367,23 @@ class Hyperparameters:
         rec = self.recur_layer_list(even_if_off=True)
         need(not rec or (rec == list(range(rec[0], rec[-1] + 1)) and 0 <= rec[0] and rec[-1] < self.num_layers),
              f"RECUR_LAYERS={self.recur_layers} must be consecutive layers in 0..{self.num_layers - 1}")
-        need(not rec or self.recur_passes == 0 or self.warmup_steps != 1,
-             "WARMUP_STEPS=1 cannot compile both depths of the recurrence: use 0 or >= 2")
         if self.attn_backend in _VARLEN_LOADERS:
             need_varlen_provider(self.attn_backend)  # ConfigError: not importable
         accum = self.resolved_grad_accum(world_size)
-        per_micro = world_size * accum * self.train_seq_len
-        need(self.train_batch_tokens % per_micro == 0,
-             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world_size({world_size}) x "
-             f"grad_accum({accum}) x TRAIN_SEQ_LEN({self.train_seq_len}) = {per_micro}")
+        lens = self.train_seq_lens()
+        fracs = [f for f, _ in lens]
+        need(fracs[0] == 0 and all(a < b < 1 for a, b in zip(fracs, fracs[1:])),
+             f"TRAIN_SEQ_SCHEDULE={self.train_seq_schedule}: fractions must rise from 0 and stay under 1")
+        for _, n in lens:
+            per_micro = world_size * accum * n
+            length = f"the training length ({n})" if self.train_seq_schedule.strip() else f"TRAIN_SEQ_LEN({n})"
+            need(n >= 1 and self.train_batch_tokens % per_micro == 0,
+                 f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world_size({world_size}) x "
+                 f"grad_accum({accum}) x {length} = {per_micro}")
+        combos = len(lens) * (2 if rec and self.recur_passes > 0 else 1)
+        need(self.warmup_steps == 0 or self.warmup_steps >= combos,
+             f"WARMUP_STEPS={self.warmup_steps} cannot compile every training shape ({combos}: lengths x recurrence "
+             f"depths): use 0 or >= {combos}")
         need(not 0 < self.qat_start_scale <= self.min_lr_scale, "QAT_START_SCALE must be 0 or above MIN_LR_SCALE")
         need(self.max_wallclock_seconds > 0 or self.iterations > 0, "set ITERATIONS or MAX_WALLCLOCK_SECONDS")
         within(0, 1, "ngram_conf")
@@ -984,7 +1016,7 @@ class GPT(nn.Module):
             self.ve_proj = nn.Parameter(torch.zeros(kv, a.ve_dim))
             self.ve_scale = nn.Parameter(torch.tensor(0.1))
             self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
-        self.rotary = Rotary(a.rope_dims, a.rope_base, max(a.train_seq_len, a.eval_seq_len, a.gptq_calib_len))
+        self.rotary = Rotary(a.rope_dims, a.rope_base, max(a.longest_train_seq, a.eval_seq_len, a.gptq_calib_len))
         self.register_buffer("qat_mix", torch.zeros(()), persistent=False)
         self.register_buffer("qat_clip", torch.tensor(float(a.clip_sigmas)), persistent=False)
         self._capture = None
@@ -2536,13 +2568,14 @@ def training_budget(args, model):
 
 
 def compile_warmup(args, model, opt, loader, one_step, run):
-    """WARMUP_STEPS steps compile the graphs (both depths of the recurrence: no recompile mid-run);
-    weights, optimizer and data position are then restored."""
+    """WARMUP_STEPS steps compile the graphs (every training length, both depths of the recurrence:
+    no recompile mid-run); weights, optimizer and data position are then restored."""
     t0 = time.perf_counter()
     saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(), loader.stream.state())
+    shapes = [(depth, n) for depth in ((False, True) if model.recur_layers else (False,)) for _, n in args.train_seq_lens()]
     for i in range(args.warmup_steps):
-        model.recurrence_active = bool(model.recur_layers) and i >= args.warmup_steps // 2
-        one_step(0.0, 1.0)
+        model.recurrence_active, seq_len = shapes[i * len(shapes) // args.warmup_steps]
+        one_step(0.0, 1.0, seq_len)
     model.load_state_dict(saved[0])
     opt.load_state_dict(saved[1])
     loader.stream.restore(saved[2])
@@ -2584,16 +2617,17 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
     EMA in run fractions, depth recurrence and late QAT switched on by it -> TrainStats."""
     device, log = run.device, run.log
     accum = args.resolved_grad_accum(run.world_size)
-    micro_seqs = args.train_batch_tokens // (run.world_size * accum * args.train_seq_len)
     budget, reserve = training_budget(args, model)
+    rows = " then ".join(f"{args.train_batch_tokens // (run.world_size * accum * n)} seqs x {n}"
+                         + (f" from {f:.0%}" if f > 0 else "") for f, n in args.train_seq_lens())
     log(f"batch: {args.train_batch_tokens} tokens/step = {run.world_size} ranks x {accum} micro-steps x "
-        f"{micro_seqs} seqs x {args.train_seq_len}; training budget {budget:.1f}s (reserve {reserve:.1f}s for GPTQ)")
+        f"{rows}; training budget {budget:.1f}s (reserve {reserve:.1f}s for GPTQ)")
 
-    def one_step(progress, lr_scale):
+    def one_step(progress, lr_scale, seq_len):
         opt.set_schedule(lr_scale, progress)
         total = torch.zeros((), device=device)
         for _ in range(accum):
-            x, y = loader.next_batch(micro_seqs, args.train_seq_len)
+            x, y = loader.next_batch(args.train_batch_tokens // (run.world_size * accum * seq_len), seq_len)
             with _autocast(device):
                 loss = compiled(x, y)
             (loss / accum).backward()
@@ -2611,9 +2645,13 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
     if run.world_size > 1:
         dist.barrier()  # the ranks start the clock together
     model.recurrence_active = bool(model.recur_layers) and args.recur_start_frac <= 0
+    seq_len = args.train_seq_len_at(0.0)
     clock.start()
     while True:
         scale = lr_scale_at(args, progress)
+        if args.train_seq_len_at(progress) != seq_len:
+            seq_len = args.train_seq_len_at(progress)
+            log(f"training context {seq_len} from step {step} ({elapsed:.1f}s, progress {progress:.3f})")
         if model.recur_layers and not model.recurrence_active and progress >= args.recur_start_frac:
             model.recurrence_active = True
             recur_at = (step, elapsed)
@@ -2622,7 +2660,7 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
         if args.qat_start_scale > 0 and qat_on_step is None and scale < args.qat_start_scale:
             start_late_qat(args, model, budget_bytes, step, scale, run)
             qat_on_step = step
-        loss, norm = one_step(progress, scale)
+        loss, norm = one_step(progress, scale, seq_len)
         loss_v = loss.item()  # sync: the clock measures finished work
         if not math.isfinite(norm):  # all-reduced: all ranks stop alike
             raise FloatingPointError(f"non-finite gradients at step {step}, loss {loss_v} (lower the learning rates?)")
@@ -2920,7 +2958,7 @@ def load_scoring_data(args, run, luts, train_files=()):
 def size_varlen_segments(val_tokens, args, run):
     """With a varlen backend and DOC_MASK: room for every document start a scored row can hold."""
     if _ATTN_BACKEND.startswith("varlen") and args.doc_mask:
-        window = max(args.eval_seq_len, args.train_seq_len)
+        window = max(args.eval_seq_len, args.longest_train_seq)
         n = set_varlen_capacity(val_tokens, args.bos_id, window)
         run.log(f"varlen attention: room for {n} document starts per row (the most any {window} validation "
                 f"tokens hold)")

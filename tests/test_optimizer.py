@@ -378,6 +378,31 @@ def test_train_turns_recurrence_on_late_and_picks_the_qat_clip(smoke_dataset):
     assert any(f"grid clip {args.clip_sigmas:.3f} sigmas" in m for m in logs), logs
 
 
+def test_train_grows_the_context_on_schedule(smoke_dataset):
+    """TRAIN_SEQ_SCHEDULE: the compile warm-up runs every (length, depth) shape; the run takes
+    each length from its fraction on, the same tokens per step, and logs the switch; the model's
+    RoPE table covers the longest length."""
+    data, _, vocab = smoke_dataset
+    args = _train_args(data, vocab, iterations=6, warmup_steps=4, train_seq_schedule="16@0,32@0.5",
+                       recur_passes=1, recur_start_frac=0.5)
+    args.validate(1)
+    assert args.train_seq_lens() == [(0.0, 16), (0.5, 32)] and args.longest_train_seq == 32
+    assert [args.train_seq_len_at(p) for p in (0.0, 0.49, 0.5, 1.0)] == [16, 16, 32, 32]
+    model, opt, loader = _setup(args)
+    assert model.rotary.cos.size(0) >= 32
+    shapes, orig = [], loader.next_batch
+    loader.next_batch = lambda seqs, n: (shapes.append((model.recurrence_active, seqs, n)), orig(seqs, n))[1]
+    logs = []
+    T.train(args, model, model, opt, loader, T.Run(0, 1, CPU, logs.append), T.SharedClock(T.Run(0, 1, CPU)))
+    per_step = [shapes[i:i + 2] for i in range(0, len(shapes), 2)]  # 2 micro-steps a step
+    warm, run = per_step[:4], per_step[4:]
+    assert [s[0] for s in warm] == [(False, 8, 16), (False, 4, 32), (True, 8, 16), (True, 4, 32)]
+    assert [s[0][1:] for s in run] == [(8, 16)] * 3 + [(4, 32)] * 3  # progress k / 6 >= 0.5 from step 3
+    assert all(a == b for a, b in per_step) and all(seqs * n == 128 for _, seqs, n in shapes)
+    assert any(m.startswith("training context 32 from step 3 ") for m in logs), logs
+    assert any("8 seqs x 16 then 4 seqs x 32 from 50%" in m for m in logs), logs
+
+
 def _snapshot(model, opt, loader):
     return ({k: v.detach().clone() for k, v in model.state_dict().items()}, len(opt.adam.state),
             [st["buf"].clone() for st in opt.muon.state.values()], loader.stream.state())
