@@ -2202,8 +2202,12 @@ def tilted_nll(logits, y, hints, beta):
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(y.shape)  # as unhinted
     lse = torch.logsumexp(logits, -1)
     log_ph = logits.gather(-1, hints.clamp_min(0)[..., None]).squeeze(-1) - lse
-    tilt = torch.log1p(math.expm1(beta) * log_ph.exp()) - beta * (y == hints).float()
-    return nll, nll + torch.where(hints >= 0, tilt, 0)
+    return nll, nll + torch.where(hints >= 0, tilt_shift(log_ph, (y == hints).float(), beta), 0)
+
+
+def tilt_shift(log_ph, right, beta):
+    """A hinted target's -log p'(y) - (-log p(y)), from log p(hint) and [y = hint]."""
+    return torch.log1p(math.expm1(beta) * log_ph.exp()) - beta * right
 
 
 class DocAdapters:

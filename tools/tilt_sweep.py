@@ -1,0 +1,95 @@
+"""N-gram tilt settings against one artifact, in one forward pass: for each hint rule
+(NGRAM_CONF x NGRAM_MIN_COUNT) and each NGRAM_BETA, the bpb of the tilted plain (non-overlapping
+window) scores, next to the untilted one. The tilt of a target is closed-form in log p(y) and
+log p(hint), so the model runs once and every (rule, beta) is exact arithmetic on those.
+
+    EVAL_ONLY=path/to/final_model_seed42.int6.ptz DATA_PATH=... TOKENIZER_PATH=... \
+        [SWEEP_EVERY=K] python3 tools/tilt_sweep.py
+
+SWEEP_EVERY=K scores every K-th window only (a sample spread over the whole stream, whose hints
+come from everything before it, as in a full evaluation). Hints in the stream's order (the sliding scorer's; TTT's order hints about as often, RESULTS.md).
+Plain windows see less context than sliding ones, so the absolute bpb is the round trip's, and
+the tilt's gain here a guide to the settings, not the sliding or TTT gain: confirm the chosen
+setting by EVAL_ONLY."""
+import itertools, math, os, sys, time
+import torch
+sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
+import train_gpt as T
+
+CONFS = [float(v) for v in os.environ.get("SWEEP_CONFS", "0.8,0.9,0.95,0.99").split(",")]
+COUNTS = [int(v) for v in os.environ.get("SWEEP_COUNTS", "2,3,4,6").split(",")]
+EVERY = int(os.environ.get("SWEEP_EVERY", "1"))
+BETAS = [float(v) for v in os.environ.get("SWEEP_BETAS", "0.25,0.5,0.75,1,1.5,2,2.625").split(",")]
+
+
+def main():
+    args = T.Hyperparameters.from_env()
+    if not args.eval_only:
+        sys.exit("tilt_sweep.py: set EVAL_ONLY to an artifact")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = T.Run(0, 1, dev, print)
+    entries, config = T.load_artifact(args.eval_only)
+    config.pop(T.TOKENIZER_KEY, None)
+    config.pop(T.SIDECAR_KEY, None)
+    for k, v in config.items():
+        setattr(args, k, v)
+    T.set_attention_backend(args.attn_backend, dev, args.doc_mask)
+    luts = T.load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
+    val, byte_source, _, _ = T.load_scoring_data(args, run, luts)
+    model = T.build_model(args, dev)
+    model.load_state_dict(T.dequantize_entries(entries, args), strict=True)
+    model.eval()
+
+    t0 = time.perf_counter()
+    rules = list(itertools.product(CONFS, COUNTS))
+    hints = []
+    for conf, count in rules:
+        args.ngram_conf, args.ngram_min_count = conf, count
+        hints.append(T.ngram_hints(val, args))
+    print(f"hints for {len(rules)} rules in {time.perf_counter() - t0:.1f}s", flush=True)
+
+    n, L = val.numel() - 1, args.eval_seq_len
+    logp_y = torch.zeros(n, dtype=torch.float64)
+    logp_h = torch.zeros(len(rules), n, dtype=torch.float64)
+    nbytes = 0.0
+    scored = torch.zeros(n, dtype=torch.bool)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, n, L * args.eval_batch_seqs):
+            starts = list(range(s, min(n, s + L * args.eval_batch_seqs), L))
+            for w0 in starts:  # one window at a time: the last one is shorter
+                if (w0 // L) % EVERY:
+                    continue
+                ln = min(L, n - w0)
+                scored[w0:w0 + ln] = True
+                x, y = val[w0:w0 + ln][None], val[w0 + 1:w0 + 1 + ln][None]
+                pos = torch.arange(w0 + 1, w0 + 1 + ln, device=dev)[None]
+                with T._autocast(dev):
+                    logits = model(x)
+                lp = torch.log_softmax(logits.float(), -1)[0]
+                logp_y[w0:w0 + ln] = lp.gather(-1, y[0][:, None])[:, 0].double().cpu()
+                for r, h in enumerate(hints):
+                    logp_h[r, w0:w0 + ln] = lp.gather(-1, h[w0 + 1:w0 + 1 + ln].clamp_min(0)[:, None])[:, 0].double().cpu()
+                nbytes += float(byte_source.target_bytes(x, y, pos).double().sum())
+            done = min(n, s + L * args.eval_batch_seqs)
+            print(f"  {done}/{n} targets passed, {int(scored.sum())} scored, {time.perf_counter() - t0:.0f}s", flush=True)
+    base = -logp_y.sum()
+    denom = math.log(2) * nbytes
+    y_all = val[1:].cpu()
+    print(f"untilted bpb {float(base) / denom:.5f} over {int(scored.sum())} of {n} targets (every {EVERY}. window "
+          f"of {L}), {nbytes:.0f} bytes")
+    print("tilt's bpb change by beta:\nconf  count  hinted  right  " + "  ".join(f"b={b:<6g}" for b in BETAS))
+    for r, (conf, count) in enumerate(rules):
+        h = hints[r][1:].cpu()
+        on = (h >= 0) & scored
+        right = (h == y_all) & on
+        cells = []
+        for beta in BETAS:
+            tilt = T.tilt_shift(logp_h[r], right.double(), beta)
+            cells.append(f"{float(base + tilt[on].sum()) / denom - float(base) / denom:+.5f}")
+        print(f"{conf:<5g} {count:<6d} {float(on.double().mean()):6.1%} {float(right.sum()) / max(1, int(on.sum())):6.1%}  "
+              + "  ".join(f"{c:<8s}" for c in cells), flush=True)
+
+
+if __name__ == "__main__":
+    main()
