@@ -6,7 +6,9 @@ log p(hint), so the model runs once and every (rule, beta) is exact arithmetic o
     EVAL_ONLY=path/to/final_model_seed42.int6.ptz DATA_PATH=... TOKENIZER_PATH=... \
         [SWEEP_EVERY=K] python3 tools/tilt_sweep.py
 
-SWEEP_EVERY=K scores every K-th window only (a sample spread over the whole stream, whose hints
+SWEEP_SAVE=FILE keeps what the table is computed from (torch.save: the scored positions, log p(y),
+log p(hint), the hints, the targets, the bytes) for other rules of use. SWEEP_EVERY=K scores every
+K-th window only (a sample spread over the whole stream, whose hints
 come from everything before it, as in a full evaluation). Hints in the stream's order (the sliding scorer's; TTT's order hints about as often, RESULTS.md).
 Plain windows see less context than sliding ones, so the absolute bpb is the round trip's, and
 the tilt's gain here a guide to the settings, not the sliding or TTT gain: confirm the chosen
@@ -73,6 +75,9 @@ def main():
                 nbytes += float(byte_source.target_bytes(x, y, pos).double().sum())
             done = min(n, s + L * args.eval_batch_seqs)
             print(f"  {done}/{n} targets passed, {int(scored.sum())} scored, {time.perf_counter() - t0:.0f}s", flush=True)
+    if os.environ.get("SWEEP_SAVE"):
+        torch.save({"rules": rules, "scored": scored, "logp_y": logp_y, "logp_h": logp_h, "nbytes": nbytes,
+                    "hints": torch.stack([h[1:].cpu() for h in hints]), "targets": val[1:].cpu()}, os.environ["SWEEP_SAVE"])
     base = -logp_y.sum()
     denom = math.log(2) * nbytes
     y_all = val[1:].cpu()
@@ -87,7 +92,8 @@ def main():
         for beta in BETAS:
             tilt = T.tilt_shift(logp_h[r], right.double(), beta)
             cells.append(f"{float(base + tilt[on].sum()) / denom - float(base) / denom:+.5f}")
-        print(f"{conf:<5g} {count:<6d} {float(on.double().mean()):6.1%} {float(right.sum()) / max(1, int(on.sum())):6.1%}  "
+        print(f"{conf:<5g} {count:<6d} {float(on.sum()) / max(1, int(scored.sum())):6.1%} "
+              f"{float(right.sum()) / max(1, int(on.sum())):6.1%}  "
               + "  ".join(f"{c:<8s}" for c in cells), flush=True)
 
 
