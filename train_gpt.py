@@ -240,6 +240,7 @@ class Hyperparameters:
     ngram_conf: float = 0.95  # least share of the context's earlier continuations the hint must have had
     ngram_min_count: int = 3  # a context proposes once seen this often (once: ~40 % of such hints right, proxy)
     ngram_beta: float = 1.0  # 2.625 with 0.8 / 2, the field's beta: +0.0048 on the proxy (RESULTS.md)
+    ngram_lift: float = 0.6  # > 0, instead of a fixed beta: the hint's probability raised to this where below it
     # runtime
     attn_backend: str = "auto"  # auto (FA3, else FA4, else flex/sdpa) | fa3 | fa4 | flex | sdpa | math
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
@@ -387,6 +388,7 @@ class Hyperparameters:
         need(not 0 < self.qat_start_scale <= self.min_lr_scale, "QAT_START_SCALE must be 0 or above MIN_LR_SCALE")
         need(self.max_wallclock_seconds > 0 or self.iterations > 0, "set ITERATIONS or MAX_WALLCLOCK_SECONDS")
         within(0, 1, "ngram_conf")
+        need(0 <= self.ngram_lift < 1, f"NGRAM_LIFT={self.ngram_lift} must be in [0, 1) (0: NGRAM_BETA's fixed tilt)")
         need(self.ttt_beta1 < 1 and self.ttt_eps > 0, "TTT_BETA1 must be below 1 and TTT_EPS above 0")
         if self.ngram_tilt:
             within(1, math.inf, "ngram_min")
@@ -1114,7 +1116,7 @@ class GPT(nn.Module):
         if targets is None:
             return logits
         if hints is not None:
-            return torch.stack(tilted_nll(logits, targets, hints, self.args.ngram_beta))
+            return torch.stack(tilted_nll(logits, targets, hints, self.args.ngram_beta, self.args.ngram_lift))
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return loss if reduction == "mean" else loss.view(targets.shape)
 
@@ -2195,19 +2197,23 @@ def ttt_schedule(tokens, args, world_size):
     return phase, lane, step
 
 
-def tilted_nll(logits, y, hints, beta):
+def tilted_nll(logits, y, hints, beta, lift=0.0):
     """(-log p(y), -log p'(y)) with p'(a) = p(a) e^(beta [a = h]) / (1 + p(h) (e^beta - 1)): the
-    hint h's probability scaled up, renormalised over the whole vocabulary; no hint: p' = p."""
+    hint h's probability scaled up, renormalised over the whole vocabulary; no hint: p' = p. With
+    `lift` > 0, beta per target raises p(h) to `lift` where below it (p'(h) = max(p(h), lift))."""
     logits = logits.float()
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(y.shape)  # as unhinted
     lse = torch.logsumexp(logits, -1)
     log_ph = logits.gather(-1, hints.clamp_min(0)[..., None]).squeeze(-1) - lse
-    return nll, nll + torch.where(hints >= 0, tilt_shift(log_ph, (y == hints).float(), beta), 0)
+    return nll, nll + torch.where(hints >= 0, tilt_shift(log_ph, (y == hints).float(), beta, lift), 0)
 
 
-def tilt_shift(log_ph, right, beta):
-    """A hinted target's -log p'(y) - (-log p(y)), from log p(hint) and [y = hint]."""
-    return torch.log1p(math.expm1(beta) * log_ph.exp()) - beta * right
+def tilt_shift(log_ph, right, beta, lift=0.0):
+    """A hinted target's -log p'(y) - (-log p(y)), from log p(hint) and [y = hint] (tilted_nll)."""
+    if lift > 0:  # e^beta = odds(lift) / odds(p(h)), at least 1
+        beta = (math.log(lift / (1 - lift)) - (log_ph - torch.log(-torch.expm1(log_ph)))).clamp_min(0)
+    beta = torch.as_tensor(beta, dtype=log_ph.dtype, device=log_ph.device)
+    return torch.log1p(torch.expm1(beta) * log_ph.exp()) - beta * right
 
 
 class DocAdapters:
@@ -2854,7 +2860,8 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
             hinted = h[1:] >= 0
             right = float((h[1:] == val_tokens[1:])[hinted].float().mean()) if bool(hinted.any()) else 0.0
             run.log(f"n-gram tilt ({name}): hints for {float(hinted.float().mean()):.1%} of the targets "
-                    f"(after the fact: {right:.1%} of them right); beta {args.ngram_beta}")
+                    f"(after the fact: {right:.1%} of them right); " + (f"lift to {args.ngram_lift}" if args.ngram_lift > 0
+                                                                          else f"beta {args.ngram_beta}"))
         run.log(f"n-gram hints built in {time.perf_counter() - t0:.1f}s")
     compiled = _maybe_compile(model, args, run.device)
     res = {}

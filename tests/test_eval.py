@@ -1079,27 +1079,29 @@ def trained_run(smoke_dataset, tmp_path_factory):
 
 def test_tilt_sweep_tool_agrees_with_the_scorer(trained_run, smoke_dataset, tmp_path):
     """tools/tilt_sweep.py on the run's artifact: its untilted bpb is the round trip's (the same
-    plain windows), beta 0 changes nothing, and its tilt at beta 1 is the one the script scores
-    (EVAL_ONLY, stride = the window: plain windows too, with the same hint rule)."""
+    plain windows), beta 0 changes nothing, and its tilts at beta 1 and at lift 0.6 are the ones
+    the script scores (EVAL_ONLY, stride = the window: plain windows too, the same hint rule)."""
     stdout, artifact, _ = trained_run
     data_dir, tok, _ = smoke_dataset
     rule = dict(NGRAM_CONF=0.8, NGRAM_MIN_COUNT=1, NGRAM_BETA=1.0)
-    env = clean_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, EVAL_ONLY=artifact,
-                    **{**TINY_RUN, **rule, "SWEEP_CONFS": "0.8", "SWEEP_COUNTS": "1", "SWEEP_BETAS": "0,1"})
+    sweep = {"SWEEP_CONFS": "0.8", "SWEEP_COUNTS": "1", "SWEEP_BETAS": "0,1", "SWEEP_LIFTS": "0.6"}
+    env = clean_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, EVAL_ONLY=artifact, **{**TINY_RUN, **rule, **sweep})
     p = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "tilt_sweep.py")], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     untilted = float(re.search(r"^untilted bpb ([\d.]+) over 1024 of 1024 targets", p.stdout, re.M).group(1))
     assert untilted == pytest.approx(float(final_line(stdout, "roundtrip")[1]), abs=1e-5)
-    row = re.search(r"^0\.8\s+1\s+([\d.]+)%\s+[\d.]+%\s+(\S+)\s+(\S+)\s*$", p.stdout, re.M)
+    row = re.search(r"^0\.8\s+1\s+([\d.]+)%\s+[\d.]+%\s+(\S+)\s+(\S+)\s+(\S+)\s*$", p.stdout, re.M)
     assert row and float(row.group(1)) > 0 and row.group(2) in ("+0.00000", "-0.00000"), p.stdout
-    env = clean_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, EVAL_ONLY=artifact,
-                    **{**TINY_RUN, **rule, "EVAL_STRIDE": TINY_RUN["EVAL_SEQ_LEN"], "RUN_ID": "sweep"})
-    q = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_gpt.py")], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
-    tilt = re.search(r"^final_int6_sliding_window .*untilted val_bpb [\d.]+, tilt ([-+][\d.]+);", q.stdout, re.M).group(1)
-    assert abs(float(row.group(3)) - float(tilt)) <= 2e-5 and float(tilt) != 0
+    for lift, column in ((0.0, 3), (0.6, 4)):
+        env = clean_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, EVAL_ONLY=artifact,
+                        **{**TINY_RUN, **rule, "NGRAM_LIFT": lift, "EVAL_STRIDE": TINY_RUN["EVAL_SEQ_LEN"], "RUN_ID": f"l{lift}"})
+        q = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_gpt.py")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
+        tilt = re.search(r"^final_int6_sliding_window .*untilted val_bpb [\d.]+, tilt ([-+][\d.]+);", q.stdout, re.M).group(1)
+        assert abs(float(row.group(column)) - float(tilt)) <= 2e-5 and float(tilt) != 0, (lift, row.groups(), tilt)
+    assert row.group(3) != row.group(4)
 
 
 def test_training_run_artifact_and_results(trained_run):

@@ -21,7 +21,7 @@ def ngram_args(**kw):
     return tiny_model_args(**{**dict(vocab_size=48, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1,
                                      bigram_vocab=31, bigram_dim=8, ve_dim=8, train_seq_len=32, eval_seq_len=32,
                                      eval_stride=8, eval_batch_seqs=3, attn_backend="math", seed=5, ngram_tilt=True,
-                                     ngram_max=6, ngram_min=1, ngram_conf=0.8, ngram_min_count=2, ttt_enabled=True, ttt_rank=2,
+                                     ngram_max=6, ngram_min=1, ngram_conf=0.8, ngram_min_count=2, ngram_lift=0.0, ttt_enabled=True, ttt_rank=2,
                                      ttt_chunk=8, ttt_batch_docs=2, ttt_phases=2, ttt_max_seconds=1e9), **kw})
 
 
@@ -163,19 +163,45 @@ def test_the_tilted_distribution_sums_to_one():
             assert bool((tilted[rows, hint[rows]] < nll[rows, hint[rows]]).all())
 
 
+@pytest.mark.parametrize("lift", [0.3, 0.6, 0.95])
+def test_the_lifted_distribution_sums_to_one_and_gives_the_hint_at_least_lift(lift):
+    """NGRAM_LIFT: p'(hint) = max(p(hint), lift) exactly, the others scaled alike, the whole summing
+    to 1; the fixed beta is ignored; a hint already above `lift` leaves p unchanged."""
+    g = torch.Generator().manual_seed(1)
+    V = 29
+    logits = torch.randn(6, V, generator=g) * 4
+    logits[5, 7] = 30.0  # p(hint) ~ 1: stays
+    hint = torch.tensor([3, -1, 0, 28, 11, 7])
+    ys = torch.arange(V)
+    nll, tilted = T.tilted_nll(logits[:, None, :].expand(6, V, V), ys[None, :].expand(6, V), hint[:, None].expand(6, V),
+                               2.625, lift)
+    p, p2 = torch.exp(-nll).double(), torch.exp(-tilted).double()
+    torch.testing.assert_close(p2.sum(1), torch.ones(6, dtype=torch.float64), atol=1e-5, rtol=0)
+    torch.testing.assert_close(p2[1], p[1])
+    for r in (0, 2, 3, 4, 5):
+        h = int(hint[r])
+        assert float(p2[r, h]) == pytest.approx(max(float(p[r, h]), lift), abs=1e-5)
+        others = torch.arange(V) != h
+        ratio = p2[r, others] / p[r, others]
+        torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), atol=1e-4, rtol=1e-4)  # scaled alike
+    assert float(p[5, 7]) > 0.99 and torch.allclose(p2[5], p[5], atol=1e-6)
+
+
 def test_the_models_hinted_scores_are_the_tilt_of_its_own():
     args = ngram_args()
     model = randomized_model(args, seed=1)
     tokens = repetitive_stream(2)[:33]
     x, y = tokens[:-1][None], tokens[1:][None]
     hints = T.ngram_hints(tokens, args)[1:][None]
-    with torch.no_grad():
-        plain = model(x, y, reduction="none")
-        nll, tilted = model(x, y, reduction="none", hints=hints)
-        ref = T.tilted_nll(model(x), y, hints, args.ngram_beta)[1]
-    torch.testing.assert_close(nll, plain, atol=1e-5, rtol=0)
-    torch.testing.assert_close(tilted, ref)
-    assert bool((hints >= 0).any()) and not torch.allclose(tilted, nll)
+    for lift in (0.0, 0.6):  # NGRAM_BETA's fixed tilt, then NGRAM_LIFT's
+        model.args = ngram_args(ngram_lift=lift)
+        with torch.no_grad():
+            plain = model(x, y, reduction="none")
+            nll, tilted = model(x, y, reduction="none", hints=hints)
+            ref = T.tilted_nll(model(x), y, hints, args.ngram_beta, lift)[1]
+        torch.testing.assert_close(nll, plain, atol=1e-5, rtol=0)
+        torch.testing.assert_close(tilted, ref)
+        assert bool((hints >= 0).any()) and not torch.allclose(tilted, nll)
 
 
 def tilt_reference(model, tokens, args):
@@ -252,3 +278,5 @@ def test_settings_are_checked():
         ngram_args(ngram_min=4, ngram_max=2).validate(1)
     with pytest.raises(T.ConfigError, match="NGRAM_CONF"):
         ngram_args(ngram_conf=1.5).validate(1)
+    with pytest.raises(T.ConfigError, match=r"NGRAM_LIFT=1.0 must be in \[0, 1\)"):
+        ngram_args(ngram_lift=1.0).validate(1)

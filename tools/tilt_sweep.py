@@ -1,6 +1,7 @@
 """N-gram tilt settings against one artifact, in one forward pass: for each hint rule
-(NGRAM_CONF x NGRAM_MIN_COUNT) and each NGRAM_BETA, the bpb of the tilted plain (non-overlapping
-window) scores, next to the untilted one. The tilt of a target is closed-form in log p(y) and
+(NGRAM_CONF x NGRAM_MIN_COUNT) and each fixed NGRAM_BETA (SWEEP_BETAS, "b=") or NGRAM_LIFT
+(SWEEP_LIFTS, "r="), the bpb of the tilted plain (non-overlapping window) scores against the
+untilted one. The tilt of a target is closed-form in log p(y) and
 log p(hint), so the model runs once and every (rule, beta) is exact arithmetic on those.
 
     EVAL_ONLY=path/to/final_model_seed42.int6.ptz DATA_PATH=... TOKENIZER_PATH=... \
@@ -21,7 +22,8 @@ import train_gpt as T
 CONFS = [float(v) for v in os.environ.get("SWEEP_CONFS", "0.8,0.9,0.95,0.99").split(",")]
 COUNTS = [int(v) for v in os.environ.get("SWEEP_COUNTS", "2,3,4,6").split(",")]
 EVERY = int(os.environ.get("SWEEP_EVERY", "1"))
-BETAS = [float(v) for v in os.environ.get("SWEEP_BETAS", "0.25,0.5,0.75,1,1.5,2,2.625").split(",")]
+BETAS = [float(v) for v in os.environ.get("SWEEP_BETAS", "0.5,1,2,2.625").split(",") if v]
+LIFTS = [float(v) for v in os.environ.get("SWEEP_LIFTS", "0.4,0.5,0.6,0.7,0.8").split(",") if v]
 
 
 def main():
@@ -83,14 +85,16 @@ def main():
     y_all = val[1:].cpu()
     print(f"untilted bpb {float(base) / denom:.5f} over {int(scored.sum())} of {n} targets (every {EVERY}. window "
           f"of {L}), {nbytes:.0f} bytes")
-    print("tilt's bpb change by beta:\nconf  count  hinted  right  " + "  ".join(f"b={b:<6g}" for b in BETAS))
+    columns = [(b, 0.0) for b in BETAS] + [(0.0, r) for r in LIFTS]
+    print("the tilt's bpb change:\nconf  count  hinted  right  "
+          + "  ".join(f"r={r:<6g}" if r else f"b={b:<6g}" for b, r in columns))
     for r, (conf, count) in enumerate(rules):
         h = hints[r][1:].cpu()
         on = (h >= 0) & scored
         right = (h == y_all) & on
         cells = []
-        for beta in BETAS:
-            tilt = T.tilt_shift(logp_h[r], right.double(), beta)
+        for beta, lift in columns:
+            tilt = T.tilt_shift(logp_h[r], right.double(), beta, lift)
             cells.append(f"{float(base + tilt[on].sum()) / denom - float(base) / denom:+.5f}")
         print(f"{conf:<5g} {count:<6d} {float(on.sum()) / max(1, int(scored.sum())):6.1%} "
               f"{float(right.sum()) / max(1, int(on.sum())):6.1%}  "
