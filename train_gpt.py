@@ -238,7 +238,6 @@ class Hyperparameters:
     ngram_max: int = 16  # longest context, tokens
     ngram_min: int = 1
     ngram_conf: float = 0.95  # least share of the context's earlier continuations the hint must have had
-    ngram_fallback: bool = False  # a longest context short of NGRAM_CONF leaves the hint to a shorter one
     ngram_min_count: int = 3  # a context proposes once seen this often (once: ~40 % of such hints right, proxy)
     ngram_beta: float = 1.0  # 2.625 with 0.8 / 2, the field's beta: +0.0048 on the proxy (RESULTS.md)
     ngram_lift: float = 0.6  # > 0, instead of a fixed beta: the hint's probability raised to this where below it
@@ -2146,8 +2145,7 @@ def ngram_hints(tokens, args, schedule=None):
     earlier phases and those of its own lane (rank) in its phase at earlier steps: tokens scored
     before it on any reading of "before". Of its contexts (NGRAM_MIN <= n <= NGRAM_MAX) seen at
     least NGRAM_MIN_COUNT times so, the longest proposes what followed its latest occurrence: a
-    hint if at least NGRAM_CONF of those occurrences went on so (NGRAM_FALLBACK: the longest of
-    those whose share reaches NGRAM_CONF)."""
+    hint if at least NGRAM_CONF of those occurrences went on so."""
     t = tokens.long()
     n_in = t.numel() - 1  # input i predicts t[i + 1]
     if schedule is None:
@@ -2178,10 +2176,8 @@ def ngram_hints(tokens, args, schedule=None):
             mine = seen_b > 0
             agree = torch.where(mine, pair_before_b[jb] + 1 + pair_seen[jb], agree)
             j, seen = torch.where(mine, jb, j), seen + seen_b
-        share = agree.float() / seen.clamp_min(1).float()
         has = seen >= max(1, args.ngram_min_count)  # longer contexts found override shorter ones
-        if args.ngram_fallback:
-            has &= share >= args.ngram_conf
+        share = agree.float() / seen.clamp_min(1).float()
         hint[inside] = torch.where(has, t[inside[j] + 1], hint[inside])
         conf[inside] = torch.where(has, share, conf[inside])
     return torch.cat((hint.new_full((1,), -1), torch.where(conf >= args.ngram_conf, hint, -1)))

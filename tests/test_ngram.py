@@ -44,8 +44,7 @@ def reference_hints(tokens, args, schedule=None):
     """The rule written out: for target k, the longest context tokens[k-n:k] inside its document
     seen at least NGRAM_MIN_COUNT times among the targets k may use: those of earlier phases, and
     those of its phase and lane at earlier steps (no schedule: the targets before it); what
-    followed the latest of them, if at least NGRAM_CONF of them went on so (NGRAM_FALLBACK: else the
-    next shorter context seen often enough decides, and so on). Latest: by phase, then
+    followed the latest of them, if at least NGRAM_CONF of them went on so. Latest: by phase, then
     (in k's own phase) step, then position."""
     t = tokens.tolist()
     if schedule is None:
@@ -69,16 +68,13 @@ def reference_hints(tokens, args, schedule=None):
                 cand = t[ends[-1][2]]
                 if sum(t[j] == cand for _, _, j in ends) >= args.ngram_conf * len(ends):
                     hint = cand
-                    break
-                if not args.ngram_fallback:  # the longest context decides, hint or not
-                    break
+                break
         out.append(hint)
     return torch.tensor(out)
 
 
 @pytest.mark.parametrize("kw", [{}, dict(ngram_min=2, ngram_max=4), dict(ngram_conf=0.5), dict(ngram_max=1),
-                                dict(ngram_min_count=1), dict(ngram_min_count=3), dict(ngram_fallback=True),
-                                dict(ngram_fallback=True, ngram_conf=0.95, ngram_min_count=1)])
+                                dict(ngram_min_count=1), dict(ngram_min_count=3)])
 def test_hints_equal_the_rule_written_out(kw):
     args = ngram_args(**kw)
     for seed in range(4):
@@ -89,24 +85,10 @@ def test_hints_equal_the_rule_written_out(kw):
         assert (hints >= 0).sum() > len(tokens) // 10  # the streams do give hints
 
 
-def test_fallback_takes_the_longest_confident_context():
-    """"C A B" went on as Y, then X (share 1/2), "A B" as X four times in five, X last: the last
-    "C A B" gets no hint from its longest context, and X with NGRAM_FALLBACK."""
-    A, B_, C, X, Y = 10, 11, 12, 20, 21
-    body = [C, A, B_, Y, 30, C, A, B_, X, 31, 13, A, B_, X, 32, 14, A, B_, X, 33, 15, A, B_, X, 34, C, A, B_, X]
-    tokens = torch.tensor([BOS] + body + [BOS])
-    k = len(body)  # the last X's position
-    for fallback, want in ((False, -1), (True, X)):
-        args = ngram_args(ngram_conf=0.8, ngram_min_count=2, ngram_fallback=fallback)
-        hints = T.ngram_hints(tokens, args)
-        assert int(hints[k]) == want, (fallback, hints.tolist())
-        assert torch.equal(hints, reference_hints(tokens, args))
-
-
 def test_hints_in_ttts_order_equal_the_rule_written_out():
     """With TTT's schedule on one and two ranks, and with random schedules (many ties, lanes)."""
     g = torch.Generator().manual_seed(5)
-    for kw in ({}, dict(ngram_min_count=1), dict(ngram_max=3, ngram_conf=0.5), dict(ngram_fallback=True, ngram_conf=0.9)):
+    for kw in ({}, dict(ngram_min_count=1), dict(ngram_max=3, ngram_conf=0.5)):
         args = ngram_args(**kw)
         for seed in range(3):
             tokens = repetitive_stream(seed)
