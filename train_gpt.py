@@ -2989,6 +2989,23 @@ def config_id(args, code, world_size, device_name):
     return hashlib.sha256(code + json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def describe_stack(args):
+    """(name, blurb) of submission.json, from the settings that ran."""
+    data = ("CaseOps " if use_byte_sidecar(args) else "") + f"SP{args.vocab_size}"
+    rec = args.recur_layer_list()
+    recur = f"layers {rec[0]}-{rec[-1]} x{args.recur_passes + 1} from {args.recur_start_frac:.0%}" if rec else ""
+    model = ", ".join(x for x in (f"MLP {args.mlp_mult:g}x", recur and "depth recurrence",
+                                  args.doc_mask and "document-masked attention") if x)
+    evals = ", ".join(x for x in (args.ttt_enabled and "score-first LoRA TTT",
+                                  args.ngram_tilt and "token n-gram tilt") if x)
+    name = f"{data} {args.num_layers}L XSA GPT, {model}, GPTQ int{args.quant_bits} + rANS" + (f", {evals}" if evals else "")
+    blurb = (f"{data} {args.num_layers}L XSA GPT (MLP {args.mlp_mult:g}x{', ' + recur if recur else ''}, gated skips, "
+             f"parallel lanes, attention gate{', document masking' if args.doc_mask else ''}), Polar-Express MuonEq-R, "
+             f"run-relative schedule, late QAT, full-Hessian GPTQ, rANS to the cap"
+             + (f"; {evals}" if evals else "") + ".")
+    return name, blurb
+
+
 def write_submission(out_dir, path, config):
     """submission.json from configuration `config`'s results_*.json, last one per seed."""
     runs = {}
@@ -3003,10 +3020,7 @@ def write_submission(out_dir, path, config):
     env, last = os.environ, runs[-1]
     hardware = f"{last['world_size']}x {last['device']}"
     sub = {"author": env.get("AUTHOR", ""), "github_id": env.get("GITHUB_ID", ""),
-           "name": env.get("RUN_NAME", "SP8192 11L XSA GPT, MLP 3x, document-masked attention, SDClip GPTQ int6 + rANS"),
-           "blurb": env.get("BLURB", "SP8192 11L XSA GPT (MLP 3x, gated skips, parallel lanes, attention gate, "
-                                     "document masking), Polar-Express MuonEq-R, run-relative schedule, late QAT, "
-                                     "full-Hessian GPTQ, rANS to the cap, score-first LoRA TTT."),
+           "name": env.get("RUN_NAME", last.get("name", "")), "blurb": env.get("BLURB", last.get("blurb", "")),
            "date": time.strftime("%Y-%m-%d"), "track": "10min_16mb", "config_id": config,
            **{k: sum(r[k] for r in runs) / len(runs) for k in ("val_loss", "val_bpb")},
            "seeds": [r["seed"] for r in runs],
@@ -3155,6 +3169,7 @@ def write_results(args, paths, cid, data, pre, raw_bpb, res, stats, written, wal
                "roundtrip_val_bpb": res["roundtrip"]["val_bpb"],
                "sliding_val_bpb": res.get("sliding", {}).get("val_bpb"), "val_tokens": final["tokens"],
                "ngram_tilt": args.ngram_tilt, "untilted_val_bpb": final["untilted_bpb"],
+               **dict(zip(("name", "blurb"), describe_stack(args))),
                "artifact_bytes": written.artifact_bytes, "model_bytes": written.model_bytes,
                "code_bytes": code_bytes, "clip_sigmas": written.clip_sigmas, "steps": stats.steps,
                "step_avg_ms": stats.step_avg_ms, "train_seconds": stats.train_seconds,

@@ -1131,6 +1131,7 @@ def test_training_run_artifact_and_results(trained_run):
     sub = json.loads((Path(artifact).parent / "submission.json").read_text())
     assert sub["seeds"] == [1] and sub["config_id"] == results["config_id"]
     assert sub["val_bpb"] == results["val_bpb"]
+    assert sub["name"] == results["name"] and sub["name"].startswith("SP512 2L XSA GPT, MLP 2x, document-masked")
 
 
 def test_two_rank_run_agrees_with_one_rank(trained_run, smoke_dataset, tmp_path):
@@ -1236,6 +1237,20 @@ def test_write_submission_counts_only_this_configuration(tmp_path):
     assert json.loads((tmp_path / "submission.json").read_text())["seed_results"]["42"]["val_bpb"] == 1.20
     with pytest.raises(T.DataError, match="cccc"):
         T.write_submission(str(tmp_path), str(tmp_path / "s.json"), "cccc")
+
+
+def test_submission_names_the_stack_that_ran(tmp_path):
+    """name and blurb follow the settings: the data (CaseOps when scored on a byte sidecar), MLP
+    width, recurrence, TTT, the tilt."""
+    name, blurb = T.describe_stack(T.Hyperparameters.from_env({}))
+    assert name == ("SP8192 11L XSA GPT, MLP 4x, depth recurrence, document-masked attention, GPTQ int6 + rANS, "
+                    "score-first LoRA TTT, token n-gram tilt")
+    assert "layers 3-5 x3 from 35%" in blurb
+    (tmp_path / "fineweb_val_bytes_000000.bin").write_bytes(b"")
+    one = T.Hyperparameters.from_env({"PROFILE": "1gpu", "NGRAM_TILT": "0", "TTT_ENABLED": "0", "DATA_PATH": str(tmp_path)})
+    name, blurb = T.describe_stack(one)
+    assert name == "CaseOps SP8192 11L XSA GPT, MLP 3x, document-masked attention, GPTQ int6 + rANS"
+    assert "recurrence" not in name and "x3 from" not in blurb and "TTT" not in blurb
 
 
 def test_config_id_ignores_seed_and_names_only():
