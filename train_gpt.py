@@ -1111,7 +1111,7 @@ class GPT(nn.Module):
 
     def forward(self, ids, targets=None, reduction="mean", cache=None, hints=None):
         """Logits; with `targets`, their cross entropy; with `hints` too (per target, -1: none), the
-        per-target (plain, tilted) negative log-likelihoods stacked (NGRAM_BETA)."""
+        per-target (plain, tilted) negative log-likelihoods stacked (NGRAM_LIFT or NGRAM_BETA)."""
         logits = self.logits_from_hidden(self.hidden(ids, cache))
         if targets is None:
             return logits
@@ -2659,8 +2659,9 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
     clock.start()
     while True:
         scale = lr_scale_at(args, progress)
-        if args.train_seq_len_at(progress) != seq_len:
-            seq_len = args.train_seq_len_at(progress)
+        length_now = args.train_seq_len_at(progress)
+        if length_now != seq_len:
+            seq_len = length_now
             log(f"training context {seq_len} from step {step} ({elapsed:.1f}s, progress {progress:.3f})")
         if model.recur_layers and not model.recurrence_active and progress >= args.recur_start_frac:
             model.recurrence_active = True
@@ -2850,13 +2851,15 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
     run.timer.since("eval_artifact_load", t0)
     hints = ttt_hints = None
     tilt = "n-gram tilt, " if args.ngram_tilt else ""
-    if args.ngram_tilt:  # on the evaluation's clock; TTT scores in another order: its own hints
+    if args.ngram_tilt:  # on the evaluation's clock, for the scorers that run; TTT scores in its own order
         t0 = time.perf_counter()
-        hints = ngram_hints(val_tokens, args)
+        orders = {}
+        if not args.skip_sliding_eval:
+            orders["stream order"] = hints = ngram_hints(val_tokens, args)
         if args.ttt_enabled:
-            ttt_hints = ngram_hints(val_tokens, args, ttt_schedule(val_tokens.cpu(), args, run.world_size))
+            orders["TTT's order"] = ttt_hints = ngram_hints(val_tokens, args, ttt_schedule(val_tokens.cpu(), args, run.world_size))
         run.timer.since("eval_ngram_hints", t0)
-        for name, h in (("stream order", hints), ("TTT's order", ttt_hints))[:1 + args.ttt_enabled]:
+        for name, h in orders.items():
             hinted = h[1:] >= 0
             right = float((h[1:] == val_tokens[1:])[hinted].float().mean()) if bool(hinted.any()) else 0.0
             run.log(f"n-gram tilt ({name}): hints for {float(hinted.float().mean()):.1%} of the targets "

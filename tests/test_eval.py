@@ -1304,7 +1304,8 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     ttt = dict(TTT_ENABLED=1, TTT_CHUNK=16, TTT_RANK=4, TTT_BATCH_DOCS=4, TTT_PHASES=2, TTT_LR=0.01, NGRAM_MIN_COUNT=1)
     runs = []
     plain = {"EVAL_ONLY": "final_model_t.int6.ptz", "RUN_ID": "plain", "NGRAM_TILT": 0, "SKIP_SLIDING_EVAL": 1}
-    for extra in ({}, {"EVAL_ONLY": "final_model_t.int6.ptz"}, plain):
+    ttt_only = {"EVAL_ONLY": "final_model_t.int6.ptz", "RUN_ID": "tttonly", "SKIP_SLIDING_EVAL": 1}
+    for extra in ({}, {"EVAL_ONLY": "final_model_t.int6.ptz"}, plain, ttt_only):
         env = clean_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, **{**TINY_RUN, **ttt, **extra})
         p = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_gpt.py")], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=300)
@@ -1323,6 +1324,9 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     untilted = float(re.search(r"^final_int6_ttt .*untilted val_bpb ([\d.]+), tilt [-+][\d.]+;", runs[1], re.M).group(1))
     assert untilted == pytest.approx(float(final_line(runs[2], "ttt")[1]), abs=2e-8)  # the same pass, hints off
     assert final_line(runs[2], "roundtrip") == final_line(runs[1], "roundtrip")  # the diagnostic stays untilted
+    # no sliding pass: no stream-order hints are built for it, and TTT scores as before
+    assert "n-gram tilt (stream order)" not in runs[3] and "n-gram tilt (TTT's order)" in runs[3]
+    assert final_line(runs[3], "ttt") == final_line(runs[1], "ttt")
 
 
 def test_eval_only_flags_an_evaluation_over_the_limit(trained_run, smoke_dataset, monkeypatch):
