@@ -57,26 +57,23 @@ def main():
     logp_h = torch.zeros(len(rules), n, dtype=torch.float64)
     nbytes = 0.0
     scored = torch.zeros(n, dtype=torch.bool)
+    windows = T.sliding_windows(n, L, L)[::EVERY]  # the round trip's windows (stride = length)
     t0 = time.perf_counter()
     with torch.no_grad():
-        for s in range(0, n, L * args.eval_batch_seqs):
-            starts = list(range(s, min(n, s + L * args.eval_batch_seqs), L))
-            for w0 in starts:  # one window at a time: the last one is shorter
-                if (w0 // L) % EVERY:
-                    continue
-                ln = min(L, n - w0)
-                scored[w0:w0 + ln] = True
-                x, y = val[w0:w0 + ln][None], val[w0 + 1:w0 + 1 + ln][None]
-                pos = torch.arange(w0 + 1, w0 + 1 + ln, device=dev)[None]
-                with T._autocast(dev):
-                    logits = model(x)
-                lp = torch.log_softmax(logits.float(), -1)[0]
-                logp_y[w0:w0 + ln] = lp.gather(-1, y[0][:, None])[:, 0].double().cpu()
-                for r, h in enumerate(hints):
-                    logp_h[r, w0:w0 + ln] = lp.gather(-1, h[w0 + 1:w0 + 1 + ln].clamp_min(0)[:, None])[:, 0].double().cpu()
-                nbytes += float(byte_source.target_bytes(x, y, pos).double().sum())
-            done = min(n, s + L * args.eval_batch_seqs)
-            print(f"  {done}/{n} targets passed, {int(scored.sum())} scored, {time.perf_counter() - t0:.0f}s", flush=True)
+        for i, (w0, ln, first) in enumerate(windows):
+            lo, hi = w0 + first, w0 + ln  # the targets this window scores: lo+1..hi
+            scored[lo:hi] = True
+            x, y = val[w0:w0 + ln][None], val[w0 + 1:w0 + 1 + ln][None]
+            with T._autocast(dev):
+                lp = torch.log_softmax(model(x).float(), -1)[0, first:]
+            logp_y[lo:hi] = lp.gather(-1, val[lo + 1:hi + 1][:, None])[:, 0].double().cpu()
+            for r, h in enumerate(hints):
+                logp_h[r, lo:hi] = lp.gather(-1, h[lo + 1:hi + 1].clamp_min(0)[:, None])[:, 0].double().cpu()
+            pos = torch.arange(w0 + 1, w0 + 1 + ln, device=dev)[None]
+            nbytes += float(byte_source.target_bytes(x, y, pos)[:, first:].double().sum())
+            if (i + 1) % 32 == 0 or i + 1 == len(windows):
+                print(f"  {i + 1}/{len(windows)} windows, {int(scored.sum())} targets, {time.perf_counter() - t0:.0f}s",
+                      flush=True)
     if os.environ.get("SWEEP_SAVE"):
         torch.save({"rules": rules, "scored": scored, "logp_y": logp_y, "logp_h": logp_h, "nbytes": nbytes,
                     "hints": torch.stack([h[1:].cpu() for h in hints]), "targets": val[1:].cpu()}, os.environ["SWEEP_SAVE"])
