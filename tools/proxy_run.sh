@@ -14,7 +14,8 @@
 #   bash tools/proxy_run.sh start NAME VARIANT [VAR=VALUE ...]
 #       copy train_gpt.py to /root/runs/NAME and start it detached on /root/shards_VARIANT
 #       (OUT_DIR=/root/runs/NAME/out, SEED=42 and PROFILE=1gpu unless set; stdout in /root/runs/NAME/stdout.log;
-#       SHIPPED=1: run the shipped form that tools/ship.py writes instead of the source)
+#       SHIPPED=1: run the shipped form that tools/ship.py writes instead of the source;
+#       KEEP_PREQUANT=1: through tools/keep_prequant.py, for tools/quant_sweep.py in that folder)
 #   bash tools/proxy_run.sh eval NAME ARTIFACT [VAR=VALUE ...]
 #       the same with EVAL_ONLY=ARTIFACT: score an artifact, no training (VARIANT=caseops unless set)
 #   bash tools/proxy_run.sh wait SECONDS [NAME ...]
@@ -28,7 +29,7 @@ export PYTHONUNBUFFERED=1
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PR=${PROXY_ROOT:-/root}
-RUN_PATTERN='[p]ython3 train_gpt.py'   # the brackets keep the pattern from matching its own command line
+RUN_PATTERN='[p]ython3 (train_gpt|keep_prequant)[.]py'   # the brackets keep the pattern from matching its own command line
 MAX_FILES=8
 MAX_FILE_BYTES=$((16 * 1024 * 1024))
 
@@ -138,9 +139,15 @@ start_run() {
   else
     cp "$ROOT/train_gpt.py" "$d/"
   fi
+  local driver=train_gpt.py
+  if [[ ${KEEP_PREQUANT:-0} == 1 ]]; then  # also keep the float weights + Hessians for tools/quant_sweep.py
+    [[ ${SHIPPED:-0} == 1 ]] && die "KEEP_PREQUANT=1 patches the source form: leave SHIPPED unset"
+    cp "$ROOT/tools/keep_prequant.py" "$d/"
+    driver=keep_prequant.py
+  fi
   local -a cmd=(env -u OUT "DATA_PATH=$PR/shards_$v" "TOKENIZER_PATH=$tok" "VOCAB_SIZE=$n" "SEED=${SEED:-42}" "PROFILE=1gpu"
                 "OUT_DIR=$d/out" "DATA_NAME=proxy corpus (../shared/corpus), ${v/caseops/CaseOps sp8192} shards" "$@"
-                python3 train_gpt.py)
+                python3 "$driver")
   printf '%q ' "${cmd[@]}" >"$d/command.txt"
   echo >>"$d/command.txt"
   (cd "$d" && setsid nohup "${cmd[@]}" >"$d/stdout.log" 2>&1 </dev/null &)

@@ -1,8 +1,8 @@
 """Quantization comparisons on the float weights + Hessians that keep_prequant.py saved
 (OUT_DIR/prequant.pt, OUT_DIR as the run had it: default runs; the run's settings come with it): GPTQ vs round-to-nearest at equal bytes, by rate control starting from the run's
 late-QAT grid (the clip the weights were trained onto; where its first round fits, the row is
-that grid's), the tied embedding by GPTQ vs RTN, GPTQ vs RTN at fixed clips. Prints and appends
-to sweep.log."""
+that grid's), the tied embedding by GPTQ vs RTN, GPTQ vs RTN at fixed clips; with SWEEP_CALIB_SEQS,
+first the calibration's size (SWEEP_CALIB_ONLY=1: only that). Prints and appends to sweep.log."""
 import dataclasses, os, sys, time
 import torch
 sys.path[:0] = [os.getcwd(), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # a run's own copy first
@@ -37,6 +37,20 @@ def ev(sd, stride=None):
     return T.evaluate(score, val, luts, L, stride or L, args.eval_batch_seqs, T.Run(0, 1, dev))["val_bpb"]
 
 fb = ev(state); log(f"sweep float plain {fb:.5f}")
+# SWEEP_CALIB_SEQS=32,64,128: Hessians recomputed from the first N training sequences (nested
+# samples: the first 64 hold the first 32), then the run's rate control and the plain round trip
+if os.environ.get("SWEEP_CALIB_SEQS"):
+    train_files = T.find_shards(args.data_path, "train")
+    for n in (int(x) for x in os.environ["SWEEP_CALIB_SEQS"].split(",")):
+        t0 = time.time()
+        cargs = dataclasses.replace(args, gptq_calib_seqs=n)
+        run = T.Run(0, 1, dev, log)
+        Hn = T.collect_hessians(fmodel, cargs, T.DistributedLoader(train_files, args.vocab_size, run), run)
+        q = T.quantize_to_budget(fmodel, Hn, cargs, budget, run, None, T.file_sha256(args.tokenizer_path), sidecar)
+        log(f"sweep calibration {n} seqs: clip {q.clip_sigmas:.3f} {len(q.data)} bytes ({time.time()-t0:.1f}s) "
+            f"plain {ev(T.dequantize_entries(q.entries, cargs)):.5f}")
+    if os.environ.get("SWEEP_CALIB_ONLY") == "1":
+        log("sweep done"); sys.exit(0)
 H_nohead = {k: v for k, v in H.items() if k != (-1, "head")}
 for label, hs, slide in (("GPTQ (train calibration)", H, True), ("RTN", None, True), ("tok_emb RTN", H_nohead, False)):
     t0 = time.time()
