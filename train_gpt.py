@@ -2204,7 +2204,9 @@ def tilted_nll(logits, y, hints, beta, lift=0.0):
     logits = logits.float()
     nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none").view(y.shape)  # as unhinted
     lse = torch.logsumexp(logits, -1)
-    log_ph = logits.gather(-1, hints.clamp_min(0)[..., None]).squeeze(-1) - lse
+    # the shift only scores, it never trains: detached, so where the model is sure of a hint
+    # (p(h) = 1, log-odds inf) no 0 x inf reaches the adapters' gradients
+    log_ph = (logits.gather(-1, hints.clamp_min(0)[..., None]).squeeze(-1) - lse).detach()
     return nll, nll + torch.where(hints >= 0, tilt_shift(log_ph, (y == hints).float(), beta, lift), 0)
 
 

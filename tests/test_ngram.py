@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import train_gpt as T
 from helpers import randomized_model, tiny_model_args
@@ -185,6 +186,22 @@ def test_the_lifted_distribution_sums_to_one_and_gives_the_hint_at_least_lift(li
         ratio = p2[r, others] / p[r, others]
         torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), atol=1e-4, rtol=1e-4)  # scaled alike
     assert float(p[5, 7]) > 0.99 and torch.allclose(p2[5], p[5], atol=1e-6)
+
+
+@pytest.mark.parametrize("lift", [0.0, 0.6])
+def test_a_certain_hint_leaves_the_adapters_gradients_finite(lift):
+    """TTT trains on the untilted half of the stacked (plain, tilted) losses; where the model is sure
+    of a hint (p(h) = 1 in float32, its log-odds infinite) the tilt's branch must not turn the zero
+    gradient it gets into NaN (it did with NGRAM_LIFT: every proxy TTT score came out NaN)."""
+    logits = torch.tensor([[[100.0, -100.0, 0.0], [0.0, 1.0, 2.0], [3.0, 0.0, 0.0]]], requires_grad=True)
+    y, hint = torch.tensor([[0, 2, 1]]), torch.tensor([[0, -1, 0]])
+    out = torch.stack(T.tilted_nll(logits, y, hint, 1.0, lift))
+    assert bool(out.isfinite().all())
+    out[0].sum().backward()
+    assert bool(logits.grad.isfinite().all())
+    ref = logits.detach().clone().requires_grad_(True)
+    F.cross_entropy(ref.view(-1, 3), y.view(-1), reduction="sum").backward()
+    torch.testing.assert_close(logits.grad, ref.grad)  # the plain loss's own gradient
 
 
 def test_the_models_hinted_scores_are_the_tilt_of_its_own():
