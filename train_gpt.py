@@ -2942,12 +2942,12 @@ def run_eval_only(args, run):
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     check_artifact_tokenizer(args.eval_only, recorded_tokenizer, args.tokenizer_path, run.log)
     check_artifact_byte_source(args.eval_only, recorded_sidecar, use_byte_sidecar(args), args)
-    set_attention_backend(args.attn_backend, run.device, args.doc_mask)
+    backend = set_attention_backend(args.attn_backend, run.device, args.doc_mask)
     val_tokens, byte_source, _, _ = load_scoring_data(args, run, luts)
     model_bytes, code_bytes = os.path.getsize(args.eval_only), code_as_shipped()[1]
     total = model_bytes + code_bytes
     run.log(f"eval-only: {args.eval_only} ({model_bytes} bytes + code {code_bytes} as shipped = {total}, cap "
-            f"{ARTIFACT_CAP_BYTES}), {val_tokens.numel() - 1} val targets; config: "
+            f"{ARTIFACT_CAP_BYTES}), {val_tokens.numel() - 1} val targets; attention {backend}; config: "
             f"{json.dumps(dataclasses.asdict(args), sort_keys=True)}")
     if total > ARTIFACT_CAP_BYTES:
         run.log(f"WARNING: artifact + code = {total} bytes > {ARTIFACT_CAP_BYTES}: NOT compliant")

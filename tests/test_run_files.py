@@ -326,6 +326,7 @@ def test_eval_only_flags_an_artifact_over_the_cap(tiny_run, smoke_dataset, tmp_p
     logs.clear()
     T.run_eval_only(args, T.Run(0, 1, CPU, logs.append))
     assert not [l for l in logs if "NOT compliant" in l]
+    assert [l for l in logs if l.startswith("eval-only: ") and "; attention math; config: " in l]  # the provider, logged
 
 
 # ----- settings
