@@ -170,9 +170,11 @@ class Hyperparameters:
     qk_gain_init: float = 5.0
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
-    bigram_vocab: int = 3072
+    # the BigramHash and value-embedding tables are off: at equal bytes the model without them
+    # scored -0.0026 (proxy, RESULTS.md), and the 8xH100 records carry none (3072, 112 / 128 to try)
+    bigram_vocab: int = 0
     bigram_dim: int = 112
-    ve_dim: int = 128
+    ve_dim: int = 0
     ve_layers: str = ""  # comma list; "": last two layers
     skip_gates: bool = True  # U-Net skips enter through sigmoid gates
     parallel_from: int = 8  # layers from here on run attention || MLP (>= NUM_LAYERS: off)
@@ -365,6 +367,7 @@ class Hyperparameters:
         within(0, self.model_dim, "attn_gate_width")
         need(all(0 <= l < self.num_layers for l in self.ve_layer_list()), f"VE_LAYERS={self.ve_layers} outside 0..{self.num_layers - 1}")
         need(self.bigram_vocab == 0 or self.bigram_vocab >= 2, "BIGRAM_VOCAB must be 0 (off) or >= 2")
+        need(self.ve_dim > 0 or not self.ve_layers, f"VE_LAYERS={self.ve_layers} needs VE_DIM > 0 (0: no value embeddings)")
         rec = self.recur_layer_list(even_if_off=True)
         need(not rec or (rec == list(range(rec[0], rec[-1] + 1)) and 0 <= rec[0] and rec[-1] < self.num_layers),
              f"RECUR_LAYERS={self.recur_layers} must be consecutive layers in 0..{self.num_layers - 1}")

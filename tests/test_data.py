@@ -161,7 +161,7 @@ def test_validation_needs_two_tokens(tmp_path):
 def test_from_env_parses_types():
     env = {"NUM_LAYERS": "3", "TRAIN_BATCH_TOKENS": "5e5", "MATRIX_LR": "0.5", "COMPILE": "0",
            "SKIP_SLIDING_EVAL": "0", "TTT_ENABLED": " Yes ", "RUN_ID": "abc", "MLP_MULT": "2",
-           "MAX_WALLCLOCK_SECONDS": "1e2", "VE_LAYERS": "0,2", "UNRELATED": "x"}
+           "MAX_WALLCLOCK_SECONDS": "1e2", "VE_DIM": "16", "VE_LAYERS": "0,2", "UNRELATED": "x"}
     a = T.Hyperparameters.from_env(env)
     assert a.num_layers == 3 and type(a.num_layers) is int
     assert a.train_batch_tokens == 500_000 and type(a.train_batch_tokens) is int
@@ -242,6 +242,7 @@ def test_validate_accepts_consistent_config():
     (dict(bos_id=512), 1, "BOS_ID"),
     (dict(eval_stride=64), 1, "EVAL_STRIDE"),
     (dict(ve_layers="0,5"), 1, "VE_LAYERS"),
+    (dict(ve_dim=0, ve_layers="0"), 1, r"VE_LAYERS=0 needs VE_DIM > 0 \(0: no value embeddings\)"),
     (dict(warmdown_frac=1.5), 1, "WARMDOWN_FRAC"),
     (dict(ema_horizon=-0.1), 1, "EMA_HORIZON"),
     (dict(muon_momentum_warmup_frac=2.0), 1, "MUON_MOMENTUM_WARMUP_FRAC"),
