@@ -150,7 +150,13 @@ start_run() {
                 python3 "$driver")
   printf '%q ' "${cmd[@]}" >"$d/command.txt"
   echo >>"$d/command.txt"
-  (cd "$d" && setsid nohup "${cmd[@]}" >"$d/stdout.log" 2>&1 </dev/null &)
+  # detached with no descriptor of ours: bash keeps a copy of the caller's stdout on a high fd,
+  # and a run holding it kept `start ... | tail` waiting until the run had ended
+  (
+    cd "$d" || exit 1
+    for fd in /proc/$BASHPID/fd/*; do fd=${fd##*/}; if ((fd > 2)); then eval "exec $fd>&-"; fi; done 2>/dev/null
+    setsid nohup "${cmd[@]}" >"$d/stdout.log" 2>&1 </dev/null &
+  )
   echo "started $name in $d: $(cat "$d/command.txt")"
   sleep 5
   if ! run_alive "$d"; then
