@@ -77,6 +77,10 @@ class OutputError(ValueError):
     """OUT_DIR unusable, a file not written, or a run's files already there."""
 
 
+class ScoreError(ValueError):
+    """A score that is not a number: a bug to find, never a result to write."""
+
+
 @dataclass
 class Run:
     """This process in the job: its rank among `world_size`, its device, rank 0's log and the
@@ -2838,6 +2842,13 @@ def _scores(r):
     return f"val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}"
 
 
+def _check_finite(r, label):
+    bad = [k for k in ("val_bpb", "untilted_bpb") if k in r and not math.isfinite(r[k])]
+    if bad:
+        raise ScoreError(f"the {label} score is {r[bad[0]]} ({bad[0]}): not a result; no results file or "
+                         f"submission.json is written")
+
+
 def _untilted(r, tilted):  # the same pass's score without the n-gram hints: the tilt's ablation row
     return f"untilted val_bpb {r['untilted_bpb']:.8f}, tilt {r['val_bpb'] - r['untilted_bpb']:+.5f}; " if tilted else ""
 
@@ -2881,6 +2892,7 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
         run.timer.since(phase, t0)
         run.log(f"final_int{args.quant_bits}_{label} {_scores(res[key])} ({note}{_untilted(res[key], hints is not None)}"
                 f"{time.perf_counter() - t0:.1f}s)")
+        _check_finite(res[key], label)
 
     # the round trip, a diagnostic against the float score, untilted
     timed_eval("roundtrip", "eval_roundtrip_plain", "roundtrip", args.eval_seq_len)
@@ -2894,6 +2906,7 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
         run.log(f"final_int{args.quant_bits}_ttt {_scores(t)} ({tilt}{_untilted(t, args.ngram_tilt)}"
                 f"{t['val_bpb'] - res[ref]['val_bpb']:+.5f} bpb vs {ref}, "
                 f"{t['ttt_steps']} adapter steps, {t['seconds']:.1f}s, {t['tokens_per_s_per_gpu']:.0f} tokens/s per GPU)")
+        _check_finite(t, "TTT")
         fineweb_tokens = FINEWEB_VAL_BYTES_EST * t["tokens"] / t["bytes"]
         run.log(f"ttt estimate (indicative): FineWeb's validation (~{FINEWEB_VAL_BYTES_EST / 1e6:.0f} MB, ~{fineweb_tokens / 1e6:.1f} M "
                 f"tokens at this data's tokens per byte) on 8 GPUs of this speed: "
@@ -3247,7 +3260,7 @@ def train_and_score(args, run, paths, t_start):
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, ArtifactError, OutputError) as e:
+    except (ConfigError, DataError, ArtifactError, OutputError, ScoreError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
     except KeyboardInterrupt:

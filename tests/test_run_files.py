@@ -329,6 +329,25 @@ def test_eval_only_flags_an_artifact_over_the_cap(tiny_run, smoke_dataset, tmp_p
     assert [l for l in logs if l.startswith("eval-only: ") and "; attention math; config: " in l]  # the provider, logged
 
 
+def test_a_score_that_is_not_a_number_stops_the_evaluation(tiny_run, smoke_dataset, monkeypatch):
+    """A NaN score (as the lift's adapters gave once) is a bug: the line is logged, then a one-line
+    ScoreError, and no results are returned to be written."""
+    out, _, _ = tiny_run
+    data_dir, tok, _ = smoke_dataset
+    real = T.evaluate
+
+    def nan_evaluate(*a, **kw):
+        return {**real(*a, **kw), "val_bpb": float("nan")}
+    monkeypatch.setattr(T, "evaluate", nan_evaluate)
+    logs = []
+    args = T.Hyperparameters(eval_only=str(out / "final_model_t.int6.ptz"), data_path=data_dir, tokenizer_path=tok,
+                             eval_seq_len=64, eval_stride=32, eval_batch_seqs=8, val_tokens_limit=256,
+                             ttt_enabled=False, skip_sliding_eval=True, compile="0")
+    with pytest.raises(T.ScoreError, match=r"the roundtrip score is nan \(val_bpb\): not a result; no results file"):
+        T.run_eval_only(args, T.Run(0, 1, CPU, logs.append))
+    assert [l for l in logs if l.startswith("final_int6_roundtrip ") and "val_bpb:nan" in l]
+
+
 # ----- settings
 
 def test_a_target_the_model_cannot_pack_to_is_refused_before_training(smoke_dataset, tmp_path):
