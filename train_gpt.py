@@ -2219,8 +2219,10 @@ def tilted_nll(logits, y, hints, beta, lift=0.0):
 
 def tilt_shift(log_ph, right, beta, lift=0.0):
     """A hinted target's -log p'(y) - (-log p(y)), from log p(hint) and [y = hint] (tilted_nll)."""
-    if lift > 0:  # e^beta = odds(lift) / odds(p(h)), at least 1
-        beta = (math.log(lift / (1 - lift)) - (log_ph - torch.log(-torch.expm1(log_ph)))).clamp_min(0)
+    if lift > 0:  # p'(h) = max(p(h), lift), the rest x (1 - p'(h)) / (1 - p(h)): closed form, no overflow
+        hit = (log_ph - math.log(lift)).clamp_max(0)
+        miss = (torch.log(-torch.expm1(log_ph)) - math.log1p(-lift)).clamp_min(0)
+        return torch.where(right > 0, hit, miss)
     beta = torch.as_tensor(beta, dtype=log_ph.dtype, device=log_ph.device)
     return torch.log1p(torch.expm1(beta) * log_ph.exp()) - beta * right
 
@@ -2755,7 +2757,7 @@ def failure_recorded(run):
         yield
     except BaseException as e:
         line = ("error: interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
-                if isinstance(e, (ConfigError, DataError, ArtifactError, OutputError)) else f"error: {type(e).__name__}: {e}")
+                if isinstance(e, (ConfigError, DataError, ArtifactError, OutputError, ScoreError)) else f"error: {type(e).__name__}: {e}")
         if hasattr(run.log, "close_failed"):
             run.log.close_failed(line, keep=run.began)
         raise

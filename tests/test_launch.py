@@ -67,3 +67,12 @@ def test_smoke_run_end_to_end(tmp_path):
     assert 0 < bpb < 1.5  # 40 steps on structured text give ~0.9; a uniform model gives ~3.9
     assert any(f.endswith(".ptz") for f in os.listdir(tmp_path / "out"))
     assert os.path.exists(tmp_path / "out" / "submission.json")
+
+
+def test_the_readme_gives_ci_its_test_command_and_stays_short():
+    """.ci/run runs the README's test command verbatim; the README stays a user's document
+    (<= 25,000 bytes: the lab history lives in RESULTS.md)."""
+    readme = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
+    ci = open(os.path.join(REPO_ROOT, ".ci", "run"), encoding="utf-8").read().strip().splitlines()[-1]
+    assert ci in readme.splitlines()
+    assert len(readme.encode()) <= 25_000

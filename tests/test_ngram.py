@@ -204,6 +204,16 @@ def test_a_certain_hint_leaves_the_adapters_gradients_finite(lift):
     torch.testing.assert_close(logits.grad, ref.grad)  # the plain loss's own gradient
 
 
+def test_the_lift_scores_a_hint_the_model_all_but_excludes_exactly():
+    """p(hint) ~ e^-100 (no softcap): the lift's closed form gives -log 0.6 for a right hint and
+    -log(0.4 p(y) / (1 - p(h))) for a wrong one, where e^beta - 1 would overflow float32."""
+    logits = torch.tensor([[[0.0, -100.0, 0.0], [0.0, -100.0, 0.0]]])
+    y, hint = torch.tensor([[1, 0]]), torch.tensor([[1, 1]])
+    nll, tilted = T.tilted_nll(logits, y, hint, 1.0, 0.6)
+    assert bool(tilted.isfinite().all())
+    torch.testing.assert_close(tilted, torch.tensor([[-math.log(0.6), -math.log(0.4 * 0.5)]]))
+
+
 def test_the_models_hinted_scores_are_the_tilt_of_its_own():
     args = ngram_args()
     model = randomized_model(args, seed=1)

@@ -329,23 +329,27 @@ def test_eval_only_flags_an_artifact_over_the_cap(tiny_run, smoke_dataset, tmp_p
     assert [l for l in logs if l.startswith("eval-only: ") and "; attention math; config: " in l]  # the provider, logged
 
 
-def test_a_score_that_is_not_a_number_stops_the_evaluation(tiny_run, smoke_dataset, monkeypatch):
+@pytest.mark.parametrize("scorer", ["roundtrip", "TTT"])
+def test_a_score_that_is_not_a_number_stops_the_evaluation(tiny_run, smoke_dataset, monkeypatch, scorer):
     """A NaN score (as the lift's adapters gave once) is a bug: the line is logged, then a one-line
     ScoreError, and no results are returned to be written."""
     out, _, _ = tiny_run
     data_dir, tok, _ = smoke_dataset
-    real = T.evaluate
+    name = "evaluate" if scorer == "roundtrip" else "evaluate_with_ttt"
+    real = getattr(T, name)
 
-    def nan_evaluate(*a, **kw):
-        return {**real(*a, **kw), "val_bpb": float("nan")}
-    monkeypatch.setattr(T, "evaluate", nan_evaluate)
+    def nan_score(*a, **kw):
+        return {**real(*a, **kw), ("val_bpb" if scorer == "roundtrip" else "untilted_bpb"): float("nan")}
+    monkeypatch.setattr(T, name, nan_score)
     logs = []
     args = T.Hyperparameters(eval_only=str(out / "final_model_t.int6.ptz"), data_path=data_dir, tokenizer_path=tok,
-                             eval_seq_len=64, eval_stride=32, eval_batch_seqs=8, val_tokens_limit=256,
-                             ttt_enabled=False, skip_sliding_eval=True, compile="0")
-    with pytest.raises(T.ScoreError, match=r"the roundtrip score is nan \(val_bpb\): not a result; no results file"):
+                             eval_seq_len=64, eval_stride=32, eval_batch_seqs=8, val_tokens_limit=256, ttt_chunk=16,
+                             ttt_batch_docs=4, ttt_enabled=scorer == "TTT", skip_sliding_eval=True, compile="0")
+    key = "val_bpb" if scorer == "roundtrip" else "untilted_bpb"
+    with pytest.raises(T.ScoreError, match=rf"the {scorer} score is nan \({key}\): not a result; no results file"):
         T.run_eval_only(args, T.Run(0, 1, CPU, logs.append))
-    assert [l for l in logs if l.startswith("final_int6_roundtrip ") and "val_bpb:nan" in l]
+    line = "final_int6_roundtrip " if scorer == "roundtrip" else "final_int6_ttt "
+    assert [l for l in logs if l.startswith(line) and "nan" in l]
 
 
 # ----- settings

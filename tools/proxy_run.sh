@@ -154,7 +154,7 @@ start_run() {
   # and a run holding it kept `start ... | tail` waiting until the run had ended
   (
     cd "$d" || exit 1
-    for fd in /proc/$BASHPID/fd/*; do fd=${fd##*/}; if ((fd > 2)); then eval "exec $fd>&-"; fi; done 2>/dev/null
+    for fd in /proc/$BASHPID/fd/*; do fd=${fd##*/}; if ((fd > 2)); then eval "exec $fd>&-"; fi; done
     setsid nohup "${cmd[@]}" >"$d/stdout.log" 2>&1 </dev/null &
   )
   echo "started $name in $d: $(cat "$d/command.txt")"
