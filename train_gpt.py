@@ -53,7 +53,7 @@ RATE_BAND = 0.985  # rate control stops once the model fills this much of its bu
 # Gaussian rows predict the trained model's bytes to 2 % (15.43 vs 15.74 MB at clip 8.93, the 600 s
 # proxy run); half their bits is a floor that never refuses a target the model can fit
 LEAST_BITS_SHARE = 0.5
-EMBED_TABLES = ("tok_emb.weight", "bigram_table", "ve_table")
+EMBED_TABLES = ("tok_emb.weight",)  # quantized at EMBED_BITS
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 # Choices whose worth depends on the amount of training (README, "The 8xH100 configuration"): the
 # defaults follow the 8xH100 records; PROFILE=1gpu takes what one GPU x 600 s measured on the proxy.
@@ -105,7 +105,9 @@ _REMOVED_SETTINGS = {"WARMDOWN_ITERS": "WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_ST
                      "GPTQ_CLIP_QUANTILES": "CLIP_SIGMAS", "COMPRESSORS": "nothing (rANS + lzma)",
                      "VAL_EVERY": "nothing (score after training)", "TTT_CHUNK_TOKENS": "TTT_CHUNK",
                      "TTT_MOMENTUM": "TTT_LR (Adam)", "TTT_EPOCHS": "TTT_PHASES", "MUON_NS": "nothing (Polar Express)",
-                     **dict.fromkeys(("LQER_TENSORS", "LQER_RANK"), "nothing (LQER: no gain per byte)")}
+                     **dict.fromkeys(("LQER_TENSORS", "LQER_RANK"), "nothing (LQER: no gain per byte)"),
+                     **dict.fromkeys(("BIGRAM_VOCAB", "BIGRAM_DIM", "VE_DIM", "VE_LAYERS", "ADAM_WD"),
+                                     "nothing (BigramHash and value embeddings: no gain per byte)")}
 _NON_SETTING_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOG_NOTE", "AUTHOR", "GITHUB_ID",
                      "RUN_NAME", "BLURB")
 
@@ -174,12 +176,6 @@ class Hyperparameters:
     qk_gain_init: float = 5.0
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
-    # the BigramHash and value-embedding tables are off: at equal bytes the model without them
-    # scored -0.0026 (proxy, RESULTS.md), and the 8xH100 records carry none (3072, 112 / 128 to try)
-    bigram_vocab: int = 0
-    bigram_dim: int = 112
-    ve_dim: int = 0
-    ve_layers: str = ""  # comma list; "": last two layers
     skip_gates: bool = True  # U-Net skips enter through sigmoid gates
     parallel_from: int = 8  # layers from here on run attention || MLP (>= NUM_LAYERS: off)
     recur_layers: str = "auto"  # consecutive layers run 1 + RECUR_PASSES times ("": off)
@@ -200,7 +196,6 @@ class Hyperparameters:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.99
     adam_eps: float = 1e-8
-    adam_wd: float = 0.02
     embed_wd: float = 0.085
     grad_clip_norm: float = 0.3
     ema_horizon: float = 0.05  # EMA time constant, fraction of the run (0: off)
@@ -300,13 +295,6 @@ class Hyperparameters:
     def mlp_hidden(self):
         return int(self.mlp_mult * self.model_dim)
 
-    def ve_layer_list(self):
-        if self.ve_dim <= 0:
-            return []
-        if not self.ve_layers:
-            return list(range(max(0, self.num_layers - 2), self.num_layers))
-        return _layer_list(self.ve_layers, "VE_LAYERS")
-
     def train_seq_lens(self):
         """[(from fraction, length), ...] of the training context, fractions rising from 0."""
         if not self.train_seq_schedule.strip():
@@ -369,9 +357,6 @@ class Hyperparameters:
         within(0, self.vocab_size - 1, "bos_id")
         within(1, self.eval_seq_len, "eval_stride")
         within(0, self.model_dim, "attn_gate_width")
-        need(all(0 <= l < self.num_layers for l in self.ve_layer_list()), f"VE_LAYERS={self.ve_layers} outside 0..{self.num_layers - 1}")
-        need(self.bigram_vocab == 0 or self.bigram_vocab >= 2, "BIGRAM_VOCAB must be 0 (off) or >= 2")
-        need(self.ve_dim > 0 or not self.ve_layers, f"VE_LAYERS={self.ve_layers} needs VE_DIM > 0 (0: no value embeddings)")
         rec = self.recur_layer_list(even_if_off=True)
         need(not rec or (rec == list(range(rec[0], rec[-1] + 1)) and 0 <= rec[0] and rec[-1] < self.num_layers),
              f"RECUR_LAYERS={self.recur_layers} must be consecutive layers in 0..{self.num_layers - 1}")
@@ -929,7 +914,7 @@ class Block(nn.Module):
         if args.attn_gate_width > 0:  # zero init: every head's gate starts at 1
             self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_width))
 
-    def forward(self, gpt, x, x0, w, ve, mask, cache=None, slot=0):
+    def forward(self, gpt, x, x0, w, mask, cache=None, slot=0):
         """-> new residual stream, MLP output. `cache` (TTT): earlier keys/values per layer pass `slot`."""
         L, a = gpt.args.num_layers, self.layer
         B, T, _ = x.shape
@@ -942,8 +927,6 @@ class Block(nn.Module):
         qkv = gpt.adapt(a, "qkv", h, F.linear(h, torch.cat((w["qo"][a], w["kv"][a], w["kv"][L + a]))))
         q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
-        if ve is not None:
-            v = v + ve.view(B, T, Hkv, D)
         q, k, v_own = rms_norm(q), rms_norm(k), v
         if cache is not None:  # cached pre-RoPE: window positions from 0
             k, v = cache.extend(slot, k, v)
@@ -975,11 +958,10 @@ class GPT(nn.Module):
     """The language model. Each feature, its setting and where it lives:
     - matrices in four banks (q/out, k/v, MLP up, MLP down; `banks`), for parallel Muon and GPTQ
       by bank row; MODEL_DIM, NUM_LAYERS, NUM_HEADS / NUM_KV_HEADS (GQA), MLP_MULT;
-    - input: token embedding (tied with the head), BigramHash (BIGRAM_VOCAB, BIGRAM_DIM), RMSNorm,
-      SmearGate, none of them across a BOS (`embed`);
+    - input: token embedding (tied with the head), RMSNorm, SmearGate, not across a BOS (`embed`);
     - attention (`Block.forward`): q/k RMSNorm, partial RoPE (ROPE_DIMS), per-head q gain
       (QK_GAIN_INIT), document masking (DOC_MASK), XSA (XSA_LAYERS), a per-head output gate
-      (ATTN_GATE_WIDTH), value embeddings on VE_LAYERS (VE_DIM);
+      (ATTN_GATE_WIDTH);
     - MLP: LeakyReLU(LEAKY_SLOPE)^2; layers from PARALLEL_FROM run it beside the attention, their
       outputs summed into one lane (`lane_mix`);
     - U-Net skips between the two halves, through sigmoid gates (SKIP_GATES; `hidden`);
@@ -1014,17 +996,6 @@ class GPT(nn.Module):
         # evaluation runs the recurrence; training turns it on late
         self.recurrence_active = bool(self.recur_layers)
         self.smear_w = nn.Parameter(torch.zeros(d))
-        if a.bigram_vocab > 0:
-            # zero table x zero projection would get no gradient
-            self.bigram_table = nn.Parameter(torch.randn(a.bigram_vocab, a.bigram_dim) * 0.01)
-            self.bigram_proj = nn.Parameter(torch.zeros(d, a.bigram_dim))
-            self.bigram_scale = nn.Parameter(torch.tensor(0.05))
-        self.ve_layers = a.ve_layer_list()
-        if self.ve_layers:
-            self.ve_table = nn.Parameter(torch.randn(a.vocab_size, a.ve_dim) * 0.01)
-            self.ve_proj = nn.Parameter(torch.zeros(kv, a.ve_dim))
-            self.ve_scale = nn.Parameter(torch.tensor(0.1))
-            self.ve_layer_scales = nn.Parameter(torch.ones(len(self.ve_layers)))
         self.rotary = Rotary(a.rope_dims, a.rope_base, max(a.longest_train_seq, a.eval_seq_len, a.gptq_calib_len))
         self.register_buffer("qat_mix", torch.zeros(()), persistent=False)
         self.register_buffer("qat_clip", torch.tensor(float(a.clip_sigmas)), persistent=False)
@@ -1050,19 +1021,13 @@ class GPT(nn.Module):
                 for k, t in w.items()}
 
     def embed(self, ids, prev=None):
-        """Token + BigramHash embedding, RMSNorm, SmearGate; nothing crosses a BOS. `prev`: tokens
-        before `ids` (TTT chunks) for the first positions' bigram and smear."""
+        """Token embedding, RMSNorm, SmearGate; nothing crosses a BOS. `prev`: tokens before `ids`
+        (TTT chunks) for the first position's smear."""
         if prev is not None:
             return self.embed(torch.cat((prev, ids), 1))[:, prev.size(1):]
         a = self.args
         x = self.tok_emb(ids)
         is_bos = ids == a.bos_id
-        if a.bigram_vocab > 0:
-            prev = torch.cat([torch.full_like(ids[:, :1], -1), ids[:, :-1]], dim=1)
-            idx = torch.bitwise_xor(36313 * ids, 27191 * prev) % (a.bigram_vocab - 1)
-            idx = torch.where((prev < 0) | is_bos, a.bigram_vocab - 1, idx)
-            # scale on the small weight, not the output: cheaper gradient
-            x = x + F.linear(F.embedding(idx, self.bigram_table), self.bigram_proj * self.bigram_scale)
         x = rms_norm(x)
         x_prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
         g = torch.sigmoid(self.smear_w).to(x.dtype) * (~is_bos).unsqueeze(-1).to(x.dtype)
@@ -1085,7 +1050,6 @@ class GPT(nn.Module):
         w = self._bank_weights()
         if cache is None:
             mask = attention_mask(ids, self.args.bos_id, self.args.doc_mask)
-        ve_ids = F.embedding(ids, self.ve_table) if self.ve_layers else None
         order = self.layer_order()
         last_pass = {l: i for i, l in enumerate(order)}
         skips, lane = [], None
@@ -1098,11 +1062,7 @@ class GPT(nn.Module):
                     x = torch.lerp(x, skip, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
                 else:
                     x = x + skip
-            ve = None
-            if ve_ids is not None and l in self.ve_layers:
-                scale = self.ve_scale * self.ve_layer_scales[self.ve_layers.index(l)]
-                ve = F.linear(ve_ids, self.ve_proj * scale)
-            x, m = self.blocks[l](self, x, x0, w, ve, mask, cache, i)
+            x, m = self.blocks[l](self, x, x0, w, mask, cache, i)
             if self.blocks[l].parallel:
                 lane = m if lane is None else lane + m
             if final and l < self.num_enc:
@@ -1128,14 +1088,13 @@ class GPT(nn.Module):
         return loss if reduction == "mean" else loss.view(targets.shape)
 
     def param_groups(self):
-        """Muon banks, embedding tables, projections, gains."""
+        """Muon banks, the embedding table, gains."""
         banks = list(self.banks().values())
         named = dict(self.named_parameters())
-        tables = [named[n] for n in EMBED_TABLES if n in named]
-        projections = [named[n] for n in ("bigram_proj", "ve_proj") if n in named]
-        taken = {id(p) for p in banks + tables + projections}
+        tables = [named[n] for n in EMBED_TABLES]
+        taken = {id(p) for p in banks + tables}
         scalars = [p for p in self.parameters() if id(p) not in taken]
-        return banks, tables, projections, scalars
+        return banks, tables, scalars
 
 
 def build_model(args, device):
@@ -1291,12 +1250,11 @@ class Optimizers:
     """Muon for banks + AdamW for the rest; gradient sync and clipping."""
 
     def __init__(self, model, args, world_size, device):
-        banks, tables, projections, scalars = model.param_groups()
+        banks, tables, scalars = model.param_groups()
         self.args = args
         ns_fn = torch.compile(newton_schulz) if _use_compile(args, device) else newton_schulz
         self.muon = ParallelMuon(banks, args.matrix_lr, args.muon_wd, ns_coeffs(args), world_size, ns_fn, args.muon_row_norm)
         groups = [{"params": tables, "lr": args.embed_lr, "weight_decay": args.embed_wd},
-                  {"params": projections, "lr": args.scalar_lr, "weight_decay": args.adam_wd},
                   # gains, gates, mixes: no decay (it pulls them to 0)
                   {"params": scalars, "lr": args.scalar_lr, "weight_decay": 0.0}]
         groups = [dict(g, base_lr=g["lr"]) for g in groups if g["params"]]
@@ -1650,7 +1608,7 @@ def dequantize_entries(entries, args):
 ARTIFACT_MAGIC = b"PGQ1"
 MODEL_CONFIG_FIELDS = ("vocab_size", "bos_id", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
                        "leaky_slope", "xsa_layers", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap",
-                       "bigram_vocab", "bigram_dim", "ve_dim", "ve_layers", "quant_bits", "train_seq_len", "skip_gates",
+                       "quant_bits", "train_seq_len", "skip_gates",
                        "parallel_from", "recur_layers", "recur_passes", "attn_gate_width", "doc_mask")
 TOKENIZER_KEY = "tokenizer_sha256"  # beside the model config: the tokenizer the artifact was scored with
 SIDECAR_KEY = "byte_sidecar"  # true: scored on the data's byte sidecar (absent: the tokenizer's table)
@@ -3238,7 +3196,7 @@ def train_and_score(args, run, paths, t_start):
     train_files = find_shards(args.data_path, "train")
     val_tokens, byte_source, data, sidecar = load_scoring_data(args, run, luts, train_files)
     loader = DistributedLoader(train_files, args.vocab_size, run)
-    groups = zip(("banks", "tables", "projections", "scalars"), model.param_groups())
+    groups = zip(("banks", "tables", "scalars"), model.param_groups())
     log(f"parameters: {_numel(model.parameters())} total = " + " + ".join(f"{k} {_numel(g)}" for k, g in groups))
     compiled = _maybe_compile(model, args, run.device)
     opt = Optimizers(model, args, run.world_size, run.device)

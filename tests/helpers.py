@@ -6,8 +6,7 @@ import torch
 import train_gpt as T
 
 # the tiny CPU model the tests share; each module sets what its tests need on top
-TINY_MODEL = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=8, bigram_dim=16,
-                  ve_dim=16, recur_passes=0, compile="0")
+TINY_MODEL = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=8, recur_passes=0, compile="0")
 
 
 def tiny_model_args(**kw):
@@ -17,7 +16,7 @@ def tiny_model_args(**kw):
 
 def randomized_model(args, seed=0, emb_std=0.1):
     """A CPU model with every parameter non-trivial: the default init zeroes the output
-    projections, the MLP down bank and the bigram/VE projections, which would hide attention
+    projections and the MLP down bank, which would hide attention
     (and make context irrelevant)."""
     model = T.build_model(args, torch.device("cpu"))
     g = torch.Generator().manual_seed(seed)

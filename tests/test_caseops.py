@@ -113,7 +113,7 @@ def test_marker_tokens_do_not_split_documents():
     """Documents full of marker ids: the model still isolates documents at BOS only (attention
     mask, BigramHash, SmearGate), document_spans splits at BOS only, and a marker carries context
     like any token."""
-    args = tiny_model_args(vocab_size=64, bigram_vocab=32, train_seq_len=32, eval_seq_len=32)
+    args = tiny_model_args(vocab_size=64, train_seq_len=32, eval_seq_len=32)
     model = randomized_model(args, seed=3, emb_std=0.15)
     doc1, doc2 = [1, 4, 20, 6, 21, 5, 22], [1, 4, 30, 7, 4, 31, 6, 32]
     with torch.no_grad():
@@ -230,7 +230,7 @@ def test_sidecar_scoring_equals_table_scoring(plain_tok, identity_stream):
     luts = T.load_tokenizer_luts(plain_tok, 8192)
     side = T.ByteSidecar(counts)
     assert int(counts[1:].sum()) == int(luts.target_bytes(tokens[:-1], tokens[1:]).sum())
-    args = tiny_model_args(vocab_size=8192, bigram_vocab=64, train_seq_len=64, eval_seq_len=64, eval_stride=16,
+    args = tiny_model_args(vocab_size=8192, train_seq_len=64, eval_seq_len=64, eval_stride=16,
                            eval_batch_seqs=4, ttt_chunk=16, ttt_rank=2, ttt_batch_docs=4, ttt_phases=2, ttt_lr=0.01)
     model = randomized_model(args, seed=2)
     score = T.make_score_fn(model, CPU)
@@ -249,7 +249,7 @@ def test_sidecar_counts_by_position():
     side = T.ByteSidecar(torch.tensor([0, 5, 6, 7, 0, 8]))
     x, y, pos = tokens[:-1], tokens[1:], torch.arange(1, 6)
     assert side.target_bytes(x, y, pos).tolist() == [5, 6, 7, 0, 8]
-    args = tiny_model_args(vocab_size=16, bigram_vocab=8)
+    args = tiny_model_args(vocab_size=16)
     m = T.evaluate(T.make_score_fn(randomized_model(args), CPU), tokens, side, 4, 2, 2, T.Run(0, 1, CPU))
     assert m["bytes"] == 26 and m["tokens"] == 5
 

@@ -33,7 +33,7 @@ SHARED_TOKENIZERS = os.path.join(os.path.dirname(REPO_ROOT), "shared", "tokenize
 
 
 def tiny_args(**kw):
-    return tiny_model_args(**{**dict(vocab_size=512, bigram_vocab=64, train_seq_len=64, eval_seq_len=64, eval_stride=16,
+    return tiny_model_args(**{**dict(vocab_size=512, train_seq_len=64, eval_seq_len=64, eval_stride=16,
                                      eval_batch_seqs=3, gptq_calib_len=64, attn_backend="math", seed=5), **kw})
 
 
@@ -268,8 +268,7 @@ BOS = 1
 
 
 def ttt_args(**kw):
-    return tiny_model_args(**{**dict(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1,
-                                     bigram_vocab=31, bigram_dim=8, ve_dim=8, train_seq_len=64, eval_seq_len=64,
+    return tiny_model_args(**{**dict(vocab_size=64, num_layers=3, model_dim=32, num_heads=2, num_kv_heads=1, train_seq_len=64, eval_seq_len=64,
                                      eval_stride=16, eval_batch_seqs=4, attn_backend="math", seed=5, ttt_enabled=True,
                                      ttt_rank=4, ttt_chunk=16, ttt_batch_docs=3, ttt_phases=3, ttt_lr=0.0,
                                      ttt_global_lr=0.0, ttt_wd=0.5, ttt_max_seconds=1e9, ngram_tilt=False,
@@ -1052,7 +1051,7 @@ def clean_env(**kw):
 
 
 TINY_RUN = dict(VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, RECUR_PASSES=0,
-                ROPE_DIMS=8, BIGRAM_VOCAB=64, BIGRAM_DIM=16, VE_DIM=16, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512,
+                ROPE_DIMS=8, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512,
                 GRAD_ACCUM_STEPS=1, ITERATIONS=4, MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=1, WARMDOWN_FRAC=0.5,
                 EVAL_SEQ_LEN=64, EVAL_STRIDE=32, EVAL_BATCH_SEQS=8, VAL_TOKENS_LIMIT=1024, GPTQ_CALIB_SEQS=4,
                 GPTQ_CALIB_LEN=64, GPTQ_BLOCK=32, RUN_ID="t", SEED=1, TTT_ENABLED=0)

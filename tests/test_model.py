@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
 
 
 def tiny_args(**kw):
-    return tiny_model_args(**{**dict(vocab_size=64, num_layers=3, xsa_layers=2, bigram_vocab=97, ve_layers="",
+    return tiny_model_args(**{**dict(vocab_size=64, num_layers=3, xsa_layers=2,
                                      train_seq_len=32, eval_seq_len=32, gptq_calib_len=64, seed=3, ttt_enabled=False),
                               **kw})
 
@@ -111,7 +111,7 @@ def test_embedding_does_not_cross_bos():
     ids = torch.tensor([[5, 9, args.bos_id, 7, 8], [6, 3, args.bos_id, 7, 8]])
     with torch.no_grad():
         x = model.embed(ids)
-    # BOS position: neither bigram hash nor smear sees the previous token
+    # BOS position: smear does not see the previous token
     torch.testing.assert_close(x[0, 2], x[1, 2], atol=1e-6, rtol=0)
     torch.testing.assert_close(x[0, 3:], x[1, 3:], atol=1e-6, rtol=0)
     assert (x[0, 1] - x[1, 1]).abs().max() > 1e-3  # ordinary tokens do depend on their own id/prev
@@ -121,7 +121,7 @@ def test_xsa_removes_own_value_component():
     """In XSA layers each head's attention output is orthogonal to its own token's value."""
     # QK gain 1.5, not the default 5: sharper attention puts almost all weight on the token
     # itself at some early positions, where XSA then leaves ~1e-7 and the cosine is noise
-    args = tiny_args(ve_dim=0, attn_gate_width=0, qk_gain_init=1.5)
+    args = tiny_args(attn_gate_width=0, qk_gain_init=1.5)
     model = randomized_model(args, seed=6, emb_std=0.15)
     L, H, Hkv, D = args.num_layers, args.num_heads, args.num_kv_heads, args.head_dim
     caps = {}
@@ -151,13 +151,13 @@ def test_xsa_removes_own_value_component():
 def test_param_groups_partition_parameters():
     args = tiny_args()
     model = T.build_model(args, CPU)
-    banks, tables, projections, scalars = model.param_groups()
+    banks, tables, scalars = model.param_groups()
     assert [tuple(p.shape) for p in banks] == [(6, 64, 64), (6, 32, 64), (3, 128, 64), (3, 64, 128)]
-    ids = [id(p) for grp in (banks, tables, projections, scalars) for p in grp]
+    ids = [id(p) for grp in (banks, tables, scalars) for p in grp]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
-    assert all(p.dim() <= 2 for p in scalars) and all(p.dim() == 2 for p in tables + projections)
+    assert all(p.dim() <= 2 for p in scalars) and all(p.dim() == 2 for p in tables)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert sorted(names[id(p)] for p in tables) == ["bigram_table", "tok_emb.weight", "ve_table"]
+    assert [names[id(p)] for p in tables] == ["tok_emb.weight"]
 
 
 def test_build_model_is_seeded():
@@ -282,7 +282,7 @@ def record_blocks(model, events):
 
 
 def test_layer_order_with_and_without_recurrence():
-    args = tiny_args(num_layers=11, model_dim=32, num_heads=2, num_kv_heads=1, ve_dim=0, bigram_vocab=0, recur_passes=2)
+    args = tiny_args(num_layers=11, model_dim=32, num_heads=2, num_kv_heads=1, recur_passes=2)
     assert args.recur_layers == "auto" and args.recur_layer_list() == [3, 4, 5] and args.recur_passes == 2
     model = T.build_model(args, CPU)
     assert model.recurrence_active  # evaluation (and a built model) runs the recurrence
@@ -298,7 +298,7 @@ def test_layer_order_with_and_without_recurrence():
 def test_recurrence_changes_logits_and_keeps_unet_pairs(monkeypatch):
     """Recurrence changes the function; the U-Net skips pair the same layers in both modes, each
     encoder layer's last pass pushing exactly once and each decoder layer popping on its last pass."""
-    args = tiny_args(num_layers=11, model_dim=32, num_heads=2, num_kv_heads=1, ve_dim=0, bigram_vocab=0, recur_passes=2)
+    args = tiny_args(num_layers=11, model_dim=32, num_heads=2, num_kv_heads=1, recur_passes=2)
     model = randomized_model(args, seed=9, emb_std=0.15)
     with torch.no_grad():
         model.skip_weights.fill_(1.0)  # then the skip handed to lerp is the pushed tensor itself

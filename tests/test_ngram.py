@@ -19,8 +19,7 @@ BOS = 1
 
 
 def ngram_args(**kw):
-    return tiny_model_args(**{**dict(vocab_size=48, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1,
-                                     bigram_vocab=31, bigram_dim=8, ve_dim=8, train_seq_len=32, eval_seq_len=32,
+    return tiny_model_args(**{**dict(vocab_size=48, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, train_seq_len=32, eval_seq_len=32,
                                      eval_stride=8, eval_batch_seqs=3, attn_backend="math", seed=5, ngram_tilt=True,
                                      ngram_max=6, ngram_min=1, ngram_conf=0.8, ngram_min_count=2, ngram_lift=0.0, ttt_enabled=True, ttt_rank=2,
                                      ttt_chunk=8, ttt_batch_docs=2, ttt_phases=2, ttt_max_seconds=1e9), **kw})

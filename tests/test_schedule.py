@@ -24,7 +24,7 @@ def schedule_curve(total_steps: int, step_ms: float):
     args = T.Hyperparameters(compile="0")
     budget = total_steps * step_ms / 1000
     model = T.build_model(T.Hyperparameters(num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, rope_dims=8,
-                                            vocab_size=64, bigram_vocab=0, ve_dim=0, compile="0"), CPU)
+                                            vocab_size=64, compile="0"), CPU)
     opt = T.Optimizers(model, args, 1, CPU)
     out = []
     for k in range(total_steps):

@@ -25,7 +25,7 @@ revisions = [(load(p, f"rev{i}"), p) for i, p in enumerate(sys.argv[1:3])]
 for lr in (0.0, 0.003):
     for T, path in revisions:
         args = T.Hyperparameters(vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=4.0,
-                                 bigram_vocab=256, bigram_dim=32, ve_dim=32, train_seq_len=512, eval_seq_len=512,
+                                 train_seq_len=512, eval_seq_len=512,
                                  attn_backend="math", compile="0", ttt_enabled=True, ttt_rank=16, ttt_chunk=48,
                                  ttt_batch_docs=8, ttt_phases=1, ttt_lr=lr, ttt_max_seconds=1e9)
         T.set_attention_backend("math", torch.device("cpu"), True)
