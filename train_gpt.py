@@ -2236,12 +2236,12 @@ class DocAdapters:
 
 class KVCache:
     """Per layer pass, each row's last `keep` keys (pre-RoPE) and values, detached, and (`prev`)
-    its last two tokens, in fixed buffers updated in place (slots before a document's start are
+    its last token (the smear's), in fixed buffers updated in place (slots before a document's start are
     masked): a chunk step has fixed shapes and addresses, so one CUDA graph replays it."""
 
     def __init__(self, keep, rows, chunk, bos_id, device):
         self.keep, self.bos_id, self.kv = keep, bos_id, {}
-        self.prev = torch.full((rows, 2), bos_id, device=device)
+        self.prev = torch.full((rows, 1), bos_id, device=device)
         self.mask = torch.zeros(rows, 1, chunk, keep + chunk, dtype=torch.bool, device=device)
 
     def start(self, c, fresh=None):
@@ -2256,7 +2256,7 @@ class KVCache:
     def chunk(self, ids):
         """The tokens before chunk `ids` and its mask over cache + chunk."""
         prev = self.prev.clone()
-        self.prev.copy_(torch.cat((prev, ids), 1)[:, -2:])
+        self.prev.copy_(ids[:, -1:])
         return prev, self.mask
 
     def extend(self, slot, k, v):
