@@ -1103,6 +1103,32 @@ def test_tilt_sweep_tool_agrees_with_the_scorer(trained_run, smoke_dataset, tmp_
     assert row.group(3) != row.group(4)
 
 
+def test_keep_prequant_and_the_calibration_sweep(trained_run, smoke_dataset, tmp_path):
+    """tools/keep_prequant.py runs the script unchanged (the same artifact, byte for byte) and keeps
+    the float weights; tools/quant_sweep.py scores those as the run did (its float line = the run's
+    prequant_float) and, with SWEEP_CALIB_SEQS, requantizes under the run's budget per calibration size."""
+    stdout, artifact, results = trained_run
+    data_dir, tok, _ = smoke_dataset
+    env = clean_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, **TINY_RUN)
+    p = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "keep_prequant.py")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert (tmp_path / "final_model_t.int6.ptz").read_bytes() == open(artifact, "rb").read()
+    assert (tmp_path / "prequant.pt").is_file()
+    q = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "quant_sweep.py")], cwd=tmp_path,
+                       env={**env, "SWEEP_CALIB_SEQS": "2,8", "SWEEP_CALIB_ONLY": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
+    run_float = float(re.search(r"^prequant_float val_loss:\S+ val_bpb:(\S+)", stdout, re.M).group(1))
+    assert float(re.search(r"^sweep float plain (\S+)", q.stdout, re.M).group(1)) == pytest.approx(run_float, abs=1e-5)
+    rows = re.findall(r"^sweep calibration (\d+) seqs: clip \S+ (\d+) bytes .* plain (\S+)$", q.stdout, re.M)
+    assert [r[0] for r in rows] == ["2", "8"], q.stdout
+    # the rate control starts from the run's grid, which fits: the same clip, bytes within a few % of the run's
+    for _, b, bpb in rows:
+        assert abs(int(b) - results["model_bytes"]) < 0.05 * results["model_bytes"] and 0 < float(bpb) < 5, (b, bpb)
+    assert "sweep done" in q.stdout and "sweep rate control" not in q.stdout  # SWEEP_CALIB_ONLY: only those rows
+
+
 def test_training_run_artifact_and_results(trained_run):
     stdout, artifact, results = trained_run
     assert results["steps"] == 4 and results["world_size"] == 1
