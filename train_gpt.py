@@ -208,7 +208,7 @@ class Hyperparameters:
     gptq_damp: float = 0.01
     # SDClip: row step = clip_sigmas x row RMS / qmax; rate control tunes it
     clip_sigmas: float = 6.5  # first guess, and the late-QAT grid
-    embed_bits: int = 7  # embedding tables
+    embed_bits: int = 7  # the tied embedding
     embed_clip_sigmas: float = 14.0  # 0: the row's absmax
     rate_tries: int = 3  # GPTQ + compress rounds of the rate control
     artifact_target_bytes: int = 15_950_000
@@ -1442,7 +1442,7 @@ def _sync(device):
 
 @torch.no_grad()
 def quantize_model(model, hessians, args, clip_sigmas, rank=0, world_size=1):
-    """Banks by GPTQ at `clip_sigmas`, embedding tables at EMBED_BITS, the rest fp16."""
+    """Banks by GPTQ at `clip_sigmas`, the embedding at EMBED_BITS, the rest fp16."""
     keys = bank_hessian_keys(args)
     qmax = 2 ** (args.quant_bits - 1) - 1
     entries = {}
@@ -1521,7 +1521,7 @@ def gaussian_code_bits(clip_sigmas, qmax):
 
 def least_model_bytes(model, args):
     """A floor under the packed model's size, known before training: the banks on the widest grid the
-    rate control may choose and the tables on theirs at LEAST_BITS_SHARE of a Gaussian's bits per
+    rate control may choose and the embedding on its own at LEAST_BITS_SHARE of a Gaussian's bits per
     weight, one byte per row scale and per float value."""
     qmax = 2 ** (args.quant_bits - 1) - 1
     banks = list(model.banks().values())
