@@ -41,7 +41,10 @@ fb = ev(state); log(f"sweep float plain {fb:.5f}")
 # samples: the first 64 hold the first 32), then the run's rate control and the plain round trip
 if os.environ.get("SWEEP_CALIB_SEQS"):
     train_files = T.find_shards(args.data_path, "train")
-    for n in (int(x) for x in os.environ["SWEEP_CALIB_SEQS"].split(",")):
+    sizes = [int(x) for x in os.environ["SWEEP_CALIB_SEQS"].split(",")]
+    if min(sizes) < 1:
+        sys.exit(f"SWEEP_CALIB_SEQS={os.environ['SWEEP_CALIB_SEQS']}: each size must be >= 1")
+    for n in sizes:
         t0 = time.time()
         cargs = dataclasses.replace(args, gptq_calib_seqs=n)
         run = T.Run(0, 1, dev, log)
