@@ -81,6 +81,9 @@ class ScoreError(ValueError):
     """A score that is not a number: a bug to find, never a result to write."""
 
 
+ONE_LINE_ERRORS = (ConfigError, DataError, ArtifactError, OutputError, ScoreError)  # reported as one line
+
+
 @dataclass
 class Run:
     """This process in the job: its rank among `world_size`, its device, rank 0's log and the
@@ -2597,7 +2600,10 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
     device, log = run.device, run.log
     accum = args.resolved_grad_accum(run.world_size)
     budget, reserve = training_budget(args, model)
-    rows = " then ".join(f"{args.train_batch_tokens // (run.world_size * accum * n)} seqs x {n}"
+
+    def micro_seqs(seq_len):  # sequences per micro-step at this context length
+        return args.train_batch_tokens // (run.world_size * accum * seq_len)
+    rows = " then ".join(f"{micro_seqs(n)} seqs x {n}"
                          + (f" from {f:.0%}" if f > 0 else "") for f, n in args.train_seq_lens())
     log(f"batch: {args.train_batch_tokens} tokens/step = {run.world_size} ranks x {accum} micro-steps x "
         f"{rows}; training budget {budget:.1f}s (reserve {reserve:.1f}s for GPTQ)")
@@ -2606,7 +2612,7 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
         opt.set_schedule(lr_scale, progress)
         total = torch.zeros((), device=device)
         for _ in range(accum):
-            x, y = loader.next_batch(args.train_batch_tokens // (run.world_size * accum * seq_len), seq_len)
+            x, y = loader.next_batch(micro_seqs(seq_len), seq_len)
             with _autocast(device):
                 loss = compiled(x, y)
             (loss / accum).backward()
@@ -2715,7 +2721,7 @@ def failure_recorded(run):
         yield
     except BaseException as e:
         line = ("error: interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
-                if isinstance(e, (ConfigError, DataError, ArtifactError, OutputError, ScoreError)) else f"error: {type(e).__name__}: {e}")
+                if isinstance(e, ONE_LINE_ERRORS) else f"error: {type(e).__name__}: {e}")
         if hasattr(run.log, "close_failed"):
             run.log.close_failed(line, keep=run.began)
         raise
@@ -3220,7 +3226,7 @@ def train_and_score(args, run, paths, t_start):
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DataError, ArtifactError, OutputError, ScoreError) as e:
+    except ONE_LINE_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
     except KeyboardInterrupt:
