@@ -15,7 +15,7 @@ if [[ "${1:-}" == "--smoke" || "${SMOKE:-0}" == "1" ]]; then
   export DATA_PATH="$dir/data" TOKENIZER_PATH="$dir/tokenizer.model" VOCAB_SIZE=512 DEVICE=cpu OUT_DIR="$dir/out"
   export DATA_NAME="synthetic smoke text (tests/smoke_data.py)"
   export NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-64} NUM_HEADS=4 NUM_KV_HEADS=2 MLP_MULT=2 ROPE_DIMS=8
-  export TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=4096  # the tables as the defaults have them: off
+  export TRAIN_SEQ_LEN=128 TRAIN_BATCH_TOKENS=4096  # a length given alone: no progressive context
   export ITERATIONS=${ITERATIONS:-150} MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-300}
   export WARMUP_STEPS=2 TRAIN_LOG_EVERY=25
   export GPTQ_CALIB_SEQS=8 GPTQ_CALIB_LEN=128 GPTQ_RESERVE_SECONDS=20

@@ -58,7 +58,7 @@ SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 # Choices whose worth depends on the amount of training (README, "The 8xH100 configuration"): the
 # defaults follow the 8xH100 records; PROFILE=1gpu takes what one GPU x 600 s measured on the proxy.
 # A setting given explicitly wins over its profile's value.
-PROFILES = {"8xh100": {}, "1gpu": {"mlp_mult": 3.0, "recur_passes": 0}}
+PROFILES = {"8xh100": {}, "1gpu": {"mlp_mult": 3.0, "recur_passes": 0, "train_seq_schedule": ""}}
 
 
 class ConfigError(ValueError):
@@ -156,9 +156,9 @@ class Hyperparameters:
     gptq_reserve_seconds: float = -1.0  # -1: from model size
     train_batch_tokens: int = 786_432
     train_seq_len: int = 2048
-    # progressive context, "LEN@FRACTION,...", e.g. "1024@0,2048@0.25,3072@0.5": each length from that
-    # fraction of the run on, tokens per step unchanged ("": TRAIN_SEQ_LEN throughout)
-    train_seq_schedule: str = ""
+    # progressive context, "LEN@FRACTION,...": each length from that fraction of the run on, tokens per
+    # step unchanged; "" (or TRAIN_SEQ_LEN given without it): TRAIN_SEQ_LEN throughout
+    train_seq_schedule: str = "1024@0,2048@0.3,3072@0.6"
     grad_accum_steps: int = 0  # 0: max(1, 4 // world_size)
     warmup_steps: int = 20  # compile warm-up, undone afterwards
     # schedule in fractions of the run: same shape on 1 and 8 GPUs
@@ -278,6 +278,8 @@ class Hyperparameters:
             except ValueError:
                 raise ConfigError(f"{key}={raw!r} is not a valid {f.type}"
                                   + (f" (use one of {_TRUE_WORDS + _FALSE_WORDS})" if f.type == "bool" else "")) from None
+        if "train_seq_len" in kwargs:  # a length given alone is the length throughout
+            kwargs.setdefault("train_seq_schedule", "")
         profile = kwargs.get("profile", cls.profile)
         if profile not in PROFILES:
             raise ConfigError(f"PROFILE={profile} must be one of {', '.join(PROFILES)}")

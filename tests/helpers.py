@@ -6,7 +6,8 @@ import torch
 import train_gpt as T
 
 # the tiny CPU model the tests share; each module sets what its tests need on top
-TINY_MODEL = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=8, recur_passes=0, compile="0")
+TINY_MODEL = dict(num_layers=2, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=8, recur_passes=0, compile="0",
+                  train_seq_schedule="")
 
 
 def tiny_model_args(**kw):

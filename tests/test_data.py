@@ -205,6 +205,22 @@ def test_profile_sets_the_scale_dependent_defaults_and_explicit_settings_win():
         T.Hyperparameters.from_env({"PROFILE": "2gpu"})
 
 
+def test_training_context_grows_by_default_and_a_length_given_alone_holds_throughout():
+    """8xh100 grows the context 1,024 -> 2,048 -> 3,072 (#2014); 1gpu keeps TRAIN_SEQ_LEN; a
+    TRAIN_SEQ_LEN given without TRAIN_SEQ_SCHEDULE is the length of the whole run (it would
+    otherwise be silently overridden); both given: the schedule."""
+    eight = T.Hyperparameters.from_env({})
+    assert eight.train_seq_lens() == [(0.0, 1024), (0.3, 2048), (0.6, 3072)] and eight.longest_train_seq == 3072
+    assert [eight.train_seq_len_at(p) for p in (0.0, 0.29, 0.3, 0.59, 0.6, 0.99)] == [1024, 1024, 2048, 2048, 3072, 3072]
+    eight.validate(8)  # 786,432 tokens split into whole rows at every length on 8 GPUs and on 1
+    eight.validate(1)
+    assert T.Hyperparameters.from_env({"PROFILE": "1gpu"}).train_seq_lens() == [(0.0, 2048)]
+    alone = T.Hyperparameters.from_env({"TRAIN_SEQ_LEN": "1024"})
+    assert alone.train_seq_lens() == [(0.0, 1024)]
+    both = T.Hyperparameters.from_env({"TRAIN_SEQ_LEN": "1024", "TRAIN_SEQ_SCHEDULE": "512@0,1024@0.5"})
+    assert both.train_seq_lens() == [(0.0, 512), (0.5, 1024)]
+
+
 def test_from_env_warns_on_misspelt_settings():
     seen = []
     env = {"NUM_LAYER": "9", "WARMDOWN_FRACT": "0.5", "PATH": "/bin", "HOME": "/root", "RANK": "0",
