@@ -76,3 +76,33 @@ def test_the_readme_gives_ci_its_test_command_and_stays_short():
     ci = open(os.path.join(REPO_ROOT, ".ci", "run"), encoding="utf-8").read().strip().splitlines()[-1]
     assert ci in readme.splitlines()
     assert len(readme.encode()) <= 25_000
+
+
+def test_proxy_wait_brings_back_every_log_within_the_device_calls_eight_files(tmp_path):
+    """`tools/proxy_run.sh wait` copies ended runs' files into $OUT as NAME.FILE; a device call
+    returns 8 files, so with more the logs and json past the seventh travel in one more.tar:
+    none is lost (four evaluations once lost one's score lines)."""
+    import tarfile
+    root, out = tmp_path / "root", tmp_path / "out"
+    out.mkdir()
+    expected = set()
+    for i in range(4):  # four ended runs: stdout, results, submission, train log each = 16 files
+        run = root / "runs" / f"r{i}"
+        (run / "out").mkdir(parents=True)
+        for rel in ("stdout.log", "out/results_seed42.json", "out/submission.json", "out/train_seed42.log"):
+            (run / rel).write_text(f"{i} {rel}\n")
+            expected.add((f"r{i}.{os.path.basename(rel)}", f"{i} {rel}\n"))
+    res = subprocess.run(["bash", os.path.join(REPO_ROOT, "tools", "proxy_run.sh"), "wait", "0"],
+                         env={**os.environ, "PROXY_ROOT": str(root), "OUT": str(out)},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 8 and "more.tar" in files, files
+    assert {"r0.stdout.log", "r1.stdout.log", "r2.stdout.log", "r3.stdout.log"} <= set(files)  # the scores first
+    got = {(n, (out / n).read_text()) for n in files if n != "more.tar"}
+    with tarfile.open(out / "more.tar") as tar:
+        for m in tar.getmembers():
+            if m.isfile():
+                got.add((os.path.basename(m.name), tar.extractfile(m).read().decode()))
+    assert got == expected
+    assert "more.tar (9 files" in res.stdout, res.stdout

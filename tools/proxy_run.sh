@@ -21,7 +21,8 @@
 #   bash tools/proxy_run.sh wait SECONDS [NAME ...]
 #       wait up to SECONDS while a run is alive, print each run's progress, and copy its stdout,
 #       log, results json and submission.json (the .ptz artifact too with KEEP_ARTIFACT=1) into
-#       $OUT as NAME.FILE (8 files at most)
+#       $OUT as NAME.FILE; a device call brings back 8 files, so past 8 the logs and json beyond the
+#       seventh go into $OUT/more.tar (write nothing else into $OUT)
 # Environment: SHARED (default: ../shared beside the repository), PROXY_ROOT (default: /root).
 # A run started detached dies with the machine: keep a `wait` running until it has ended.
 set -euo pipefail
@@ -223,10 +224,36 @@ wait_runs() {
   if [[ ${KEEP_ARTIFACT:-0} == 1 ]]; then for d in "${dirs[@]}"; do files+=("$d"/out/*.ptz); done; fi
   for d in "${dirs[@]}"; do files+=("$d"/out/results_*.json "$d/out/submission.json"); done
   for d in "${dirs[@]}"; do files+=("$d"/out/train_*.log "$d"/out/eval_*.log); done
-  for f in "${files[@]}"; do
+  local -a present=() rest=()
+  for f in "${files[@]}"; do [[ -f $f ]] && present+=("$f"); done
+  # over the limit: the first MAX_FILES - 1 files as they are, the other logs and json in $OUT/more.tar
+  local slots=$MAX_FILES
+  (( ${#present[@]} > MAX_FILES )) && slots=$((MAX_FILES - 1))
+  for f in "${present[@]}"; do
     d=${f%/stdout.log}; d=${d%/out/*}
-    copy_out "$f" "$(basename "$d").$(basename "$f")"
+    if (( copied < slots )); then
+      copy_out "$f" "$(basename "$d").$(basename "$f")"
+    elif [[ $f == *.ptz ]]; then
+      echo "  not copied ($MAX_FILES files already): $f"
+    else
+      rest+=("$f")
+    fi
   done
+  [[ ${#rest[@]} -gt 0 ]] || return 0
+  local pack
+  pack=$(mktemp -d)
+  for f in "${rest[@]}"; do
+    d=${f%/stdout.log}; d=${d%/out/*}
+    cp "$f" "$pack/$(basename "$d").$(basename "$f")"
+  done
+  tar -C "$pack" -cf "$pack.tar" .
+  if (( $(stat -c %s "$pack.tar") > MAX_FILE_BYTES )); then
+    echo "  not copied (over 16 MiB): more.tar of ${#rest[@]} files"
+  else
+    mv "$pack.tar" "$OUT/more.tar"
+    echo "  -> \$OUT/more.tar (${#rest[@]} files: tar -xf more.tar)"
+  fi
+  rm -rf "$pack" "$pack.tar"
 }
 
 verb=${1:-}
