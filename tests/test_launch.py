@@ -78,31 +78,36 @@ def test_the_readme_gives_ci_its_test_command_and_stays_short():
     assert len(readme.encode()) <= 25_000
 
 
-def test_proxy_wait_brings_back_every_log_within_the_device_calls_eight_files(tmp_path):
+@pytest.mark.parametrize("runs,artifacts,individual,in_tar", [(2, False, 8, 0), (4, False, 7, 9), (4, True, 7, 13)])
+def test_proxy_wait_brings_back_every_file_within_the_device_calls_eight(tmp_path, runs, artifacts, individual, in_tar):
     """`tools/proxy_run.sh wait` copies ended runs' files into $OUT as NAME.FILE; a device call
-    returns 8 files, so with more the logs and json past the seventh travel in one more.tar:
-    none is lost (four evaluations once lost one's score lines)."""
+    returns 8 files, so past 8 the logs and json that find no slot travel in one more.tar, and an
+    artifact (KEEP_ARTIFACT=1, too big for the tar) always gets a slot of its own: none is lost
+    (four evaluations once lost one's score lines)."""
     import tarfile
     root, out = tmp_path / "root", tmp_path / "out"
     out.mkdir()
     expected = set()
-    for i in range(4):  # four ended runs: stdout, results, submission, train log each = 16 files
+    rels = ["stdout.log", "out/results_seed42.json", "out/submission.json", "out/train_seed42.log"]
+    for i in range(runs):
         run = root / "runs" / f"r{i}"
         (run / "out").mkdir(parents=True)
-        for rel in ("stdout.log", "out/results_seed42.json", "out/submission.json", "out/train_seed42.log"):
+        for rel in rels + (["out/final_model_seed42.int6.ptz"] if artifacts else []):
             (run / rel).write_text(f"{i} {rel}\n")
             expected.add((f"r{i}.{os.path.basename(rel)}", f"{i} {rel}\n"))
     res = subprocess.run(["bash", os.path.join(REPO_ROOT, "tools", "proxy_run.sh"), "wait", "0"],
-                         env={**os.environ, "PROXY_ROOT": str(root), "OUT": str(out)},
+                         env={**os.environ, "PROXY_ROOT": str(root), "OUT": str(out),
+                              "KEEP_ARTIFACT": "1" if artifacts else "0"},
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) == 8 and "more.tar" in files, files
-    assert {"r0.stdout.log", "r1.stdout.log", "r2.stdout.log", "r3.stdout.log"} <= set(files)  # the scores first
+    assert len(files) == individual + (in_tar > 0) <= 8, files
+    if artifacts:
+        assert {f"r{i}.final_model_seed42.int6.ptz" for i in range(runs)} <= set(files)
     got = {(n, (out / n).read_text()) for n in files if n != "more.tar"}
-    with tarfile.open(out / "more.tar") as tar:
-        for m in tar.getmembers():
-            if m.isfile():
-                got.add((os.path.basename(m.name), tar.extractfile(m).read().decode()))
-    assert got == expected
-    assert "more.tar (9 files" in res.stdout, res.stdout
+    if in_tar:
+        with tarfile.open(out / "more.tar") as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            got |= {(os.path.basename(m.name), tar.extractfile(m).read().decode()) for m in members}
+        assert len(members) == in_tar and f"more.tar ({in_tar} files" in res.stdout, res.stdout
+    assert got == expected and "not copied" not in res.stdout

@@ -182,7 +182,7 @@ copy_out() {
   [[ -f $src ]] || return 0
   size=$(stat -c %s "$src")
   if (( size > MAX_FILE_BYTES )); then echo "  not copied (over 16 MiB): $src"; return 0; fi
-  if (( copied >= MAX_FILES )); then echo "  not copied ($MAX_FILES files already): $src"; return 0; fi
+  if (( copied >= MAX_FILES )); then echo "  not copied (no slot left of the $MAX_FILES a call brings back): $src"; return 0; fi
   cp "$src" "$OUT/$dst"
   copied=$((copied + 1))
   echo "  -> \$OUT/$dst"
@@ -218,23 +218,26 @@ wait_runs() {
     fi
   done
   [[ -n ${OUT:-} && -d ${OUT:-} ]] || return 0
-  # most useful first, in case the 8-file limit binds
   local -a files=()
   for d in "${dirs[@]}"; do files+=("$d/stdout.log"); done
   if [[ ${KEEP_ARTIFACT:-0} == 1 ]]; then for d in "${dirs[@]}"; do files+=("$d"/out/*.ptz); done; fi
   for d in "${dirs[@]}"; do files+=("$d"/out/results_*.json "$d/out/submission.json"); done
   for d in "${dirs[@]}"; do files+=("$d"/out/train_*.log "$d"/out/eval_*.log); done
-  local -a present=() rest=()
-  for f in "${files[@]}"; do [[ -f $f ]] && present+=("$f"); done
-  # over the limit: the first MAX_FILES - 1 files as they are, the other logs and json in $OUT/more.tar
+  # a .ptz (up to 16 MiB) travels alone; past the limit, the logs and json that find no slot go
+  # together into $OUT/more.tar, which takes the last slot
+  local -a ptz=() small=() rest=()
+  for f in "${files[@]}"; do
+    [[ -f $f ]] || continue
+    if [[ $f == *.ptz ]]; then ptz+=("$f"); else small+=("$f"); fi
+  done
   local slots=$MAX_FILES
-  (( ${#present[@]} > MAX_FILES )) && slots=$((MAX_FILES - 1))
-  for f in "${present[@]}"; do
+  (( ${#ptz[@]} + ${#small[@]} > MAX_FILES && ${#small[@]} > 0 )) && slots=$((MAX_FILES - 1))
+  for f in ${ptz[@]+"${ptz[@]}"} ${small[@]+"${small[@]}"}; do
     d=${f%/stdout.log}; d=${d%/out/*}
     if (( copied < slots )); then
       copy_out "$f" "$(basename "$d").$(basename "$f")"
     elif [[ $f == *.ptz ]]; then
-      echo "  not copied ($MAX_FILES files already): $f"
+      echo "  not copied (no slot left of the $MAX_FILES a call brings back): $f"
     else
       rest+=("$f")
     fi
