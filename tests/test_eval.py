@@ -1127,6 +1127,19 @@ def test_keep_prequant_and_the_calibration_sweep(trained_run, smoke_dataset, tmp
     for _, b, bpb in rows:
         assert abs(int(b) - results["model_bytes"]) < 0.05 * results["model_bytes"] and 0 < float(bpb) < 5, (b, bpb)
     assert "sweep done" in q.stdout and "sweep rate control" not in q.stdout  # SWEEP_CALIB_ONLY: only those rows
+    # AWQ-lite on `down`, folded into `up`: the float model unchanged; alpha 0 is the run's own artifact
+    a = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "quant_sweep.py")], cwd=tmp_path,
+                       env={**env, "SWEEP_AWQ": "0,0.5", "SWEEP_AWQ_ONLY": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert a.returncode == 0, a.stdout[-3000:] + a.stderr[-3000:]
+    rows = re.findall(r"^sweep awq down alpha (\S+): float plain (\S+) clip \S+ (\d+) bytes .* plain (\S+)$", a.stdout, re.M)
+    assert [r[0] for r in rows] == ["0.0", "0.5"], a.stdout
+    for _, fl, _, _ in rows:
+        assert float(fl) == pytest.approx(run_float, abs=1e-5)
+    assert int(rows[0][2]) == results["model_bytes"]
+    assert float(rows[0][3]) == pytest.approx(float(final_line(stdout, "roundtrip")[1]), abs=1e-5)
+    assert rows[1][2:] != rows[0][2:]  # the scaled columns quantize differently
+    assert "sweep rate control" not in a.stdout
 
 
 def test_training_run_artifact_and_results(trained_run):

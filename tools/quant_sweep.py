@@ -2,7 +2,8 @@
 (OUT_DIR/prequant.pt, OUT_DIR as the run had it: default runs; the run's settings come with it): GPTQ vs round-to-nearest at equal bytes, by rate control starting from the run's
 late-QAT grid (the clip the weights were trained onto; where its first round fits, the row is
 that grid's), the tied embedding by GPTQ vs RTN, GPTQ vs RTN at fixed clips; with SWEEP_CALIB_SEQS,
-first the calibration's size (SWEEP_CALIB_ONLY=1: only that). Prints and appends to sweep.log."""
+first the calibration's size (SWEEP_CALIB_ONLY=1: only that); with SWEEP_AWQ, first AWQ-lite on
+the MLP's `down` (SWEEP_AWQ_ONLY=1: only that). Prints and appends to sweep.log."""
 import dataclasses, os, sys, time
 import torch
 sys.path[:0] = [os.getcwd(), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # a run's own copy first
@@ -53,6 +54,39 @@ if os.environ.get("SWEEP_CALIB_SEQS"):
         log(f"sweep calibration {n} seqs: clip {q.clip_sigmas:.3f} {len(q.data)} bytes ({time.time()-t0:.1f}s) "
             f"plain {ev(T.dequantize_entries(q.entries, cargs)):.5f}")
     if os.environ.get("SWEEP_CALIB_ONLY") == "1":
+        log("sweep done"); sys.exit(0)
+
+
+def awq_down(alpha, lo=0.01):
+    """AWQ-lite where it costs no byte: `down`'s input columns scaled by s = (activation RMS)^alpha
+    (geometric mean 1, clamped to [lo, 1/lo]) and `up`'s rows by s^-1/2, which LeakyReLU^2
+    (homogeneous of degree 2) turns into 1/s on down's input: the same float model, whose `down`
+    GPTQ quantizes with the Hessian of the scaled input. -> (model, Hessians)."""
+    m = T.build_model(args, dev); m.load_state_dict(state); m.eval()
+    H2 = dict(H)
+    with torch.no_grad():
+        for layer in range(args.num_layers):
+            h = H[(layer, "down")].float()
+            s = h.diagonal().clamp_min(1e-20).sqrt().pow(alpha)
+            s = (s / s.log().mean().exp()).clamp(lo, 1 / lo)
+            m.down_bank[layer].mul_(s[None, :].to(m.down_bank.dtype))
+            m.up_bank[layer].mul_(s.rsqrt()[:, None].to(m.up_bank.dtype))
+            H2[(layer, "down")] = (h / (s[:, None] * s[None, :])).to(H[(layer, "down")].dtype)
+    return m, H2
+
+
+# SWEEP_AWQ=0,0.25,0.5: per alpha, the folded model's float score (= the run's: the fold is exact),
+# then the run's rate control and the plain round trip (alpha 0 is the run's own quantization)
+if os.environ.get("SWEEP_AWQ"):
+    for alpha in [float(x) for x in os.environ["SWEEP_AWQ"].split(",")]:
+        t0 = time.time()
+        m, H2 = awq_down(alpha)
+        fl = ev(m.state_dict())
+        q = T.quantize_to_budget(m, H2, args, budget, T.Run(0, 1, dev, log), None,
+                                 T.file_sha256(args.tokenizer_path), sidecar)
+        log(f"sweep awq down alpha {alpha}: float plain {fl:.5f} clip {q.clip_sigmas:.3f} {len(q.data)} bytes "
+            f"({time.time()-t0:.1f}s) plain {ev(T.dequantize_entries(q.entries, args)):.5f}")
+    if os.environ.get("SWEEP_AWQ_ONLY") == "1":
         log("sweep done"); sys.exit(0)
 H_nohead = {k: v for k, v in H.items() if k != (-1, "head")}
 for label, hs, slide in (("GPTQ (train calibration)", H, True), ("RTN", None, True), ("tok_emb RTN", H_nohead, False)):
