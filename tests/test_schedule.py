@@ -78,9 +78,11 @@ def _clock_worker(rank, world, init_file, data_dir, vocab, out_prefix):
     try:
         args = _train_args(data_dir, vocab, iterations=0, max_wallclock_seconds=4.0, gptq_reserve_seconds=1.0,
                            warmdown_frac=0.6, qat_start_scale=0.5, ema_horizon=0.1, muon_momentum_warmup_frac=0.3,
-                           warmup_steps=0)
+                           warmup_steps=0, train_seq_schedule="16@0,32@0.5")
         files = T.find_shards(args.data_path, "train")
         loader = T.DistributedLoader(files, vocab, T.Run(rank, world, CPU))
+        lengths, next_batch = [], loader.next_batch
+        loader.next_batch = lambda seqs, n: (lengths.append(n), next_batch(seqs, n))[1]
         model = T.build_model(args, CPU)
         opt = T.Optimizers(model, args, world, CPU)
         seen = []
@@ -95,7 +97,7 @@ def _clock_worker(rank, world, init_file, data_dir, vocab, out_prefix):
         skewed = (lambda: 3.0 * time.perf_counter() + 1000.0) if rank == 1 else time.perf_counter
         clock = T.SharedClock(T.Run(rank, world, CPU), clock=skewed)
         stats = T.train(args, model, model, opt, loader, T.Run(rank, world, CPU, lambda m: None), clock)
-        torch.save({"seen": seen, "steps": stats.steps, "qat_step": stats.qat_step, "local": clock.local(),
+        torch.save({"seen": seen, "lengths": lengths, "steps": stats.steps, "qat_step": stats.qat_step, "local": clock.local(),
                     "train_seconds": stats.train_seconds, "state": model.state_dict()}, f"{out_prefix}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -110,6 +112,7 @@ def test_skewed_clock_ranks_share_every_decision(smoke_dataset, tmp_path):
     assert r0["steps"] == r1["steps"] >= 10
     assert r0["qat_step"] == r1["qat_step"] is not None
     assert r0["seen"] == r1["seen"]  # learning rate, progress, momentum, QAT, step by step
+    assert r0["lengths"] == r1["lengths"] and {16, 32} == set(r0["lengths"])  # the context grows on the shared clock
     assert r0["train_seconds"] == r1["train_seconds"] <= 3.0 + 0.5
     scales = [s for s, *_ in r0["seen"]]
     assert scales[0] == 1.0 and min(scales) < 0.3  # it did warm down
