@@ -1468,7 +1468,7 @@ def quantize_model(model, hessians, args, clip_sigmas, rank=0, world_size=1):
         if name.endswith("_bank"):
             continue
         if name in EMBED_TABLES:
-            H = (hessians or {}).get((-1, "head")) if name == "tok_emb.weight" else None
+            H = (hessians or {}).get((-1, "head"))  # the tied head's input
             q, s = gptq_quantize(t[None], None if H is None else H[None], 2 ** (args.embed_bits - 1) - 1,
                                  args.embed_clip_sigmas, args.gptq_block, args.gptq_damp)
             entries[name] = IntEntry(args.embed_bits, q[0], s[0])

@@ -175,6 +175,13 @@ eval_run() {
   start_run "$name" "${VARIANT:-caseops}" "EVAL_ONLY=$art" "$@"
 }
 
+# flat_name PATH: RUN.FILE for a run's stdout.log or out/FILE
+flat_name() {
+  local d=${1%/stdout.log}
+  d=${d%/out/*}
+  echo "$(basename "$d").$(basename "$1")"
+}
+
 # copy_out SRC NAME.FILE: copy into $OUT under a flat, safe name, at most MAX_FILES files
 copied=0
 copy_out() {
@@ -233,9 +240,8 @@ wait_runs() {
   local slots=$MAX_FILES
   (( ${#ptz[@]} + ${#small[@]} > MAX_FILES && ${#small[@]} > 0 )) && slots=$((MAX_FILES - 1))
   for f in ${ptz[@]+"${ptz[@]}"} ${small[@]+"${small[@]}"}; do
-    d=${f%/stdout.log}; d=${d%/out/*}
     if (( copied < slots )); then
-      copy_out "$f" "$(basename "$d").$(basename "$f")"
+      copy_out "$f" "$(flat_name "$f")"
     elif [[ $f == *.ptz ]]; then
       echo "  not copied (no slot left of the $MAX_FILES a call brings back): $f"
     else
@@ -245,10 +251,7 @@ wait_runs() {
   [[ ${#rest[@]} -gt 0 ]] || return 0
   local pack
   pack=$(mktemp -d)
-  for f in "${rest[@]}"; do
-    d=${f%/stdout.log}; d=${d%/out/*}
-    cp "$f" "$pack/$(basename "$d").$(basename "$f")"
-  done
+  for f in "${rest[@]}"; do cp "$f" "$pack/$(flat_name "$f")"; done
   tar -C "$pack" -cf "$pack.tar" .
   if (( $(stat -c %s "$pack.tar") > MAX_FILE_BYTES )); then
     echo "  not copied (over 16 MiB): more.tar of ${#rest[@]} files"

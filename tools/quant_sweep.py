@@ -31,6 +31,12 @@ val, luts, _, sidecar = T.load_scoring_data(args, T.Run(0, 1, dev, log),
                                             T.load_tokenizer_luts(args.tokenizer_path, args.vocab_size))
 score = T.make_score_fn(torch.compile(emodel, dynamic=False) if dev.type == "cuda" else emodel, dev)
 budget = args.artifact_target_bytes - T.code_as_shipped()[1]  # the code counts as shipped
+tokenizer_sha = T.file_sha256(args.tokenizer_path)
+
+
+def rate_controlled(model, hessians, a=args, run=None):
+    """The run's rate control under its budget, with the run's artifact header."""
+    return T.quantize_to_budget(model, hessians, a, budget, run or T.Run(0, 1, dev, log), None, tokenizer_sha, sidecar)
 
 def ev(sd, stride=None):
     emodel.load_state_dict({k: v.to(dev) for k, v in sd.items()})
@@ -50,7 +56,7 @@ if os.environ.get("SWEEP_CALIB_SEQS"):
         cargs = dataclasses.replace(args, gptq_calib_seqs=n)
         run = T.Run(0, 1, dev, log)
         Hn = T.collect_hessians(fmodel, cargs, T.DistributedLoader(train_files, args.vocab_size, run), run)
-        q = T.quantize_to_budget(fmodel, Hn, cargs, budget, run, None, T.file_sha256(args.tokenizer_path), sidecar)
+        q = rate_controlled(fmodel, Hn, cargs, run)
         log(f"sweep calibration {n} seqs: clip {q.clip_sigmas:.3f} {len(q.data)} bytes ({time.time()-t0:.1f}s) "
             f"plain {ev(T.dequantize_entries(q.entries, cargs)):.5f}")
     if os.environ.get("SWEEP_CALIB_ONLY") == "1":
@@ -82,8 +88,7 @@ if os.environ.get("SWEEP_AWQ"):
         t0 = time.time()
         m, H2 = awq_down(alpha)
         fl = ev(m.state_dict())
-        q = T.quantize_to_budget(m, H2, args, budget, T.Run(0, 1, dev, log), None,
-                                 T.file_sha256(args.tokenizer_path), sidecar)
+        q = rate_controlled(m, H2)
         log(f"sweep awq down alpha {alpha}: float plain {fl:.5f} clip {q.clip_sigmas:.3f} {len(q.data)} bytes "
             f"({time.time()-t0:.1f}s) plain {ev(T.dequantize_entries(q.entries, args)):.5f}")
     if os.environ.get("SWEEP_AWQ_ONLY") == "1":
@@ -91,8 +96,7 @@ if os.environ.get("SWEEP_AWQ"):
 H_nohead = {k: v for k, v in H.items() if k != (-1, "head")}
 for label, hs, slide in (("GPTQ (train calibration)", H, True), ("RTN", None, True), ("tok_emb RTN", H_nohead, False)):
     t0 = time.time()
-    q = T.quantize_to_budget(fmodel, hs, args, budget, T.Run(0, 1, dev, log), None,
-                             T.file_sha256(args.tokenizer_path), sidecar)  # the run's artifact header
+    q = rate_controlled(fmodel, hs)
     e, data, clip, tries = q.entries, q.data, q.clip_sigmas, q.tries
     sd = T.dequantize_entries(e, args)
     log(f"sweep rate control [{label}]: clip {clip:.3f} {len(data)} bytes tries {tries} ({time.time()-t0:.1f}s) "
