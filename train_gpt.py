@@ -136,37 +136,12 @@ def _layer_list(text, key):
         raise ConfigError(f"{key}={text!r} must be a comma list of layer numbers") from None
 
 
-@dataclass
-class Hyperparameters:
-    # data / run
-    # CaseOps SP8192 (tools/caseops_prep.py), scored on its byte sidecar: -0.012 sliding on the proxy
-    data_path: str = "./data/datasets/fineweb10B_caseops8192"
-    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model part: what the artifact's header records, enough to rebuild the model that scores
+    it (EVAL_ONLY). A field added here is in every new artifact's header."""
     vocab_size: int = 8192
     bos_id: int = 1
-    seed: int = 42
-    profile: str = "8xh100"  # 8xh100 (the submission) | 1gpu (proxy runs): see PROFILES
-    run_id: str = ""  # "": seed<SEED>
-    out_dir: str = "runs"  # a run refuses to start where its run id's files already are
-    data_name: str = ""  # names the data in the log and submission.json, e.g. "FineWeb challenge shards"
-    byte_sidecar: str = "auto"  # bytes per target from DATA_PATH's fineweb_val_bytes_*.bin (auto: if there) | 1 | 0
-    # budget
-    iterations: int = 20000
-    max_wallclock_seconds: float = 600.0
-    gptq_reserve_seconds: float = -1.0  # -1: from model size
-    train_batch_tokens: int = 786_432
-    train_seq_len: int = 2048
-    # progressive context, "LEN@FRACTION,...": each length from that fraction of the run on, tokens per
-    # step unchanged; "" (or TRAIN_SEQ_LEN given without it): TRAIN_SEQ_LEN throughout
-    train_seq_schedule: str = "1024@0,2048@0.3,3072@0.6"
-    grad_accum_steps: int = 0  # 0: max(1, 4 // world_size)
-    warmup_steps: int = 20  # compile warm-up, undone afterwards
-    # schedule in fractions of the run: same shape on 1 and 8 GPUs
-    warmdown_frac: float = 0.85
-    min_lr_scale: float = 0.1
-    train_log_every: int = 100
-    val_tokens_limit: int = 0  # 0: full validation split
-    # model
     num_layers: int = 11
     model_dim: int = 512
     num_heads: int = 8
@@ -178,15 +153,50 @@ class Hyperparameters:
     rope_base: float = 10000.0
     qk_gain_init: float = 5.0
     logit_softcap: float = 30.0
-    tied_embed_init_std: float = 0.005
+    quant_bits: int = 6  # the banks' GPTQ grid (and late QAT's)
+    train_seq_len: int = 2048
     skip_gates: bool = True  # U-Net skips enter through sigmoid gates
     parallel_from: int = 8  # layers from here on run attention || MLP (>= NUM_LAYERS: off)
     recur_layers: str = "auto"  # consecutive layers run 1 + RECUR_PASSES times ("": off)
     recur_passes: int = 2  # the records' layers 3-5 x3 from 35 % (1gpu: off, it cost steps)
-    recur_start_frac: float = 0.35  # fraction of the run
     attn_gate_width: int = 12  # per-head output gate from N input channels (0: off)
     doc_mask: bool = True  # attention never crosses a BOS
-    # optimizer
+
+    @property
+    def head_dim(self):
+        return self.model_dim // self.num_heads
+
+    @property
+    def mlp_hidden(self):
+        return int(self.mlp_mult * self.model_dim)
+
+    def recur_layer_list(self, even_if_off=False):
+        if self.recur_passes <= 0 and not even_if_off:
+            return []
+        if self.recur_layers == "auto":  # layers 3..5 of 11, scaled to the depth
+            first = round(3 * self.num_layers / 11)
+            return list(range(min(first, self.num_layers - 1), min(first + max(1, first), self.num_layers)))
+        return _layer_list(self.recur_layers, "RECUR_LAYERS")
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """The training part: budget, schedule (in fractions of the run: the same shape on 1 and 8
+    GPUs), optimizers, EMA, late QAT."""
+    iterations: int = 20000
+    max_wallclock_seconds: float = 600.0
+    gptq_reserve_seconds: float = -1.0  # -1: from model size
+    train_batch_tokens: int = 786_432
+    # progressive context, "LEN@FRACTION,...": each length from that fraction of the run on, tokens per
+    # step unchanged; "" (or TRAIN_SEQ_LEN given without it): TRAIN_SEQ_LEN throughout
+    train_seq_schedule: str = "1024@0,2048@0.3,3072@0.6"
+    grad_accum_steps: int = 0  # 0: max(1, 4 // world_size)
+    warmup_steps: int = 20  # compile warm-up, undone afterwards
+    warmdown_frac: float = 0.85
+    min_lr_scale: float = 0.1
+    train_log_every: int = 100
+    recur_start_frac: float = 0.35  # depth recurrence from this fraction of the run
+    tied_embed_init_std: float = 0.005
     matrix_lr: float = 0.026
     muon_wd: float = 0.095
     muon_momentum: float = 0.97
@@ -203,8 +213,11 @@ class Hyperparameters:
     grad_clip_norm: float = 0.3
     ema_horizon: float = 0.05  # EMA time constant, fraction of the run (0: off)
     qat_start_scale: float = 0.15  # 0 disables late QAT
-    # quantization / artifact
-    quant_bits: int = 6
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """The quantization part: calibration, GPTQ, the rate control and the artifact's target."""
     gptq_calib_seqs: int = 64
     gptq_calib_len: int = 2048
     gptq_block: int = 128
@@ -215,7 +228,11 @@ class Hyperparameters:
     embed_clip_sigmas: float = 14.0  # 0: the row's absmax
     rate_tries: int = 3  # GPTQ + compress rounds of the rate control
     artifact_target_bytes: int = 15_950_000
-    # evaluation
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The evaluation part: sliding windows, score-first TTT, the token n-gram tilt."""
     eval_seq_len: int = 2048
     eval_stride: int = 64
     eval_batch_seqs: int = 32
@@ -245,10 +262,40 @@ class Hyperparameters:
     ngram_min_count: int = 3  # a context proposes once seen this often (once: ~40 % of such hints right, proxy)
     ngram_beta: float = 1.0  # 2.625 with 0.8 / 2, the field's beta: +0.0048 on the proxy (RESULTS.md)
     ngram_lift: float = 0.6  # > 0, instead of a fixed beta: the hint's probability raised to this where below it
-    # runtime
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run part: data, tokenizer, seed, files, runtime providers."""
+    # CaseOps SP8192 (tools/caseops_prep.py), scored on its byte sidecar: -0.012 sliding on the proxy
+    data_path: str = "./data/datasets/fineweb10B_caseops8192"
+    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    seed: int = 42
+    profile: str = "8xh100"  # 8xh100 (the submission) | 1gpu (proxy runs): see PROFILES
+    run_id: str = ""  # "": seed<SEED>
+    out_dir: str = "runs"  # a run refuses to start where its run id's files already are
+    data_name: str = ""  # names the data in the log and submission.json, e.g. "FineWeb challenge shards"
+    byte_sidecar: str = "auto"  # bytes per target from DATA_PATH's fineweb_val_bytes_*.bin (auto: if there) | 1 | 0
+    val_tokens_limit: int = 0  # 0: full validation split
     attn_backend: str = "auto"  # auto (FA3, else FA4, else flex/sdpa) | fa3 | fa4 | flex | sdpa | math
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
     device: str = "auto"
+
+
+def settings_part(settings, cls):
+    """The settings of part `cls` (one of SETTING_PARTS) on their own, from any settings holding them."""
+    return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
+
+SETTING_PARTS = {"model": ModelSettings, "training": TrainingSettings, "quant": QuantSettings, "eval": EvalSettings,
+                 "run": RunSettings}
+
+
+@dataclass(frozen=True)
+class Hyperparameters(RunSettings, EvalSettings, QuantSettings, TrainingSettings, ModelSettings):
+    """Every setting, each from its upper-case environment variable; frozen: what a run derives
+    later (the QAT clip, an artifact's model in EVAL_ONLY) is a new value, never an assignment.
+    `args.model` (and .training, .quant, .eval, .run) is one part on its own."""
 
     @classmethod
     def from_env(cls, env=None, warn=None):
@@ -292,14 +339,6 @@ class Hyperparameters:
                     warn(f"warning: environment variable {key} is not a setting; did you mean {meant}?")
         return cls(**kwargs)
 
-    @property
-    def head_dim(self):
-        return self.model_dim // self.num_heads
-
-    @property
-    def mlp_hidden(self):
-        return int(self.mlp_mult * self.model_dim)
-
     def train_seq_lens(self):
         """[(from fraction, length), ...] of the training context, fractions rising from 0."""
         if not self.train_seq_schedule.strip():
@@ -321,13 +360,9 @@ class Hyperparameters:
     def longest_train_seq(self):
         return max(n for _, n in self.train_seq_lens())
 
-    def recur_layer_list(self, even_if_off=False):
-        if self.recur_passes <= 0 and not even_if_off:
-            return []
-        if self.recur_layers == "auto":  # layers 3..5 of 11, scaled to the depth
-            first = round(3 * self.num_layers / 11)
-            return list(range(min(first, self.num_layers - 1), min(first + max(1, first), self.num_layers)))
-        return _layer_list(self.recur_layers, "RECUR_LAYERS")
+    @property
+    def model(self):
+        return settings_part(self, ModelSettings)
 
     def validate(self, world_size):
         def need(cond, msg):
@@ -393,6 +428,14 @@ class Hyperparameters:
         if self.ttt_enabled:
             within(1, math.inf, "ttt_rank", "ttt_batch_docs", "ttt_phases")
             within(1, self.eval_seq_len - 1, "ttt_chunk")
+
+    def resolved(self, world_size, device):
+        """These settings with their "auto" and sentinel values made concrete for `world_size`
+        processes on `device` (after validate): what the run's log and config_id record."""
+        sidecar = self.byte_sidecar if self.byte_sidecar != "auto" else str(int(has_byte_sidecar(self.data_path)))
+        return dataclasses.replace(self, grad_accum_steps=self.resolved_grad_accum(world_size), device=device.type,
+                                   compile=str(int(_use_compile(self, device))), byte_sidecar=sidecar,
+                                   run_id=self.run_id or f"seed{self.seed}")
 
     def resolved_grad_accum(self, world_size):
         """Default micro-steps: 4 on 1 GPU, 2 on 2, 1 on 4 or 8."""
@@ -1611,10 +1654,6 @@ def dequantize_entries(entries, args):
 # ----- serialization
 
 ARTIFACT_MAGIC = b"PGQ1"
-MODEL_CONFIG_FIELDS = ("vocab_size", "bos_id", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult",
-                       "leaky_slope", "xsa_layers", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap",
-                       "quant_bits", "train_seq_len", "skip_gates",
-                       "parallel_from", "recur_layers", "recur_passes", "attn_gate_width", "doc_mask")
 TOKENIZER_KEY = "tokenizer_sha256"  # beside the model config: the tokenizer the artifact was scored with
 SIDECAR_KEY = "byte_sidecar"  # true: scored on the data's byte sidecar (absent: the tokenizer's table)
 
@@ -1638,7 +1677,7 @@ def pack_entries(entries, args, tokenizer_sha="", byte_sidecar=False):
             table.append({"name": name, "kind": "float", "shape": list(e.value.shape), "roff": roff})
             rest.append(vb)
             roff += len(vb)
-    config = {k: getattr(args, k) for k in MODEL_CONFIG_FIELDS}
+    config = dataclasses.asdict(settings_part(args, ModelSettings))  # the header is the model part
     if tokenizer_sha:
         config[TOKENIZER_KEY] = tokenizer_sha
     if byte_sidecar:  # only then: a table-scored artifact stays byte for byte what it was
@@ -2918,11 +2957,10 @@ def run_eval_only(args, run):
     run.timer.since("eval_artifact_load", t0)
     recorded_tokenizer = config.pop(TOKENIZER_KEY, None)
     recorded_sidecar = bool(config.pop(SIDECAR_KEY, False))
-    odd = set(config) ^ set(MODEL_CONFIG_FIELDS)
+    odd = set(config) ^ {f.name for f in dataclasses.fields(ModelSettings)}
     if odd:
         raise ArtifactError(f"{args.eval_only} was written by another revision (settings {', '.join(sorted(odd))})")
-    for k, v in config.items():
-        setattr(args, k, v)
+    args = dataclasses.replace(args, **config)  # the artifact's model part scores it
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     check_artifact_tokenizer(args.eval_only, recorded_tokenizer, args.tokenizer_path, run.log)
     check_artifact_byte_source(args.eval_only, recorded_sidecar, use_byte_sidecar(args), args)
@@ -3046,9 +3084,11 @@ def on_rank0(fn, run, what):
 
 
 def start_run(args, warnings, run_files):
-    """Processes and device, OUT_DIR claimed for `run_files` (the log first), the log opened -> Run."""
+    """Processes and device, the settings checked and resolved, OUT_DIR claimed for `run_files` (the
+    log first), the log opened -> (settings, Run)."""
     rank, world_size, device = setup_distributed(args.device)
     args.validate(world_size)
+    args = args.resolved(world_size, device)
     run = Run(rank, world_size, device)
 
     def claim():
@@ -3061,7 +3101,7 @@ def start_run(args, warnings, run_files):
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # compiled GPT.forward wrappers share one graph cache: > 8 graphs
     torch._dynamo.config.recompile_limit = 64
-    return run
+    return args, run
 
 
 def check_budget_fits(args, model, code_bytes):
@@ -3175,7 +3215,7 @@ def main():
     args, warnings = read_settings()
     run_id = args.run_id or f"seed{args.seed}"
     names = {"log": f"eval_{run_id}.log"} if args.eval_only else run_file_names(args, run_id)
-    run = start_run(args, warnings, list(names.values()))
+    args, run = start_run(args, warnings, list(names.values()))
     with failure_recorded(run):
         if args.eval_only:
             run_eval_only(args, run)

@@ -3,6 +3,7 @@ and its split across ranks, evaluate() against independent references (plain and
 score-first test-time training, and EVAL_ONLY never touching a train shard."""
 import bisect
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -1385,7 +1386,7 @@ def test_eval_only_flags_an_evaluation_over_the_limit(trained_run, smoke_dataset
 def test_eval_only_refuses_an_artifact_of_another_revision(monkeypatch, change):
     """An artifact whose model config names a setting this revision lacks (LQER_TENSORS, removed)
     or lacks one it has (DOC_MASK, weightless) stops with one clear error before anything is read."""
-    config = {k: getattr(T.Hyperparameters(), k) for k in T.MODEL_CONFIG_FIELDS}
+    config = dataclasses.asdict(T.Hyperparameters().model)
     config.update(change)
     config = {k: v for k, v in config.items() if v is not None}
     monkeypatch.setattr(T, "load_artifact", lambda path: ({}, config))

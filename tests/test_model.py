@@ -1,5 +1,6 @@
 """Attention backends vs an independent reference, full-model backend agreement, causality,
 and XSA."""
+import dataclasses
 import math
 import os
 import subprocess
@@ -210,11 +211,11 @@ def test_doc_mask_logits_equal_separate_documents(backend):
     with torch.no_grad():
         joint = model(both)
         alone = torch.cat([model(torch.tensor([doc1])), model(torch.tensor([doc2]))], dim=1)
-        args.doc_mask = False  # the model reads its args at every forward
+        model.args = dataclasses.replace(args, doc_mask=False)  # the model reads its settings at every forward
         try:
             unmasked = model(both)
         finally:
-            args.doc_mask = True
+            model.args = args
     assert joint.abs().amax() > 1.0  # non-trivial logits
     torch.testing.assert_close(joint, alone, atol=1e-5, rtol=0)
     n1 = len(doc1)

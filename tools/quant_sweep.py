@@ -19,7 +19,7 @@ blob = torch.load(os.path.join(T.Hyperparameters.from_env().out_dir, "prequant.p
 saved = {f.name for f in dataclasses.fields(T.Hyperparameters)} & set(blob.get("args", {}))
 args = T.Hyperparameters(**{k: blob["args"][k] for k in saved}) if saved else T.Hyperparameters.from_env()
 if os.environ.get("VAL_TOKENS_LIMIT"):
-    args.val_tokens_limit = int(os.environ["VAL_TOKENS_LIMIT"])
+    args = dataclasses.replace(args, val_tokens_limit=int(os.environ["VAL_TOKENS_LIMIT"]))
 T.set_attention_backend(args.attn_backend, dev, args.doc_mask)
 log(f"sweep settings: {'the run' if saved else 'environment'}'s, grid clip {args.clip_sigmas:.3f} sigmas")
 state = blob["state"]

@@ -14,7 +14,7 @@ come from everything before it, as in a full evaluation). Hints in the stream's 
 Plain windows see less context than sliding ones, so the absolute bpb is the round trip's, and
 the tilt's gain here a guide to the settings, not the sliding or TTT gain: confirm the chosen
 setting by EVAL_ONLY."""
-import itertools, math, os, sys, time
+import dataclasses, itertools, math, os, sys, time
 import torch
 sys.path[:0] = [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]
 import train_gpt as T
@@ -35,8 +35,7 @@ def main():
     entries, config = T.load_artifact(args.eval_only)
     config.pop(T.TOKENIZER_KEY, None)
     config.pop(T.SIDECAR_KEY, None)
-    for k, v in config.items():
-        setattr(args, k, v)
+    args = dataclasses.replace(args, **config)
     T.set_attention_backend(args.attn_backend, dev, args.doc_mask)
     luts = T.load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     val, byte_source, _, _ = T.load_scoring_data(args, run, luts)
@@ -48,8 +47,7 @@ def main():
     rules = list(itertools.product(CONFS, COUNTS))
     hints = []
     for conf, count in rules:
-        args.ngram_conf, args.ngram_min_count = conf, count
-        hints.append(T.ngram_hints(val, args))
+        hints.append(T.ngram_hints(val, dataclasses.replace(args, ngram_conf=conf, ngram_min_count=count)))
     print(f"hints for {len(rules)} rules in {time.perf_counter() - t0:.1f}s", flush=True)
 
     n, L = val.numel() - 1, args.eval_seq_len

@@ -1,0 +1,59 @@
+"""Settings: frozen parts, the model part as the artifact's header, resolved once."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import train_gpt as T
+
+CPU = torch.device("cpu")
+
+
+def test_settings_cannot_be_assigned_after_validation():
+    args = T.Hyperparameters.from_env({})
+    args.validate(1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        args.clip_sigmas = 7.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(args, "num_layers", 3)
+    resolved = args.resolved(1, CPU)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.ttt_lr = 1.0
+    for part in T.SETTING_PARTS.values():
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(T.settings_part(args, part), dataclasses.fields(part)[0].name, 0)
+
+
+def test_every_setting_belongs_to_exactly_one_part():
+    names = [f.name for part in T.SETTING_PARTS.values() for f in dataclasses.fields(part)]
+    assert len(names) == len(set(names))
+    assert set(names) == {f.name for f in dataclasses.fields(T.Hyperparameters)}
+
+
+def test_the_artifact_header_is_the_model_part(monkeypatch):
+    """A model setting added to ModelSettings reaches the header without another list to keep."""
+    args = T.Hyperparameters(num_layers=3, mlp_mult=2.5)
+    header = json.loads(T.pack_entries({}, args)[0][12:].decode())["config"]
+    assert header == dataclasses.asdict(args.model)
+    assert list(header) == [f.name for f in dataclasses.fields(T.ModelSettings)]
+    assert "ttt_lr" not in header and "ngram_lift" not in header  # scoring settings are not the model's
+
+
+def test_header_field_order_is_todays():
+    """The header's bytes depend on the field order: an artifact stays byte for byte what it was."""
+    assert [f.name for f in dataclasses.fields(T.ModelSettings)] == [
+        "vocab_size", "bos_id", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "leaky_slope",
+        "xsa_layers", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap", "quant_bits", "train_seq_len",
+        "skip_gates", "parallel_from", "recur_layers", "recur_passes", "attn_gate_width", "doc_mask"]
+
+
+def test_resolved_makes_auto_values_concrete(tmp_path):
+    args = T.Hyperparameters(data_path=str(tmp_path))
+    r = args.resolved(2, CPU)
+    assert (r.grad_accum_steps, r.compile, r.device, r.byte_sidecar, r.run_id) == (2, "0", "cpu", "0", "seed42")
+    (tmp_path / "fineweb_val_bytes_000000.bin").write_bytes(b"")
+    assert args.resolved(8, CPU).byte_sidecar == "1" and args.resolved(8, CPU).grad_accum_steps == 1
+    given = T.Hyperparameters(grad_accum_steps=3, compile="1", run_id="x", byte_sidecar="0").resolved(1, CPU)
+    assert (given.grad_accum_steps, given.compile, given.run_id, given.byte_sidecar) == (3, "1", "x", "0")
+    assert args.resolved(1, CPU).resolved(1, CPU) == args.resolved(1, CPU)  # resolved once: a fixed point
