@@ -1310,14 +1310,12 @@ class Optimizers:
                                       fused=device.type == "cuda")
         self.other_params = [p for g in groups for p in g["params"]]
 
-    def set_schedule(self, lr_scale, progress):
-        """Learning rates x lr_scale; Muon momentum warm-up over MUON_MOMENTUM_WARMUP_FRAC."""
-        a = self.args
+    def set_schedule(self, lr_scale, momentum):
+        """Learning rates x lr_scale; Muon's momentum (both the schedule's: schedule_at)."""
         for g in self.adam.param_groups:
             g["lr"] = g["base_lr"] * lr_scale
-        self.muon.lr = a.matrix_lr * lr_scale
-        frac = min(1.0, progress / a.muon_momentum_warmup_frac) if a.muon_momentum_warmup_frac > 0 else 1.0
-        self.muon.momentum = (1 - frac) * a.muon_momentum_start + frac * a.muon_momentum
+        self.muon.lr = self.args.matrix_lr * lr_scale
+        self.muon.momentum = momentum
 
     def step(self):
         """Sync, clip by global norm, step both; returns the norm."""
@@ -1605,11 +1603,13 @@ class Quantized:
     tries: list  # (clip, bytes) of each round
 
 
-def quantize_to_budget(model, hessians, args, budget, run, clock=None, tokenizer_sha="", byte_sidecar=False):
-    """Rate control: GPTQ, compress, move the clip until the model fills RATE_BAND of the budget
-    (RATE_TRIES rounds, up to 4 more while nothing fits; none past the clock's budget once one
-    fits) -> Quantized. The artifact records `tokenizer_sha` and `byte_sidecar`."""
-    clip, tries, best = args.clip_sigmas, [], None
+def quantize_to_budget(model, hessians, args, budget, run, clock=None, tokenizer_sha="", byte_sidecar=False,
+                       start_clip=None):
+    """Rate control: GPTQ, compress, move the clip (from `start_clip`, else CLIP_SIGMAS) until the
+    model fills RATE_BAND of the budget (RATE_TRIES rounds, up to 4 more while nothing fits; none
+    past the clock's budget once one fits) -> Quantized. The artifact records `tokenizer_sha` and
+    `byte_sidecar`."""
+    clip, tries, best = args.clip_sigmas if start_clip is None else start_clip, [], None
     for attempt in range(args.rate_tries + 4):
         if attempt >= args.rate_tries and best[0][0] == 1:
             break
@@ -2533,10 +2533,39 @@ def run_progress(args, step, elapsed_s, budget_s):
     return min(1.0, p)
 
 
-def lr_scale_at(args, progress):
-    """1.0, then linear to 0 over the last WARMDOWN_FRAC, floored at MIN_LR_SCALE."""
+class StepPlan(NamedTuple):
+    """Every time-dependent quantity of a training step."""
+    lr_scale: float  # x every learning rate
+    muon_momentum: float
+    seq_len: int  # the training context
+    qat_on: bool  # late QAT (it stays on: the lr scale only falls)
+    recurrence_on: bool  # depth recurrence
+
+
+def schedule_at(args, progress):
+    """The run's whole schedule, a pure function of `progress` (the fraction done, 0..1) -> StepPlan:
+    learning rates x 1.0, then linear to 0 over the last WARMDOWN_FRAC, floored at MIN_LR_SCALE; Muon
+    momentum warmed up over MUON_MOMENTUM_WARMUP_FRAC; the context TRAIN_SEQ_SCHEDULE gives; late QAT
+    once the lr scale is below QAT_START_SCALE (0: never); depth recurrence from RECUR_START_FRAC."""
     s = (1.0 - progress) / args.warmdown_frac if args.warmdown_frac > 0 else 1.0
-    return max(args.min_lr_scale, min(1.0, s))
+    lr_scale = max(args.min_lr_scale, min(1.0, s))
+    warm = min(1.0, progress / args.muon_momentum_warmup_frac) if args.muon_momentum_warmup_frac > 0 else 1.0
+    return StepPlan(lr_scale, (1 - warm) * args.muon_momentum_start + warm * args.muon_momentum,
+                    args.train_seq_len_at(progress), args.qat_start_scale > 0 and lr_scale < args.qat_start_scale,
+                    bool(args.recur_layer_list()) and progress >= args.recur_start_frac)
+
+
+def schedule_shapes(args):
+    """The (context length, recurrence on) pairs the schedule takes before the run's end, in order:
+    the shapes of the training graphs. It changes only where a length or the recurrence starts."""
+    starts = sorted({0.0, args.recur_start_frac, *(f for f, _ in args.train_seq_lens())})
+    return list(dict.fromkeys((s.seq_len, s.recurrence_on) for s in (schedule_at(args, p) for p in starts if p < 1)))
+
+
+def ema_weight(args, p0, p1):
+    """The EMA's move towards the weights over a step from progress p0 to p1: its time constant is
+    EMA_HORIZON of the run, whatever the step time (0: no average, 1.0)."""
+    return 1.0 - math.exp(-(p1 - p0) / args.ema_horizon) if args.ema_horizon > 0 else 1.0
 
 
 class SharedClock:
@@ -2573,6 +2602,7 @@ class TrainStats:
     peak_mem_mib: float
     reserve_seconds: float  # kept for calibration and the rate control
     qat_step: int | None
+    qat_clip: float  # the grid the weights were trained onto (CLIP_SIGMAS without late QAT): the rate control's start
     final_train_loss: float
     raw_weights: list | None  # the last step's weights, where EMA replaced them
 
@@ -2591,14 +2621,15 @@ def training_budget(args, model):
 
 
 def compile_warmup(args, model, opt, loader, one_step, run):
-    """WARMUP_STEPS steps compile the graphs (every training length, both depths of the recurrence:
-    no recompile mid-run); weights, optimizer and data position are then restored."""
+    """WARMUP_STEPS steps compile the graphs (every shape of the schedule: no recompile mid-run);
+    weights, optimizer and data position are then restored."""
     t0 = time.perf_counter()
     saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(), loader.stream.state())
-    shapes = [(depth, n) for depth in ((False, True) if model.recur_layers else (False,)) for _, n in args.train_seq_lens()]
+    shapes, start = schedule_shapes(args), schedule_at(args, 0.0)
     for i in range(args.warmup_steps):
-        model.recurrence_active, seq_len = shapes[i * len(shapes) // args.warmup_steps]
-        one_step(0.0, 1.0, seq_len)
+        seq_len, recurrence = shapes[i * len(shapes) // args.warmup_steps]
+        model.recurrence_active = recurrence
+        one_step(start._replace(seq_len=seq_len, recurrence_on=recurrence))
     model.load_state_dict(saved[0])
     opt.load_state_dict(saved[1])
     loader.stream.restore(saved[2])
@@ -2608,14 +2639,15 @@ def compile_warmup(args, model, opt, loader, one_step, run):
 
 
 def start_late_qat(args, model, budget_bytes, step, scale, run):
-    """Fake quantization on from here, on the grid at which the weights would fill the budget."""
+    """Fake quantization on from here, on the grid at which the weights would fill the budget
+    (without one, CLIP_SIGMAS's) -> that grid's clip."""
     t0 = time.perf_counter()
-    if budget_bytes > 0:
-        args.clip_sigmas = qat_clip_for_budget(model, args, budget_bytes, run)
-    model.qat_clip.fill_(args.clip_sigmas)
+    clip = qat_clip_for_budget(model, args, budget_bytes, run) if budget_bytes > 0 else args.clip_sigmas
+    model.qat_clip.fill_(clip)
     model.qat_mix.fill_(1.0)
-    run.log(f"late QAT on at step {step} (lr scale {scale:.3f}), grid clip {args.clip_sigmas:.3f} sigmas "
+    run.log(f"late QAT on at step {step} (lr scale {scale:.3f}), grid clip {clip:.3f} sigmas "
             f"(chosen in {time.perf_counter() - t0:.1f}s)")
+    return clip
 
 
 def finalize_weights(args, model, ema, run):
@@ -2635,59 +2667,76 @@ def finalize_weights(args, model, ema, run):
     return raw
 
 
+def micro_batch_seqs(args, world_size, accum, seq_len):
+    """Sequences per micro-step at this context length: the same tokens per step at every length."""
+    return args.train_batch_tokens // (world_size * accum * seq_len)
+
+
+def train_step(args, compiled, opt, loader, accum, run, plan):
+    """One optimizer step at `plan`'s learning rates, momentum and context -> (mean loss, grad norm)."""
+    opt.set_schedule(plan.lr_scale, plan.muon_momentum)
+    total = torch.zeros((), device=run.device)
+    for _ in range(accum):
+        x, y = loader.next_batch(micro_batch_seqs(args, run.world_size, accum, plan.seq_len), plan.seq_len)
+        with _autocast(run.device):
+            loss = compiled(x, y)
+        (loss / accum).backward()
+        total += loss.detach()
+    norm = opt.step()
+    opt.zero_grad()
+    return total / accum, norm
+
+
+def log_batch(args, run, accum, budget, reserve):
+    """The batch at each context length and the time the training loop may take."""
+    rows = " then ".join(f"{micro_batch_seqs(args, run.world_size, accum, n)} seqs x {n}"
+                         + (f" from {f:.0%}" if f > 0 else "") for f, n in args.train_seq_lens())
+    run.log(f"batch: {args.train_batch_tokens} tokens/step = {run.world_size} ranks x {accum} micro-steps x "
+            f"{rows}; training budget {budget:.1f}s (reserve {reserve:.1f}s for GPTQ)")
+
+
+def log_step_times(run, steps, elapsed, recur_at, qat_step):
+    """The step time before depth recurrence and with it, from the clock at its switch (step, seconds)."""
+    if recur_at is not None and steps > recur_at[0] > 0:
+        run.log(f"step time: {recur_at[1] / recur_at[0] * 1000:.1f} ms before depth recurrence ({recur_at[0]} steps), "
+                f"{(elapsed - recur_at[1]) / (steps - recur_at[0]) * 1000:.1f} ms with it ({steps - recur_at[0]} steps"
+                + (", late QAT's start included)" if qat_step is not None and qat_step >= recur_at[0] else ")"))
+
+
 def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
-    """The timed training loop: the schedule follows the fraction of the run done (steps or time),
-    EMA in run fractions, depth recurrence and late QAT switched on by it -> TrainStats."""
+    """The timed training loop: each step's learning rates, momentum, context, depth recurrence and
+    late QAT from schedule_at at the fraction of the run done (steps or time), the EMA from
+    ema_weight -> TrainStats."""
     device, log = run.device, run.log
     accum = args.resolved_grad_accum(run.world_size)
     budget, reserve = training_budget(args, model)
-
-    def micro_seqs(seq_len):  # sequences per micro-step at this context length
-        return args.train_batch_tokens // (run.world_size * accum * seq_len)
-    rows = " then ".join(f"{micro_seqs(n)} seqs x {n}"
-                         + (f" from {f:.0%}" if f > 0 else "") for f, n in args.train_seq_lens())
-    log(f"batch: {args.train_batch_tokens} tokens/step = {run.world_size} ranks x {accum} micro-steps x "
-        f"{rows}; training budget {budget:.1f}s (reserve {reserve:.1f}s for GPTQ)")
-
-    def one_step(progress, lr_scale, seq_len):
-        opt.set_schedule(lr_scale, progress)
-        total = torch.zeros((), device=device)
-        for _ in range(accum):
-            x, y = loader.next_batch(micro_seqs(seq_len), seq_len)
-            with _autocast(device):
-                loss = compiled(x, y)
-            (loss / accum).backward()
-            total += loss.detach()
-        norm = opt.step()
-        opt.zero_grad()
-        return total / accum, norm
-
+    log_batch(args, run, accum, budget, reserve)
+    one_step = functools.partial(train_step, args, compiled, opt, loader, accum, run)
     if args.warmup_steps > 0:
         compile_warmup(args, model, opt, loader, one_step, run)
     params = list(model.parameters())
     ema = [p.detach().float().clone() for p in params] if args.ema_horizon > 0 else None
-    step, elapsed, progress, step_s, qat_on_step, recur_at = 0, 0.0, 0.0, 0.0, None, None
+    step, elapsed, progress, step_s, recur_at = 0, 0.0, 0.0, 0.0, None
+    qat_step, qat_clip = None, args.clip_sigmas
     _sync(device)
     if run.world_size > 1:
         dist.barrier()  # the ranks start the clock together
-    model.recurrence_active = bool(model.recur_layers) and args.recur_start_frac <= 0
-    seq_len = args.train_seq_len_at(0.0)
+    start = schedule_at(args, 0.0)
+    seq_len, model.recurrence_active = start.seq_len, start.recurrence_on
     clock.start()
     while True:
-        scale = lr_scale_at(args, progress)
-        length_now = args.train_seq_len_at(progress)
-        if length_now != seq_len:
-            seq_len = length_now
+        plan = schedule_at(args, progress)
+        if plan.seq_len != seq_len:
+            seq_len = plan.seq_len
             log(f"training context {seq_len} from step {step} ({elapsed:.1f}s, progress {progress:.3f})")
-        if model.recur_layers and not model.recurrence_active and progress >= args.recur_start_frac:
+        if plan.recurrence_on and not model.recurrence_active:
             model.recurrence_active = True
             recur_at = (step, elapsed)
             log(f"depth recurrence on at step {step} ({elapsed:.1f}s, {step_s * 1000:.1f} ms/step so far"
                 + ("; compiled in the warm-up" if args.warmup_steps >= 2 else "") + f"): layers run {model.layer_order()}")
-        if args.qat_start_scale > 0 and qat_on_step is None and scale < args.qat_start_scale:
-            start_late_qat(args, model, budget_bytes, step, scale, run)
-            qat_on_step = step
-        loss, norm = one_step(progress, scale, seq_len)
+        if plan.qat_on and qat_step is None:
+            qat_step, qat_clip = step, start_late_qat(args, model, budget_bytes, step, plan.lr_scale, run)
+        loss, norm = one_step(plan)
         loss_v = loss.item()  # sync: the clock measures finished work
         if not math.isfinite(norm):  # all-reduced: all ranks stop alike
             raise FloatingPointError(f"non-finite gradients at step {step}, loss {loss_v} (lower the learning rates?)")
@@ -2695,27 +2744,23 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
         elapsed = clock.shared()
         step_s = elapsed / step
         new_progress = run_progress(args, step, elapsed, budget)
-        if ema is not None:  # time constant in run fractions, whatever the step time
-            weight = 1.0 - math.exp(-(new_progress - progress) / args.ema_horizon)
-            torch._foreach_lerp_(ema, [p.detach() for p in params], weight)
+        if ema is not None:
+            torch._foreach_lerp_(ema, [p.detach() for p in params], ema_weight(args, progress, new_progress))
         progress = new_progress
         # stop before a step that would end past the budget
         last = (args.iterations > 0 and step >= args.iterations) or (budget > 0 and elapsed + step_s > budget)
         if args.train_log_every > 0 and (step % args.train_log_every == 0 or step <= 5 or last):
             left = max(0.0, budget - elapsed) if budget > 0 else (args.iterations - step) * step_s
-            log(f"step:{step} train_loss:{loss_v:.4f} grad_norm:{norm:.3f} lr_scale:{scale:.3f} progress:{progress:.3f} "
-                f"elapsed:{elapsed:.1f}s step_avg:{step_s * 1000:.1f}ms eta:{left:.0f}s")
+            log(f"step:{step} train_loss:{loss_v:.4f} grad_norm:{norm:.3f} lr_scale:{plan.lr_scale:.3f} "
+                f"progress:{progress:.3f} elapsed:{elapsed:.1f}s step_avg:{step_s * 1000:.1f}ms eta:{left:.0f}s")
         if last:
             break
     run.timer.add("training", elapsed)
     raw = finalize_weights(args, model, ema, run)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
     log(f"training done: {step} steps in {elapsed:.1f}s ({step_s * 1000:.1f} ms/step), peak memory {peak:.0f} MiB")
-    if recur_at is not None and step > recur_at[0] > 0:
-        log(f"step time: {recur_at[1] / recur_at[0] * 1000:.1f} ms before depth recurrence ({recur_at[0]} steps), "
-            f"{(elapsed - recur_at[1]) / (step - recur_at[0]) * 1000:.1f} ms with it ({step - recur_at[0]} steps"
-            + (", late QAT's start included)" if qat_on_step is not None and qat_on_step >= recur_at[0] else ")"))
-    return TrainStats(step, elapsed, step_s * 1000, peak, reserve, qat_on_step, loss_v, raw)
+    log_step_times(run, step, elapsed, recur_at, qat_step)
+    return TrainStats(step, elapsed, step_s * 1000, peak, reserve, qat_step, qat_clip, loss_v, raw)
 
 
 # ----- main
@@ -3125,9 +3170,10 @@ class Written:
     quant_seconds: float
 
 
-def quantize_and_write(args, model, loader, budget_bytes, code_bytes, path, run, clock, byte_sidecar=False):
-    """Calibration, GPTQ under rate control, the artifact written (atomically, by rank 0); it records
-    the tokenizer and whether the byte sidecar scores it."""
+def quantize_and_write(args, model, loader, budget_bytes, code_bytes, path, run, clock, byte_sidecar=False,
+                       start_clip=None):
+    """Calibration, GPTQ under rate control from `start_clip` (else CLIP_SIGMAS), the artifact written
+    (atomically, by rank 0); it records the tokenizer and whether the byte sidecar scores it."""
     t_q = time.perf_counter()
     if not all(bool(p.isfinite().all()) for p in model.parameters()):  # on every rank
         raise ArtifactError("training diverged: non-finite weights")
@@ -3136,7 +3182,7 @@ def quantize_and_write(args, model, loader, budget_bytes, code_bytes, path, run,
     run.timer.since("calibration_hessians", t_q)
     t0 = time.perf_counter()
     quantized = quantize_to_budget(model, hessians, args, budget_bytes, run, clock, file_sha256(args.tokenizer_path),
-                                   byte_sidecar)
+                                   byte_sidecar, start_clip=start_clip)
     run.timer.since("gptq_rate_control", t0)
     t0 = time.perf_counter()
     data, clip = quantized.data, quantized.clip_sigmas
@@ -3228,7 +3274,7 @@ def train_and_score(args, run, paths, t_start):
     log = run.log
     code, code_bytes = code_as_shipped()
     device_name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
-    cid = config_id(args, code, run.world_size, device_name)  # before QAT sets args.clip_sigmas
+    cid = config_id(args, code, run.world_size, device_name)
     check_submission_config(args.out_dir, cid)
     model = build_model(args, run.device)
     budget_bytes = check_budget_fits(args, model, code_bytes)
@@ -3253,7 +3299,8 @@ def train_and_score(args, run, paths, t_start):
     clock = SharedClock(run)
     run.began = True
     stats = train(args, model, compiled, opt, loader, run, clock, budget_bytes)
-    written = quantize_and_write(args, model, loader, budget_bytes, code_bytes, paths["artifact"], run, clock, sidecar)
+    written = quantize_and_write(args, model, loader, budget_bytes, code_bytes, paths["artifact"], run, clock, sidecar,
+                                 stats.qat_clip)
     t_eval, wall = time.perf_counter(), clock.local()  # the evaluation's clock starts; training's ends
     log_wall_clock(args, stats, written, wall, log)
     check_ranks_agree(model, run)

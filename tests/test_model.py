@@ -371,7 +371,7 @@ def test_full_stack_trains_on_a_fixed_batch():
     assert model.layer_order() == [0, 1, 2, 1, 2, 1, 2, 3]
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = T.Optimizers(model, args, 1, CPU)
-    opt.set_schedule(1.0, 1.0)
+    opt.set_schedule(1.0, args.muon_momentum)
     ids = torch.randint(2, args.vocab_size, (4, 33), generator=torch.Generator().manual_seed(8))
     ids[:, 0] = args.bos_id
     ids[:2, 15] = args.bos_id

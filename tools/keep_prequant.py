@@ -14,8 +14,10 @@ threads = []
 
 def patched(model, hessians, args, budget, run, *rest, **kw):
     if run.rank == 0:
+        grid = kw.get("start_clip") or args.clip_sigmas  # the late-QAT grid, where the rate control starts
         blob = {"state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
-                "hessians": {k: v.cpu().clone() for k, v in hessians.items()}, "args": dataclasses.asdict(args)}
+                "hessians": {k: v.cpu().clone() for k, v in hessians.items()},
+                "args": {**dataclasses.asdict(args), "clip_sigmas": grid}}
         th = threading.Thread(target=torch.save, args=(blob, os.path.join(args.out_dir, "prequant.pt")))
         th.start()
         threads.append(th)
