@@ -413,10 +413,10 @@ class Hyperparameters(RunSettings, EvalSettings, QuantSettings, TrainingSettings
             need(n >= 1 and self.train_batch_tokens % per_micro == 0,
                  f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a multiple of world_size({world_size}) x "
                  f"grad_accum({accum}) x {length} = {per_micro}")
-        combos = len(lens) * (2 if rec and self.recur_passes > 0 else 1)
+        combos = len(schedule_shapes(self))
         need(self.warmup_steps == 0 or self.warmup_steps >= combos,
-             f"WARMUP_STEPS={self.warmup_steps} cannot compile every training shape ({combos}: lengths x recurrence "
-             f"depths): use 0 or >= {combos}")
+             f"WARMUP_STEPS={self.warmup_steps} cannot compile every training shape ({combos}: the (length, "
+             f"recurrence) pairs of the schedule): use 0 or >= {combos}")
         need(not 0 < self.qat_start_scale <= self.min_lr_scale, "QAT_START_SCALE must be 0 or above MIN_LR_SCALE")
         need(self.max_wallclock_seconds > 0 or self.iterations > 0, "set ITERATIONS or MAX_WALLCLOCK_SECONDS")
         within(0, 1, "ngram_conf")
