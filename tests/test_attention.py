@@ -2,12 +2,15 @@
 pure-torch reference provider against the dense-mask math path (forward and backward), one graph
 under torch.compile, provider errors, the FA3/FA4 adapters' calls, and the backend choice."""
 import dataclasses
+import os
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
+import smoke_data
 import train_gpt as T
 from helpers import (REFERENCE_VARLEN, _reference_backward, _reference_forward, randomized_model, tiny_model_args,
                      use_varlen)
@@ -469,3 +472,65 @@ def test_varlen_room_for_the_global_pass_rows():
     with T.MathAttention().room_for(rows, BOS):  # dense masks: nothing to make room in
         pass
 
+
+
+# ----------------------------------------------------------------------------- training vs validation
+
+def _varlen_run(args, monkeypatch):
+    """A training run (train_and_score) attending through the reference varlen kernels -> (the
+    segment count of every training forward, the log). Training is the run's forwards before the
+    artifact is written."""
+    sizes, logs, phase = [], [], ["training"]
+
+    def forward(q, k, v, cu, *rest):
+        if phase[0] == "training":
+            sizes.append(cu.numel() - 1)
+        return _reference_forward(q, k, v, cu, *rest)
+    provider = REFERENCE_VARLEN._replace(name="counted", forward=forward)
+    monkeypatch.setattr(T, "choose_attention", lambda *a: (T.VarlenAttention(provider), "varlen:counted"))
+    write = T.quantize_and_write
+
+    def written(*a, **kw):
+        out = write(*a, **kw)
+        phase[0] = "scoring"
+        return out
+    monkeypatch.setattr(T, "quantize_and_write", written)
+    paths = {k: os.path.join(args.out_dir, n) for k, n in T.run_file_names(args, args.run_id).items()}
+    T.train_and_score(args, T.Run(0, 1, CPU, logs.append), paths, 0.0)
+    return sizes, logs
+
+
+def test_training_segments_do_not_depend_on_the_validation_tokens(smoke_dataset, tmp_path, monkeypatch):
+    """Two runs that differ only in their validation split, one of them all short documents: their
+    training batches get the same segments (the capacity sized from the validation tokens was
+    training's too: 272 segments per batch with one split, 544 with the other) and they write the
+    same artifact; the evaluation's capacity is sized after the artifact is written."""
+    data_dir, tok, vocab = smoke_dataset
+    val = np.array(T.load_shard(T.find_shards(data_dir, "val")[0], vocab))
+    dense = tmp_path / "dense_data"
+    dense.mkdir()
+    for f in T.find_shards(data_dir, "train"):
+        os.symlink(f, dense / os.path.basename(f))
+    val[::2] = BOS  # documents of 2 tokens
+    smoke_data.write_shard(str(dense / "fineweb_val_000000.bin"), val)
+    runs = {}
+    for name, path in (("plain", data_dir), ("dense", str(dense))):
+        out = tmp_path / f"{name}_out"
+        out.mkdir()
+        args = tiny_model_args(vocab_size=vocab, data_path=path, tokenizer_path=tok, out_dir=str(out), run_id="t",
+                               train_seq_len=64, train_batch_tokens=1024, grad_accum_steps=1, iterations=2,
+                               max_wallclock_seconds=0, warmup_steps=1, eval_seq_len=64, eval_stride=32,
+                               eval_batch_seqs=8, val_tokens_limit=512, gptq_calib_seqs=4, gptq_calib_len=64,
+                               gptq_block=32, seed=1, ttt_enabled=False, skip_sliding_eval=True)
+        runs[name] = _varlen_run(args, monkeypatch) + ((out / "final_model_t.int6.ptz").read_bytes(),)
+    (plain, plain_log, plain_artifact), (dense, dense_log, dense_artifact) = runs["plain"], runs["dense"]
+    # training's 16 rows of 64: 16 + VARLEN_MIN_EXTRA, whatever validation holds; GPTQ's 4 rows: a start at every token
+    assert set(plain) == {16 + 256, 4 * 64}
+    assert dense == plain and dense_artifact == plain_artifact
+    rooms = []
+    for log in (plain_log, dense_log):
+        room = [i for i, line in enumerate(log) if line.startswith("varlen attention: room for ")]
+        artifact = [i for i, line in enumerate(log) if line.startswith("artifact: ")]
+        assert len(room) == 1 and room[0] > artifact[0]  # sized for the evaluation, after the artifact
+        rooms.append(int(log[room[0]].split()[4]))
+    assert rooms[0] < 32 <= rooms[1]  # every other token a BOS: 32 or more in 64 tokens
