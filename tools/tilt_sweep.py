@@ -37,10 +37,10 @@ def main():
     config.pop(T.SIDECAR_KEY, None)
     for k, v in config.items():
         setattr(args, k, v)
-    T.set_attention_backend(args.attn_backend, dev, args.doc_mask)
     luts = T.load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     val, byte_source, _, _ = T.load_scoring_data(args, run, luts)
     model = T.build_model(args, dev)
+    T.size_varlen_segments(model.attention, val, args, run)
     model.load_state_dict(T.dequantize_entries(entries, args), strict=True)
     model.eval()
 
