@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# FlashAttention (FA3 or FA4) is imported on demand: see set_attention_backend
+# FlashAttention (FA3 or FA4) is imported on demand: see choose_attention
 try:  # FlexAttention: skips fully masked blocks
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except Exception:  # noqa: BLE001
@@ -613,10 +613,6 @@ def fake_quantize_rows(w, bits, clip_sigmas):
     return torch.clamp(torch.round(w / scale), -qmax, qmax) * scale
 
 
-_ATTN_BACKEND = "math"  # varlen:fa3 | varlen:fa4 | flex | sdpa | math
-_VARLEN = None  # the VarlenProvider of the varlen:* backends
-
-
 # ----- varlen attention: FlashAttention over the rows' tokens packed into one sequence (the rows are
 # full length, so packing is a reshape), causal within segments that start at every row start and,
 # with DOC_MASK, at every BOS; keys/values keep their Hkv heads (GQA in the kernel)
@@ -709,11 +705,28 @@ def need_varlen_provider(name):
     return provider
 
 
-def _checked(what, got, want):
+_VARLEN_KERNELS = {}  # provider name -> VarlenProvider: what the ops call (see register_varlen_kernel)
+
+
+def register_varlen_kernel(provider):
+    """Make `provider` the kernel the varlen ops run under its name (a later one of the same name
+    replaces it) -> the name. The ops take the name, not the provider: torch.compile keeps them as
+    single nodes of one graph."""
+    _VARLEN_KERNELS[provider.name] = provider
+    return provider.name
+
+
+def _kernel(name):
+    if name not in _VARLEN_KERNELS:
+        raise RuntimeError(f"varlen attention without a provider: no kernel {name!r} is registered")
+    return _VARLEN_KERNELS[name]
+
+
+def _checked(kernel, what, got, want):
     """`got` tensors of the provider have the (shape, dtype) of `want`, else a clear error."""
     for i, (t, (shape, dtype)) in enumerate(zip(got, want)):
         if tuple(t.shape) != tuple(shape) or t.dtype != dtype:
-            raise RuntimeError(f"varlen attention provider {_VARLEN.name}: {what} output {i} is "
+            raise RuntimeError(f"varlen attention provider {kernel}: {what} output {i} is "
                                f"{tuple(t.shape)} {t.dtype}, expected {tuple(shape)} {dtype}")
     return tuple(t.contiguous() for t in got)  # the fake kernels promise contiguous outputs
 
@@ -721,85 +734,88 @@ def _checked(what, got, want):
 # custom ops: torch.compile keeps them as single nodes (dynamo cannot trace FA4's CuTe launcher),
 # so the compiled model stays one graph, and nothing in them syncs with the host (CUDA graphs)
 @torch.library.custom_op("pgolf::varlen_attention", mutates_args=(),
-                         schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen) -> (Tensor, Tensor)")
-def _varlen_fwd(q, k, v, cu_seqlens, max_seqlen):
-    if _VARLEN is None:
-        raise RuntimeError("varlen attention without a provider: set_attention_backend chose none")
-    got = _VARLEN.forward(q, k, v, cu_seqlens, max_seqlen, q.size(-1) ** -0.5)
+                         schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, int max_seqlen, str kernel) "
+                                "-> (Tensor, Tensor)")
+def _varlen_fwd(q, k, v, cu_seqlens, max_seqlen, kernel):
+    got = _kernel(kernel).forward(q, k, v, cu_seqlens, max_seqlen, q.size(-1) ** -0.5)
     N, H, _ = q.shape
-    return _checked("forward", got, ((q.shape, q.dtype), ((H, N), torch.float32)))
+    return _checked(kernel, "forward", got, ((q.shape, q.dtype), ((H, N), torch.float32)))
 
 
 @_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen):
+def _(q, k, v, cu_seqlens, max_seqlen, kernel):
     return q.new_empty(q.shape), q.new_empty((q.size(1), q.size(0)), dtype=torch.float32)
 
 
 @torch.library.custom_op("pgolf::varlen_attention_backward", mutates_args=(),
                          schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-                                "Tensor cu_seqlens, int max_seqlen) -> (Tensor, Tensor, Tensor)")
-def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen):
-    got = _VARLEN.backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, q.size(-1) ** -0.5)
-    return _checked("backward", got, tuple((t.shape, t.dtype) for t in (q, k, v)))
+                                "Tensor cu_seqlens, int max_seqlen, str kernel) -> (Tensor, Tensor, Tensor)")
+def _varlen_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, kernel):
+    got = _kernel(kernel).backward(dout.contiguous(), q, k, v, out, lse, cu_seqlens, max_seqlen, q.size(-1) ** -0.5)
+    return _checked(kernel, "backward", got, tuple((t.shape, t.dtype) for t in (q, k, v)))
 
 
 @_varlen_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen):
+def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, kernel):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_seqlens, ctx.max_seqlen = inputs
+    q, k, v, cu_seqlens, ctx.max_seqlen, ctx.kernel = inputs
     ctx.save_for_backward(q, k, v, *output, cu_seqlens)
 
 
 def _varlen_backward(ctx, dout, dlse):  # lse only feeds the backward: dlse is ignored
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
-    return (*_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen), None, None)
+    return (*_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.kernel), None, None, None)
 
 
 _varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen, kernel):
     """q (tokens,H,D), k, v (tokens,Hkv,D) -> (tokens,H,D): causal attention within each segment
-    [cu_seqlens[i], cu_seqlens[i+1]) (at most `max_seqlen` long), by the provider in use."""
-    return _varlen_fwd(q, k, v, cu_seqlens, max_seqlen)[0]
+    [cu_seqlens[i], cu_seqlens[i+1]) (at most `max_seqlen` long), by the registered provider `kernel`."""
+    return _varlen_fwd(q, k, v, cu_seqlens, max_seqlen, kernel)[0]
 
 
 # The kernels launch blocks for every segment of cu_seqlens, empty or not: FA4's varlen scheduler
 # runs (tokens + segments x (tile_m - 1)) / tile_m blocks per head, so B*T segments (room for a
 # BOS at every token) would launch ~tile_m times the blocks needed. The fixed size is instead
-# B + max(B*T / VARLEN_MIN_MEAN_TOKENS, B x the most BOS any validation window holds,
-# VARLEN_MIN_EXTRA) segments: scoring never drops a document start (set_varlen_capacity); a
-# training batch denser than that (a mean under 128 tokens per document) loses its last splits
+# B + max(B*T / VARLEN_MIN_MEAN_TOKENS, B x bos_per_row, VARLEN_MIN_EXTRA) segments
+# (varlen_capacity). Training's bos_per_row is 0, whatever the validation data: a training batch
+# denser than that (a mean under 128 tokens per document) loses its last splits. Scoring's is the
+# most BOS any validation window holds, set at evaluation time (size_varlen_segments): it never
+# drops a document start; TTT's global pass makes room for its own rows (VarlenAttention.room_for)
 VARLEN_MIN_MEAN_TOKENS, VARLEN_MIN_EXTRA = 128, 256
-_VARLEN_BOS_PER_ROW = 0  # set_varlen_capacity
 
 
-def set_varlen_capacity(val_tokens, bos_id, window):
-    """Room in cu_seqlens for as many document starts per row as any `window` tokens of the
-    validation split hold, so that no scored batch drops one -> that count."""
-    global _VARLEN_BOS_PER_ROW
-    counts = torch.cat([torch.zeros(1, dtype=torch.int64), (val_tokens == bos_id).to(torch.int64).cumsum(0)])
-    n = min(window, val_tokens.numel())
-    _VARLEN_BOS_PER_ROW = int((counts[n:] - counts[:-n]).max())
-    return _VARLEN_BOS_PER_ROW
+def varlen_capacity(B, T, bos_per_row=0):
+    """Segments in the buffer of B rows of T tokens with room for `bos_per_row` document starts per row."""
+    N = B * T
+    return min(N, B + max(N // VARLEN_MIN_MEAN_TOKENS, B * bos_per_row, VARLEN_MIN_EXTRA))
+
+
+def most_document_starts(tokens, bos_id, window):
+    """The most BOS any `window` consecutive tokens of `tokens` hold."""
+    counts = torch.cat([torch.zeros(1, dtype=torch.int64), (tokens == bos_id).to(torch.int64).cumsum(0)])
+    n = min(window, tokens.numel())
+    return int((counts[n:] - counts[:-n]).max())
 
 
 def varlen_segments(ids, bos_id, doc_mask, max_segments=None):
     """int32 (max_segments + 1,) starts of the segments of the packed rows `ids` (B,T): every row
     start and (doc_mask) every BOS, then the total B*T repeated (empty segments). Built on the
-    device without a host sync (fixed size). Beyond `max_segments` (default: see
-    VARLEN_MIN_MEAN_TOKENS), the last BOS starts are dropped, never a row start: those documents
+    device without a host sync (fixed size). Beyond `max_segments` (default: varlen_capacity with
+    no room asked for), the last BOS starts are dropped, never a row start: those documents
     then see the previous one of their row, as without DOC_MASK."""
     B, T = ids.shape
     N = B * T
     if not doc_mask:
         return torch.arange(0, N + 1, T, dtype=torch.int32, device=ids.device)
     if max_segments is None:
-        max_segments = min(N, B + max(N // VARLEN_MIN_MEAN_TOKENS, B * _VARLEN_BOS_PER_ROW, VARLEN_MIN_EXTRA))
+        max_segments = varlen_capacity(B, T)
     if not B <= max_segments <= N:
         raise ValueError(f"max_segments={max_segments} must be in {B}..{N} (rows..tokens)")
     pos = torch.arange(N, device=ids.device)
@@ -847,11 +863,11 @@ def varlen_self_check(provider, device):
     return None
 
 
-def set_attention_backend(name, device, doc_mask=False):
-    """Resolve ATTN_BACKEND for the process; returns the name in use: varlen:fa3, varlen:fa4 (FA3 or
-    FA4 over the packed segments, with or without document masking, after a self-check on the
-    device), flex, sdpa or math (CPU); with auto, why a provider was passed over."""
-    global _ATTN_BACKEND, _VARLEN
+def choose_attention(name, device, doc_mask=False):
+    """ATTN_BACKEND resolved for `device` -> (the attention the model holds, its description for the
+    log): varlen:fa3, varlen:fa4 (FA3 or FA4 over the packed segments, with or without document
+    masking, after a self-check on the device), flex, sdpa or math (CPU); with auto, why a
+    provider was passed over."""
     provider = need_varlen_provider(name) if name in _VARLEN_LOADERS else None  # on CPU too: a clear error
     passed_over = []
     if device.type != "cuda":
@@ -873,48 +889,122 @@ def set_attention_backend(name, device, doc_mask=False):
             raise ConfigError(f"ATTN_BACKEND={name}: {_VARLEN_MODULES[name]} failed its self-check: {why}")
     if name == "flex" and flex_attention is None:
         raise ConfigError("ATTN_BACKEND=flex but torch.nn.attention.flex_attention is not available")
-    if provider is not None:
-        name = "varlen:" + provider.name
-    _ATTN_BACKEND, _VARLEN = name, provider
-    return name + (f" ({'; '.join(passed_over)})" if passed_over else "")
+    attention = VarlenAttention(provider) if provider is not None else ATTENTIONS[name]()
+    return attention, attention.name + (f" ({'; '.join(passed_over)})" if passed_over else "")
 
 
-def attention_mask(ids, bos_id, doc_mask):
-    """None (causal), a VarlenMask (varlen backends), a dense (B,1,T,T) bool mask or a Flex block
-    mask (compiled training only: it crashed in inference on H200, slow uncompiled)."""
-    if _ATTN_BACKEND.startswith("varlen"):
-        return VarlenMask(varlen_segments(ids, bos_id, doc_mask), ids.size(1))
-    flex = _ATTN_BACKEND == "flex" and torch.is_grad_enabled() and torch.compiler.is_compiling()
-    if not doc_mask and not flex:
-        return None
-    B, T = ids.shape
-    doc = torch.cumsum((ids == bos_id).int(), dim=1) if doc_mask else torch.zeros_like(ids, dtype=torch.int32)
-    if flex:
-        def same_doc_causal(b, h, q, kv):
-            return (q >= kv) & (doc[b, q] == doc[b, kv])
-        return create_block_mask(same_doc_causal, B, None, T, T, device=ids.device)
+def document_mask(ids, bos_id):
+    """(B,1,T,T) bool: causal, and no token of rows `ids` sees one before its document's BOS."""
+    T = ids.size(1)
+    doc = torch.cumsum((ids == bos_id).int(), dim=1)
     causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
     return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
-def causal_attention(q, k, v, mask=None):
-    """q: (B,T,H,D); k, v: (B,T,Hkv,D) -> (B,T,H,D), causal, masked by `mask`."""
-    if isinstance(mask, VarlenMask):
-        B, T, H, D = q.shape
-        q, k, v = (t.reshape(B * T, *t.shape[2:]).contiguous() for t in (q, k, v))  # v may be a view of qkv
-        return varlen_attention(q, k, v, mask.cu_seqlens, mask.max_seqlen).view(B, T, H, D)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if _ATTN_BACKEND == "flex" and mask is not None and not isinstance(mask, torch.Tensor):
-        return flex_attention(q, k, v, block_mask=mask, enable_gqa=True).transpose(1, 2)
-    # masked SDPA with grad (TTT): repeat KV heads, or GQA falls back to math
-    gqa = mask is None or not torch.is_grad_enabled()
-    if _ATTN_BACKEND == "math" or not gqa:
+class Attention:
+    """Causal attention, the model's choice of kernel: __call__(q, k, v, mask) with q (B,T,H,D), k, v
+    (B,T,Hkv,D) (GQA) -> (B,T,H,D); mask(ids, bos_id, doc_mask) builds the mask of rows `ids` for it.
+    The base masks: None (plain causal) or, with DOC_MASK, the dense document_mask; a dense mask
+    also comes from TTT's cache (queries offset into cached keys). One subclass per kernel, named
+    in ATTENTIONS (ATTN_BACKEND) or built by choose_attention (varlen)."""
+
+    def mask(self, ids, bos_id, doc_mask):
+        return document_mask(ids, bos_id) if doc_mask else None
+
+    def room_for(self, rows, bos_id):
+        """A context in which batches as dense in documents as `rows` keep every document start."""
+        return contextlib.nullcontext()
+
+
+class MathAttention(Attention):
+    """Plain matrix products, KV heads repeated: CPU, and the reference."""
+    name = "math"
+
+    def __call__(self, q, k, v, mask=None):
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         rep = q.size(1) // k.size(1)
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    if _ATTN_BACKEND == "math":
         return _math_attention(q, k, v, mask).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-    return out.transpose(1, 2)
+
+
+class SdpaAttention(Attention):
+    """PyTorch's scaled_dot_product_attention."""
+    name = "sdpa"
+
+    def __call__(self, q, k, v, mask=None):
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # masked SDPA with grad (TTT): repeat KV heads, or GQA falls back to math
+        gqa = mask is None or not torch.is_grad_enabled()
+        if not gqa:
+            rep = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+        return out.transpose(1, 2)
+
+
+class FlexAttention(SdpaAttention):
+    """FlexAttention with a block mask (skips fully masked blocks) in compiled training only: it
+    crashed in inference on H200 and is slow uncompiled; elsewhere SDPA with the dense mask."""
+    name = "flex"
+
+    def mask(self, ids, bos_id, doc_mask):
+        if not (torch.is_grad_enabled() and torch.compiler.is_compiling()):
+            return super().mask(ids, bos_id, doc_mask)
+        B, T = ids.shape
+        doc = torch.cumsum((ids == bos_id).int(), dim=1) if doc_mask else torch.zeros_like(ids, dtype=torch.int32)
+
+        def same_doc_causal(b, h, q, kv):
+            return (q >= kv) & (doc[b, q] == doc[b, kv])
+        return create_block_mask(same_doc_causal, B, None, T, T, device=ids.device)
+
+    def __call__(self, q, k, v, mask=None):
+        if mask is None or isinstance(mask, torch.Tensor):
+            return super().__call__(q, k, v, mask)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return flex_attention(q, k, v, block_mask=mask, enable_gqa=True).transpose(1, 2)
+
+
+class VarlenAttention(SdpaAttention):
+    """A FlashAttention varlen kernel (`provider`, a VarlenProvider) over the rows packed into one
+    sequence: its mask is a VarlenMask, whose buffer has room for `bos_per_row` document starts per
+    row (varlen_capacity; 0: training's, whatever the validation data holds). Other masks (TTT's
+    chunks over their cache) go to SDPA."""
+
+    def __init__(self, provider, bos_per_row=0):
+        self.kernel = register_varlen_kernel(provider)
+        self.name = "varlen:" + provider.name
+        self.bos_per_row = bos_per_row
+
+    def mask(self, ids, bos_id, doc_mask):
+        B, T = ids.shape
+        return VarlenMask(varlen_segments(ids, bos_id, doc_mask, varlen_capacity(B, T, self.bos_per_row)), T)
+
+    def __call__(self, q, k, v, mask=None):
+        if not isinstance(mask, VarlenMask):
+            return super().__call__(q, k, v, mask)
+        B, T, H, D = q.shape
+        q, k, v = (t.reshape(B * T, *t.shape[2:]).contiguous() for t in (q, k, v))  # v may be a view of qkv
+        return varlen_attention(q, k, v, mask.cu_seqlens, mask.max_seqlen, self.kernel).view(B, T, H, D)
+
+    def size_for(self, tokens, bos_id, window):
+        """Room for as many document starts per row as any `window` of `tokens` holds, so that no
+        batch of its windows drops one -> that count."""
+        self.bos_per_row = most_document_starts(tokens, bos_id, window)
+        return self.bos_per_row
+
+    @contextlib.contextmanager
+    def room_for(self, rows, bos_id):
+        """Inside: room for as many document starts per row as any of `rows` holds."""
+        saved = self.bos_per_row
+        if rows.numel():
+            self.bos_per_row = max(saved, int((rows[:, 1:] == bos_id).sum(1).max()))
+        try:
+            yield
+        finally:
+            self.bos_per_row = saved
+
+
+ATTENTIONS = {"math": MathAttention, "sdpa": SdpaAttention, "flex": FlexAttention}  # ATTN_BACKEND -> kernel
 
 
 def _math_attention(q, k, v, mask=None):
@@ -945,6 +1035,25 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest), dim=-1)
 
 
+class LayerWeights(NamedTuple):
+    """One layer's matrices: views of its rows of the GPT's banks (GPT.layer_weights)."""
+    q: torch.Tensor  # (MODEL_DIM, MODEL_DIM)
+    k: torch.Tensor  # (NUM_KV_HEADS x head dim, MODEL_DIM)
+    v: torch.Tensor
+    out: torch.Tensor  # (MODEL_DIM, MODEL_DIM)
+    up: torch.Tensor  # (MLP hidden, MODEL_DIM)
+    down: torch.Tensor  # (MODEL_DIM, MLP hidden)
+
+
+class LayerContext(NamedTuple):
+    """What every layer takes from its model: the rotary embedding, the attention, and the hooks
+    capture(layer, kind, x) (GPTQ's Hessians) and adapt(layer, kind, x, y) -> y (TTT's adapters)."""
+    rotary: nn.Module
+    attention: Attention
+    capture: Callable
+    adapt: Callable
+
+
 class Block(nn.Module):
     """A transformer layer; its matrices live in the GPT's banks."""
 
@@ -952,6 +1061,8 @@ class Block(nn.Module):
         super().__init__()
         d = args.model_dim
         self.layer = layer
+        self.heads = (args.num_heads, args.num_kv_heads, args.head_dim)  # H, Hkv, D
+        self.leaky_slope = args.leaky_slope
         self.ln_scale = 1.0 / math.sqrt(layer + 1)
         self.use_xsa = args.xsa_layers < 0 or layer >= args.num_layers - args.xsa_layers
         self.attn_scale = nn.Parameter(torch.ones(d))
@@ -962,26 +1073,27 @@ class Block(nn.Module):
         if args.attn_gate_width > 0:  # zero init: every head's gate starts at 1
             self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_width))
 
-    def forward(self, gpt, x, x0, w, mask, cache=None, slot=0):
-        """-> new residual stream, MLP output. `cache` (TTT): earlier keys/values per layer pass `slot`."""
-        L, a = gpt.args.num_layers, self.layer
+    def forward(self, x, x0, w, ctx, mask, cache=None, slot=0):
+        """-> new residual stream, MLP output. `w`: this layer's LayerWeights; `ctx`: the model's
+        LayerContext; `mask`: from ctx.attention; `cache` (TTT): earlier keys/values per layer pass `slot`."""
+        a = self.layer
         B, T, _ = x.shape
-        H, Hkv, D = gpt.args.num_heads, gpt.args.num_kv_heads, gpt.args.head_dim
+        H, Hkv, D = self.heads
         mix = self.resid_mix.to(x.dtype)
         x_in = mix[0] * x + mix[1] * x0
         h = rms_norm(x_in) * self.ln_scale
-        gpt.capture(a, "qkv", h)
+        ctx.capture(a, "qkv", h)
         # one GEMM for q, k, v (and one for its gradient)
-        qkv = gpt.adapt(a, "qkv", h, F.linear(h, torch.cat((w["qo"][a], w["kv"][a], w["kv"][L + a]))))
+        qkv = ctx.adapt(a, "qkv", h, F.linear(h, torch.cat((w.q, w.k, w.v))))
         q, k, v = qkv.split((H * D, Hkv * D, Hkv * D), dim=-1)
         q, k, v = q.view(B, T, H, D), k.view(B, T, Hkv, D), v.view(B, T, Hkv, D)
         q, k, v_own = rms_norm(q), rms_norm(k), v
         if cache is not None:  # cached pre-RoPE: window positions from 0
             k, v = cache.extend(slot, k, v)
-        q, k = gpt.rotary(q, k.size(1) - T), gpt.rotary(k)
+        q, k = ctx.rotary(q, k.size(1) - T), ctx.rotary(k)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         q, k = q.to(v.dtype), k.to(v.dtype)  # rms_norm may run in fp32 under autocast
-        y = causal_attention(q, k, v, mask)
+        y = ctx.attention(q, k, v, mask)
         if self.use_xsa:  # remove each head's component along its own token's value
             yg = y.view(B, T, Hkv, H // Hkv, D)
             vh = F.normalize(v_own.float(), dim=-1).to(y.dtype).unsqueeze(3)
@@ -990,15 +1102,15 @@ class Block(nn.Module):
             gate = 2 * torch.sigmoid(0.5 * F.linear(h[..., :self.attn_gate.size(1)], self.attn_gate.to(h.dtype)))
             y = y * gate[..., None].to(y.dtype)
         y = y.reshape(B, T, H * D)
-        gpt.capture(a, "out", y)
+        ctx.capture(a, "out", y)
         # scales act on the weight rows: cheaper gradient than on activations
-        x = x_in + gpt.adapt(a, "out", y, F.linear(y, w["qo"][L + a] * self.attn_scale[:, None]))
+        x = x_in + ctx.adapt(a, "out", y, F.linear(y, w.out * self.attn_scale[:, None]))
         if not self.parallel:  # parallel layers: the MLP reads the attention's input
             h = rms_norm(x) * self.ln_scale
-        gpt.capture(a, "up", h)
-        u = F.leaky_relu(gpt.adapt(a, "up", h, F.linear(h, w["up"][a])), gpt.args.leaky_slope).square()
-        gpt.capture(a, "down", u)
-        m = gpt.adapt(a, "down", u, F.linear(u, w["down"][a] * self.mlp_scale[:, None]))
+        ctx.capture(a, "up", h)
+        u = F.leaky_relu(ctx.adapt(a, "up", h, F.linear(h, w.up)), self.leaky_slope).square()
+        ctx.capture(a, "down", u)
+        m = ctx.adapt(a, "down", u, F.linear(u, w.down * self.mlp_scale[:, None]))
         return x + m, m
 
 
@@ -1009,7 +1121,7 @@ class GPT(nn.Module):
     - input: token embedding (tied with the head), RMSNorm, SmearGate, not across a BOS (`embed`);
     - attention (`Block.forward`): q/k RMSNorm, partial RoPE (ROPE_DIMS), per-head q gain
       (QK_GAIN_INIT), document masking (DOC_MASK), XSA (XSA_LAYERS), a per-head output gate
-      (ATTN_GATE_WIDTH);
+      (ATTN_GATE_WIDTH); its kernel (`attention`, ATTN_BACKEND: choose_attention);
     - MLP: LeakyReLU(LEAKY_SLOPE)^2; layers from PARALLEL_FROM run it beside the attention, their
       outputs summed into one lane (`lane_mix`);
     - U-Net skips between the two halves, through sigmoid gates (SKIP_GATES; `hidden`);
@@ -1018,9 +1130,10 @@ class GPT(nn.Module):
     - late QAT: straight-through fake quantization of the banks on the GPTQ grid (`_bank_weights`);
     - TTT: per-document LoRA adapters (`adapt`) and a key/value cache of earlier chunks (`cache`)."""
 
-    def __init__(self, args):
+    def __init__(self, args, attention=None):
         super().__init__()
         self.args = a = args
+        self.attention = attention if attention is not None else MathAttention()  # no module: the state_dict is the same
         d, L, kv = a.model_dim, a.num_layers, a.num_kv_heads * a.head_dim
         self.tok_emb = nn.Embedding(a.vocab_size, d)
         nn.init.normal_(self.tok_emb.weight, std=a.tied_embed_init_std)
@@ -1055,6 +1168,12 @@ class GPT(nn.Module):
 
     def banks(self):
         return {"qo": self.qo_bank, "kv": self.kv_bank, "up": self.up_bank, "down": self.down_bank}
+
+    def layer_weights(self, w, layer):
+        """Layer `layer`'s matrices from the banks `w` (banks() or their QAT copies)."""
+        L = self.args.num_layers
+        return LayerWeights(w["qo"][layer], w["kv"][layer], w["kv"][L + layer], w["qo"][L + layer], w["up"][layer],
+                            w["down"][layer])
 
     def capture(self, layer, kind, x):
         if self._capture is not None:
@@ -1097,7 +1216,8 @@ class GPT(nn.Module):
         x0 = x
         w = self._bank_weights()
         if cache is None:
-            mask = attention_mask(ids, self.args.bos_id, self.args.doc_mask)
+            mask = self.attention.mask(ids, self.args.bos_id, self.args.doc_mask)
+        ctx = LayerContext(self.rotary, self.attention, self.capture, self.adapt)
         order = self.layer_order()
         last_pass = {l: i for i, l in enumerate(order)}
         skips, lane = [], None
@@ -1110,7 +1230,7 @@ class GPT(nn.Module):
                     x = torch.lerp(x, skip, torch.sigmoid(self.skip_gates[j]).to(x.dtype))
                 else:
                     x = x + skip
-            x, m = self.blocks[l](self, x, x0, w, mask, cache, i)
+            x, m = self.blocks[l](x, x0, self.layer_weights(w, l), ctx, mask, cache, i)
             if self.blocks[l].parallel:
                 lane = m if lane is None else lane + m
             if final and l < self.num_enc:
@@ -1145,9 +1265,12 @@ class GPT(nn.Module):
         return banks, tables, scalars
 
 
-def build_model(args, device):
+def build_model(args, device, attention=None):
+    """The seeded model on `device`, holding `attention` (default: ATTN_BACKEND's for `device`, math on CPU)."""
+    if attention is None:
+        attention = choose_attention(args.attn_backend, device, args.doc_mask)[0]
     torch.manual_seed(args.seed)
-    return GPT(args).to(device)
+    return GPT(args, attention).to(device)
 
 
 # ----- optimizer
@@ -2385,7 +2508,8 @@ def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
     haves[run.rank] = have
     _all_reduce_sum(haves)
     sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
-    with varlen_room_for(xs[:have * window].view(-1, window), args.bos_id):
+    # the global pass packs the shortest documents together, denser than any validation window
+    with model.attention.room_for(xs[:have * window].view(-1, window), args.bos_id):
         for r0 in range(0, int(haves.max()), rows):
             r1 = min(r0 + rows, have)
             step_rows = float((haves - r0).clamp(0, rows).sum())  # mean over all ranks
@@ -2402,20 +2526,6 @@ def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
             sgd.zero_grad(set_to_none=True)
             if monitor is not None and r1 > r0:
                 monitor("global", r0 * window, r1 * window)  # offsets in this rank's rows
-
-
-@contextlib.contextmanager
-def varlen_room_for(rows, bos_id):
-    """Room in the varlen segments for as many document starts per row as any of `rows` holds:
-    the global pass packs the shortest documents together, denser than any validation window."""
-    global _VARLEN_BOS_PER_ROW
-    saved = _VARLEN_BOS_PER_ROW
-    if rows.numel():
-        _VARLEN_BOS_PER_ROW = max(saved, int((rows[:, 1:] == bos_id).sum(1).max()))
-    try:
-        yield
-    finally:
-        _VARLEN_BOS_PER_ROW = saved
 
 
 def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, started=None, hints=None):
@@ -3009,7 +3119,7 @@ def run_eval_only(args, run):
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     check_artifact_tokenizer(args.eval_only, recorded_tokenizer, args.tokenizer_path, run.log)
     check_artifact_byte_source(args.eval_only, recorded_sidecar, use_byte_sidecar(args), args)
-    backend = set_attention_backend(args.attn_backend, run.device, args.doc_mask)
+    attention, backend = choose_attention(args.attn_backend, run.device, args.doc_mask)
     val_tokens, byte_source, _, _ = load_scoring_data(args, run, luts)
     model_bytes, code_bytes = os.path.getsize(args.eval_only), code_as_shipped()[1]
     total = model_bytes + code_bytes
@@ -3018,7 +3128,8 @@ def run_eval_only(args, run):
             f"{json.dumps(dataclasses.asdict(args), sort_keys=True)}")
     if total > ARTIFACT_CAP_BYTES:
         run.log(f"WARNING: artifact + code = {total} bytes > {ARTIFACT_CAP_BYTES}: NOT compliant")
-    model = build_model(args, run.device)
+    model = build_model(args, run.device, attention)
+    size_varlen_segments(attention, val_tokens, args, run)
     run.began = True
     res = evaluate_artifact(args, model, args.eval_only, val_tokens, byte_source, run, t0, entries)
     log_timing_table(run)
@@ -3027,22 +3138,23 @@ def run_eval_only(args, run):
 
 def load_scoring_data(args, run, luts, train_files=()):
     """The validation tokens and what counts their bytes (the tokenizer's table `luts` or the data's
-    sidecar), named in the log's data: line, the varlen segments sized for them -> (tokens and byte
-    source on the device, the data line, whether the sidecar counts)."""
+    sidecar), named in the log's data: line -> (tokens and byte source on the device, the data
+    line, whether the sidecar counts). Nothing of them reaches training (size_varlen_segments
+    runs at evaluation time)."""
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
     sidecar = use_byte_sidecar(args)
     byte_source, bytes_note = load_byte_source(args, val_tokens, luts, sidecar)
     data = describe_data(args, train_files, val_tokens, bytes_note)
     run.log(f"data: {data}")
-    size_varlen_segments(val_tokens, args, run)
     return val_tokens.to(run.device), byte_source.to(run.device), data, sidecar
 
 
-def size_varlen_segments(val_tokens, args, run):
-    """With a varlen backend and DOC_MASK: room for every document start a scored row can hold."""
-    if _ATTN_BACKEND.startswith("varlen") and args.doc_mask:
-        window = max(args.eval_seq_len, args.longest_train_seq)
-        n = set_varlen_capacity(val_tokens, args.bos_id, window)
+def size_varlen_segments(attention, val_tokens, args, run):
+    """At evaluation time, with a varlen `attention` and DOC_MASK: room for every document start a
+    scored row can hold."""
+    if isinstance(attention, VarlenAttention) and args.doc_mask:
+        window = args.eval_seq_len
+        n = attention.size_for(val_tokens, args.bos_id, window)
         run.log(f"varlen attention: room for {n} document starts per row (the most any {window} validation "
                 f"tokens hold)")
 
@@ -3276,9 +3388,9 @@ def train_and_score(args, run, paths, t_start):
     device_name = torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else "cpu"
     cid = config_id(args, code, run.world_size, device_name)
     check_submission_config(args.out_dir, cid)
-    model = build_model(args, run.device)
+    attention, backend = choose_attention(args.attn_backend, run.device, args.doc_mask)
+    model = build_model(args, run.device, attention)
     budget_bytes = check_budget_fits(args, model, code_bytes)
-    backend = set_attention_backend(args.attn_backend, run.device, args.doc_mask)
     if os.environ.get("LOG_NOTE"):
         log(f"note: {os.environ['LOG_NOTE']}")
     log(f"train_gpt.py: {code_bytes} bytes as shipped (counted; {len(code)} bytes of code less comments and "
@@ -3304,6 +3416,7 @@ def train_and_score(args, run, paths, t_start):
     t_eval, wall = time.perf_counter(), clock.local()  # the evaluation's clock starts; training's ends
     log_wall_clock(args, stats, written, wall, log)
     check_ranks_agree(model, run)
+    size_varlen_segments(attention, val_tokens, args, run)  # training's segments never saw the validation tokens
     pre, raw_bpb = score_float_weights(args, model, compiled, stats, val_tokens, byte_source, run)
     res = evaluate_artifact(args, model, paths["artifact"], val_tokens, byte_source, run, t_eval)
     log(f"quantization gap (plain): {res['roundtrip']['val_bpb'] - pre['val_bpb']:+.5f} bpb")

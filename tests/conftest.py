@@ -26,12 +26,9 @@ def smoke_dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def one_thread_math():
     """Tiny matrices: OpenMP threads only add overhead (and stall badly on a busy 2-core box).
-    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread_math")`."""
-    import train_gpt as T
+    Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread_math")`. (Math attention
+    is what every CPU model holds: build_model chooses it on CPU.)"""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
-    old_backend = T._ATTN_BACKEND
-    T.set_attention_backend("math", torch.device("cpu"))
     yield
-    T._ATTN_BACKEND = old_backend
     torch.set_num_threads(n)

@@ -75,7 +75,8 @@ def _reference_backward(dout, q, k, v, out, lse, cu, max_seqlen, scale):
 REFERENCE_VARLEN = T.VarlenProvider("ref", _reference_forward, _reference_backward)
 
 
-def use_varlen(monkeypatch, provider=REFERENCE_VARLEN):
-    """Make `provider` the attention backend (undone with the monkeypatch)."""
-    monkeypatch.setattr(T, "_VARLEN", provider)
-    monkeypatch.setattr(T, "_ATTN_BACKEND", "varlen:" + provider.name)
+def use_varlen(monkeypatch, model, provider=REFERENCE_VARLEN):
+    """Make `model` attend through `provider`'s varlen kernels (undone with the monkeypatch) -> the attention."""
+    attention = T.VarlenAttention(provider)
+    monkeypatch.setattr(model, "attention", attention)
+    return attention

@@ -1,14 +1,19 @@
 """Varlen (FlashAttention) document-masked attention on CPU: segment starts, the custom op with a
 pure-torch reference provider against the dense-mask math path (forward and backward), one graph
 under torch.compile, provider errors, the FA3/FA4 adapters' calls, and the backend choice."""
+import dataclasses
+import os
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 
+import smoke_data
 import train_gpt as T
-from helpers import REFERENCE_VARLEN, _reference_backward, _reference_forward, randomized_model, use_varlen
+from helpers import (REFERENCE_VARLEN, _reference_backward, _reference_forward, randomized_model, tiny_model_args,
+                     use_varlen)
 
 CPU = torch.device("cpu")
 BOS = 1
@@ -72,11 +77,11 @@ def test_varlen_segments_default_cap():
     assert T.varlen_segments(torch.full((2, 40), 7), BOS, True).numel() == 81
 
 
-def test_varlen_capacity_keeps_every_document_start_of_the_validation_split(monkeypatch):
+def test_varlen_capacity_keeps_every_document_start_of_the_validation_split():
     """A validation split with a dense run of short documents (40 in one 2,048-token window, more
-    than the default's 16 per row): set_varlen_capacity makes room, and a batch of its densest
-    windows keeps every BOS split (the default alone drops some)."""
-    monkeypatch.setattr(T, "_VARLEN_BOS_PER_ROW", 0)
+    than the default's 16 per row): size_for makes room, and a batch of its densest windows keeps
+    every BOS split (the default, training's, drops some)."""
+    attention = T.VarlenAttention(REFERENCE_VARLEN)
     g = torch.Generator().manual_seed(0)
     val = torch.randint(2, 60, (40_000,), generator=g)
     val[::700] = BOS
@@ -84,9 +89,9 @@ def test_varlen_capacity_keeps_every_document_start_of_the_validation_split(monk
     rows = torch.stack([val[10_000 + i:10_000 + i + 2048] for i in range(0, 48 * 7, 7)])
     exact = T.varlen_segments(rows, BOS, True, max_segments=rows.numel())
     need = int((exact < rows.numel()).sum())
-    assert T.varlen_segments(rows, BOS, True).tolist()[:need] != exact.tolist()[:need]  # default: drops splits
-    assert T.set_varlen_capacity(val, BOS, 2048) == 40
-    cu = T.varlen_segments(rows, BOS, True)
+    assert attention.mask(rows, BOS, True).cu_seqlens.tolist()[:need] != exact.tolist()[:need]  # drops splits
+    assert attention.size_for(val, BOS, 2048) == 40 == attention.bos_per_row
+    cu = attention.mask(rows, BOS, True).cu_seqlens
     assert cu.tolist()[:need] == exact.tolist()[:need] and (cu[need:] == rows.numel()).all()
 
 
@@ -107,26 +112,25 @@ def dense_math(q, k, v, ids, doc_mask=True):
     """Today's document-masked attention: the dense (B,1,T,T) mask and math attention (its softmax
     in float32: the comparisons in float64 agree to ~1e-7)."""
     B, Tn = ids.shape
-    T._ATTN_BACKEND = "math"
-    mask = T.attention_mask(ids, BOS, doc_mask)
-    out = T.causal_attention(*(t.view(B, Tn, *t.shape[1:]) for t in (q, k, v)), mask)
+    math_attention = T.MathAttention()
+    mask = math_attention.mask(ids, BOS, doc_mask)
+    out = math_attention(*(t.view(B, Tn, *t.shape[1:]) for t in (q, k, v)), mask)
     return out.reshape(B * Tn, *out.shape[2:])
 
 
 @pytest.mark.parametrize("H,Hkv", [(8, 4), (4, 4), (6, 1)])
 @pytest.mark.parametrize("doc_mask", [True, False])
-def test_varlen_matches_dense_math_forward_and_backward(monkeypatch, H, Hkv, doc_mask):
+def test_varlen_matches_dense_math_forward_and_backward(H, Hkv, doc_mask):
     ids = rows_with_documents()
     B, Tn = ids.shape
     q, k, v = (t.requires_grad_() for t in qkv(B * Tn, H, Hkv))
     dout = torch.randn(B * Tn, H, q.size(-1), generator=torch.Generator().manual_seed(2), dtype=q.dtype)
-    monkeypatch.setattr(T, "_ATTN_BACKEND", "math")
     want = dense_math(q, k, v, ids, doc_mask)
     want_grads = torch.autograd.grad(want, (q, k, v), dout)
-    use_varlen(monkeypatch)
-    mask = T.attention_mask(ids, BOS, doc_mask)  # the model's path: mask, then causal_attention
+    varlen = T.VarlenAttention(REFERENCE_VARLEN)
+    mask = varlen.mask(ids, BOS, doc_mask)  # the model's path: mask, then the attention
     assert isinstance(mask, T.VarlenMask) and mask.max_seqlen == Tn
-    got = T.causal_attention(*(t.view(B, Tn, *t.shape[1:]) for t in (q, k, v)), mask).reshape(B * Tn, H, -1)
+    got = varlen(*(t.view(B, Tn, *t.shape[1:]) for t in (q, k, v)), mask).reshape(B * Tn, H, -1)
     got_grads = torch.autograd.grad(got, (q, k, v), dout)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     for g, w in zip(got_grads, want_grads):
@@ -149,9 +153,8 @@ def test_varlen_model_matches_math(monkeypatch):
     out = {}
     for name in ("math", "varlen"):
         if name == "varlen":
-            use_varlen(monkeypatch)
-        else:
-            monkeypatch.setattr(T, "_ATTN_BACKEND", "math")
+            use_varlen(monkeypatch, model)
+        assert model.attention.name == {"math": "math", "varlen": "varlen:ref"}[name]
         model.zero_grad()
         loss = model(ids, y)
         loss.backward()
@@ -160,17 +163,50 @@ def test_varlen_model_matches_math(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_varlen_op_keeps_one_graph(monkeypatch):
+def test_compiled_model_is_one_graph_and_uses_the_capacity_it_is_given(monkeypatch):
+    """The model holding a varlen attention compiles to one graph (fullgraph: its attention, the
+    layers' context and the op trace through) with the eager model's loss and gradients; a capacity
+    set afterwards (evaluation's, size_for) reaches the compiled model: its segment buffer grows,
+    and the documents it dropped start again."""
+    args = tiny_model_args(vocab_size=64, train_seq_len=160, eval_seq_len=160)
+    model = randomized_model(args, seed=8, emb_std=0.15)
+    sizes = []
+
+    def recording(q, k, v, cu, *rest):
+        sizes.append(cu.numel() - 1)
+        return _reference_forward(q, k, v, cu, *rest)
+    attention = use_varlen(monkeypatch, model, REFERENCE_VARLEN._replace(name="sizes", forward=recording))
+    ids = torch.full((2, 160), BOS)
+    ids[:, 1::40] = 7  # 312 segments in 320 tokens: more than the default's 258
+    y = torch.randint(2, 60, ids.shape, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    losses, grads = [], []
+    for run in (compiled, model, compiled):
+        if len(losses) == 2:
+            assert attention.size_for(ids.flatten(), BOS, 160) == 156
+        model.zero_grad()
+        loss = run(ids, y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.kv_bank.grad.clone())
+    # per layer: the compiled graph, the eager model, the compiled graph recompiled (2 + 2 x 156 segments)
+    assert sizes == [258] * 4 + [314] * 2
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-6)
+    assert abs(float(losses[2] - losses[0])) > 1e-4  # the dropped documents' starts are back
+
+
+def test_varlen_op_keeps_one_graph():
     """torch.compile(fullgraph=True) of segments + op + backward: the custom op (fake kernels,
     registered backward) traces as one node, no graph break."""
-    use_varlen(monkeypatch)
+    kernel = T.register_varlen_kernel(REFERENCE_VARLEN)
     ids = rows_with_documents()
     B, Tn = ids.shape
     q, k, v = qkv(B * Tn, 8, 4, dtype=torch.float32)
 
     def f(q, k, v, ids):
         cu = T.varlen_segments(ids, BOS, True)
-        return (T.varlen_attention(q, k, v, cu, Tn) ** 2).sum()
+        return (T.varlen_attention(q, k, v, cu, Tn, kernel) ** 2).sum()
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     ins = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -184,13 +220,13 @@ def test_varlen_op_keeps_one_graph(monkeypatch):
         torch.testing.assert_close(a.grad, b.grad)
 
 
-def test_varlen_fake_kernels_match_the_real_ones(monkeypatch):
+def test_varlen_fake_kernels_match_the_real_ones():
     """torch.library's own checks of the ops (schema, fake vs real outputs, autograd registration)."""
-    use_varlen(monkeypatch)
+    kernel = T.register_varlen_kernel(REFERENCE_VARLEN)
     ids = rows_with_documents()
     q, k, v = (t.requires_grad_() for t in qkv(ids.numel(), 8, 4, dtype=torch.float32))
     cu = T.varlen_segments(ids, BOS, True)
-    torch.library.opcheck(T._varlen_fwd, (q, k, v, cu, ids.size(1)),
+    torch.library.opcheck(T._varlen_fwd, (q, k, v, cu, ids.size(1), kernel),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -201,7 +237,7 @@ def test_varlen_fake_kernels_match_the_real_ones(monkeypatch):
     ("lse", r"provider bad: forward output 1 is \(48, 8\) torch.float32, expected \(8, 48\)"),
     ("dk", r"provider bad: backward output 1 is \(48, 8, 8\) torch.float32, expected \(48, 4, 8\)"),
 ])
-def test_bad_provider_is_a_clear_error(monkeypatch, bad, pattern):
+def test_bad_provider_is_a_clear_error(bad, pattern):
     def forward(q, k, v, cu, max_seqlen, scale):
         out, lse = _reference_forward(q, k, v, cu, max_seqlen, scale)
         return (out[:, :k.size(1)] if bad == "out" else out), (lse.T if bad == "lse" else lse)
@@ -209,11 +245,18 @@ def test_bad_provider_is_a_clear_error(monkeypatch, bad, pattern):
     def backward(*a):
         dq, dk, dv = _reference_backward(*a)
         return dq, (dk.repeat_interleave(2, 1) if bad == "dk" else dk), dv
-    use_varlen(monkeypatch, T.VarlenProvider("bad", forward, backward))
+    kernel = T.register_varlen_kernel(T.VarlenProvider("bad", forward, backward))
     ids = rows_with_documents()
     q, k, v = (t.requires_grad_() for t in qkv(ids.numel(), 8, 4, dtype=torch.float32))
     with pytest.raises(RuntimeError, match=pattern):
-        T.varlen_attention(q, k, v, T.varlen_segments(ids, BOS, True), ids.size(1)).sum().backward()
+        T.varlen_attention(q, k, v, T.varlen_segments(ids, BOS, True), ids.size(1), kernel).sum().backward()
+
+
+def test_an_unregistered_kernel_is_a_clear_error():
+    ids = rows_with_documents()
+    q, k, v = qkv(ids.numel(), 8, 4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="varlen attention without a provider: no kernel 'nowhere' is registered"):
+        T.varlen_attention(q, k, v, T.varlen_segments(ids, BOS, True), ids.size(1), "nowhere")
 
 
 # ----------------------------------------------------------------------------- the FA3 / FA4 adapters
@@ -291,15 +334,14 @@ def test_fa_adapters_call_the_kernels_right(monkeypatch, which):
     if which.startswith("fa3"):
         monkeypatch.setitem(sys.modules, "flash_attn_interface", fa3_builds[which[4:]])
     monkeypatch.setattr(T, "_VARLEN_PROVIDERS", {})
-    monkeypatch.setattr(T, "_ATTN_BACKEND", "math")
-    monkeypatch.setattr(T, "_VARLEN", None)
     name = which[:3]
-    assert T.set_attention_backend(name, torch.device("cuda"), doc_mask=True) == f"varlen:{name}"
+    attention, description = T.choose_attention(name, torch.device("cuda"), doc_mask=True)
+    assert description == attention.name == f"varlen:{name}" and attention.kernel == name
     ids = rows_with_documents()
     q, k, v = (t.requires_grad_() for t in qkv(ids.numel(), 8, 4))
     dout = torch.randn(q.shape, dtype=q.dtype, generator=torch.Generator().manual_seed(3))
     cu = T.varlen_segments(ids, BOS, True)
-    out = T.varlen_attention(q, k, v, cu, ids.size(1))
+    out = T.varlen_attention(q, k, v, cu, ids.size(1), attention.kernel)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     want = dense_math(q, k, v, ids)
     torch.testing.assert_close(out, want, atol=2e-6, rtol=1e-5)
@@ -324,10 +366,9 @@ def test_fa3_build_without_the_calls_is_not_usable(monkeypatch):
 # ----------------------------------------------------------------------------- backend choice
 
 def test_backend_resolution(monkeypatch):
-    monkeypatch.setattr(T, "_ATTN_BACKEND", "math")
-    monkeypatch.setattr(T, "_VARLEN", None)
-    cuda = torch.device("cuda")  # set_attention_backend only reads its type
-    assert T.set_attention_backend("auto", CPU, doc_mask=True) == "math" and T._VARLEN is None
+    cuda = torch.device("cuda")  # choose_attention only reads its type
+    attention, description = T.choose_attention("auto", CPU, doc_mask=True)
+    assert description == "math" and type(attention) is T.MathAttention
     fa3, fa4 = REFERENCE_VARLEN._replace(name="fa3"), REFERENCE_VARLEN._replace(name="fa4")
     for providers, doc_mask, want in (
             ({"fa3": fa3, "fa4": fa4}, True, "varlen:fa3"),
@@ -336,17 +377,37 @@ def test_backend_resolution(monkeypatch):
             ({"fa3": "ModuleNotFoundError: no", "fa4": "ModuleNotFoundError: no"}, True, "flex"),
             ({"fa3": "ModuleNotFoundError: no", "fa4": "ModuleNotFoundError: no"}, False, "sdpa")):
         monkeypatch.setattr(T, "_VARLEN_PROVIDERS", dict(providers))
-        assert T.set_attention_backend("auto", cuda, doc_mask) == want == T._ATTN_BACKEND
-        assert T._VARLEN is (providers[want[7:]] if want.startswith("varlen") else None)
+        attention, description = T.choose_attention("auto", cuda, doc_mask)
+        assert description == want == attention.name
+        if want.startswith("varlen"):
+            assert T._VARLEN_KERNELS[attention.kernel] is providers[want[7:]]  # what the ops will run
+        else:
+            assert type(attention) is {"flex": T.FlexAttention, "sdpa": T.SdpaAttention}[want]
         ids = rows_with_documents()
-        assert isinstance(T.attention_mask(ids, BOS, doc_mask), T.VarlenMask) == want.startswith("varlen")
+        assert isinstance(attention.mask(ids, BOS, doc_mask), T.VarlenMask) == want.startswith("varlen")
     monkeypatch.setattr(T, "_VARLEN_PROVIDERS", {"fa3": "ModuleNotFoundError: no", "fa4": fa4})
-    assert T.set_attention_backend("fa4", cuda, True) == "varlen:fa4"
-    assert T.set_attention_backend("fa4", CPU, True) == "math"  # importable, but no kernel on CPU
-    assert T.set_attention_backend("sdpa", cuda, True) == "sdpa" and T._VARLEN is None
+    assert T.choose_attention("fa4", cuda, True)[1] == "varlen:fa4"
+    assert T.choose_attention("fa4", CPU, True)[1] == "math"  # importable, but no kernel on CPU
+    assert type(T.choose_attention("sdpa", cuda, True)[0]) is T.SdpaAttention
+    assert type(T.choose_attention("math", cuda, True)[0]) is T.MathAttention
     with pytest.raises(T.ConfigError, match="ATTN_BACKEND=fa3 but flash_attn_interface .* not usable: "
                                             "ModuleNotFoundError: no"):
-        T.set_attention_backend("fa3", cuda, True)
+        T.choose_attention("fa3", cuda, True)
+
+
+def test_the_model_holds_its_attention(monkeypatch):
+    """build_model gives the model the attention it is handed, else ATTN_BACKEND's for the device
+    (math on CPU); the attention adds nothing to the state_dict."""
+    args = tiny_model_args(vocab_size=64)
+    plain = T.build_model(args, CPU)
+    assert type(plain.attention) is T.MathAttention
+    varlen = T.VarlenAttention(REFERENCE_VARLEN)
+    held = T.build_model(args, CPU, varlen)
+    assert held.attention is varlen
+    assert list(held.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(held.state_dict().values(), plain.state_dict().values()))
+    monkeypatch.setattr(T, "_VARLEN_PROVIDERS", {"fa3": REFERENCE_VARLEN._replace(name="fa3")})
+    assert T.build_model(dataclasses.replace(args, attn_backend="fa3"), CPU).attention.name == "math"
 
 
 @pytest.mark.parametrize("name,module", [("fa3", "flash_attn_interface"), ("fa4", "flash_attn.cute")])
@@ -358,10 +419,8 @@ def test_unimportable_provider_is_a_config_error(monkeypatch, name, module):
     args = T.Hyperparameters(attn_backend=name)
     with pytest.raises(T.ConfigError, match=f"ATTN_BACKEND={name} but {module} .* is not usable: ModuleNotFoundError"):
         args.validate(8)
-    monkeypatch.setattr(T, "_ATTN_BACKEND", "math")
     with pytest.raises(T.ConfigError, match=f"ATTN_BACKEND={name} but {module}"):
-        T.set_attention_backend(name, CPU, True)  # eval-only runs skip validate()
-    assert T._ATTN_BACKEND == "math"
+        T.choose_attention(name, CPU, True)  # eval-only runs skip validate()
 
 
 def test_self_check_passes_a_right_provider_and_names_what_a_wrong_one_gets_wrong():
@@ -383,30 +442,95 @@ def test_self_check_passes_a_right_provider_and_names_what_a_wrong_one_gets_wron
 
 
 def test_auto_passes_over_a_provider_that_fails_its_self_check(monkeypatch):
-    monkeypatch.setattr(T, "_ATTN_BACKEND", "math")
-    monkeypatch.setattr(T, "_VARLEN", None)
     fa3, fa4 = REFERENCE_VARLEN._replace(name="fa3"), REFERENCE_VARLEN._replace(name="fa4")
     monkeypatch.setattr(T, "_VARLEN_PROVIDERS", {"fa3": fa3, "fa4": fa4})
     monkeypatch.setattr(T, "varlen_self_check", lambda p, d: "its dq differs" if p.name == "fa3" else None)
     cuda = torch.device("cuda")
-    assert T.set_attention_backend("auto", cuda, True) == "varlen:fa4 (fa3 failed its self-check: its dq differs)"
-    assert T._VARLEN is fa4 and T._ATTN_BACKEND == "varlen:fa4"
+    attention, description = T.choose_attention("auto", cuda, True)
+    assert description == "varlen:fa4 (fa3 failed its self-check: its dq differs)"
+    assert attention.name == "varlen:fa4" and T._VARLEN_KERNELS[attention.kernel] is fa4
     monkeypatch.setattr(T, "varlen_self_check", lambda p, d: "its dq differs")
-    assert T.set_attention_backend("auto", cuda, True).startswith("flex (fa3 failed") and T._VARLEN is None
+    attention, description = T.choose_attention("auto", cuda, True)
+    assert description.startswith("flex (fa3 failed") and type(attention) is T.FlexAttention
     with pytest.raises(T.ConfigError, match="ATTN_BACKEND=fa4: flash_attn.cute .* failed its self-check: its dq"):
-        T.set_attention_backend("fa4", cuda, True)
+        T.choose_attention("fa4", cuda, True)
 
 
-def test_varlen_room_for_the_global_pass_rows(monkeypatch):
-    """TTT's global pass packs short documents densely: inside varlen_room_for those rows keep every
+def test_varlen_room_for_the_global_pass_rows():
+    """TTT's global pass packs short documents densely: inside room_for those rows keep every
     document start; the capacity is restored afterwards."""
-    monkeypatch.setattr(T, "_VARLEN_BOS_PER_ROW", 3)
+    attention = T.VarlenAttention(REFERENCE_VARLEN, bos_per_row=3)
     rows = torch.full((8, 2048), 7)
     rows[:, ::40] = BOS  # 52 documents per row, far more than 3 or the default's 16
     exact = T.varlen_segments(rows, BOS, True, max_segments=rows.numel())
     need = int((exact < rows.numel()).sum())
-    with T.varlen_room_for(rows, BOS):
-        assert T._VARLEN_BOS_PER_ROW == 51
-        assert T.varlen_segments(rows, BOS, True).tolist()[:need] == exact.tolist()[:need]
-    assert T._VARLEN_BOS_PER_ROW == 3
+    assert attention.mask(rows, BOS, True).cu_seqlens.tolist()[:need] != exact.tolist()[:need]
+    with attention.room_for(rows, BOS):
+        assert attention.bos_per_row == 51
+        assert attention.mask(rows, BOS, True).cu_seqlens.tolist()[:need] == exact.tolist()[:need]
+    assert attention.bos_per_row == 3
+    with T.MathAttention().room_for(rows, BOS):  # dense masks: nothing to make room in
+        pass
 
+
+
+# ----------------------------------------------------------------------------- training vs validation
+
+def _varlen_run(args, monkeypatch):
+    """A training run (train_and_score) attending through the reference varlen kernels -> (the
+    segment count of every training forward, the log). Training is the run's forwards before the
+    artifact is written."""
+    sizes, logs, phase = [], [], ["training"]
+
+    def forward(q, k, v, cu, *rest):
+        if phase[0] == "training":
+            sizes.append(cu.numel() - 1)
+        return _reference_forward(q, k, v, cu, *rest)
+    provider = REFERENCE_VARLEN._replace(name="counted", forward=forward)
+    monkeypatch.setattr(T, "choose_attention", lambda *a: (T.VarlenAttention(provider), "varlen:counted"))
+    write = T.quantize_and_write
+
+    def written(*a, **kw):
+        out = write(*a, **kw)
+        phase[0] = "scoring"
+        return out
+    monkeypatch.setattr(T, "quantize_and_write", written)
+    paths = {k: os.path.join(args.out_dir, n) for k, n in T.run_file_names(args, args.run_id).items()}
+    T.train_and_score(args, T.Run(0, 1, CPU, logs.append), paths, 0.0)
+    return sizes, logs
+
+
+def test_training_segments_do_not_depend_on_the_validation_tokens(smoke_dataset, tmp_path, monkeypatch):
+    """Two runs that differ only in their validation split, one of them all short documents: their
+    training batches get the same segments (the capacity sized from the validation tokens was
+    training's too: 272 segments per batch with one split, 544 with the other) and they write the
+    same artifact; the evaluation's capacity is sized after the artifact is written."""
+    data_dir, tok, vocab = smoke_dataset
+    val = np.array(T.load_shard(T.find_shards(data_dir, "val")[0], vocab))
+    dense = tmp_path / "dense_data"
+    dense.mkdir()
+    for f in T.find_shards(data_dir, "train"):
+        os.symlink(f, dense / os.path.basename(f))
+    val[::2] = BOS  # documents of 2 tokens
+    smoke_data.write_shard(str(dense / "fineweb_val_000000.bin"), val)
+    runs = {}
+    for name, path in (("plain", data_dir), ("dense", str(dense))):
+        out = tmp_path / f"{name}_out"
+        out.mkdir()
+        args = tiny_model_args(vocab_size=vocab, data_path=path, tokenizer_path=tok, out_dir=str(out), run_id="t",
+                               train_seq_len=64, train_batch_tokens=1024, grad_accum_steps=1, iterations=2,
+                               max_wallclock_seconds=0, warmup_steps=1, eval_seq_len=64, eval_stride=32,
+                               eval_batch_seqs=8, val_tokens_limit=512, gptq_calib_seqs=4, gptq_calib_len=64,
+                               gptq_block=32, seed=1, ttt_enabled=False, skip_sliding_eval=True)
+        runs[name] = _varlen_run(args, monkeypatch) + ((out / "final_model_t.int6.ptz").read_bytes(),)
+    (plain, plain_log, plain_artifact), (dense, dense_log, dense_artifact) = runs["plain"], runs["dense"]
+    # training's 16 rows of 64: 16 + VARLEN_MIN_EXTRA, whatever validation holds; GPTQ's 4 rows: a start at every token
+    assert set(plain) == {16 + 256, 4 * 64}
+    assert dense == plain and dense_artifact == plain_artifact
+    rooms = []
+    for log in (plain_log, dense_log):
+        room = [i for i, line in enumerate(log) if line.startswith("varlen attention: room for ")]
+        artifact = [i for i, line in enumerate(log) if line.startswith("artifact: ")]
+        assert len(room) == 1 and room[0] > artifact[0]  # sized for the evaluation, after the artifact
+        rooms.append(int(log[room[0]].split()[4]))
+    assert rooms[0] < 32 <= rooms[1]  # every other token a BOS: 32 or more in 64 tokens

@@ -549,7 +549,7 @@ def test_ttt_cache_equals_band_masked_forward(ttt_model, monkeypatch, lanes):
         with torch.no_grad():
             return sum(float(model(d[None], as_stream(docs)[e - d.numel() + 1:e + 1][None], reduction="none")
                              .double().sum()) for d, e in zip(docs, ends))
-    monkeypatch.setattr(T, "attention_mask", band_mask)
+    monkeypatch.setattr(model.attention, "mask", band_mask)
     nll = summed_nll()
     assert res["tokens"] == sum(d.numel() for d in docs)
     assert res["val_loss"] * res["tokens"] == pytest.approx(nll, rel=1e-6)
@@ -826,8 +826,9 @@ def test_ttt_with_varlen_backend_scores_like_math(ttt_model, monkeypatch):
     tokens = as_stream(make_docs((150, 70, 20, 97, 5), seed=4))
     ref = run_ttt(ttt_model, tokens, args)[0]["val_loss"]
     calls = []
-    use_varlen(monkeypatch, T.VarlenProvider("ref", lambda *a: (calls.append("fwd"), REFERENCE_VARLEN.forward(*a))[1],
-                                             lambda *a: (calls.append("bwd"), REFERENCE_VARLEN.backward(*a))[1]))
+    use_varlen(monkeypatch, ttt_model,
+               T.VarlenProvider("counted", lambda *a: (calls.append("fwd"), REFERENCE_VARLEN.forward(*a))[1],
+                                lambda *a: (calls.append("bwd"), REFERENCE_VARLEN.backward(*a))[1]))
     assert run_ttt(ttt_model, tokens, args)[0]["val_loss"] == pytest.approx(ref, rel=1e-6)
     assert calls.count("fwd") > 0 and calls.count("bwd") == calls.count("fwd")
 
@@ -981,7 +982,6 @@ TTT_DIST_CASES = {"lr0": dict(), "lr": dict(ttt_lr=0.03, ttt_global_lr=0.05)}
 def _ttt_dist_worker(rank, world, init_file, out_prefix):
     import torch.distributed as dist
     torch.set_num_threads(1)
-    T.set_attention_backend("math", CPU)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = randomized_model(ttt_args(), seed=2, emb_std=0.15)

@@ -21,17 +21,6 @@ def tiny_args(**kw):
                               **kw})
 
 
-@pytest.fixture
-def backend():
-    """Set train_gpt._ATTN_BACKEND for a test and restore it afterwards."""
-    old = T._ATTN_BACKEND
-
-    def set_(name):
-        T._ATTN_BACKEND = name
-    yield set_
-    T._ATTN_BACKEND = old
-
-
 def reference_attention(q, k, v):
     """Plain causal softmax attention with GQA (query head h uses kv head h // (H/Hkv))."""
     B, Tn, H, D = q.shape
@@ -45,7 +34,7 @@ def reference_attention(q, k, v):
 
 
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (6, 1)])
-def test_causal_attention_backends_match_reference(backend, H, Hkv):
+def test_causal_attention_backends_match_reference(H, Hkv):
     g = torch.Generator().manual_seed(H * 10 + Hkv)
     B, Tn, D = 2, 19, 16
     q = torch.randn(B, Tn, H, D, generator=g) * 2
@@ -54,8 +43,7 @@ def test_causal_attention_backends_match_reference(backend, H, Hkv):
     ref = reference_attention(q, k, v).float()
     outs = {}
     for name in ("math", "sdpa"):
-        backend(name)
-        outs[name] = T.causal_attention(q, k, v)
+        outs[name] = T.ATTENTIONS[name]()(q, k, v)
         assert outs[name].shape == (B, Tn, H, D)
         torch.testing.assert_close(outs[name], ref, atol=2e-5, rtol=1e-4)
     # first position attends only to itself: output = its (kv-group's) value
@@ -66,24 +54,24 @@ def test_causal_attention_backends_match_reference(backend, H, Hkv):
         assert (wrong - ref).abs().max() > 0.1
 
 
-def test_model_logits_math_vs_sdpa(backend):
+def test_model_logits_math_vs_sdpa():
     args = tiny_args()
     model = randomized_model(args, emb_std=0.15)
     ids = torch.randint(0, args.vocab_size, (3, 32), generator=torch.Generator().manual_seed(1))
     ids[:, 0] = args.bos_id
     ids[1, 10] = args.bos_id
+    assert model.attention.name == "math"  # a CPU model's
     with torch.no_grad():
-        backend("math")
         lm = model(ids)
-        backend("sdpa")
+        model.attention = T.SdpaAttention()
         ls = model(ids)
+        model.attention = T.MathAttention()
     assert lm.shape == (3, 32, args.vocab_size) and lm.dtype == torch.float32
     assert lm.std() > 1.0  # non-trivial logits
     torch.testing.assert_close(lm, ls, atol=2e-4, rtol=1e-4)
     # losses (mean and per-token) agree too and match a manual cross-entropy
     y = torch.roll(ids, -1, 1)
     with torch.no_grad():
-        backend("math")
         per = model(ids, y, reduction="none")
         mean = model(ids, y)
     assert per.shape == ids.shape
@@ -182,26 +170,25 @@ def reference_doc_mask(ids, bos_id):
     return m
 
 
-def test_attention_mask_is_causal_and_stops_at_bos(backend):
-    backend("math")
+def test_attention_mask_is_causal_and_stops_at_bos():
+    math_attention = T.MathAttention()
     ids = torch.randint(2, 50, (3, 12), generator=torch.Generator().manual_seed(0))
     ids[0, [0, 5, 6]] = 1  # two BOS in a row: a one-token document
     ids[1, 0] = 1
     ids[2, 4] = 1  # text before the first BOS (a window starting mid-document) is a document too
-    mask = T.attention_mask(ids, 1, doc_mask=True)
+    mask = math_attention.mask(ids, 1, doc_mask=True)
     assert mask.dtype == torch.bool and mask.shape == (3, 1, 12, 12)
     assert torch.equal(mask, reference_doc_mask(ids, 1))
     assert not mask.triu(1).any()  # causal
     assert mask.diagonal(dim1=-2, dim2=-1).all()  # every token sees itself
     assert not mask[0, 0, 5:, :5].any() and not mask[0, 0, 6:, 5].any()  # nothing crosses a BOS
     assert torch.equal(mask[1, 0], torch.ones(12, 12, dtype=torch.bool).tril())  # one document: plain causal
-    assert T.attention_mask(ids, 1, doc_mask=False) is None  # plain causal needs no mask
+    assert math_attention.mask(ids, 1, doc_mask=False) is None  # plain causal needs no mask
 
 
-def test_doc_mask_logits_equal_separate_documents(backend):
+def test_doc_mask_logits_equal_separate_documents():
     """[BOS a b c BOS d e f] in one row gives each document's logits as if run alone (math
     backend, float32); without DOC_MASK the second document sees the first."""
-    backend("math")
     args = tiny_args()
     assert args.doc_mask
     model = randomized_model(args, seed=7, emb_std=0.15)
@@ -236,7 +223,7 @@ def _flex_runs_on_cpu():
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
-def test_flex_backend_matches_math_with_doc_mask(backend, monkeypatch):
+def test_flex_backend_matches_math_with_doc_mask(monkeypatch):
     """Flex runs inside compiled graphs with gradients only (training): posed here by patching
     is_compiling; without it (eager TTT, no grad) the dense mask is used."""
     reason = _flex_runs_on_cpu()
@@ -249,13 +236,13 @@ def test_flex_backend_matches_math_with_doc_mask(backend, monkeypatch):
     ids[0, [9, 10, 21]] = args.bos_id
     ids[1, 17] = args.bos_id
     logits = {}
-    backend("flex")
-    assert isinstance(T.attention_mask(ids, args.bos_id, doc_mask=True), torch.Tensor)  # eager: dense
+    flex = T.FlexAttention()
+    assert isinstance(flex.mask(ids, args.bos_id, doc_mask=True), torch.Tensor)  # eager: dense
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     model.requires_grad_(False)  # grad mode on (flex's condition), but no backward: CPU flex has none
     for name in ("math", "flex"):
-        backend(name)
-        mask = T.attention_mask(ids, args.bos_id, doc_mask=True)
+        model.attention = T.ATTENTIONS[name]()
+        mask = model.attention.mask(ids, args.bos_id, doc_mask=True)
         assert mask is not None and isinstance(mask, torch.Tensor) == (name == "math")  # flex: a BlockMask
         logits[name] = model(ids).detach()
     torch.testing.assert_close(logits["flex"], logits["math"], atol=1e-4, rtol=1e-4)
@@ -263,10 +250,8 @@ def test_flex_backend_matches_math_with_doc_mask(backend, monkeypatch):
     g = torch.Generator().manual_seed(5)
     q = torch.randn(2, 32, 4, 8, generator=g)
     k, v = torch.randn(2, 32, 2, 8, generator=g), torch.randn(2, 32, 2, 8, generator=g)
-    backend("flex")
-    out_flex = T.causal_attention(q, k, v, T.attention_mask(ids, args.bos_id, True))
-    backend("math")
-    out_math = T.causal_attention(q, k, v, reference_doc_mask(ids, args.bos_id))
+    out_flex = flex(q, k, v, flex.mask(ids, args.bos_id, True))
+    out_math = T.MathAttention()(q, k, v, reference_doc_mask(ids, args.bos_id))
     torch.testing.assert_close(out_flex, out_math, atol=1e-5, rtol=1e-5)
 
 
@@ -275,8 +260,8 @@ def test_flex_backend_matches_math_with_doc_mask(backend, monkeypatch):
 def record_blocks(model, events):
     """Make every block append ("block", layer, input, output, mlp_out) to `events` when it runs."""
     for blk in model.blocks:
-        def forward(gpt, x, x0, w, ve, mask, *rest, blk=blk, orig=blk.forward):
-            out, m = orig(gpt, x, x0, w, ve, mask, *rest)
+        def forward(x, *rest, blk=blk, orig=blk.forward):
+            out, m = orig(x, *rest)
             events.append(("block", blk.layer, x, out, m))
             return out, m
         blk.forward = forward

@@ -266,7 +266,6 @@ def _rate_worker(rank, world, init_file, out_prefix):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
     try:
-        T.set_attention_backend("math", CPU)
         args = tiny_args(max_wallclock_seconds=5.0, rate_tries=3)
         model = randomized_model(args, seed=1)
         clock = T.SharedClock(T.Run(rank, world, CPU), clock=lambda: 0.0)

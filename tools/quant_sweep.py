@@ -20,15 +20,15 @@ saved = {f.name for f in dataclasses.fields(T.Hyperparameters)} & set(blob.get("
 args = T.Hyperparameters(**{k: blob["args"][k] for k in saved}) if saved else T.Hyperparameters.from_env()
 if os.environ.get("VAL_TOKENS_LIMIT"):
     args = dataclasses.replace(args, val_tokens_limit=int(os.environ["VAL_TOKENS_LIMIT"]))
-T.set_attention_backend(args.attn_backend, dev, args.doc_mask)
 log(f"sweep settings: {'the run' if saved else 'environment'}'s, grid clip {args.clip_sigmas:.3f} sigmas")
 state = blob["state"]
 H = {k: v.to(dev) for k, v in blob["hessians"].items()}
 fmodel = T.build_model(args, dev); fmodel.load_state_dict(state); fmodel.eval()
 emodel = T.build_model(args, dev); emodel.eval()
-# bytes counted and varlen segments sized as the run had them
+# bytes counted as the run had them, emodel's varlen segments sized as its evaluation had them
 val, luts, _, sidecar = T.load_scoring_data(args, T.Run(0, 1, dev, log),
                                             T.load_tokenizer_luts(args.tokenizer_path, args.vocab_size))
+T.size_varlen_segments(emodel.attention, val, args, T.Run(0, 1, dev, log))
 score = T.make_score_fn(torch.compile(emodel, dynamic=False) if dev.type == "cuda" else emodel, dev)
 budget = args.artifact_target_bytes - T.code_as_shipped()[1]  # the code counts as shipped
 tokenizer_sha = T.file_sha256(args.tokenizer_path)

@@ -36,10 +36,10 @@ def main():
     config.pop(T.TOKENIZER_KEY, None)
     config.pop(T.SIDECAR_KEY, None)
     args = dataclasses.replace(args, **config)
-    T.set_attention_backend(args.attn_backend, dev, args.doc_mask)
     luts = T.load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     val, byte_source, _, _ = T.load_scoring_data(args, run, luts)
     model = T.build_model(args, dev)
+    T.size_varlen_segments(model.attention, val, args, run)
     model.load_state_dict(T.dequantize_entries(entries, args), strict=True)
     model.eval()
 

@@ -22,11 +22,12 @@ H, Hkv, D, BOS = 8, 4, 64, 1
 dtype = torch.bfloat16 if cuda else torch.float32
 backend = "inductor" if cuda else "aot_eager"  # CPU: no C++ builds
 if cuda:
-    print("backend:", T.set_attention_backend(os.environ.get("ATTN_BACKEND", "auto"), dev, doc_mask=True))
-    assert T._ATTN_BACKEND.startswith("varlen"), "no FlashAttention provider: nothing to check"
+    attention, description = T.choose_attention(os.environ.get("ATTN_BACKEND", "auto"), dev, doc_mask=True)
+    print("backend:", description)
+    assert isinstance(attention, T.VarlenAttention), "no FlashAttention provider: nothing to check"
 else:
     from helpers import REFERENCE_VARLEN
-    T._VARLEN, T._ATTN_BACKEND = REFERENCE_VARLEN, "varlen:ref"
+    attention = T.VarlenAttention(REFERENCE_VARLEN)
     print("backend: varlen:ref (CPU stand-in)")
 
 g = torch.Generator(device=dev).manual_seed(0)
@@ -37,7 +38,7 @@ q0 = torch.randn(B, Tn, H, D, device=dev, dtype=dtype, generator=g)
 k0, v0 = (torch.randn(B, Tn, Hkv, D, device=dev, dtype=dtype, generator=g) for _ in range(2))
 dout = torch.randn(B, Tn, H, D, device=dev, dtype=dtype, generator=g)
 segments = int(B + ((ids == BOS)[:, 1:]).sum())
-print(f"{B} x {Tn} tokens, {segments} segments, buffer {T.varlen_segments(ids, BOS, True).numel() - 1} by default")
+print(f"{B} x {Tn} tokens, {segments} segments, buffer {attention.mask(ids, BOS, True).cu_seqlens.numel() - 1} by default")
 
 
 def fwd_bwd(attn):
@@ -50,7 +51,7 @@ def fwd_bwd(attn):
 def varlen(max_segments=None):
     def attn(q, k, v):
         mask = T.VarlenMask(T.varlen_segments(ids, BOS, True, max_segments), Tn)
-        return T.causal_attention(q, k, v, mask)
+        return attention(q, k, v, mask)
     return attn
 
 
