@@ -1081,14 +1081,11 @@ class GPT(nn.Module):
         c = self.args.logit_softcap
         return c * torch.tanh(logits / c) if c > 0 else logits
 
-    def forward(self, ids, targets=None, reduction="mean", cache=None, hints=None):
-        """Logits; with `targets`, their cross entropy; with `hints` too (per target, -1: none), the
-        per-target (plain, tilted) negative log-likelihoods stacked (NGRAM_LIFT or NGRAM_BETA)."""
+    def forward(self, ids, targets=None, reduction="mean", cache=None):
+        """Logits; with `targets`, their cross entropy (the scorers tilt the logits: `target_nll`)."""
         logits = self.logits_from_hidden(self.hidden(ids, cache))
         if targets is None:
             return logits
-        if hints is not None:
-            return torch.stack(tilted_nll(logits, targets, hints, self.args.ngram_beta, self.args.ngram_lift))
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return loss if reduction == "mean" else loss.view(targets.shape)
 
@@ -2069,11 +2066,15 @@ def evaluate(score_fn, tokens, byte_source, seq_len, stride, batch, run, on_scor
     return _metrics(_all_reduce_sum(score_windows(score_fn, tokens, byte_source, mine, batch, run.device, on_score)))
 
 
-def make_score_fn(model, device, hints=None):
-    """score(x, y, y_pos) -> per-target nll; with `hints`, (untilted, tilted by `hints[y_pos]`) stacked."""
+def make_score_fn(model, device, hints=None, beta=0.0, lift=0.0, compile=False):
+    """score(x, y, y_pos) -> per-target nll; with `hints`, (untilted, tilted by `hints[y_pos]`) stacked,
+    the tilt NGRAM_BETA's `beta` or NGRAM_LIFT's `lift` (tilted_nll). `compile`: the model and the
+    tilt in one compiled graph, as the model alone would be (the float logits stay inside it)."""
+    nll = torch.compile(target_nll, dynamic=False) if compile else target_nll
+
     def score(x, y, y_pos):
         with _autocast(device):
-            return model(x, y, reduction="none") if hints is None else model(x, y, reduction="none", hints=hints[y_pos])
+            return nll(model, x, y, None if hints is None else hints[y_pos], beta, lift)
     return score
 
 
@@ -2188,6 +2189,14 @@ def tilt_shift(log_ph, right, beta, lift=0.0):
         return torch.where(right > 0, hit, miss)
     beta = torch.as_tensor(beta, dtype=log_ph.dtype, device=log_ph.device)
     return torch.log1p(torch.expm1(beta) * log_ph.exp()) - beta * right
+
+
+def target_nll(model, x, y, hints=None, beta=0.0, lift=0.0, cache=None):
+    """`model`'s per-target nll of `y` given `x`; with `hints` (per target, -1: none), the
+    (untilted, tilted) nll stacked (tilted_nll with `beta`, `lift`)."""
+    if hints is None:
+        return model(x, y, reduction="none", cache=cache)
+    return torch.stack(tilted_nll(model(x, cache=cache), y, hints, beta, lift))
 
 
 class DocAdapters:
@@ -2399,7 +2408,7 @@ def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, start
 
     def chunk_step(train):  # fixed shapes: x, y, y_pos, inside, the cache and the adapters in place
         with torch.set_grad_enabled(train), _autocast(device):
-            out = model(x, y, reduction="none", cache=cache, hints=hint).float()
+            out = target_nll(model, x, y, hint, args.ngram_beta, args.ngram_lift, cache).float()
         nll, scored = (out, out) if hint is None else (out[0], out[1])  # adapters learn the model's own loss
         nll, scored = (torch.where(inside, t, 0) for t in (nll, scored))
         nbytes = (byte_source.target_bytes(x, y, y_pos) * inside).sum()
@@ -2850,12 +2859,11 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
                     f"(after the fact: {right:.1%} of them right); " + (f"lift to {args.ngram_lift}" if args.ngram_lift > 0
                                                                           else f"beta {args.ngram_beta}"))
         run.log(f"n-gram hints built in {time.perf_counter() - t0:.1f}s")
-    compiled = _maybe_compile(model, args, run.device)
     res = {}
 
     def timed_eval(key, phase, label, stride, note="", hints=None):
         t0 = time.perf_counter()
-        score = make_score_fn(compiled, run.device, hints)
+        score = make_score_fn(model, run.device, hints, args.ngram_beta, args.ngram_lift, _use_compile(args, run.device))
         res[key] = evaluate(score, val_tokens, byte_source, args.eval_seq_len, stride, args.eval_batch_seqs, run)
         run.timer.since(phase, t0)
         run.log(f"final_int{args.quant_bits}_{label} {_scores(res[key])} ({note}{_untilted(res[key], hints is not None)}"

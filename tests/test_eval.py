@@ -556,21 +556,21 @@ def test_ttt_cache_equals_band_masked_forward(ttt_model, monkeypatch, lanes):
     assert abs(summed_nll() - nll) > 1e-3
 
 
-def record_score_calls(m, calls):
-    """Record every scoring forward (reduction="none") of `m`: (inputs, targets, nll scored: the
+def record_score_calls(monkeypatch, m, calls):
+    """Record every scoring forward of `m` (T.target_nll): (inputs, targets, nll scored: the
     tilted one when it has hints)."""
-    forward = m.forward
+    target_nll = T.target_nll
 
-    def recording(ids, targets=None, reduction="mean", cache=None, **kw):
-        out = forward(ids, targets, reduction, cache, **kw)
-        if reduction == "none":
-            scored = out[1] if kw.get("hints") is not None else out
-            calls.append((ids.clone(), targets.clone(), scored.detach().clone()))
+    def recording(model, x, y, hints=None, *args, **kw):
+        out = target_nll(model, x, y, hints, *args, **kw)
+        if model is m:
+            scored = out[1] if hints is not None else out
+            calls.append((x.clone(), y.clone(), scored.detach().clone()))
         return out
-    m.forward = recording
+    monkeypatch.setattr(T, "target_nll", recording)
 
 
-def test_ttt_schedule_tool_counts_the_chunk_steps_ttt_takes(ttt_model):
+def test_ttt_schedule_tool_counts_the_chunk_steps_ttt_takes(ttt_model, monkeypatch):
     """tools/ttt_schedule.py counts, without the model, the chunk steps of evaluate_with_ttt's
     lanes: the same number as the scoring forwards TTT runs; the batch schedule it compares
     with needs more here (a long document holds its batch)."""
@@ -579,7 +579,7 @@ def test_ttt_schedule_tool_counts_the_chunk_steps_ttt_takes(ttt_model):
     args = ttt_args(ttt_phases=2, ttt_batch_docs=3, ttt_lr=0.02)
     tokens = as_stream(make_docs((150, 20, 33, 8, 97, 40, 5, 61, 12, 70, 26), seed=6))
     m, calls = copy.deepcopy(ttt_model), []
-    record_score_calls(m, calls)
+    record_score_calls(monkeypatch, m, calls)
     T.evaluate_with_ttt(m, tokens, LUTS, args, T.Run(0, 1, CPU, lambda s: None))
     shares = list(ttt_schedule.phase_shares(T.document_spans(tokens, BOS), args, 0, 1))
     lanes = sum(ttt_schedule.lane_steps(s, args.ttt_chunk, args.ttt_batch_docs) for s in shares)
@@ -587,7 +587,7 @@ def test_ttt_schedule_tool_counts_the_chunk_steps_ttt_takes(ttt_model):
     assert lanes == len(calls) < batches
 
 
-def test_ttt_is_score_first(ttt_model):
+def test_ttt_is_score_first(ttt_model, monkeypatch):
     """Adapters and global passes with real learning rates, 3 phases, documents of several
     chunks, more documents than a batch holds. The monitor: a chunk is trained only after its
     score event; each global pass trains on documents of its phase, after all of them were
@@ -606,7 +606,7 @@ def test_ttt_is_score_first(ttt_model):
 
     m = copy.deepcopy(ttt_model)
     calls_a, events = [], []
-    record_score_calls(m, calls_a)
+    record_score_calls(monkeypatch, m, calls_a)
     res = T.evaluate_with_ttt(m, tokens, LUTS, args, T.Run(0, 1, CPU, lambda s: None),
                               monitor=lambda *e: events.append(e if e[0] != "score" else e + (len(calls_a),)))
     trained = check_score_first_monitor(events, spans, args, args.ttt_batch_docs)
@@ -622,7 +622,7 @@ def test_ttt_is_score_first(ttt_model):
     changed[X[0] + 52:X[0] + 56] = (tokens[X[0] + 52:X[0] + 56] - 2 + 7) % 62 + 2  # other tokens, no BOS
     m = copy.deepcopy(ttt_model)
     calls_b = []
-    record_score_calls(m, calls_b)
+    record_score_calls(monkeypatch, m, calls_b)
     T.evaluate_with_ttt(m, changed, LUTS, args, T.Run(0, 1, CPU, lambda s: None))
     assert len(calls_a) == len(calls_b)
     first_global = next(i for i, e in enumerate(events) if e[0] == "global")
@@ -707,7 +707,7 @@ SCORE_FIRST_EDITS = {"phase0_last_chunk": (0, 60, 52, 56), "phase1_middle_chunk"
 
 @pytest.mark.parametrize("edit", SCORE_FIRST_EDITS)
 @pytest.mark.parametrize("recipe", SCORE_FIRST_RECIPES)
-def test_ttt_recipe_settings_are_score_first(ttt_model, recipe, edit):
+def test_ttt_recipe_settings_are_score_first(ttt_model, monkeypatch, recipe, edit):
     """Score-first under the recipe settings (TTT_KEEP_A with TTT_BETA1=0, TTT_EPS=1e-10 and
     TTT_ALPHA; the n-gram tilt, its hints made from the stream, edited or not; all at
     once), real learning rates, 3 phases, documents of several chunks, more documents than a
@@ -733,7 +733,7 @@ def test_ttt_recipe_settings_are_score_first(ttt_model, recipe, edit):
 
     def run(stream):
         m, calls, events = copy.deepcopy(ttt_model), [], []
-        record_score_calls(m, calls)
+        record_score_calls(monkeypatch, m, calls)
         hints = T.ngram_hints(stream, args, T.ttt_schedule(stream, args, 1)) if args.ngram_tilt else None
         res = T.evaluate_with_ttt(m, stream, LUTS, args, T.Run(0, 1, CPU, lambda s: None),
                                   monitor=lambda *e: events.append(e + (len(calls),)), hints=hints)
@@ -768,7 +768,7 @@ def test_ttt_recipe_settings_are_score_first(ttt_model, recipe, edit):
         assert (sum(differing[before:first_global]) > 0) == (args.ttt_keep_a or args.ngram_tilt)
 
 
-def test_ttt_scores_a_trained_chunk_before_training_on_it(ttt_model):
+def test_ttt_scores_a_trained_chunk_before_training_on_it(ttt_model, monkeypatch):
     """Editing the second half of a chunk that is trained on (chunk 1 of the 60-token document):
     the scores of that chunk's first half are bit-identical, so the chunk's own adapter step
     came after its scoring (a train-then-score loop changes them), and the edit reaches the
@@ -782,7 +782,7 @@ def test_ttt_scores_a_trained_chunk_before_training_on_it(ttt_model):
     nll = []
     for stream in (tokens, changed):
         m, calls = copy.deepcopy(ttt_model), []
-        record_score_calls(m, calls)
+        record_score_calls(monkeypatch, m, calls)
         T.evaluate_with_ttt(m, stream, LUTS, args, T.Run(0, 1, CPU, lambda s: None))
         nll.append({tuple(x[r].tolist()): n[r] for x, _, n in calls for r in range(x.size(0))})
     chunk_a, chunk_b = tuple(tokens[C:2 * C].tolist()), tuple(changed[C:2 * C].tolist())
