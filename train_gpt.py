@@ -231,11 +231,14 @@ class Hyperparameters:
     ttt_lr: float = 0.0001
     ttt_wd: float = 0.5
     ttt_beta1: float = 0.0  # the adapters' Adam
+    ttt_beta2: float = 0.99
     ttt_eps: float = 1e-10
     ttt_alpha: float = 144.0  # adapter output x alpha / rank (0: x 1)
     ttt_keep_a: bool = True  # a row's A carries over to its next document (only B and Adam state reset)
     ttt_phases: int = 3
     ttt_global_lr: float = 0.002
+    ttt_global_momentum: float = 0.9  # the global pass's SGD
+    ttt_global_micro_rows: int = 8  # rows of EVAL_SEQ_LEN per forward in the global pass: bounded memory
     ttt_max_seconds: float = 480.0  # into the evaluation: adaptation stops, scoring goes on
     # token n-gram tilt (every scorer): p'(a) ~ p(a) e^(beta [a = hint]) where an earlier context hints
     ngram_tilt: bool = True
@@ -387,11 +390,13 @@ class Hyperparameters:
         within(0, 1, "ngram_conf")
         need(0 <= self.ngram_lift < 1, f"NGRAM_LIFT={self.ngram_lift} must be in [0, 1) (0: NGRAM_BETA's fixed tilt)")
         need(self.ttt_beta1 < 1 and self.ttt_eps > 0, "TTT_BETA1 must be below 1 and TTT_EPS above 0")
+        for key in ("ttt_beta2", "ttt_global_momentum"):
+            need(getattr(self, key) < 1, f"{key.upper()}={getattr(self, key)} must be below 1")
         if self.ngram_tilt:
             within(1, math.inf, "ngram_min")
             within(self.ngram_min, math.inf, "ngram_max")
         if self.ttt_enabled:
-            within(1, math.inf, "ttt_rank", "ttt_batch_docs", "ttt_phases")
+            within(1, math.inf, "ttt_rank", "ttt_batch_docs", "ttt_phases", "ttt_global_micro_rows")
             within(1, self.eval_seq_len - 1, "ttt_chunk")
 
     def resolved_grad_accum(self, world_size):
@@ -2201,7 +2206,10 @@ def target_nll(model, x, y, hints=None, beta=0.0, lift=0.0, cache=None):
 
 class DocAdapters:
     """Per-document rank-r LoRA of each bank matrix and the head: x A^T B^T, B zero-init; row i
-    of x is a document's; AdamW per row, each row counting its steps since its reset."""
+    of x is a document's; AdamW per row, each row counting its steps since its reset. A CUDA graph
+    replays `step` with the numbers it was captured with: what may change between steps is a
+    device tensor changed in place (the learning rate `lr`: `lr.fill_(v)`; the step counts),
+    the rest are settings."""
 
     def __init__(self, args, docs, device):
         d, kv, hid, r = args.model_dim, args.num_kv_heads * args.head_dim, args.mlp_hidden, args.ttt_rank
@@ -2212,7 +2220,9 @@ class DocAdapters:
         self.params = list(self.A.values()) + list(self.B.values())
         self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
         self.steps = torch.zeros(docs, device=device)
-        self.lr, self.wd, self.b1, self.eps = args.ttt_lr, args.ttt_wd, args.ttt_beta1, args.ttt_eps
+        # float64: the decay 1 - lr * wd rounds as it did from Python numbers
+        self.lr = torch.tensor(args.ttt_lr, dtype=torch.float64, device=device)
+        self.wd, self.b1, self.b2, self.eps = args.ttt_wd, args.ttt_beta1, args.ttt_beta2, args.ttt_eps
         self.scale = args.ttt_alpha / r if args.ttt_alpha > 0 else 1.0
         self.keep_a, self.fresh_a = args.ttt_keep_a, torch.ones(docs, dtype=torch.bool, device=device)
         self.gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -2232,15 +2242,16 @@ class DocAdapters:
         self.steps[rows] = 0
 
     @torch.no_grad()
-    def step(self, b2=0.99):
-        b1, eps = self.b1, self.eps
+    def step(self):
+        b1, b2, eps = self.b1, self.b2, self.eps
         self.steps += 1
         c1, c2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
+        decay = 1 - self.lr * self.wd
         for p, (m, v) in zip(self.params, self.moments):
             g, shape = p.grad, (-1,) + (1,) * (p.dim() - 1)
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.mul_(1 - self.lr * self.wd).addcdiv_(m / c1.view(shape), (v / c2.view(shape)).sqrt_() + eps, value=-self.lr)
+            p.mul_(decay).sub_(self.lr * (m / c1.view(shape)) / ((v / c2.view(shape)).sqrt_() + eps))
             g.zero_()
 
     def __call__(self, layer, kind, x):
@@ -2345,22 +2356,22 @@ class Lanes:
 
 
 def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
-    """Between phases: SGD (momentum 0.9) on the documents just scored, in rows of EVAL_SEQ_LEN
+    """Between phases: SGD (TTT_GLOBAL_MOMENTUM) on the documents just scored, in rows of EVAL_SEQ_LEN
     tokens; every rank takes as many steps, gradients averaged over all rows of all ranks."""
-    window, rows, device = args.eval_seq_len, args.ttt_batch_docs, run.device
+    window, rows, micro, device = args.eval_seq_len, args.ttt_batch_docs, args.ttt_global_micro_rows, run.device
     xs = torch.cat([tokens[s:e] for s, e in docs] + [tokens[:0]])
     ys = torch.cat([tokens[s + 1:e + 1] for s, e in docs] + [tokens[:0]])
     have = xs.numel() // window  # whole rows
     haves = torch.zeros(run.world_size, device=device)
     haves[run.rank] = have
     _all_reduce_sum(haves)
-    sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
+    sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=args.ttt_global_momentum)
     with varlen_room_for(xs[:have * window].view(-1, window), args.bos_id):
         for r0 in range(0, int(haves.max()), rows):
             r1 = min(r0 + rows, have)
             step_rows = float((haves - r0).clamp(0, rows).sum())  # mean over all ranks
-            for m0 in range(r0, r1, 8):  # 8-row micro-batches: bounded memory
-                m1 = min(m0 + 8, r1)
+            for m0 in range(r0, r1, micro):
+                m1 = min(m0 + micro, r1)
                 with _autocast(device):
                     loss = model(xs[m0 * window:m1 * window].view(-1, window), ys[m0 * window:m1 * window].view(-1, window))
                 (loss * ((m1 - m0) * run.world_size / step_rows)).backward()

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import smoke_data
 import train_gpt as T
@@ -401,15 +402,15 @@ def test_doc_adapters_are_per_row_lora_starting_at_zero(ttt_model):
         assert torch.equal(out[0], base[0]) and (out[1] - base[1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("b1, eps, gscale", [(0.9, 1e-8, 1.0), (0.0, 1e-10, 1e-9)],
-                         ids=["beta1_0.9_eps_1e-8", "beta1_0_eps_1e-10"])
-def test_doc_adapters_adam_is_adamw_per_row(b1, eps, gscale):
+@pytest.mark.parametrize("b1, eps, gscale, b2", [(0.9, 1e-8, 1.0, 0.99), (0.0, 1e-10, 1e-9, 0.99), (0.9, 1e-8, 1.0, 0.9)],
+                         ids=["beta1_0.9_eps_1e-8", "beta1_0_eps_1e-10", "beta2_0.9"])
+def test_doc_adapters_adam_is_adamw_per_row(b1, eps, gscale, b2):
     """DocAdapters.step is AdamW on each row with the row's own step count: row 0 takes 5 steps,
     row 1 is reset after 3; each equals torch's AdamW on that row alone, given the same gradients.
     Also with TTT_BETA1=0, TTT_EPS=1e-10 (AdamW(betas=(0, 0.99), eps=1e-10)): gradients of size
     1e-9 make sqrt(v) as small as eps, so an eps left at 1e-8 (or a beta1 left at 0.9, from the
-    second step on) moves the parameters visibly elsewhere."""
-    args = ttt_args(ttt_rank=2, ttt_lr=0.01, ttt_wd=0.5, ttt_beta1=b1, ttt_eps=eps)
+    second step on) moves the parameters visibly elsewhere; and with TTT_BETA2=0.9."""
+    args = ttt_args(ttt_rank=2, ttt_lr=0.01, ttt_wd=0.5, ttt_beta1=b1, ttt_eps=eps, ttt_beta2=b2)
     ad = T.DocAdapters(args, 2, CPU)
     ad.reset(torch.arange(2))
     g = torch.Generator().manual_seed(0)
@@ -425,7 +426,7 @@ def test_doc_adapters_adam_is_adamw_per_row(b1, eps, gscale):
 
     def adamw(p0, gs):
         p = p0.clone().requires_grad_(True)
-        opt = torch.optim.AdamW([p], lr=0.01, betas=(b1, 0.99), eps=eps, weight_decay=0.5)
+        opt = torch.optim.AdamW([p], lr=0.01, betas=(b1, b2), eps=eps, weight_decay=0.5)
         for gr in gs:
             p.grad = gr.clone()
             opt.step()
@@ -500,6 +501,78 @@ def test_doc_adapters_keep_a_draws_a_once_per_row():
             assert (A[2] != a2).all() and float(A[2].std()) == pytest.approx(A.size(-1) ** -0.5, rel=0.5)
             assert not torch.equal(A[2], A[1]) and not torch.equal(A[2], A[0])
             assert torch.equal(A[1], a1) == keep
+
+
+def test_doc_adapters_step_reads_what_changes_when_replayed():
+    """TTT replays `DocAdapters.step` as a CUDA graph, which keeps the numbers it was captured
+    with: what changes between steps (the learning rate, the step counts and so Adam's bias
+    corrections) must be tensors the replay reads. The CPU's stand-in for the capture: make_fx's
+    trace of one step, which keeps tensors by reference and bakes Python numbers in. Two steps
+    with the learning rate changed in place (`lr.fill_`) before each, replayed from the trace,
+    move the adapters exactly as two eager steps; the change of learning rate does matter. Fails
+    if the step reads the learning rate (or any number that changes) as a Python number."""
+    ad = T.DocAdapters(ttt_args(ttt_rank=2, ttt_lr=0.01, ttt_wd=0.5), 2, CPU)
+    ad.reset(torch.arange(2))
+    g = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(p.shape, generator=g) for p in ad.params] for _ in range(2)]
+    for p in ad.params:
+        p.grad = torch.zeros_like(p)  # the buffers the trace keeps: refilled in place
+    start = adapter_state(ad, slice(None))
+
+    def two_steps(step, lrs):
+        with torch.no_grad():
+            for p, s in zip(ad.params, start[0] + start[1]):
+                p.copy_(s)
+            for t, s in zip((t for mv in ad.moments for t in mv), start[2]):
+                t.copy_(s)
+            ad.steps.copy_(start[3])
+            for lr, gs in zip(lrs, grads):
+                ad.lr.fill_(lr)
+                for p, gr in zip(ad.params, gs):
+                    p.grad.copy_(gr)
+                step()
+        return [t for part in adapter_state(ad, slice(None))[:3] for t in part] + [ad.steps.clone()]
+
+    replay = make_fx(lambda: ad.step())()  # a step at lr 0.01, traced
+    eager, replayed = two_steps(ad.step, (0.03, 0.002)), two_steps(replay, (0.03, 0.002))
+    assert all(torch.equal(a, b) for a, b in zip(eager, replayed))
+    assert replayed[-1].tolist() == [2, 2]
+    assert not all(torch.equal(a, b) for a, b in zip(eager, two_steps(ad.step, (0.01, 0.01))))
+
+
+def test_ttt_global_pass_settings(ttt_model):
+    """TTT_GLOBAL_MICRO_ROWS splits a step's TTT_BATCH_DOCS rows into forwards without changing the
+    step (1, 3 and 8 rows at a time: 8, 4 and 2 forwards, the same weights up to rounding);
+    TTT_GLOBAL_MOMENTUM is the SGD's momentum (0 gives other weights after the second step)."""
+    tokens = as_stream(make_docs((90, 70, 120, 64, 80, 50, 100), seed=4))  # 8 rows of 64: two steps of 4
+    docs = T.document_spans(tokens, BOS)
+
+    def weights(forwards=None, **kw):
+        m, calls = copy.deepcopy(ttt_model), []
+        forward = m.forward
+        m.forward = lambda *a, **k: calls.append(a[0].size(0)) or forward(*a, **k)
+        T.ttt_global_pass(m, tokens, docs, ttt_args(ttt_batch_docs=4, ttt_global_lr=0.05, **kw), T.Run(0, 1, CPU))
+        assert forwards is None or calls == forwards
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+    start = torch.cat([p.detach().flatten() for p in ttt_model.parameters()])
+    ref = weights([4, 4])
+    assert (ref - start).abs().max() > 1e-3
+    for rows, forwards in ((1, [1] * 8), (3, [3, 1, 3, 1])):
+        torch.testing.assert_close(weights(forwards, ttt_global_micro_rows=rows), ref, atol=1e-6, rtol=1e-5)
+    assert (weights(ttt_global_momentum=0.0) - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(ttt_beta2=1.0), "TTT_BETA2=1.0 must be below 1"),
+    (dict(ttt_beta2=-0.5), "TTT_BETA2=-0.5 must be >= 0"),
+    (dict(ttt_global_momentum=1.0), "TTT_GLOBAL_MOMENTUM=1.0 must be below 1"),
+    (dict(ttt_global_momentum=-0.1), "TTT_GLOBAL_MOMENTUM=-0.1 must be >= 0"),
+    (dict(ttt_global_micro_rows=0), "TTT_GLOBAL_MICRO_ROWS=0 must be >= 1"),
+])
+def test_ttt_optimizer_settings_are_checked(kw, pattern):
+    ttt_args().validate(1)
+    with pytest.raises(T.ConfigError, match=pattern):
+        ttt_args(**kw).validate(1)
 
 
 def test_ttt_with_zero_lr_equals_sliding_eval(ttt_model):
