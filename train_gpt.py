@@ -248,11 +248,14 @@ class EvalSettings:
     ttt_lr: float = 0.0001
     ttt_wd: float = 0.5
     ttt_beta1: float = 0.0  # the adapters' Adam
+    ttt_beta2: float = 0.99
     ttt_eps: float = 1e-10
     ttt_alpha: float = 144.0  # adapter output x alpha / rank (0: x 1)
     ttt_keep_a: bool = True  # a row's A carries over to its next document (only B and Adam state reset)
     ttt_phases: int = 3
     ttt_global_lr: float = 0.002
+    ttt_global_momentum: float = 0.9  # the global pass's SGD
+    ttt_global_micro_rows: int = 8  # rows of EVAL_SEQ_LEN per forward in the global pass: bounded memory
     ttt_max_seconds: float = 480.0  # into the evaluation: adaptation stops, scoring goes on
     # token n-gram tilt (every scorer): p'(a) ~ p(a) e^(beta [a = hint]) where an earlier context hints
     ngram_tilt: bool = True
@@ -422,11 +425,13 @@ class Hyperparameters(RunSettings, EvalSettings, QuantSettings, TrainingSettings
         within(0, 1, "ngram_conf")
         need(0 <= self.ngram_lift < 1, f"NGRAM_LIFT={self.ngram_lift} must be in [0, 1) (0: NGRAM_BETA's fixed tilt)")
         need(self.ttt_beta1 < 1 and self.ttt_eps > 0, "TTT_BETA1 must be below 1 and TTT_EPS above 0")
+        for key in ("ttt_beta2", "ttt_global_momentum"):
+            need(getattr(self, key) < 1, f"{key.upper()}={getattr(self, key)} must be below 1")
         if self.ngram_tilt:
             within(1, math.inf, "ngram_min")
             within(self.ngram_min, math.inf, "ngram_max")
         if self.ttt_enabled:
-            within(1, math.inf, "ttt_rank", "ttt_batch_docs", "ttt_phases")
+            within(1, math.inf, "ttt_rank", "ttt_batch_docs", "ttt_phases", "ttt_global_micro_rows")
             within(1, self.eval_seq_len - 1, "ttt_chunk")
 
     def resolved(self, world_size, device):
@@ -1244,14 +1249,11 @@ class GPT(nn.Module):
         c = self.args.logit_softcap
         return c * torch.tanh(logits / c) if c > 0 else logits
 
-    def forward(self, ids, targets=None, reduction="mean", cache=None, hints=None):
-        """Logits; with `targets`, their cross entropy; with `hints` too (per target, -1: none), the
-        per-target (plain, tilted) negative log-likelihoods stacked (NGRAM_LIFT or NGRAM_BETA)."""
+    def forward(self, ids, targets=None, reduction="mean", cache=None):
+        """Logits; with `targets`, their cross entropy (the scorers tilt the logits: `target_nll`)."""
         logits = self.logits_from_hidden(self.hidden(ids, cache))
         if targets is None:
             return logits
-        if hints is not None:
-            return torch.stack(tilted_nll(logits, targets, hints, self.args.ngram_beta, self.args.ngram_lift))
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
         return loss if reduction == "mean" else loss.view(targets.shape)
 
@@ -2231,11 +2233,15 @@ def evaluate(score_fn, tokens, byte_source, seq_len, stride, batch, run, on_scor
     return _metrics(_all_reduce_sum(score_windows(score_fn, tokens, byte_source, mine, batch, run.device, on_score)))
 
 
-def make_score_fn(model, device, hints=None):
-    """score(x, y, y_pos) -> per-target nll; with `hints`, (untilted, tilted by `hints[y_pos]`) stacked."""
+def make_score_fn(model, device, hints=None, beta=0.0, lift=0.0, compile=False):
+    """score(x, y, y_pos) -> per-target nll; with `hints`, (untilted, tilted by `hints[y_pos]`) stacked,
+    the tilt NGRAM_BETA's `beta` or NGRAM_LIFT's `lift` (tilted_nll). `compile`: the model and the
+    tilt in one compiled graph, as the model alone would be (the float logits stay inside it)."""
+    nll = torch.compile(target_nll, dynamic=False) if compile else target_nll
+
     def score(x, y, y_pos):
         with _autocast(device):
-            return model(x, y, reduction="none") if hints is None else model(x, y, reduction="none", hints=hints[y_pos])
+            return nll(model, x, y, None if hints is None else hints[y_pos], beta, lift)
     return score
 
 
@@ -2352,9 +2358,20 @@ def tilt_shift(log_ph, right, beta, lift=0.0):
     return torch.log1p(torch.expm1(beta) * log_ph.exp()) - beta * right
 
 
+def target_nll(model, x, y, hints=None, beta=0.0, lift=0.0, cache=None):
+    """`model`'s per-target nll of `y` given `x`; with `hints` (per target, -1: none), the
+    (untilted, tilted) nll stacked (tilted_nll with `beta`, `lift`)."""
+    if hints is None:
+        return model(x, y, reduction="none", cache=cache)
+    return torch.stack(tilted_nll(model(x, cache=cache), y, hints, beta, lift))
+
+
 class DocAdapters:
     """Per-document rank-r LoRA of each bank matrix and the head: x A^T B^T, B zero-init; row i
-    of x is a document's; AdamW per row, each row counting its steps since its reset."""
+    of x is a document's; AdamW per row, each row counting its steps since its reset. A CUDA graph
+    replays `step` with the numbers it was captured with: what may change between steps is a
+    device tensor changed in place (the learning rate `lr`: `lr.fill_(v)`; the step counts),
+    the rest are settings."""
 
     def __init__(self, args, docs, device):
         d, kv, hid, r = args.model_dim, args.num_kv_heads * args.head_dim, args.mlp_hidden, args.ttt_rank
@@ -2365,7 +2382,9 @@ class DocAdapters:
         self.params = list(self.A.values()) + list(self.B.values())
         self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
         self.steps = torch.zeros(docs, device=device)
-        self.lr, self.wd, self.b1, self.eps = args.ttt_lr, args.ttt_wd, args.ttt_beta1, args.ttt_eps
+        # float64: the decay 1 - lr * wd rounds as it did from Python numbers
+        self.lr = torch.tensor(args.ttt_lr, dtype=torch.float64, device=device)
+        self.wd, self.b1, self.b2, self.eps = args.ttt_wd, args.ttt_beta1, args.ttt_beta2, args.ttt_eps
         self.scale = args.ttt_alpha / r if args.ttt_alpha > 0 else 1.0
         self.keep_a, self.fresh_a = args.ttt_keep_a, torch.ones(docs, dtype=torch.bool, device=device)
         self.gen = torch.Generator(device=device).manual_seed(args.seed)
@@ -2385,15 +2404,16 @@ class DocAdapters:
         self.steps[rows] = 0
 
     @torch.no_grad()
-    def step(self, b2=0.99):
-        b1, eps = self.b1, self.eps
+    def step(self):
+        b1, b2, eps = self.b1, self.b2, self.eps
         self.steps += 1
         c1, c2 = 1 - b1 ** self.steps, 1 - b2 ** self.steps
+        decay = 1 - self.lr * self.wd
         for p, (m, v) in zip(self.params, self.moments):
             g, shape = p.grad, (-1,) + (1,) * (p.dim() - 1)
             m.lerp_(g, 1 - b1)
             v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            p.mul_(1 - self.lr * self.wd).addcdiv_(m / c1.view(shape), (v / c2.view(shape)).sqrt_() + eps, value=-self.lr)
+            p.mul_(decay).sub_(self.lr * (m / c1.view(shape)) / ((v / c2.view(shape)).sqrt_() + eps))
             g.zero_()
 
     def __call__(self, layer, kind, x):
@@ -2498,23 +2518,23 @@ class Lanes:
 
 
 def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
-    """Between phases: SGD (momentum 0.9) on the documents just scored, in rows of EVAL_SEQ_LEN
+    """Between phases: SGD (TTT_GLOBAL_MOMENTUM) on the documents just scored, in rows of EVAL_SEQ_LEN
     tokens; every rank takes as many steps, gradients averaged over all rows of all ranks."""
-    window, rows, device = args.eval_seq_len, args.ttt_batch_docs, run.device
+    window, rows, micro, device = args.eval_seq_len, args.ttt_batch_docs, args.ttt_global_micro_rows, run.device
     xs = torch.cat([tokens[s:e] for s, e in docs] + [tokens[:0]])
     ys = torch.cat([tokens[s + 1:e + 1] for s, e in docs] + [tokens[:0]])
     have = xs.numel() // window  # whole rows
     haves = torch.zeros(run.world_size, device=device)
     haves[run.rank] = have
     _all_reduce_sum(haves)
-    sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=0.9)
+    sgd = torch.optim.SGD(model.parameters(), lr=args.ttt_global_lr, momentum=args.ttt_global_momentum)
     # the global pass packs the shortest documents together, denser than any validation window
     with model.attention.room_for(xs[:have * window].view(-1, window), args.bos_id):
         for r0 in range(0, int(haves.max()), rows):
             r1 = min(r0 + rows, have)
             step_rows = float((haves - r0).clamp(0, rows).sum())  # mean over all ranks
-            for m0 in range(r0, r1, 8):  # 8-row micro-batches: bounded memory
-                m1 = min(m0 + 8, r1)
+            for m0 in range(r0, r1, micro):
+                m1 = min(m0 + micro, r1)
                 with _autocast(device):
                     loss = model(xs[m0 * window:m1 * window].view(-1, window), ys[m0 * window:m1 * window].view(-1, window))
                 (loss * ((m1 - m0) * run.world_size / step_rows)).backward()
@@ -2548,7 +2568,7 @@ def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, start
 
     def chunk_step(train):  # fixed shapes: x, y, y_pos, inside, the cache and the adapters in place
         with torch.set_grad_enabled(train), _autocast(device):
-            out = model(x, y, reduction="none", cache=cache, hints=hint).float()
+            out = target_nll(model, x, y, hint, args.ngram_beta, args.ngram_lift, cache).float()
         nll, scored = (out, out) if hint is None else (out[0], out[1])  # adapters learn the model's own loss
         nll, scored = (torch.where(inside, t, 0) for t in (nll, scored))
         nbytes = (byte_source.target_bytes(x, y, y_pos) * inside).sum()
@@ -3044,12 +3064,11 @@ def evaluate_artifact(args, model, path, val_tokens, byte_source, run, started, 
                     f"(after the fact: {right:.1%} of them right); " + (f"lift to {args.ngram_lift}" if args.ngram_lift > 0
                                                                           else f"beta {args.ngram_beta}"))
         run.log(f"n-gram hints built in {time.perf_counter() - t0:.1f}s")
-    compiled = _maybe_compile(model, args, run.device)
     res = {}
 
     def timed_eval(key, phase, label, stride, note="", hints=None):
         t0 = time.perf_counter()
-        score = make_score_fn(compiled, run.device, hints)
+        score = make_score_fn(model, run.device, hints, args.ngram_beta, args.ngram_lift, _use_compile(args, run.device))
         res[key] = evaluate(score, val_tokens, byte_source, args.eval_seq_len, stride, args.eval_batch_seqs, run)
         run.timer.since(phase, t0)
         run.log(f"final_int{args.quant_bits}_{label} {_scores(res[key])} ({note}{_untilted(res[key], hints is not None)}"

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
 
 import smoke_data
 import train_gpt as T
@@ -402,15 +403,15 @@ def test_doc_adapters_are_per_row_lora_starting_at_zero(ttt_model):
         assert torch.equal(out[0], base[0]) and (out[1] - base[1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("b1, eps, gscale", [(0.9, 1e-8, 1.0), (0.0, 1e-10, 1e-9)],
-                         ids=["beta1_0.9_eps_1e-8", "beta1_0_eps_1e-10"])
-def test_doc_adapters_adam_is_adamw_per_row(b1, eps, gscale):
+@pytest.mark.parametrize("b1, eps, gscale, b2", [(0.9, 1e-8, 1.0, 0.99), (0.0, 1e-10, 1e-9, 0.99), (0.9, 1e-8, 1.0, 0.9)],
+                         ids=["beta1_0.9_eps_1e-8", "beta1_0_eps_1e-10", "beta2_0.9"])
+def test_doc_adapters_adam_is_adamw_per_row(b1, eps, gscale, b2):
     """DocAdapters.step is AdamW on each row with the row's own step count: row 0 takes 5 steps,
     row 1 is reset after 3; each equals torch's AdamW on that row alone, given the same gradients.
     Also with TTT_BETA1=0, TTT_EPS=1e-10 (AdamW(betas=(0, 0.99), eps=1e-10)): gradients of size
     1e-9 make sqrt(v) as small as eps, so an eps left at 1e-8 (or a beta1 left at 0.9, from the
-    second step on) moves the parameters visibly elsewhere."""
-    args = ttt_args(ttt_rank=2, ttt_lr=0.01, ttt_wd=0.5, ttt_beta1=b1, ttt_eps=eps)
+    second step on) moves the parameters visibly elsewhere; and with TTT_BETA2=0.9."""
+    args = ttt_args(ttt_rank=2, ttt_lr=0.01, ttt_wd=0.5, ttt_beta1=b1, ttt_eps=eps, ttt_beta2=b2)
     ad = T.DocAdapters(args, 2, CPU)
     ad.reset(torch.arange(2))
     g = torch.Generator().manual_seed(0)
@@ -426,7 +427,7 @@ def test_doc_adapters_adam_is_adamw_per_row(b1, eps, gscale):
 
     def adamw(p0, gs):
         p = p0.clone().requires_grad_(True)
-        opt = torch.optim.AdamW([p], lr=0.01, betas=(b1, 0.99), eps=eps, weight_decay=0.5)
+        opt = torch.optim.AdamW([p], lr=0.01, betas=(b1, b2), eps=eps, weight_decay=0.5)
         for gr in gs:
             p.grad = gr.clone()
             opt.step()
@@ -503,6 +504,78 @@ def test_doc_adapters_keep_a_draws_a_once_per_row():
             assert torch.equal(A[1], a1) == keep
 
 
+def test_doc_adapters_step_reads_what_changes_when_replayed():
+    """TTT replays `DocAdapters.step` as a CUDA graph, which keeps the numbers it was captured
+    with: what changes between steps (the learning rate, the step counts and so Adam's bias
+    corrections) must be tensors the replay reads. The CPU's stand-in for the capture: make_fx's
+    trace of one step, which keeps tensors by reference and bakes Python numbers in. Two steps
+    with the learning rate changed in place (`lr.fill_`) before each, replayed from the trace,
+    move the adapters exactly as two eager steps; the change of learning rate does matter. Fails
+    if the step reads the learning rate (or any number that changes) as a Python number."""
+    ad = T.DocAdapters(ttt_args(ttt_rank=2, ttt_lr=0.01, ttt_wd=0.5), 2, CPU)
+    ad.reset(torch.arange(2))
+    g = torch.Generator().manual_seed(0)
+    grads = [[torch.randn(p.shape, generator=g) for p in ad.params] for _ in range(2)]
+    for p in ad.params:
+        p.grad = torch.zeros_like(p)  # the buffers the trace keeps: refilled in place
+    start = adapter_state(ad, slice(None))
+
+    def two_steps(step, lrs):
+        with torch.no_grad():
+            for p, s in zip(ad.params, start[0] + start[1]):
+                p.copy_(s)
+            for t, s in zip((t for mv in ad.moments for t in mv), start[2]):
+                t.copy_(s)
+            ad.steps.copy_(start[3])
+            for lr, gs in zip(lrs, grads):
+                ad.lr.fill_(lr)
+                for p, gr in zip(ad.params, gs):
+                    p.grad.copy_(gr)
+                step()
+        return [t for part in adapter_state(ad, slice(None))[:3] for t in part] + [ad.steps.clone()]
+
+    replay = make_fx(lambda: ad.step())()  # a step at lr 0.01, traced
+    eager, replayed = two_steps(ad.step, (0.03, 0.002)), two_steps(replay, (0.03, 0.002))
+    assert all(torch.equal(a, b) for a, b in zip(eager, replayed))
+    assert replayed[-1].tolist() == [2, 2]
+    assert not all(torch.equal(a, b) for a, b in zip(eager, two_steps(ad.step, (0.01, 0.01))))
+
+
+def test_ttt_global_pass_settings(ttt_model):
+    """TTT_GLOBAL_MICRO_ROWS splits a step's TTT_BATCH_DOCS rows into forwards without changing the
+    step (1, 3 and 8 rows at a time: 8, 4 and 2 forwards, the same weights up to rounding);
+    TTT_GLOBAL_MOMENTUM is the SGD's momentum (0 gives other weights after the second step)."""
+    tokens = as_stream(make_docs((90, 70, 120, 64, 80, 50, 100), seed=4))  # 8 rows of 64: two steps of 4
+    docs = T.document_spans(tokens, BOS)
+
+    def weights(forwards=None, **kw):
+        m, calls = copy.deepcopy(ttt_model), []
+        forward = m.forward
+        m.forward = lambda *a, **k: calls.append(a[0].size(0)) or forward(*a, **k)
+        T.ttt_global_pass(m, tokens, docs, ttt_args(ttt_batch_docs=4, ttt_global_lr=0.05, **kw), T.Run(0, 1, CPU))
+        assert forwards is None or calls == forwards
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+    start = torch.cat([p.detach().flatten() for p in ttt_model.parameters()])
+    ref = weights([4, 4])
+    assert (ref - start).abs().max() > 1e-3
+    for rows, forwards in ((1, [1] * 8), (3, [3, 1, 3, 1])):
+        torch.testing.assert_close(weights(forwards, ttt_global_micro_rows=rows), ref, atol=1e-6, rtol=1e-5)
+    assert (weights(ttt_global_momentum=0.0) - ref).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(ttt_beta2=1.0), "TTT_BETA2=1.0 must be below 1"),
+    (dict(ttt_beta2=-0.5), "TTT_BETA2=-0.5 must be >= 0"),
+    (dict(ttt_global_momentum=1.0), "TTT_GLOBAL_MOMENTUM=1.0 must be below 1"),
+    (dict(ttt_global_momentum=-0.1), "TTT_GLOBAL_MOMENTUM=-0.1 must be >= 0"),
+    (dict(ttt_global_micro_rows=0), "TTT_GLOBAL_MICRO_ROWS=0 must be >= 1"),
+])
+def test_ttt_optimizer_settings_are_checked(kw, pattern):
+    ttt_args().validate(1)
+    with pytest.raises(T.ConfigError, match=pattern):
+        ttt_args(**kw).validate(1)
+
+
 def test_ttt_with_zero_lr_equals_sliding_eval(ttt_model):
     """lr 0 (adapters and global passes): every target scored once, with the same context as
     the doc-masked sliding evaluation when no document is longer than EVAL_SEQ_LEN -
@@ -557,21 +630,21 @@ def test_ttt_cache_equals_band_masked_forward(ttt_model, monkeypatch, lanes):
     assert abs(summed_nll() - nll) > 1e-3
 
 
-def record_score_calls(m, calls):
-    """Record every scoring forward (reduction="none") of `m`: (inputs, targets, nll scored: the
+def record_score_calls(monkeypatch, m, calls):
+    """Record every scoring forward of `m` (T.target_nll): (inputs, targets, nll scored: the
     tilted one when it has hints)."""
-    forward = m.forward
+    target_nll = T.target_nll
 
-    def recording(ids, targets=None, reduction="mean", cache=None, **kw):
-        out = forward(ids, targets, reduction, cache, **kw)
-        if reduction == "none":
-            scored = out[1] if kw.get("hints") is not None else out
-            calls.append((ids.clone(), targets.clone(), scored.detach().clone()))
+    def recording(model, x, y, hints=None, *args, **kw):
+        out = target_nll(model, x, y, hints, *args, **kw)
+        if model is m:
+            scored = out[1] if hints is not None else out
+            calls.append((x.clone(), y.clone(), scored.detach().clone()))
         return out
-    m.forward = recording
+    monkeypatch.setattr(T, "target_nll", recording)
 
 
-def test_ttt_schedule_tool_counts_the_chunk_steps_ttt_takes(ttt_model):
+def test_ttt_schedule_tool_counts_the_chunk_steps_ttt_takes(ttt_model, monkeypatch):
     """tools/ttt_schedule.py counts, without the model, the chunk steps of evaluate_with_ttt's
     lanes: the same number as the scoring forwards TTT runs; the batch schedule it compares
     with needs more here (a long document holds its batch)."""
@@ -580,7 +653,7 @@ def test_ttt_schedule_tool_counts_the_chunk_steps_ttt_takes(ttt_model):
     args = ttt_args(ttt_phases=2, ttt_batch_docs=3, ttt_lr=0.02)
     tokens = as_stream(make_docs((150, 20, 33, 8, 97, 40, 5, 61, 12, 70, 26), seed=6))
     m, calls = copy.deepcopy(ttt_model), []
-    record_score_calls(m, calls)
+    record_score_calls(monkeypatch, m, calls)
     T.evaluate_with_ttt(m, tokens, LUTS, args, T.Run(0, 1, CPU, lambda s: None))
     shares = list(ttt_schedule.phase_shares(T.document_spans(tokens, BOS), args, 0, 1))
     lanes = sum(ttt_schedule.lane_steps(s, args.ttt_chunk, args.ttt_batch_docs) for s in shares)
@@ -588,7 +661,7 @@ def test_ttt_schedule_tool_counts_the_chunk_steps_ttt_takes(ttt_model):
     assert lanes == len(calls) < batches
 
 
-def test_ttt_is_score_first(ttt_model):
+def test_ttt_is_score_first(ttt_model, monkeypatch):
     """Adapters and global passes with real learning rates, 3 phases, documents of several
     chunks, more documents than a batch holds. The monitor: a chunk is trained only after its
     score event; each global pass trains on documents of its phase, after all of them were
@@ -607,7 +680,7 @@ def test_ttt_is_score_first(ttt_model):
 
     m = copy.deepcopy(ttt_model)
     calls_a, events = [], []
-    record_score_calls(m, calls_a)
+    record_score_calls(monkeypatch, m, calls_a)
     res = T.evaluate_with_ttt(m, tokens, LUTS, args, T.Run(0, 1, CPU, lambda s: None),
                               monitor=lambda *e: events.append(e if e[0] != "score" else e + (len(calls_a),)))
     trained = check_score_first_monitor(events, spans, args, args.ttt_batch_docs)
@@ -623,7 +696,7 @@ def test_ttt_is_score_first(ttt_model):
     changed[X[0] + 52:X[0] + 56] = (tokens[X[0] + 52:X[0] + 56] - 2 + 7) % 62 + 2  # other tokens, no BOS
     m = copy.deepcopy(ttt_model)
     calls_b = []
-    record_score_calls(m, calls_b)
+    record_score_calls(monkeypatch, m, calls_b)
     T.evaluate_with_ttt(m, changed, LUTS, args, T.Run(0, 1, CPU, lambda s: None))
     assert len(calls_a) == len(calls_b)
     first_global = next(i for i, e in enumerate(events) if e[0] == "global")
@@ -708,7 +781,7 @@ SCORE_FIRST_EDITS = {"phase0_last_chunk": (0, 60, 52, 56), "phase1_middle_chunk"
 
 @pytest.mark.parametrize("edit", SCORE_FIRST_EDITS)
 @pytest.mark.parametrize("recipe", SCORE_FIRST_RECIPES)
-def test_ttt_recipe_settings_are_score_first(ttt_model, recipe, edit):
+def test_ttt_recipe_settings_are_score_first(ttt_model, monkeypatch, recipe, edit):
     """Score-first under the recipe settings (TTT_KEEP_A with TTT_BETA1=0, TTT_EPS=1e-10 and
     TTT_ALPHA; the n-gram tilt, its hints made from the stream, edited or not; all at
     once), real learning rates, 3 phases, documents of several chunks, more documents than a
@@ -734,7 +807,7 @@ def test_ttt_recipe_settings_are_score_first(ttt_model, recipe, edit):
 
     def run(stream):
         m, calls, events = copy.deepcopy(ttt_model), [], []
-        record_score_calls(m, calls)
+        record_score_calls(monkeypatch, m, calls)
         hints = T.ngram_hints(stream, args, T.ttt_schedule(stream, args, 1)) if args.ngram_tilt else None
         res = T.evaluate_with_ttt(m, stream, LUTS, args, T.Run(0, 1, CPU, lambda s: None),
                                   monitor=lambda *e: events.append(e + (len(calls),)), hints=hints)
@@ -769,7 +842,7 @@ def test_ttt_recipe_settings_are_score_first(ttt_model, recipe, edit):
         assert (sum(differing[before:first_global]) > 0) == (args.ttt_keep_a or args.ngram_tilt)
 
 
-def test_ttt_scores_a_trained_chunk_before_training_on_it(ttt_model):
+def test_ttt_scores_a_trained_chunk_before_training_on_it(ttt_model, monkeypatch):
     """Editing the second half of a chunk that is trained on (chunk 1 of the 60-token document):
     the scores of that chunk's first half are bit-identical, so the chunk's own adapter step
     came after its scoring (a train-then-score loop changes them), and the edit reaches the
@@ -783,7 +856,7 @@ def test_ttt_scores_a_trained_chunk_before_training_on_it(ttt_model):
     nll = []
     for stream in (tokens, changed):
         m, calls = copy.deepcopy(ttt_model), []
-        record_score_calls(m, calls)
+        record_score_calls(monkeypatch, m, calls)
         T.evaluate_with_ttt(m, stream, LUTS, args, T.Run(0, 1, CPU, lambda s: None))
         nll.append({tuple(x[r].tolist()): n[r] for x, _, n in calls for r in range(x.size(0))})
     chunk_a, chunk_b = tuple(tokens[C:2 * C].tolist()), tuple(changed[C:2 * C].tolist())

@@ -213,20 +213,22 @@ def test_the_lift_scores_a_hint_the_model_all_but_excludes_exactly():
     torch.testing.assert_close(tilted, torch.tensor([[-math.log(0.6), -math.log(0.4 * 0.5)]]))
 
 
-def test_the_models_hinted_scores_are_the_tilt_of_its_own():
-    args = ngram_args()
+def test_the_scorers_tilt_the_models_logits_with_the_tilt_given():
+    """target_nll with hints: (the model's own loss, tilted_nll of its logits) with the beta and
+    lift passed, whatever tilt the model's settings name (the model reads none)."""
+    args = ngram_args(ngram_beta=5.0, ngram_lift=0.9)
     model = randomized_model(args, seed=1)
     tokens = repetitive_stream(2)[:33]
     x, y = tokens[:-1][None], tokens[1:][None]
     hints = T.ngram_hints(tokens, args)[1:][None]
-    for lift in (0.0, 0.6):  # NGRAM_BETA's fixed tilt, then NGRAM_LIFT's
-        model.args = ngram_args(ngram_lift=lift)
+    for beta, lift in ((1.0, 0.0), (1.0, 0.6)):  # NGRAM_BETA's fixed tilt, then NGRAM_LIFT's
         with torch.no_grad():
-            plain = model(x, y, reduction="none")
-            nll, tilted = model(x, y, reduction="none", hints=hints)
-            ref = T.tilted_nll(model(x), y, hints, args.ngram_beta, lift)[1]
+            plain = T.target_nll(model, x, y)
+            nll, tilted = T.target_nll(model, x, y, hints, beta, lift)
+            ref = T.tilted_nll(model(x), y, hints, beta, lift)[1]
+        torch.testing.assert_close(plain, model(x, y, reduction="none"), atol=0, rtol=0)
         torch.testing.assert_close(nll, plain, atol=1e-5, rtol=0)
-        torch.testing.assert_close(tilted, ref)
+        torch.testing.assert_close(tilted, ref, atol=0, rtol=0)
         assert bool((hints >= 0).any()) and not torch.allclose(tilted, nll)
 
 
@@ -249,13 +251,11 @@ def test_sliding_evaluation_scores_the_tilt():
     hints = T.ngram_hints(tokens, args)
     luts = T.ByteLUTs(torch.ones(48, dtype=torch.long), torch.zeros(48, dtype=torch.bool), torch.zeros(48, dtype=torch.bool))
     run = T.Run(0, 1, CPU)
-    tilted = T.evaluate(T.make_score_fn(model, CPU, hints), tokens, luts, args.eval_seq_len, args.eval_stride, 2, run)
+    tilted = T.evaluate(T.make_score_fn(model, CPU, hints, args.ngram_beta, args.ngram_lift), tokens, luts, args.eval_seq_len,
+                        args.eval_stride, 2, run)
     assert tilted["val_loss"] == pytest.approx(tilt_reference(model, tokens, args), rel=1e-5)
     plain = T.evaluate(T.make_score_fn(model, CPU), tokens, luts, args.eval_seq_len, args.eval_stride, 2, run)
-    args0 = ngram_args(ngram_beta=0.0)
-    model0 = copy.deepcopy(model)
-    model0.args = args0
-    beta0 = T.evaluate(T.make_score_fn(model0, CPU, hints), tokens, luts, args.eval_seq_len, args.eval_stride, 2, run)
+    beta0 = T.evaluate(T.make_score_fn(model, CPU, hints, 0.0), tokens, luts, args.eval_seq_len, args.eval_stride, 2, run)
     assert beta0["val_loss"] == pytest.approx(plain["val_loss"], rel=1e-6)
     assert abs(tilted["val_loss"] - plain["val_loss"]) > 1e-3
     assert tilted["untilted_bpb"] == pytest.approx(plain["val_bpb"], rel=1e-9)
@@ -274,7 +274,7 @@ def test_ttt_scores_tilted_and_trains_on_the_models_own_loss(monkeypatch):
     hints = T.ngram_hints(tokens, args, T.ttt_schedule(tokens, args, 1))  # TTT's order
     luts = T.ByteLUTs(torch.ones(48, dtype=torch.long), torch.zeros(48, dtype=torch.bool), torch.zeros(48, dtype=torch.bool))
     run = T.Run(0, 1, CPU)
-    ref = T.evaluate(T.make_score_fn(model, CPU, hints), tokens, luts, args.eval_seq_len, args.eval_stride, 2,
+    ref = T.evaluate(T.make_score_fn(model, CPU, hints, args.ngram_beta, args.ngram_lift), tokens, luts, args.eval_seq_len, args.eval_stride, 2,
                      T.Run(0, 1, CPU, lambda s: None))
     res = T.evaluate_with_ttt(copy.deepcopy(model), tokens, luts, args, T.Run(0, 1, CPU, lambda s: None), hints=hints)
     assert res["tokens"] == ref["tokens"] and res["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-5)
