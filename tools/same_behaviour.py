@@ -99,8 +99,9 @@ TRAINING = (
            expect=(r"depth recurrence on", r"late QAT on", r"^final_int\d+_sliding_window .*untilted")),
     Config("caseops", "CaseOps data (the shared CaseOps tokenizer, 8192 pieces) scored on the validation byte "
            "sidecar; TTT and tilt on; 8 steps of half the tokens in 2 micro-steps (late QAT in the last); the "
-           "default artifact target", "caseops", {**TINY, "VOCAB_SIZE": 8192, "VAL_TOKENS_LIMIT": 1500, "ITERATIONS": 8,
-                                 "TRAIN_BATCH_TOKENS": 384, "GRAD_ACCUM_STEPS": 2},
+           "default artifact target", "caseops",
+           {**TINY, "VOCAB_SIZE": 8192, "VAL_TOKENS_LIMIT": 1500, "ITERATIONS": 8, "TRAIN_BATCH_TOKENS": 384,
+            "GRAD_ACCUM_STEPS": 2},
            expect=(r"^data: .*byte sidecar", r"late QAT on", r"^ttt phase 3/3", r"^final_int\d+_ttt ")),
     Config("two_ranks", "the ttt_tilt run on 2 CPU ranks under torchrun (gloo): every collective (2 micro-steps, "
            "Muon's shards, the rate control's broadcasts, the TTT document split), ranks agree", "plain",
@@ -172,7 +173,9 @@ def file_hashes(folder):
 
 
 def smoke_data():
-    sys.path.insert(0, os.path.join(REPO, "tests"))
+    tests = os.path.join(REPO, "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
     import smoke_data as module  # the builder the tests and launch.sh --smoke use
     return module
 
@@ -224,11 +227,14 @@ def clean_env(settings):
     return env
 
 
-def launch(settings, ranks, cwd):
+def launch(settings, ranks, cwd, timeout=900):
     cmd = [sys.executable, SCRIPT]
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", SCRIPT]
-    return subprocess.run(cmd, cwd=cwd, env=clean_env(settings), capture_output=True, text=True, timeout=900)
+    try:
+        return subprocess.run(cmd, cwd=cwd, env=clean_env(settings), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RunError(f"train_gpt.py ran past {timeout}s in {cwd}: stopped") from None
 
 
 def code_bytes_as_shipped(work):
@@ -336,7 +342,7 @@ def cmd_record(a):
     out = os.path.abspath(a.out)
     work = new_work_dir(a.work)
     t0 = time.perf_counter()
-    print(f"record: work folder {work}", file=sys.stderr, flush=True)
+    print(f"record: {SCRIPT}; work folder {work}", file=sys.stderr, flush=True)
     build_plain(os.path.join(work, "data", "plain"))
     build_caseops(os.path.join(work, "data", "caseops"), a.caseops_tokenizer)
     data = {name: file_hashes(os.path.join(work, "data", name)) for name in ("plain", "caseops")}
@@ -370,7 +376,7 @@ def cmd_eval_old(a):
     out = os.path.abspath(a.out)
     work = new_work_dir(a.work)
     t0 = time.perf_counter()
-    print(f"eval-old: artifacts and data of {old}; work folder {work}", file=sys.stderr, flush=True)
+    print(f"eval-old: {SCRIPT} on the artifacts and data of {old}; work folder {work}", file=sys.stderr, flush=True)
     os.symlink(os.path.join(old, "data"), os.path.join(work, "data"))  # the old record's data: only the script changes
     data = {name: file_hashes(os.path.join(old, "data", name)) for name in ("plain", "caseops")}
     record = record_header("eval-old", work, data)
@@ -427,13 +433,19 @@ def config_differences(name, x, y, scores_only):
     return diffs
 
 
-def cmd_compare(a):
-    x, y = load_record(a.before), load_record(a.after)
+def data_differences(x, y):
     diffs = []
     for data in sorted(set(x["data"]) | set(y["data"])):
-        if x["data"].get(data) != y["data"].get(data):
-            diffs.append(f"data {data}: the data sets differ (the builders changed): every run saw other data")
-    names = compared_configs(x, y)
+        before, after = x["data"].get(data) or {}, y["data"].get(data) or {}
+        changed = sorted(f for f in set(before) | set(after) if before.get(f) != after.get(f))
+        if changed:
+            diffs.append(f"data {data}: {', '.join(changed)} differ (the builders changed): the runs saw other data")
+    return diffs
+
+
+def cmd_compare(a):
+    x, y = load_record(a.before), load_record(a.after)
+    names, diffs = compared_configs(x, y), data_differences(x, y)
     for name in names:
         if name not in x["configs"] or name not in y["configs"]:
             diffs.append(f"{name}: only in {a.before if name in x['configs'] else a.after}")
@@ -441,12 +453,16 @@ def cmd_compare(a):
         diffs += config_differences(name, x["configs"][name], y["configs"][name], a.scores_only)
     if diffs:
         print("\n".join(diffs))
-        print(f"NOT the same behaviour: {len(diffs)} differences")
+        where = {d.split(":")[0] for d in diffs if not d.startswith("data ")}
+        print(f"NOT the same behaviour: {len(diffs)} differences in {len(where)} of {len(names)} configurations"
+              + (" and the data" if len(where) < len({d.split(":")[0] for d in diffs}) else ""))
         return 1
-    lines = sum(len(x["configs"][n]["scores"]) for n in names)
-    artifacts = sum("artifact_sha256" in x["configs"][n] for n in names)
-    training = "" if a.scores_only else f"; {sum(len(x['configs'][n]['training']) for n in names)} training lines"
-    print(f"same behaviour: {len(names)} configurations, {lines} score lines, {artifacts} artifacts identical{training}")
+    configs = [x["configs"][n] for n in names]
+    lines = sum(len(c["scores"]) for c in configs)
+    artifacts = {c.get(k) for c in configs for k in ("artifact_sha256", "input_artifact_sha256")} - {None}
+    training = "" if a.scores_only else f"; {sum(len(c['training']) for c in configs)} training lines"
+    print(f"same behaviour: {len(names)} configurations, {lines} score lines, {len(artifacts)} artifacts "
+          f"identical{training}")
     return 0
 
 
