@@ -11,11 +11,13 @@ usage() {
 Usage: bash launch.sh [--smoke]
   bash launch.sh           full run: torchrun on every visible GPU (NPROC_PER_NODE: how many);
                            log, artifact and scores in OUT_DIR (default runs)
-  bash launch.sh --smoke   the whole pipeline, tiny, on CPU, with a data set built on the spot in
-                           SMOKE_DIR (default \$TMPDIR/pg_smoke); files in a new folder there, or OUT_DIR
+  bash launch.sh --smoke   (or SMOKE=1) the whole pipeline, tiny, on CPU, with a data set built on the
+                           spot in SMOKE_DIR (default \$TMPDIR/pg_smoke); the run's files in a new
+                           folder under SMOKE_DIR/out (or OUT_DIR); one thread unless OMP_NUM_THREADS
   bash launch.sh --help    this text
-The full run reads DATA_PATH (default ./data/datasets/fineweb10B_caseops8192, made by
-tools/caseops_prep.py: README, "Fresh machine") and TOKENIZER_PATH (default $tokenizer).
+The full run reads DATA_PATH (default ./data/datasets/fineweb10B_caseops8192: make it with
+tools/caseops_prep.py, README "Fresh machine") and TOKENIZER_PATH (default, carried by the repository:
+$tokenizer).
 Every environment variable of train_gpt.py (README, "Settings") passes through.
 EOF
 }
