@@ -4,7 +4,16 @@ the GPTQ Hessians in OUT_DIR/prequant.pt for tools/quant_sweep.py, with the run'
 held up. Run it where you would run train_gpt.py, with the same environment:
 python3 tools/keep_prequant.py (a train_gpt.py in the current folder is the one run, else the
 repository's); then python3 tools/quant_sweep.py with the same OUT_DIR."""
-import dataclasses, os, sys, threading
+import argparse, dataclasses, os, sys, threading
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # a wrong argument: one line, before any work
+        self.exit(2, f"{self.prog}: {message} (--help: usage)\n")
+
+
+OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+              epilog="No arguments: the settings are train_gpt.py's environment variables.").parse_args()
 import torch
 sys.path[:0] = [os.getcwd(), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # a run's own copy first
 import train_gpt as T

@@ -3,19 +3,31 @@
 late-QAT grid (the clip the weights were trained onto; where its first round fits, the row is
 that grid's), the tied embedding by GPTQ vs RTN, GPTQ vs RTN at fixed clips; with SWEEP_CALIB_SEQS,
 first the calibration's size (SWEEP_CALIB_ONLY=1: only that); with SWEEP_AWQ, first AWQ-lite on
-the MLP's `down` (SWEEP_AWQ_ONLY=1: only that). Prints and appends to sweep.log."""
-import dataclasses, os, sys, time
+the MLP's `down` (SWEEP_AWQ_ONLY=1: only that). Prints and appends to OUT_DIR/sweep.log."""
+import argparse, dataclasses, os, sys, time
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # a wrong argument: one line, before any work
+        self.exit(2, f"{self.prog}: {message} (--help: usage)\n")
+
+
+OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+              epilog="No arguments: OUT_DIR and the SWEEP_* settings come from the environment.").parse_args()
 import torch
 sys.path[:0] = [os.getcwd(), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # a run's own copy first
 import train_gpt as T
 
-out = open("sweep.log", "a")
+run_dir = T.Hyperparameters.from_env().out_dir
+if not os.path.isfile(os.path.join(run_dir, "prequant.pt")):
+    sys.exit(f"quant_sweep.py: no prequant.pt in OUT_DIR={run_dir} (a run through tools/keep_prequant.py writes it)")
+out = open(os.path.join(run_dir, "sweep.log"), "a")  # beside the run's files
 def log(m):
     print(m, flush=True); out.write(m + "\n"); out.flush()
 
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 torch.backends.cuda.matmul.allow_tf32 = True
-blob = torch.load(os.path.join(T.Hyperparameters.from_env().out_dir, "prequant.pt"))
+blob = torch.load(os.path.join(run_dir, "prequant.pt"))
 saved = {f.name for f in dataclasses.fields(T.Hyperparameters)} & set(blob.get("args", {}))
 args = T.Hyperparameters(**{k: blob["args"][k] for k in saved}) if saved else T.Hyperparameters.from_env()
 if os.environ.get("VAL_TOKENS_LIMIT"):

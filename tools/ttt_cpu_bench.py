@@ -1,7 +1,26 @@
 """TTT speed of two revisions of train_gpt.py on CPU (eager, 2 threads), same model, documents and
 settings: python3 tools/ttt_cpu_bench.py OLD/train_gpt.py NEW/train_gpt.py
 (e.g. OLD from `git show 6bc452d:train_gpt.py`). A CPU figure, not a GPU one."""
-import importlib.util, sys, time
+import argparse, importlib.util, os, sys, time
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # a wrong argument: one line, before any work
+        self.exit(2, f"{self.prog}: {message} (--help: usage)\n")
+
+
+def parse_args():
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    ap.add_argument("old", metavar="OLD", help="a revision's train_gpt.py")
+    ap.add_argument("new", metavar="NEW", help="another revision's train_gpt.py")
+    a = ap.parse_args()
+    for path in (a.old, a.new):
+        if not os.path.isfile(path):
+            ap.error(f"no file {path}")
+    return [a.old, a.new]
+
+
+paths = parse_args()
 import torch
 
 
@@ -21,7 +40,7 @@ for n in [1500, 1200, 900, 600, 400] + [300] * 4 + [200] * 6 + [100] * 8:
     d[0] = 1
     docs.append(d)
 tokens = torch.cat(docs + [torch.tensor([1])])
-revisions = [(load(p, f"rev{i}"), p) for i, p in enumerate(sys.argv[1:3])]
+revisions = [(load(p, f"rev{i}"), p) for i, p in enumerate(paths)]
 for lr in (0.0, 0.003):
     for T, path in revisions:
         args = T.Hyperparameters(vocab_size=1024, num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, mlp_mult=4.0,

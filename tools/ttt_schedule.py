@@ -6,9 +6,35 @@ step count is what the TTT time scales with. CPU only, reads the val shards:
 
     python3 tools/ttt_schedule.py DATA_PATH [VOCAB_SIZE] [WORLD_SIZE ...]
 """
+import argparse
 import os
 import sys
 
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # a wrong argument: one line, before any work
+        self.exit(2, f"{self.prog}: {message} (--help: usage)\n")
+
+
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
+
+
+def parse_args():
+    ap = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    ap.add_argument("data", metavar="DATA_PATH", help="folder of the fineweb_val_*.bin shards")
+    ap.add_argument("vocab", metavar="VOCAB_SIZE", type=positive_int, nargs="?", default=8192, help="default 8192")
+    ap.add_argument("worlds", metavar="WORLD_SIZE", type=positive_int, nargs="*", help="ranks to plan for (default 1 8)")
+    a = ap.parse_args()
+    if not os.path.isdir(a.data):
+        ap.error(f"DATA_PATH {a.data} is not a folder")
+    return a.data, a.vocab, a.worlds or [1, 8]
+
+
+if __name__ == "__main__":
+    cli = parse_args()  # before torch loads: --help and a wrong argument answer at once
 sys.path[:0] = [os.getcwd(), os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")]  # a run's own copy first
 import train_gpt as T
 
@@ -25,9 +51,7 @@ def lane_steps(mine, C, D):  # evaluate_with_ttt's lanes, without the model
     return sum(1 for _ in T.Lanes(mine, D, C).steps())
 
 
-def main():
-    data, vocab = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8192
-    worlds = [int(w) for w in sys.argv[3:]] or [1, 8]
+def main(data, vocab, worlds):
     args = T.Hyperparameters(vocab_size=vocab)
     tokens = T.load_validation_tokens(data, vocab)
     spans = T.document_spans(tokens, args.bos_id)
@@ -47,4 +71,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(*cli)
