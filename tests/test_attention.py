@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from helpers import REFERENCE_VARLEN, _reference_backward, _reference_forward, randomized_model, use_varlen
+from helpers import REFERENCE_VARLEN, _reference_backward, _reference_forward, randomized_model, tiny_xsa_args, use_varlen
 
 CPU = torch.device("cpu")
 BOS = 1
@@ -140,8 +140,7 @@ def test_varlen_matches_dense_math_forward_and_backward(monkeypatch, H, Hkv, doc
 def test_varlen_model_matches_math(monkeypatch):
     """The tiny model (4 query / 2 KV heads): logits and parameter gradients of the varlen path
     equal the math path's."""
-    from test_model import tiny_args
-    args = tiny_args()
+    args = tiny_xsa_args()
     model = randomized_model(args, seed=8, emb_std=0.15)
     assert args.bos_id == BOS
     ids = rows_with_documents(Tn=32, seed=4)

@@ -17,10 +17,8 @@ import torch
 
 import smoke_data
 import train_gpt as T
-from conftest import REPO_ROOT
-from helpers import randomized_model, tiny_model_args
-from test_eval import SHARED_TOKENIZERS, TINY_RUN, final_line
-from test_run_files import one_error_line, run_script
+from helpers import (REPO_ROOT, SHARED_TOKENIZERS, TINY_RUN, final_line, one_error_line, randomized_model, run_script,
+                     tiny_model_args)
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
 import caseops_prep as P  # noqa: E402

@@ -22,14 +22,12 @@ import torch.nn.functional as F
 
 import smoke_data
 import train_gpt as T
-from conftest import REPO_ROOT
-from helpers import REFERENCE_VARLEN, randomized_model, tiny_model_args, use_varlen
+from helpers import (REFERENCE_VARLEN, REPO_ROOT, SHARED_TOKENIZERS, TINY_RUN, clean_env, final_line, randomized_model,
+                     tiny_model_args, use_varlen)
 
 pytestmark = pytest.mark.usefixtures("one_thread_math")
 
 CPU = torch.device("cpu")
-# the challenge's tokenizers, in the shared/ folder beside the checkout (CI has it there)
-SHARED_TOKENIZERS = os.path.join(os.path.dirname(REPO_ROOT), "shared", "tokenizers")
 
 
 def tiny_args(**kw):
@@ -1038,29 +1036,6 @@ finally:
     with open(log_path, "w") as f:
         json.dump(opened, f)
 '''
-
-
-def clean_env(**kw):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    for f in T.Hyperparameters.__dataclass_fields__:  # no stray settings from the caller
-        env.pop(f.upper(), None)
-    env.update(OMP_NUM_THREADS="1", DEVICE="cpu", COMPILE="0", PYTHONDONTWRITEBYTECODE="1")
-    env.update({k: str(v) for k, v in kw.items()})
-    return env
-
-
-TINY_RUN = dict(VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, RECUR_PASSES=0,
-                ROPE_DIMS=8, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512,
-                GRAD_ACCUM_STEPS=1, ITERATIONS=4, MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=1, WARMDOWN_FRAC=0.5,
-                EVAL_SEQ_LEN=64, EVAL_STRIDE=32, EVAL_BATCH_SEQS=8, VAL_TOKENS_LIMIT=1024, GPTQ_CALIB_SEQS=4,
-                GPTQ_CALIB_LEN=64, GPTQ_BLOCK=32, RUN_ID="t", SEED=1, TTT_ENABLED=0)
-
-
-def final_line(text, kind):
-    m = re.search(rf"^final_int6_{kind} val_loss:(\S+) val_bpb:(\S+)", text, re.M)
-    assert m, f"no final_int6_{kind} line in:\n{text[-3000:]}"
-    return m.group(1), m.group(2)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 LAUNCH = os.path.join(REPO_ROOT, "launch.sh")
 

@@ -9,15 +9,10 @@ import pytest
 import torch
 
 import train_gpt as T
-from helpers import randomized_model, tiny_model_args
+from helpers import randomized_model
+from helpers import tiny_xsa_args as tiny_args
 
 CPU = torch.device("cpu")
-
-
-def tiny_args(**kw):
-    return tiny_model_args(**{**dict(vocab_size=64, num_layers=3, xsa_layers=2,
-                                     train_seq_len=32, eval_seq_len=32, gptq_calib_len=64, seed=3, ttt_enabled=False),
-                              **kw})
 
 
 @pytest.fixture

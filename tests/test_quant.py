@@ -14,17 +14,12 @@ import pytest
 import torch
 
 import train_gpt as T
-from helpers import randomized_model, tiny_model_args
+from helpers import randomized_model
+from helpers import tiny_quant_args as tiny_args
 
 pytestmark = pytest.mark.usefixtures("one_thread_math")
 
 CPU = torch.device("cpu")
-
-
-def tiny_args(**kw):
-    return tiny_model_args(**{**dict(vocab_size=512, train_seq_len=64, eval_seq_len=64, eval_stride=32,
-                                     gptq_calib_seqs=12, gptq_calib_len=48, gptq_block=32, attn_backend="math", seed=7,
-                                     recur_passes=2), **kw})  # layer 1 recurrent
 
 
 def assert_entries_equal(a: dict, b: dict):

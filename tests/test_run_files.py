@@ -16,25 +16,9 @@ import torch
 
 import smoke_data
 import train_gpt as T
-from conftest import REPO_ROOT
-from test_eval import TINY_RUN, clean_env, final_line
+from helpers import REPO_ROOT, SCRIPT, TINY_RUN, final_line, one_error_line, run_script
 
-SCRIPT = os.path.join(REPO_ROOT, "train_gpt.py")
 CPU = torch.device("cpu")
-
-
-def run_script(cwd, script=SCRIPT, timeout=300, **env):
-    return subprocess.run([sys.executable, script], cwd=cwd, env=clean_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def one_error_line(p, *needles):
-    lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith("warning:")]
-    assert p.returncode == 2 and "Traceback" not in p.stderr, (p.returncode, p.stderr[-3000:])
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
