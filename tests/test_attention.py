@@ -90,6 +90,7 @@ def test_varlen_capacity_keeps_every_document_start_of_the_validation_split(monk
     assert cu.tolist()[:need] == exact.tolist()[:need] and (cu[need:] == rows.numel()).all()
 
 
+@pytest.mark.slow
 def test_varlen_segments_compile_without_host_sync():
     """fullgraph=True fails on any graph break: an .item(), a nonzero() or a size read from the data."""
     ids = rows_with_documents()

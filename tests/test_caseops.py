@@ -221,6 +221,7 @@ def identity_stream(plain_tok):
     return torch.from_numpy(tokens), torch.from_numpy(sidecar)
 
 
+@pytest.mark.slow
 def test_sidecar_scoring_equals_table_scoring(plain_tok, identity_stream):
     """--identity with the plain tokenizer on text its normalizer leaves alone: the sidecar and the
     tokenizer's table give the same bytes, so plain, sliding and TTT scores agree to 1e-9."""
@@ -360,6 +361,7 @@ def cased_docs(n, seed):
     return [d + " " + rng.choice(extra) for d in smoke_data.make_docs(n, seed)]
 
 
+@pytest.mark.slow
 def test_identity_prep_reproduces_make_shards(tmp_path, plain_tok):
     """--identity with the plain tokenizer: the very shards ../shared/tools/make_shards.py writes (the
     same documents, the same tokens), plus the sidecar."""
@@ -380,6 +382,7 @@ def test_identity_prep_reproduces_make_shards(tmp_path, plain_tok):
     assert (tmp_path / "id" / "fineweb_val_bytes_000000.bin").is_file()
 
 
+@pytest.mark.slow
 def test_prep_refuses_a_validation_document_in_train(tmp_path, caseops_tok):
     val, train = cased_docs(10, 3), cased_docs(30, 4)
     train[17] = "  " + val[6].replace(" ", "\n", 1) + " "  # the same text, spaced otherwise
@@ -389,6 +392,7 @@ def test_prep_refuses_a_validation_document_in_train(tmp_path, caseops_tok):
     assert len(lines) == 1 and lines[0].startswith("error: train document 17 is validation document 6 "), lines
 
 
+@pytest.mark.slow
 def test_prep_from_docs_jsonl(tmp_path, caseops_tok):
     """--docs: the first --num-val-docs documents are validation, the rest train; fewer documents
     than that, a duplicate, or an occupied output folder: one error line."""
@@ -431,6 +435,7 @@ def caseops_run(tmp_path_factory, caseops_tok):
     return root, run.stdout
 
 
+@pytest.mark.slow
 def test_caseops_run_scores_on_the_sidecar(caseops_run, caseops_tok):
     root, stdout = caseops_run
     line = next(l for l in stdout.splitlines() if l.startswith("data: "))
@@ -444,6 +449,7 @@ def test_caseops_run_scores_on_the_sidecar(caseops_run, caseops_tok):
         assert 0 < float(final_line(stdout, kind)[1]) < 20
 
 
+@pytest.mark.slow
 def test_caseops_eval_only_scores_the_same(caseops_run, caseops_tok):
     root, stdout = caseops_run
     env = dict(DATA_PATH=root / "data", TOKENIZER_PATH=caseops_tok, OUT_DIR=root / "eval",
@@ -458,6 +464,7 @@ def test_caseops_eval_only_scores_the_same(caseops_run, caseops_tok):
     assert "val_bpb" not in p.stdout
 
 
+@pytest.mark.slow
 def test_run_with_a_bad_sidecar_stops_before_training(caseops_run, caseops_tok, tmp_path):
     root, _ = caseops_run
     data = tmp_path / "data"

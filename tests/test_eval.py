@@ -992,6 +992,7 @@ def _ttt_dist_worker(rank, world, init_file, out_prefix):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ttt_two_processes(ttt_model, tmp_path):
     """On 2 ranks: lr 0 gives the 1-rank loss and exactly its counts, the ranks' score ranges
     tile the targets; with learning rates both ranks end with the same weights (the global
@@ -1051,6 +1052,7 @@ def trained_run(smoke_dataset, tmp_path_factory):
     return p.stdout, str(artifact), json.loads((out / "results_t.json").read_text())
 
 
+@pytest.mark.slow
 def test_tilt_sweep_tool_agrees_with_the_scorer(trained_run, smoke_dataset, tmp_path):
     """tools/tilt_sweep.py on the run's artifact: its untilted bpb is the round trip's (the same
     plain windows), beta 0 changes nothing, and its tilts at beta 1 and at lift 0.6 are the ones
@@ -1078,6 +1080,7 @@ def test_tilt_sweep_tool_agrees_with_the_scorer(trained_run, smoke_dataset, tmp_
     assert row.group(3) != row.group(4)
 
 
+@pytest.mark.slow
 def test_keep_prequant_and_the_calibration_sweep(trained_run, smoke_dataset, tmp_path):
     """tools/keep_prequant.py runs the script unchanged (the same artifact, byte for byte) and keeps
     the float weights; tools/quant_sweep.py scores those as the run did (its float line = the run's
@@ -1117,6 +1120,7 @@ def test_keep_prequant_and_the_calibration_sweep(trained_run, smoke_dataset, tmp
     assert "sweep rate control" not in a.stdout
 
 
+@pytest.mark.slow
 def test_training_run_artifact_and_results(trained_run):
     stdout, artifact, results = trained_run
     assert results["steps"] == 4 and results["world_size"] == 1
@@ -1147,6 +1151,7 @@ def test_training_run_artifact_and_results(trained_run):
     assert sub["name"] == results["name"] and sub["name"].startswith("SP512 2L XSA GPT, MLP 2x, document-masked")
 
 
+@pytest.mark.slow
 def test_two_rank_run_agrees_with_one_rank(trained_run, smoke_dataset, tmp_path):
     """The whole job under torchrun on 2 CPU ranks (gloo): training, calibration, rate control,
     artifact, evaluation and TTT run through every collective; the ranks hold identical weights,
@@ -1212,6 +1217,7 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_two_rank_run_exits_cleanly_while_a_gloo_worker_lags(smoke_dataset, tmp_path):
     """A gloo worker thread that still holds Python objects when the main thread is done (CI:
     the last collective's tensors, freed by the worker a moment after the work completed) takes
@@ -1274,6 +1280,7 @@ def test_config_id_ignores_seed_and_names_only():
     assert T.config_id(a, b"code", *m) != T.config_id(a, b"code", 1, "NVIDIA H200")  # another machine
 
 
+@pytest.mark.slow
 def test_eval_only_opens_no_train_shard(trained_run, smoke_dataset, tmp_path):
     stdout, artifact, _ = trained_run
     data_dir, tok, _ = smoke_dataset
@@ -1308,6 +1315,7 @@ def test_eval_only_opens_no_train_shard(trained_run, smoke_dataset, tmp_path):
     assert math.isfinite(float(bpb)) and float(bpb) > 0
 
 
+@pytest.mark.slow
 def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     """A training run with TTT, then EVAL_ONLY of its artifact with the same TTT settings: the
     very same TTT line (loss and bpb to 8 decimals), and TTT did adapt (steps > 0); the 8-GPU TTT
@@ -1342,6 +1350,7 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     assert final_line(runs[3], "ttt") == final_line(runs[1], "ttt")
 
 
+@pytest.mark.slow
 def test_eval_only_flags_an_evaluation_over_the_limit(trained_run, smoke_dataset, monkeypatch):
     """An evaluation longer than the limit (here 0 s) is logged as not compliant."""
     _, artifact, _ = trained_run
@@ -1368,6 +1377,7 @@ def test_eval_only_refuses_an_artifact_of_another_revision(monkeypatch, change):
         T.run_eval_only(T.Hyperparameters(eval_only="old.ptz", data_path="/nonexistent"), T.Run(0, 1, CPU, print))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", [b"PGQ1 definitely not an artifact",  # unknown codec tag
                                      b"R\x05\x00\x00\x00\x00\x00\x00\x00\x00hello"],  # codec tag, junk lzma part
                          ids=["bad-tag", "junk-chunk"])

@@ -229,6 +229,7 @@ def _flex_runs_on_cpu():
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_backend_matches_math_with_doc_mask(backend, monkeypatch):
     """Flex runs inside compiled graphs with gradients only (training): posed here by patching
@@ -418,6 +419,7 @@ def test_zero_attention_gate_is_identity_and_gate_scales_heads():
     assert (caps[id(gated)] - caps[id(plain)]).abs().amax() > 0.1
 
 
+@pytest.mark.slow
 def test_inductor_mix_order_reduction_off_unless_set():
     """Importing train_gpt turns Inductor's mix-order reduction off (a 12 ms kernel per micro-step
     on H200); an explicit TORCHINDUCTOR_MIX_ORDER_REDUCTION still wins."""

@@ -242,6 +242,7 @@ def two_process_results(tmp_path_factory):
     return [torch.load(str(d / f"res.{r}")) for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(DIST_CASES))
 def test_two_process_step_equals_single_process(two_process_results, case):
     kw, fp32, steps = DIST_CASES[case]
@@ -331,6 +332,7 @@ def _train_on_smoke(data, vocab, **kw):
     return start, end, stats.final_train_loss
 
 
+@pytest.mark.slow
 def test_loss_falls_on_smoke_data(smoke_dataset):
     data, _, vocab = smoke_dataset
     start, end, train_end = _train_on_smoke(data, vocab)

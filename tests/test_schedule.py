@@ -101,6 +101,7 @@ def _clock_worker(rank, world, init_file, data_dir, vocab, out_prefix):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_skewed_clock_ranks_share_every_decision(smoke_dataset, tmp_path):
     data_dir, _, vocab = smoke_dataset
     mp.spawn(_clock_worker, args=(2, str(tmp_path / "init"), data_dir, vocab, str(tmp_path / "res")), nprocs=2,
@@ -138,6 +139,7 @@ def _rate_worker(rank, world, init_file, out_prefix):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_rate_control_ranks_stop_on_rank0s_timing(tmp_path):
     """Whether another rate-control round fits before MAX_WALLCLOCK_SECONDS is rank 0's call: a
     rank timing the round on its own clock used to stop alone and deadlock the next collective."""
