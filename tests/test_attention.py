@@ -160,6 +160,7 @@ def test_varlen_model_matches_math(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_varlen_op_keeps_one_graph(monkeypatch):
     """torch.compile(fullgraph=True) of segments + op + backward: the custom op (fake kernels,
     registered backward) traces as one node, no graph break."""
