@@ -16,7 +16,7 @@ import torch
 
 import smoke_data
 import train_gpt as T
-from helpers import REPO_ROOT, SCRIPT, TINY_RUN, final_line, one_error_line, run_script
+from helpers import REPO_ROOT, SCRIPT, TINY_RUN, clean_env, final_line, one_error_line, run_script
 
 CPU = torch.device("cpu")
 
