@@ -14,6 +14,11 @@ for _p in (REPO_ROOT, TESTS_DIR):
         sys.path.insert(0, _p)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a second or more (a subprocess run, a training run, a compile); "
+                                       "the fast loop skips them with -m \"not slow\"")
+
+
 @pytest.fixture(scope="session")
 def smoke_dataset(tmp_path_factory):
     """(data_dir, tokenizer_path, vocab) of a small smoke_data set: 3 train shards + 1 val shard."""

@@ -13,7 +13,7 @@ import torch
 import smoke_data
 import train_gpt as T
 from helpers import (REFERENCE_VARLEN, _reference_backward, _reference_forward, randomized_model, tiny_model_args,
-                     use_varlen)
+                     tiny_xsa_args, use_varlen)
 
 CPU = torch.device("cpu")
 BOS = 1
@@ -95,6 +95,7 @@ def test_varlen_capacity_keeps_every_document_start_of_the_validation_split():
     assert cu.tolist()[:need] == exact.tolist()[:need] and (cu[need:] == rows.numel()).all()
 
 
+@pytest.mark.slow
 def test_varlen_segments_compile_without_host_sync():
     """fullgraph=True fails on any graph break: an .item(), a nonzero() or a size read from the data."""
     ids = rows_with_documents()
@@ -144,8 +145,7 @@ def test_varlen_matches_dense_math_forward_and_backward(H, Hkv, doc_mask):
 def test_varlen_model_matches_math(monkeypatch):
     """The tiny model (4 query / 2 KV heads): logits and parameter gradients of the varlen path
     equal the math path's."""
-    from test_model import tiny_args
-    args = tiny_args()
+    args = tiny_xsa_args()
     model = randomized_model(args, seed=8, emb_std=0.15)
     assert args.bos_id == BOS
     ids = rows_with_documents(Tn=32, seed=4)
@@ -163,6 +163,7 @@ def test_varlen_model_matches_math(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_model_is_one_graph_and_uses_the_capacity_it_is_given(monkeypatch):
     """The model holding a varlen attention compiles to one graph (fullgraph: its attention, the
     layers' context and the op trace through) with the eager model's loss and gradients; a capacity
@@ -196,6 +197,7 @@ def test_compiled_model_is_one_graph_and_uses_the_capacity_it_is_given(monkeypat
     assert abs(float(losses[2] - losses[0])) > 1e-4  # the dropped documents' starts are back
 
 
+@pytest.mark.slow
 def test_varlen_op_keeps_one_graph():
     """torch.compile(fullgraph=True) of segments + op + backward: the custom op (fake kernels,
     registered backward) traces as one node, no graph break."""

@@ -17,10 +17,8 @@ import torch
 
 import smoke_data
 import train_gpt as T
-from conftest import REPO_ROOT
-from helpers import randomized_model, tiny_model_args
-from test_eval import SHARED_TOKENIZERS, TINY_RUN, final_line
-from test_run_files import one_error_line, run_script
+from helpers import (REPO_ROOT, SHARED_TOKENIZERS, TINY_RUN, final_line, one_error_line, randomized_model, run_script,
+                     tiny_model_args)
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
 import caseops_prep as P  # noqa: E402
@@ -223,6 +221,7 @@ def identity_stream(plain_tok):
     return torch.from_numpy(tokens), torch.from_numpy(sidecar)
 
 
+@pytest.mark.slow
 def test_sidecar_scoring_equals_table_scoring(plain_tok, identity_stream):
     """--identity with the plain tokenizer on text its normalizer leaves alone: the sidecar and the
     tokenizer's table give the same bytes, so plain, sliding and TTT scores agree to 1e-9."""
@@ -362,6 +361,7 @@ def cased_docs(n, seed):
     return [d + " " + rng.choice(extra) for d in smoke_data.make_docs(n, seed)]
 
 
+@pytest.mark.slow
 def test_identity_prep_reproduces_make_shards(tmp_path, plain_tok):
     """--identity with the plain tokenizer: the very shards ../shared/tools/make_shards.py writes (the
     same documents, the same tokens), plus the sidecar."""
@@ -382,6 +382,7 @@ def test_identity_prep_reproduces_make_shards(tmp_path, plain_tok):
     assert (tmp_path / "id" / "fineweb_val_bytes_000000.bin").is_file()
 
 
+@pytest.mark.slow
 def test_prep_refuses_a_validation_document_in_train(tmp_path, caseops_tok):
     val, train = cased_docs(10, 3), cased_docs(30, 4)
     train[17] = "  " + val[6].replace(" ", "\n", 1) + " "  # the same text, spaced otherwise
@@ -391,6 +392,7 @@ def test_prep_refuses_a_validation_document_in_train(tmp_path, caseops_tok):
     assert len(lines) == 1 and lines[0].startswith("error: train document 17 is validation document 6 "), lines
 
 
+@pytest.mark.slow
 def test_prep_from_docs_jsonl(tmp_path, caseops_tok):
     """--docs: the first --num-val-docs documents are validation, the rest train; fewer documents
     than that, a duplicate, or an occupied output folder: one error line."""
@@ -433,6 +435,7 @@ def caseops_run(tmp_path_factory, caseops_tok):
     return root, run.stdout
 
 
+@pytest.mark.slow
 def test_caseops_run_scores_on_the_sidecar(caseops_run, caseops_tok):
     root, stdout = caseops_run
     line = next(l for l in stdout.splitlines() if l.startswith("data: "))
@@ -446,6 +449,7 @@ def test_caseops_run_scores_on_the_sidecar(caseops_run, caseops_tok):
         assert 0 < float(final_line(stdout, kind)[1]) < 20
 
 
+@pytest.mark.slow
 def test_caseops_eval_only_scores_the_same(caseops_run, caseops_tok):
     root, stdout = caseops_run
     env = dict(DATA_PATH=root / "data", TOKENIZER_PATH=caseops_tok, OUT_DIR=root / "eval",
@@ -460,6 +464,7 @@ def test_caseops_eval_only_scores_the_same(caseops_run, caseops_tok):
     assert "val_bpb" not in p.stdout
 
 
+@pytest.mark.slow
 def test_run_with_a_bad_sidecar_stops_before_training(caseops_run, caseops_tok, tmp_path):
     root, _ = caseops_run
     data = tmp_path / "data"

@@ -448,6 +448,7 @@ def _assert_one_error_line(proc, *needles):
         assert n in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_cli_missing_data_dir(tmp_path, smoke_dataset):
     _, tok, vocab = smoke_dataset
     missing = str(tmp_path / "no_such_dir")
@@ -455,6 +456,7 @@ def test_cli_missing_data_dir(tmp_path, smoke_dataset):
     _assert_one_error_line(proc, missing, "not a directory")
 
 
+@pytest.mark.slow
 def test_cli_bad_train_shard(tmp_path, smoke_dataset):
     data, tok, vocab = smoke_dataset
     d = tmp_path / "data"
@@ -466,12 +468,14 @@ def test_cli_bad_train_shard(tmp_path, smoke_dataset):
     _assert_one_error_line(proc, bad, "bad magic")
 
 
+@pytest.mark.slow
 def test_cli_config_error(tmp_path, smoke_dataset):
     data, tok, vocab = smoke_dataset
     proc = _run_script(tmp_path, DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab), NUM_KV_HEADS="3")
     _assert_one_error_line(proc, "NUM_KV_HEADS=3")
 
 
+@pytest.mark.slow
 def test_cli_missing_tokenizer(tmp_path, smoke_dataset):
     data, _, vocab = smoke_dataset
     missing = str(tmp_path / "nope.model")
@@ -488,6 +492,7 @@ def test_from_env_rejects_removed_settings(key, new):
         T.Hyperparameters.from_env({key: "1"})
 
 
+@pytest.mark.slow
 def test_cli_warns_on_misspelt_setting(tmp_path, smoke_dataset):
     _, tok, vocab = smoke_dataset
     proc = _run_script(tmp_path, DATA_PATH=str(tmp_path / "missing"), TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab),
@@ -496,6 +501,7 @@ def test_cli_warns_on_misspelt_setting(tmp_path, smoke_dataset):
     assert "warning: environment variable NUM_LAYER is not a setting; did you mean NUM_LAYERS?" in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_artifact_target_below_code_size_fails_before_training(tmp_path, smoke_dataset):
     data, tok, vocab = smoke_dataset
     proc = _run_script(tmp_path, DATA_PATH=data, TOKENIZER_PATH=tok, VOCAB_SIZE=str(vocab),
@@ -505,6 +511,7 @@ def test_cli_artifact_target_below_code_size_fails_before_training(tmp_path, smo
         (tmp_path / "out" / "train_seed42.log").read_text()
 
 
+@pytest.mark.slow
 def test_cli_model_over_budget_fails_without_writing(tmp_path, smoke_dataset):
     """A model that needs more bytes than its budget at every clip (an 8-bit absmax embedding
     table: the rate control cannot shrink it) ends with the one-line error after the rate

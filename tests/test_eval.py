@@ -24,14 +24,12 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import smoke_data
 import train_gpt as T
-from conftest import REPO_ROOT
-from helpers import REFERENCE_VARLEN, randomized_model, tiny_model_args, use_varlen
+from helpers import (REFERENCE_VARLEN, REPO_ROOT, SHARED_TOKENIZERS, TINY_RUN, clean_env, final_line, randomized_model,
+                     tiny_model_args, use_varlen)
 
 pytestmark = pytest.mark.usefixtures("one_thread_math")
 
 CPU = torch.device("cpu")
-# the challenge's tokenizers, in the shared/ folder beside the checkout (CI has it there)
-SHARED_TOKENIZERS = os.path.join(os.path.dirname(REPO_ROOT), "shared", "tokenizers")
 
 
 def tiny_args(**kw):
@@ -1068,6 +1066,7 @@ def _ttt_dist_worker(rank, world, init_file, out_prefix):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ttt_two_processes(ttt_model, tmp_path):
     """On 2 ranks: lr 0 gives the 1-rank loss and exactly its counts, the ranks' score ranges
     tile the targets; with learning rates both ranks end with the same weights (the global
@@ -1114,29 +1113,6 @@ finally:
 '''
 
 
-def clean_env(**kw):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    for f in T.Hyperparameters.__dataclass_fields__:  # no stray settings from the caller
-        env.pop(f.upper(), None)
-    env.update(OMP_NUM_THREADS="1", DEVICE="cpu", COMPILE="0", PYTHONDONTWRITEBYTECODE="1")
-    env.update({k: str(v) for k, v in kw.items()})
-    return env
-
-
-TINY_RUN = dict(VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, RECUR_PASSES=0,
-                ROPE_DIMS=8, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512,
-                GRAD_ACCUM_STEPS=1, ITERATIONS=4, MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=1, WARMDOWN_FRAC=0.5,
-                EVAL_SEQ_LEN=64, EVAL_STRIDE=32, EVAL_BATCH_SEQS=8, VAL_TOKENS_LIMIT=1024, GPTQ_CALIB_SEQS=4,
-                GPTQ_CALIB_LEN=64, GPTQ_BLOCK=32, RUN_ID="t", SEED=1, TTT_ENABLED=0)
-
-
-def final_line(text, kind):
-    m = re.search(rf"^final_int6_{kind} val_loss:(\S+) val_bpb:(\S+)", text, re.M)
-    assert m, f"no final_int6_{kind} line in:\n{text[-3000:]}"
-    return m.group(1), m.group(2)
-
-
 @pytest.fixture(scope="module")
 def trained_run(smoke_dataset, tmp_path_factory):
     data_dir, tok, _ = smoke_dataset
@@ -1150,6 +1126,7 @@ def trained_run(smoke_dataset, tmp_path_factory):
     return p.stdout, str(artifact), json.loads((out / "results_t.json").read_text())
 
 
+@pytest.mark.slow
 def test_tilt_sweep_tool_agrees_with_the_scorer(trained_run, smoke_dataset, tmp_path):
     """tools/tilt_sweep.py on the run's artifact: its untilted bpb is the round trip's (the same
     plain windows), beta 0 changes nothing, and its tilts at beta 1 and at lift 0.6 are the ones
@@ -1177,6 +1154,7 @@ def test_tilt_sweep_tool_agrees_with_the_scorer(trained_run, smoke_dataset, tmp_
     assert row.group(3) != row.group(4)
 
 
+@pytest.mark.slow
 def test_keep_prequant_and_the_calibration_sweep(trained_run, smoke_dataset, tmp_path):
     """tools/keep_prequant.py runs the script unchanged (the same artifact, byte for byte) and keeps
     the float weights; tools/quant_sweep.py scores those as the run did (its float line = the run's
@@ -1216,6 +1194,7 @@ def test_keep_prequant_and_the_calibration_sweep(trained_run, smoke_dataset, tmp
     assert "sweep rate control" not in a.stdout
 
 
+@pytest.mark.slow
 def test_training_run_artifact_and_results(trained_run):
     stdout, artifact, results = trained_run
     assert results["steps"] == 4 and results["world_size"] == 1
@@ -1246,6 +1225,7 @@ def test_training_run_artifact_and_results(trained_run):
     assert sub["name"] == results["name"] and sub["name"].startswith("SP512 2L XSA GPT, MLP 2x, document-masked")
 
 
+@pytest.mark.slow
 def test_two_rank_run_agrees_with_one_rank(trained_run, smoke_dataset, tmp_path):
     """The whole job under torchrun on 2 CPU ranks (gloo): training, calibration, rate control,
     artifact, evaluation and TTT run through every collective; the ranks hold identical weights,
@@ -1311,6 +1291,7 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_two_rank_run_exits_cleanly_while_a_gloo_worker_lags(smoke_dataset, tmp_path):
     """A gloo worker thread that still holds Python objects when the main thread is done (CI:
     the last collective's tensors, freed by the worker a moment after the work completed) takes
@@ -1373,6 +1354,7 @@ def test_config_id_ignores_seed_and_names_only():
     assert T.config_id(a, b"code", *m) != T.config_id(a, b"code", 1, "NVIDIA H200")  # another machine
 
 
+@pytest.mark.slow
 def test_eval_only_opens_no_train_shard(trained_run, smoke_dataset, tmp_path):
     stdout, artifact, _ = trained_run
     data_dir, tok, _ = smoke_dataset
@@ -1407,6 +1389,7 @@ def test_eval_only_opens_no_train_shard(trained_run, smoke_dataset, tmp_path):
     assert math.isfinite(float(bpb)) and float(bpb) > 0
 
 
+@pytest.mark.slow
 def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     """A training run with TTT, then EVAL_ONLY of its artifact with the same TTT settings: the
     very same TTT line (loss and bpb to 8 decimals), and TTT did adapt (steps > 0); the 8-GPU TTT
@@ -1441,6 +1424,7 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     assert final_line(runs[3], "ttt") == final_line(runs[1], "ttt")
 
 
+@pytest.mark.slow
 def test_eval_only_flags_an_evaluation_over_the_limit(trained_run, smoke_dataset, monkeypatch):
     """An evaluation longer than the limit (here 0 s) is logged as not compliant."""
     _, artifact, _ = trained_run
@@ -1467,6 +1451,7 @@ def test_eval_only_refuses_an_artifact_of_another_revision(monkeypatch, change):
         T.run_eval_only(T.Hyperparameters(eval_only="old.ptz", data_path="/nonexistent"), T.Run(0, 1, CPU, print))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("content", [b"PGQ1 definitely not an artifact",  # unknown codec tag
                                      b"R\x05\x00\x00\x00\x00\x00\x00\x00\x00hello"],  # codec tag, junk lzma part
                          ids=["bad-tag", "junk-chunk"])

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 LAUNCH = os.path.join(REPO_ROOT, "launch.sh")
 
@@ -190,6 +190,7 @@ def test_full_run_skips_the_sliding_pass_only_when_ttt_is_on(tmp_path, env, skip
     assert f"skip={skip}" in r.stdout.splitlines()
 
 
+@pytest.mark.slow
 def test_smoke_run_end_to_end(tmp_path):
     r = run_launch({"SMOKE_DIR": str(tmp_path), "ITERATIONS": "40"}, "--smoke", timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

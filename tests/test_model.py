@@ -10,15 +10,12 @@ import pytest
 import torch
 
 import train_gpt as T
-from helpers import randomized_model, tiny_model_args
+from helpers import randomized_model
+from helpers import tiny_xsa_args as tiny_args
 
 CPU = torch.device("cpu")
 
 
-def tiny_args(**kw):
-    return tiny_model_args(**{**dict(vocab_size=64, num_layers=3, xsa_layers=2,
-                                     train_seq_len=32, eval_seq_len=32, gptq_calib_len=64, seed=3, ttt_enabled=False),
-                              **kw})
 
 
 def reference_attention(q, k, v):
@@ -222,6 +219,7 @@ def _flex_runs_on_cpu():
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_backend_matches_math_with_doc_mask(monkeypatch):
     """Flex runs inside compiled graphs with gradients only (training): posed here by patching
@@ -409,6 +407,7 @@ def test_zero_attention_gate_is_identity_and_gate_scales_heads():
     assert (caps[id(gated)] - caps[id(plain)]).abs().amax() > 0.1
 
 
+@pytest.mark.slow
 def test_inductor_mix_order_reduction_off_unless_set():
     """Importing train_gpt turns Inductor's mix-order reduction off (a 12 ms kernel per micro-step
     on H200); an explicit TORCHINDUCTOR_MIX_ORDER_REDUCTION still wins."""

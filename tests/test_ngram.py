@@ -85,6 +85,7 @@ def test_hints_equal_the_rule_written_out(kw):
         assert (hints >= 0).sum() > len(tokens) // 10  # the streams do give hints
 
 
+@pytest.mark.slow
 def test_hints_in_ttts_order_equal_the_rule_written_out():
     """With TTT's schedule on one and two ranks, and with random schedules (many ties, lanes)."""
     g = torch.Generator().manual_seed(5)

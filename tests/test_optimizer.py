@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 import train_gpt as T
 from helpers import tiny_model_args
+from helpers import tiny_train_args as _train_args
 
 CPU = torch.device("cpu")
 
@@ -241,6 +242,7 @@ def two_process_results(tmp_path_factory):
     return [torch.load(str(d / f"res.{r}")) for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(DIST_CASES))
 def test_two_process_step_equals_single_process(two_process_results, case):
     kw, fp32, steps = DIST_CASES[case]
@@ -305,14 +307,6 @@ def test_gradient_clipping_norm_and_coefficient():
 
 # ----------------------------------------------------------------------------- training
 
-def _train_args(data_dir, vocab, **kw):
-    return tiny_model_args(**{**dict(data_path=data_dir, vocab_size=vocab, train_seq_len=32,
-                                     eval_seq_len=32, eval_stride=16, gptq_calib_len=32, train_batch_tokens=2 * 4 * 32,
-                                     grad_accum_steps=2, device="cpu", max_wallclock_seconds=0.0,
-                                     gptq_reserve_seconds=0.0, warmdown_frac=0.0, train_log_every=0, ema_horizon=0.0,
-                                     qat_start_scale=0.0, seed=7, ttt_enabled=False), **kw})
-
-
 def _setup(args):
     files = T.find_shards(args.data_path, "train")
     loader = T.DistributedLoader(files, args.vocab_size, T.Run(0, 1, CPU))
@@ -338,6 +332,7 @@ def _train_on_smoke(data, vocab, **kw):
     return start, end, stats.final_train_loss
 
 
+@pytest.mark.slow
 def test_loss_falls_on_smoke_data(smoke_dataset):
     data, _, vocab = smoke_dataset
     start, end, train_end = _train_on_smoke(data, vocab)

@@ -14,17 +14,12 @@ import pytest
 import torch
 
 import train_gpt as T
-from helpers import randomized_model, tiny_model_args
+from helpers import randomized_model
+from helpers import tiny_quant_args as tiny_args
 
 pytestmark = pytest.mark.usefixtures("one_thread_math")
 
 CPU = torch.device("cpu")
-
-
-def tiny_args(**kw):
-    return tiny_model_args(**{**dict(vocab_size=512, train_seq_len=64, eval_seq_len=64, eval_stride=32,
-                                     gptq_calib_seqs=12, gptq_calib_len=48, gptq_block=32, attn_backend="math", seed=7,
-                                     recur_passes=2), **kw})  # layer 1 recurrent
 
 
 def assert_entries_equal(a: dict, b: dict):
@@ -97,7 +92,7 @@ def test_pack_compress_roundtrip_bit_exact(model, args):
     assert back["tok_emb.weight"].bits == args.embed_bits == 7
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=pytest.mark.slow)])  # 330 flipped blobs
 def test_compress_roundtrip_and_corruption(model, args, packed):
     """Any blob round-trips (a packed model's int values through rANS, other bytes through lzma);
     trailing, missing or flipped bytes and unknown tags are ArtifactErrors."""
@@ -469,6 +464,7 @@ def _size_at(model, hessians, args, clip):
     return len(T.compress(T.pack_entries(T.quantize_model(model, hessians, args, clip), args)[0]))
 
 
+@pytest.mark.slow
 def test_rate_control_fills_the_budget(model, hessians, args):
     """quantize_to_budget moves the clip until the compressed model fills RATE_BAND..1 of its
     budget: a budget between the sizes at clips 4 and 10 is met within the tries, a roomy one
@@ -554,6 +550,7 @@ def test_rate_control_gives_up_after_four_extra_rounds(model, hessians, monkeypa
     assert len(data) > budget and len(data) == min(b for _, b in tries) and (clip, len(data)) in tries
 
 
+@pytest.mark.slow
 def test_rate_control_starts_no_round_past_the_budget_once_one_fits(model, hessians, monkeypatch):
     """On the shared clock: with a model that fits and no time left for another round, the rate
     control keeps it (a roomy budget otherwise takes a second round, to the narrowest clip);
@@ -603,6 +600,7 @@ def test_qat_grid_is_the_artifacts_round_to_nearest_grid():
         assert all(t is model.banks()[k] for k, t in model._bank_weights().items())
 
 
+@pytest.mark.slow
 def test_qat_clip_for_budget_hits_the_target():
     """The clip chosen when QAT starts: a smaller budget gives a wider clip, and the RTN artifact
     at that clip fills the middle of the rate band (measured within 1 %); a roomy budget gives

@@ -16,25 +16,9 @@ import torch
 
 import smoke_data
 import train_gpt as T
-from conftest import REPO_ROOT
-from test_eval import TINY_RUN, clean_env, final_line
+from helpers import REPO_ROOT, SCRIPT, TINY_RUN, clean_env, final_line, one_error_line, run_script
 
-SCRIPT = os.path.join(REPO_ROOT, "train_gpt.py")
 CPU = torch.device("cpu")
-
-
-def run_script(cwd, script=SCRIPT, timeout=300, **env):
-    return subprocess.run([sys.executable, script], cwd=cwd, env=clean_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def one_error_line(p, *needles):
-    lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith("warning:")]
-    assert p.returncode == 2 and "Traceback" not in p.stderr, (p.returncode, p.stderr[-3000:])
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +55,7 @@ def test_shipped_form_carries_any_bytes(tmp_path):
                                              T.hashlib.sha256(payload).hexdigest()]
 
 
+@pytest.mark.slow
 def test_minified_drops_comments_and_docstrings_only():
     """The shipped code: no comment, blank line or docstring left (a docstring becomes ""), every
     other line the source's own text (cut, never rewritten: the same bytes on every Python
@@ -99,6 +84,7 @@ def test_minified_drops_comments_and_docstrings_only():
     assert T.ast.dump(T.ast.parse(mini)) == T.ast.dump(tree)
 
 
+@pytest.mark.slow
 def test_ship_tool_writes_and_decodes_the_wrapper(tmp_path):
     out = tmp_path / "train_gpt.py"
     p = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "ship.py"), str(out)], capture_output=True,
@@ -111,6 +97,7 @@ def test_ship_tool_writes_and_decodes_the_wrapper(tmp_path):
     assert back.returncode == 0 and back.stdout == T.minified(source)
 
 
+@pytest.mark.slow
 def test_run_through_the_shipped_file_is_the_same_run(tiny_run, smoke_dataset, tmp_path):
     """The smoke job through the wrapper gives the very same scores as from the source; both count
     the wrapper's file size as the code's bytes."""
@@ -131,6 +118,7 @@ def test_run_through_the_shipped_file_is_the_same_run(tiny_run, smoke_dataset, t
 
 # ----- the data named
 
+@pytest.mark.slow
 def test_log_and_submission_name_the_data(tiny_run, smoke_dataset):
     out, stdout, results = tiny_run
     data_dir, tok, _ = smoke_dataset
@@ -143,6 +131,7 @@ def test_log_and_submission_name_the_data(tiny_run, smoke_dataset):
     assert results["data"] in note
 
 
+@pytest.mark.slow
 def test_first_log_line_names_the_code_bytes_profile_and_attention(tiny_run):
     out, stdout, results = tiny_run
     first = next(l for l in stdout.splitlines() if l.startswith("train_gpt.py: "))
@@ -160,6 +149,7 @@ def test_unnamed_data_says_so(smoke_dataset):
 
 # ----- a run's files
 
+@pytest.mark.slow
 def test_a_second_run_with_the_same_id_refuses_and_leaves_the_first_whole(tiny_run, smoke_dataset):
     out, _, _ = tiny_run
     data_dir, tok, _ = smoke_dataset
@@ -169,6 +159,7 @@ def test_a_second_run_with_the_same_id_refuses_and_leaves_the_first_whole(tiny_r
     assert {f.name: f.read_bytes() for f in out.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_a_run_refuses_a_folder_whose_submission_is_another_configuration(tiny_run, smoke_dataset, tmp_path):
     out, _, _ = tiny_run
     data_dir, tok, _ = smoke_dataset
@@ -209,6 +200,7 @@ runpy.run_path(sys.argv[1], run_name="__main__")
 '''
 
 
+@pytest.mark.slow
 def test_full_disk_at_the_artifact_is_one_line(smoke_dataset, tmp_path):
     data_dir, tok, _ = smoke_dataset
     wrapper = tmp_path / "full_disk.py"
@@ -220,6 +212,7 @@ def test_full_disk_at_the_artifact_is_one_line(smoke_dataset, tmp_path):
     assert sorted(os.listdir(tmp_path / "o")) == ["train_t.log"]  # no artifact, no partial file
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["file", "under-a-file"])
 def test_unusable_out_dir_is_one_line(smoke_dataset, tmp_path, kind):
     data_dir, tok, _ = smoke_dataset
@@ -242,6 +235,7 @@ def test_read_only_out_dir_is_one_line(smoke_dataset, tmp_path):
     one_error_line(p, f"OUT_DIR={out} cannot be written")
 
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_and_leaves_no_partial_file(smoke_dataset, tmp_path):
     data_dir, tok, _ = smoke_dataset
     env = clean_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, **{**TINY_RUN, "ITERATIONS": 100000})
@@ -260,6 +254,7 @@ def test_ctrl_c_is_one_line_and_leaves_no_partial_file(smoke_dataset, tmp_path):
     assert log.read_text().splitlines()[-1] == "error: interrupted (Ctrl-C)"
 
 
+@pytest.mark.slow
 def test_a_run_that_fails_before_training_leaves_no_log_and_its_rerun_goes_ahead(smoke_dataset, tmp_path):
     """A mistyped DATA_PATH: one error line and no file (the log held settings only), so the
     corrected rerun with the same RUN_ID is not refused."""
@@ -281,6 +276,7 @@ def other_tokenizer(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_eval_only_refuses_another_tokenizer(tiny_run, smoke_dataset, other_tokenizer, tmp_path):
     out, _, _ = tiny_run
     data_dir, tok, _ = smoke_dataset
@@ -291,6 +287,7 @@ def test_eval_only_refuses_another_tokenizer(tiny_run, smoke_dataset, other_toke
     assert "val_bpb" not in p.stdout
 
 
+@pytest.mark.slow
 def test_eval_only_of_an_artifact_without_fingerprint_warns(tiny_run, smoke_dataset):
     """An artifact of an older revision (no fingerprint) is still scored, with a warning."""
     out, _, _ = tiny_run
@@ -299,6 +296,7 @@ def test_eval_only_of_an_artifact_without_fingerprint_warns(tiny_run, smoke_data
     assert "records no tokenizer fingerprint" in logs[0]
 
 
+@pytest.mark.slow
 def test_eval_only_header_that_does_not_match_its_tensors_is_one_line(tiny_run, smoke_dataset, tmp_path):
     out, _, _ = tiny_run
     data_dir, tok, _ = smoke_dataset
@@ -311,6 +309,7 @@ def test_eval_only_header_that_does_not_match_its_tensors_is_one_line(tiny_run, 
     one_error_line(p, "its tensors do not match the model its header describes")
 
 
+@pytest.mark.slow
 def test_eval_only_flags_an_artifact_over_the_cap(tiny_run, smoke_dataset, tmp_path, monkeypatch):
     out, _, results = tiny_run
     data_dir, tok, _ = smoke_dataset
@@ -329,6 +328,7 @@ def test_eval_only_flags_an_artifact_over_the_cap(tiny_run, smoke_dataset, tmp_p
     assert [l for l in logs if l.startswith("eval-only: ") and "; attention math; config: " in l]  # the provider, logged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scorer", ["roundtrip", "TTT"])
 def test_a_score_that_is_not_a_number_stops_the_evaluation(tiny_run, smoke_dataset, monkeypatch, scorer):
     """A NaN score (as the lift's adapters gave once) is a bug: the line is logged, then a one-line
@@ -354,6 +354,7 @@ def test_a_score_that_is_not_a_number_stops_the_evaluation(tiny_run, smoke_datas
 
 # ----- settings
 
+@pytest.mark.slow
 def test_a_target_the_model_cannot_pack_to_is_refused_before_training(smoke_dataset, tmp_path):
     data_dir, tok, _ = smoke_dataset
     args = T.Hyperparameters.from_env({k: str(v) for k, v in TINY_RUN.items()})
@@ -400,6 +401,7 @@ def test_lookalike_variables_are_warned_about():
     assert "num_layers is not a setting; did you mean NUM_LAYERS?" in seen[2]
 
 
+@pytest.mark.slow
 def test_warnings_go_into_the_log(smoke_dataset, tmp_path):
     data_dir, tok, _ = smoke_dataset
     p = run_script(tmp_path, DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, SKIP_SLIDING="1", **TINY_RUN)

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 TOOL = os.path.join(REPO_ROOT, "tools", "same_behaviour.py")
 

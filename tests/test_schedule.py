@@ -15,9 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train_gpt as T
-from helpers import randomized_model, tiny_model_args
-from test_optimizer import _train_args
-from test_quant import tiny_args
+from helpers import randomized_model, tiny_model_args, tiny_quant_args, tiny_train_args
 
 CPU = torch.device("cpu")
 
@@ -217,7 +215,7 @@ def _clock_worker(rank, world, init_file, data_dir, vocab, out_prefix):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        args = _train_args(data_dir, vocab, iterations=0, max_wallclock_seconds=4.0, gptq_reserve_seconds=1.0,
+        args = tiny_train_args(data_dir, vocab, iterations=0, max_wallclock_seconds=4.0, gptq_reserve_seconds=1.0,
                            warmdown_frac=0.6, qat_start_scale=0.5, ema_horizon=0.1, muon_momentum_warmup_frac=0.3,
                            warmup_steps=0, train_seq_schedule="16@0,32@0.5")
         files = T.find_shards(args.data_path, "train")
@@ -244,6 +242,7 @@ def _clock_worker(rank, world, init_file, data_dir, vocab, out_prefix):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_skewed_clock_ranks_share_every_decision(smoke_dataset, tmp_path):
     data_dir, _, vocab = smoke_dataset
     mp.spawn(_clock_worker, args=(2, str(tmp_path / "init"), data_dir, vocab, str(tmp_path / "res")), nprocs=2,
@@ -266,7 +265,7 @@ def _rate_worker(rank, world, init_file, out_prefix):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=30))
     try:
-        args = tiny_args(max_wallclock_seconds=5.0, rate_tries=3)
+        args = tiny_quant_args(max_wallclock_seconds=5.0, rate_tries=3)
         model = randomized_model(args, seed=1)
         clock = T.SharedClock(T.Run(rank, world, CPU), clock=lambda: 0.0)
         if rank == 1:  # this rank's own timer says each round takes 10 s (a skew at the limit)
@@ -280,6 +279,7 @@ def _rate_worker(rank, world, init_file, out_prefix):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_rate_control_ranks_stop_on_rank0s_timing(tmp_path):
     """Whether another rate-control round fits before MAX_WALLCLOCK_SECONDS is rank 0's call: a
     rank timing the round on its own clock used to stop alone and deadlock the next collective."""
@@ -293,7 +293,7 @@ def test_non_finite_gradients_stop_training_on_every_rank_alike(smoke_dataset):
     """The stop reads the all-reduced gradient norm (the same on every rank), not the rank's own
     loss: a rank whose batch overflowed must not stop alone while the others wait in a collective."""
     data_dir, _, vocab = smoke_dataset
-    args = _train_args(data_dir, vocab, iterations=6, max_wallclock_seconds=0.0, warmup_steps=0)
+    args = tiny_train_args(data_dir, vocab, iterations=6, max_wallclock_seconds=0.0, warmup_steps=0)
     loader = T.DistributedLoader(T.find_shards(args.data_path, "train"), vocab, T.Run(0, 1, CPU))
     model = T.build_model(args, CPU)
     opt = T.Optimizers(model, args, 1, CPU)

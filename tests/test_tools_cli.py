@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 
 # tool -> arguments it accepts (placeholders: the refusal tests add a wrong one to them)
 TOOLS = {"keep_prequant.py": [], "quant_sweep.py": [], "ttt_cpu_bench.py": ["a.py", "b.py"], "ttt_schedule.py": ["data"]}

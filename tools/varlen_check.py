@@ -3,7 +3,8 @@ gradients against SDPA with the dense document mask, one graph under torch.compi
 a CUDA graph capture, and forward+backward times of the segment buffer sizes (exact count,
 the default cap, B*T) beside FlexAttention.
     ATTN_BACKEND=fa4 python3 tools/varlen_check.py     (auto | fa3 | fa4; B=48 T=2048 by default)
-On CPU (no FlashAttention) it runs the same checks, small, with the tests' reference provider."""
+On CPU (no FlashAttention) it runs the same checks, small, with the pure-torch reference
+provider of tools/varlen_reference.py."""
 import os
 import sys
 import time
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)
 import train_gpt as T  # noqa: E402
 
 cuda = torch.cuda.is_available()
@@ -26,7 +27,7 @@ if cuda:
     print("backend:", description)
     assert isinstance(attention, T.VarlenAttention), "no FlashAttention provider: nothing to check"
 else:
-    from helpers import REFERENCE_VARLEN
+    from varlen_reference import REFERENCE_VARLEN
     attention = T.VarlenAttention(REFERENCE_VARLEN)
     print("backend: varlen:ref (CPU stand-in)")
 
