@@ -1,5 +1,6 @@
 """Helpers shared by the test modules (importable: conftest puts tests/ on sys.path)."""
 import math
+import os
 
 import torch
 
@@ -79,3 +80,15 @@ def use_varlen(monkeypatch, provider=REFERENCE_VARLEN):
     """Make `provider` the attention backend (undone with the monkeypatch)."""
     monkeypatch.setattr(T, "_VARLEN", provider)
     monkeypatch.setattr(T, "_ATTN_BACKEND", "varlen:" + provider.name)
+
+
+def script_env(**kw):
+    """The environment of a CPU run of train_gpt.py (or a tool) in a subprocess: the caller's, without
+    its distributed variables or any setting, one thread, no compile; then `kw` (as strings)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    for f in T.Hyperparameters.__dataclass_fields__:
+        env.pop(f.upper(), None)
+    env.update(OMP_NUM_THREADS="1", DEVICE="cpu", COMPILE="0", PYTHONDONTWRITEBYTECODE="1")
+    env.update({k: str(v) for k, v in kw.items()})
+    return env
