@@ -1551,14 +1551,14 @@ def quantize_model(model, hessians, args, clip_sigmas, rank=0, world_size=1):
     keys = bank_hessian_keys(args)
     qmax = 2 ** (args.quant_bits - 1) - 1
     entries = {}
-    banks, hessians, awq = awq_transform(model.banks(), hessians, args)
+    banks, bank_hessians, awq = awq_transform(model.banks(), hessians, args)
     for bank_name, bank in banks.items():
         n = bank.size(0)
         mine = list(range(rank, n, world_size))
         q = bank.new_zeros(bank.shape, dtype=torch.int8)
         s = bank.new_zeros(bank.shape[:2], dtype=torch.float16)
         if mine:
-            H = None if hessians is None else torch.stack([hessians[keys[bank_name][i]] for i in mine])
+            H = None if hessians is None else torch.stack([bank_hessians[keys[bank_name][i]] for i in mine])
             q[mine], s[mine] = gptq_quantize(bank.detach()[mine], H, qmax, clip_sigmas, args.gptq_block, args.gptq_damp)
         if world_size > 1:  # rows filled by one rank each: exact sums
             dist.all_reduce(q)
@@ -1724,6 +1724,9 @@ def dequantize_entries(entries, args):
         else:
             state[name] = t
     keys = bank_hessian_keys(args) if awq else {}
+    stray = set(awq) - {key for bank_keys in keys.values() for key in bank_keys}
+    if stray:
+        raise ArtifactError(f"AWQ scales for inputs the model lacks: {sorted(stray)}")
     for bank, rows in banks.items():
         bank_keys = keys.get(bank.removesuffix("_bank"), ())
         for i, key in enumerate(bank_keys):

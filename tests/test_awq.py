@@ -153,6 +153,13 @@ def test_scales_round_trip_through_the_artifact(model, hessians):
         assert float(rel) < 0.1, (name, float(rel))
 
 
+def test_scales_for_inputs_the_model_lacks_are_refused(model, hessians):
+    entries = T.quantize_model(model, hessians, awq_args(0.5), 6.5)
+    entries["awq.qkv.7"] = entries.pop("awq.qkv.1")  # a 2-layer model
+    with pytest.raises(T.ArtifactError, match=r"AWQ scales for inputs the model lacks: \[\(7, 'qkv'\)\]"):
+        T.dequantize_entries(entries, tiny_args())
+
+
 def test_down_folds_into_up_exactly(model, hessians):
     """AWQ_MATRICES=down: down's columns times s, up's rows times s^-1/2 (LeakyReLU^2 is homogeneous
     of degree 2): the same float model, nothing stored; down's Hessian becomes diag(1/s) H diag(1/s)."""
