@@ -54,6 +54,9 @@ RATE_BAND = 0.985  # rate control stops once the model fills this much of its bu
 # proxy run); half their bits is a floor that never refuses a target the model can fit
 LEAST_BITS_SHARE = 0.5
 EMBED_TABLES = ("tok_emb.weight",)  # quantized at EMBED_BITS
+# AWQ-lite's Hessian kinds (down: folded into up's rows, nothing stored), its scales' range, and their
+# grid: powers of 2^(1/32) (<= 1.1 % off rms^alpha), whose repeating fp16 values lzma stores ~40 % smaller
+AWQ_KINDS, AWQ_SCALE_RANGE, AWQ_SCALE_STEPS_PER_OCTAVE = ("qkv", "out", "up", "down"), (0.01, 100.0), 32
 SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
 # Choices whose worth depends on the amount of training (README, "The 8xH100 configuration"): the
 # defaults follow the 8xH100 records; PROFILE=1gpu takes what one GPU x 600 s measured on the proxy.
@@ -228,6 +231,14 @@ class QuantSettings:
     embed_clip_sigmas: float = 14.0  # 0: the row's absmax
     rate_tries: int = 3  # GPTQ + compress rounds of the rate control
     artifact_target_bytes: int = 15_950_000
+    # AWQ-lite: input columns scaled by (activation RMS)^alpha before GPTQ (0: off); the scales of
+    # qkv / out / up are stored (fp16, `awq.<kind>.<layer>`), down's fold into up's rows for free
+    awq_alpha: float = 0.0
+    awq_matrices: str = "qkv,out,up"  # of qkv, out, up, down
+
+    def awq_kinds(self):
+        """The Hessian kinds AWQ-lite scales ([] while AWQ_ALPHA is 0)."""
+        return [k.strip() for k in self.awq_matrices.split(",") if k.strip()] if self.awq_alpha > 0 else []
 
 
 @dataclass(frozen=True)
@@ -389,6 +400,9 @@ class Hyperparameters(RunSettings, EvalSettings, QuantSettings, TrainingSettings
         within(2, math.inf, "gptq_calib_len")
         within(*CLIP_RANGE, "clip_sigmas")
         within(0, ARTIFACT_CAP_BYTES, "artifact_target_bytes")
+        within(0, 1, "awq_alpha")
+        odd = [k.strip() for k in self.awq_matrices.split(",") if k.strip() and k.strip() not in AWQ_KINDS]
+        need(not odd, f"AWQ_MATRICES={self.awq_matrices!r}: {', '.join(map(repr, odd))} not among {', '.join(AWQ_KINDS)}")
         for key, choices in (("compile", ("auto", "0", "1")), ("device", ("auto", "cuda", "cpu")),
                              ("byte_sidecar", ("auto", "0", "1")), ("profile", tuple(PROFILES)),
                              ("attn_backend", ("auto", "fa3", "fa4", "flex", "sdpa", "math"))):
@@ -1611,19 +1625,65 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+AWQ_PREFIX = "awq."  # artifact entries `awq.<kind>.<layer>`: one input scale per column of that input's matrices
+
+
+def awq_scales(hessians, args):
+    """AWQ-lite's input scales per (layer, kind) of AWQ_MATRICES: s = (activation RMS)^AWQ_ALPHA from
+    the calibration Hessian's diagonal, geometric mean 1 over the live channels (dead ones: 1), on the
+    AWQ_SCALE_STEPS_PER_OCTAVE grid within AWQ_SCALE_RANGE, fp16 values (as stored: quantization and
+    dequantization divide by the same s)."""
+    scales = {}
+    for kind in args.awq_kinds():
+        for layer in range(args.num_layers):
+            ms = hessians[(layer, kind)].diagonal().float()  # mean square of each input channel
+            live = ms > 0
+            log2_s = torch.zeros_like(ms)
+            if live.any():
+                log2_s[live] = 0.5 * args.awq_alpha * ms[live].log2()
+                log2_s[live] -= log2_s[live].mean()
+            steps = torch.round(log2_s * AWQ_SCALE_STEPS_PER_OCTAVE)
+            scales[(layer, kind)] = torch.exp2(steps / AWQ_SCALE_STEPS_PER_OCTAVE).clamp(*AWQ_SCALE_RANGE).half().float()
+    return scales
+
+
+def awq_transform(banks, hessians, args):
+    """The banks and Hessians as GPTQ takes them under AWQ-lite: each matrix's input columns times its
+    input's scale s, the Hessian diag(1/s) H diag(1/s) (the same error measure: (W - Q/s) H (W - Q/s)^T
+    = (Ws - Q) H' (Ws - Q)^T); down's scale folded into up's rows as s^-1/2 (LeakyReLU^2 is homogeneous
+    of degree 2: exact in float) -> (banks, Hessians, the scales to store). Off, or without Hessians:
+    the inputs unchanged, no scales."""
+    scales = awq_scales(hessians, args) if hessians is not None else {}
+    if not scales:
+        return banks, hessians, {}
+    keys = bank_hessian_keys(args)
+    scaled = {}
+    for name, bank in banks.items():
+        ones = bank.new_ones(bank.size(-1), dtype=torch.float32)
+        cols = torch.stack([scales.get(key, ones).to(bank.device) for key in keys[name]])
+        scaled[name] = bank.detach().float() * cols[:, None, :]
+    if "down" in args.awq_kinds():
+        fold = torch.stack([scales[(layer, "down")] for layer in range(args.num_layers)]).to(scaled["up"].device)
+        scaled["up"] = scaled["up"] * fold.rsqrt()[:, :, None]
+    transformed = {key: H / (scales[key][:, None] * scales[key][None, :]).to(H.device, H.dtype) if key in scales else H
+                   for key, H in hessians.items()}
+    return scaled, transformed, {key: s for key, s in scales.items() if key[1] != "down"}
+
+
 @torch.no_grad()
 def quantize_model(model, hessians, args, clip_sigmas, rank=0, world_size=1):
     """Banks by GPTQ at `clip_sigmas`, the embedding at EMBED_BITS, the rest fp16."""
     keys = bank_hessian_keys(args)
     qmax = 2 ** (args.quant_bits - 1) - 1
     entries = {}
-    for bank_name, bank in model.banks().items():
+    banks, bank_hessians, awq = awq_transform(model.banks(), hessians, args)
+    for bank_name, bank in banks.items():
         n = bank.size(0)
         mine = list(range(rank, n, world_size))
         q = bank.new_zeros(bank.shape, dtype=torch.int8)
         s = bank.new_zeros(bank.shape[:2], dtype=torch.float16)
         if mine:
-            H = None if hessians is None else torch.stack([hessians[keys[bank_name][i]] for i in mine])
+            H = None if hessians is None else torch.stack([bank_hessians[keys[bank_name][i]] for i in mine])
             q[mine], s[mine] = gptq_quantize(bank.detach()[mine], H, qmax, clip_sigmas, args.gptq_block, args.gptq_damp)
         if world_size > 1:  # rows filled by one rank each: exact sums
             dist.all_reduce(q)
@@ -1640,6 +1700,8 @@ def quantize_model(model, hessians, args, clip_sigmas, rank=0, world_size=1):
             entries[name] = IntEntry(args.embed_bits, q[0], s[0])
         else:
             entries[name] = FloatEntry(t.detach().half().cpu())
+    for (layer, kind), scale in awq.items():  # after the model's own: without AWQ the artifact is what it was
+        entries[f"{AWQ_PREFIX}{kind}.{layer}"] = FloatEntry(scale.half().cpu())
     return entries
 
 
@@ -1704,6 +1766,7 @@ def least_model_bytes(model, args):
             other += t.shape[0]
         elif not name.endswith("_bank"):
             other += t.numel()
+    other += args.num_layers * args.model_dim * len(set(args.awq_kinds()) - {"down"})  # AWQ-lite's stored scales
     return int(LEAST_BITS_SHARE * bits / 8 + other)
 
 
@@ -1718,6 +1781,14 @@ def clip_for_size_change(model, args, clip_sigmas, delta_bytes):
         else:
             hi = mid
     return hi
+
+
+class ScaledBanks(NamedTuple):
+    """AWQ-lite's scaled banks in a model's place, for the size model (which reads `banks()`)."""
+    scaled: dict
+
+    def banks(self):
+        return self.scaled
 
 
 @dataclass
@@ -1735,6 +1806,8 @@ def quantize_to_budget(model, hessians, args, budget, run, clock=None, tokenizer
     past the clock's budget once one fits) -> Quantized. The artifact records `tokenizer_sha` and
     `byte_sidecar`."""
     clip, tries, best = args.clip_sigmas if start_clip is None else start_clip, [], None
+    # the size model predicts from the banks GPTQ quantizes (AWQ-lite: their scaled columns)
+    sized = ScaledBanks(awq_transform(model.banks(), hessians, args)[0]) if args.awq_kinds() and hessians else model
     for attempt in range(args.rate_tries + 4):
         if attempt >= args.rate_tries and best[0][0] == 1:
             break
@@ -1754,7 +1827,7 @@ def quantize_to_budget(model, hessians, args, budget, run, clock=None, tokenizer
             break
         if attempt + 1 < args.rate_tries or not fits:  # rank 0 picks the next clip
             aim = ((1 + RATE_BAND) / 2) ** max(1, attempt + 2 - args.rate_tries) * budget
-            new_clip = clip_for_size_change(model, args, clip, aim - size) if run.rank == 0 else 0.0
+            new_clip = clip_for_size_change(sized, args, clip, aim - size) if run.rank == 0 else 0.0
             new_clip = _from_rank0(new_clip, run.world_size, run.device)
             if new_clip == clip:
                 break
@@ -1763,15 +1836,27 @@ def quantize_to_budget(model, hessians, args, budget, run, clock=None, tokenizer
 
 
 def dequantize_entries(entries, args):
-    state, banks = {}, {}
+    """Entries -> state dict; a bank matrix with an AWQ-lite input scale s is Q / s (per column)."""
+    state, banks, awq = {}, {}, {}
     for name, e in entries.items():
         t = e.q.float() * e.scale.float()[:, None] if e.kind == "int" else e.value.float()
-        if "_bank." in name:
+        if name.startswith(AWQ_PREFIX):
+            kind, layer = name[len(AWQ_PREFIX):].split(".")
+            awq[(int(layer), kind)] = t
+        elif "_bank." in name:
             bank, idx = name.rsplit(".", 1)
             banks.setdefault(bank, {})[int(idx)] = t
         else:
             state[name] = t
+    keys = bank_hessian_keys(args) if awq else {}
+    stray = set(awq) - {key for bank_keys in keys.values() for key in bank_keys}
+    if stray:
+        raise ArtifactError(f"AWQ scales for inputs the model lacks: {sorted(stray)}")
     for bank, rows in banks.items():
+        bank_keys = keys.get(bank.removesuffix("_bank"), ())
+        for i, key in enumerate(bank_keys):
+            if key in awq:
+                rows[i] = rows[i] / awq[key]
         state[bank] = torch.stack([rows[i] for i in range(len(rows))])
     return state
 

@@ -2,8 +2,9 @@
 (OUT_DIR/prequant.pt, OUT_DIR as the run had it: default runs; the run's settings come with it): GPTQ vs round-to-nearest at equal bytes, by rate control starting from the run's
 late-QAT grid (the clip the weights were trained onto; where its first round fits, the row is
 that grid's), the tied embedding by GPTQ vs RTN, GPTQ vs RTN at fixed clips; with SWEEP_CALIB_SEQS,
-first the calibration's size (SWEEP_CALIB_ONLY=1: only that); with SWEEP_AWQ, first AWQ-lite on
-the MLP's `down` (SWEEP_AWQ_ONLY=1: only that). Prints and appends to OUT_DIR/sweep.log."""
+first the calibration's size (SWEEP_CALIB_ONLY=1: only that); with SWEEP_AWQ_STORED, first the
+script's AWQ-lite (stored scales) per alpha at the run's budget; with SWEEP_AWQ, then AWQ-lite on
+the MLP's `down` folded into `up` (SWEEP_AWQ_ONLY=1: only those). Prints and appends to OUT_DIR/sweep.log."""
 import argparse, dataclasses, os, sys, time
 
 
@@ -93,6 +94,24 @@ def awq_down(alpha, lo=0.01):
     return m, H2
 
 
+# SWEEP_AWQ_STORED=0,0.25,0.5: per alpha, the script's AWQ-lite (AWQ_ALPHA; scales stored for
+# SWEEP_AWQ_MATRICES, default the run's AWQ_MATRICES) under the run's rate control and budget: the
+# float score (the float model is unchanged), clip, bytes (of them the scales'), the plain round trip
+if os.environ.get("SWEEP_AWQ_STORED"):
+    matrices = os.environ.get("SWEEP_AWQ_MATRICES", args.awq_matrices)
+    alphas = [float(x) for x in os.environ["SWEEP_AWQ_STORED"].split(",")]
+    if not all(0 <= x <= 1 for x in alphas) or not set(matrices.split(",")) <= set(T.AWQ_KINDS):
+        sys.exit(f"SWEEP_AWQ_STORED: alphas in 0..1; SWEEP_AWQ_MATRICES: a comma list of {', '.join(T.AWQ_KINDS)}")
+    for alpha in alphas:
+        t0 = time.time()
+        a = dataclasses.replace(args, awq_alpha=alpha, awq_matrices=matrices)
+        q = rate_controlled(fmodel, H, a)
+        plain = {k: e for k, e in q.entries.items() if not k.startswith(T.AWQ_PREFIX)}
+        scale_bytes = len(q.data) - len(T.compress(T.pack_entries(plain, a, tokenizer_sha, sidecar)[0]))
+        log(f"sweep awq stored alpha {alpha} [{matrices}]: float plain {fb:.5f} clip {q.clip_sigmas:.3f} {len(q.data)} bytes "
+            f"({scale_bytes} of scales) ({time.time()-t0:.1f}s) plain {ev(T.dequantize_entries(q.entries, a)):.5f}")
+    if os.environ.get("SWEEP_AWQ_ONLY") == "1" and not os.environ.get("SWEEP_AWQ"):
+        log("sweep done"); sys.exit(0)
 # SWEEP_AWQ=0,0.25,0.5: per alpha, the folded model's float score (= the run's: the fold is exact),
 # then the run's rate control and the plain round trip (alpha 0 is the run's own quantization)
 if os.environ.get("SWEEP_AWQ"):
