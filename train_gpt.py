@@ -405,7 +405,7 @@ class Hyperparameters(RunSettings, EvalSettings, QuantSettings, TrainingSettings
         need(not odd, f"AWQ_MATRICES={self.awq_matrices!r}: {', '.join(map(repr, odd))} not among {', '.join(AWQ_KINDS)}")
         for key, choices in (("compile", ("auto", "0", "1")), ("device", ("auto", "cuda", "cpu")),
                              ("byte_sidecar", ("auto", "0", "1")), ("profile", tuple(PROFILES)),
-                             ("attn_backend", ("auto", "fa3", "fa4", "flex", "sdpa", "math"))):
+                             ("attn_backend", ("auto", *_VARLEN_LOADERS, *ATTENTIONS))):
             need(getattr(self, key) in choices, f"{key.upper()}={getattr(self, key)} must be one of {', '.join(choices)}")
         need(self.model_dim % self.num_heads == 0, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
