@@ -44,8 +44,8 @@ def test_header_field_order_is_todays():
     """The header's bytes depend on the field order: an artifact stays byte for byte what it was."""
     assert [f.name for f in dataclasses.fields(T.ModelSettings)] == [
         "vocab_size", "bos_id", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "leaky_slope",
-        "xsa_layers", "xsa_gate", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap", "quant_bits", "train_seq_len",
-        "skip_gates", "parallel_from", "recur_layers", "recur_passes", "attn_gate_width", "doc_mask"]
+        "xsa_layers", "xsa_gate", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap", "quant_bits",
+        "train_seq_len", "skip_gates", "parallel_from", "recur_layers", "recur_passes", "attn_gate_width", "doc_mask"]
 
 
 def test_a_model_setting_at_its_absent_value_stays_out_of_the_header():
