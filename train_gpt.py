@@ -142,7 +142,10 @@ def _layer_list(text, key):
 @dataclass(frozen=True)
 class ModelSettings:
     """The model part: what the artifact's header records, enough to rebuild the model that scores
-    it (EVAL_ONLY). A field added here is in every new artifact's header."""
+    it (EVAL_ONLY). A field added here is in every new artifact's header, unless it declares
+    metadata={"absent": VALUE}, the value that means the model as it was before the field existed:
+    at that value the header leaves it out (older artifacts stay byte for byte what they were) and
+    EVAL_ONLY reads a header lacking it as that value (header_config, settings_from_header)."""
     vocab_size: int = 8192
     bos_id: int = 1
     num_layers: int = 11
@@ -152,6 +155,8 @@ class ModelSettings:
     mlp_mult: float = 4.0  # the records' 4x (1gpu: 3x, -0.0049 sliding through bytes at ~900 steps)
     leaky_slope: float = 0.5
     xsa_layers: int = -1  # last N layers use XSA; -1: all
+    # XSA's subtraction per head x (1 + tanh(alpha)), alpha learned from 0 (off: the header leaves it out)
+    xsa_gate: bool = dataclasses.field(default=False, metadata={"absent": False})
     rope_dims: int = 16
     rope_base: float = 10000.0
     qk_gain_init: float = 5.0
@@ -414,6 +419,7 @@ class Hyperparameters(RunSettings, EvalSettings, QuantSettings, TrainingSettings
         within(0, self.vocab_size - 1, "bos_id")
         within(1, self.eval_seq_len, "eval_stride")
         within(0, self.model_dim, "attn_gate_width")
+        need(not self.xsa_gate or self.xsa_layers != 0, "XSA_GATE=1 gates XSA, which XSA_LAYERS=0 turns off")
         rec = self.recur_layer_list(even_if_off=True)
         need(not rec or (rec == list(range(rec[0], rec[-1] + 1)) and 0 <= rec[0] and rec[-1] < self.num_layers),
              f"RECUR_LAYERS={self.recur_layers} must be consecutive layers in 0..{self.num_layers - 1}")
@@ -1091,6 +1097,8 @@ class Block(nn.Module):
         self.parallel = layer >= args.parallel_from
         if args.attn_gate_width > 0:  # zero init: every head's gate starts at 1
             self.attn_gate = nn.Parameter(torch.zeros(args.num_heads, args.attn_gate_width))
+        if args.xsa_gate and self.use_xsa:  # alpha per head, zero init: gate 1 + tanh(0) = 1 is plain XSA
+            self.xsa_gate = nn.Parameter(torch.zeros(args.num_heads))
 
     def forward(self, x, x0, w, ctx, mask, cache=None, slot=0):
         """-> new residual stream, MLP output. `w`: this layer's LayerWeights; `ctx`: the model's
@@ -1116,7 +1124,10 @@ class Block(nn.Module):
         if self.use_xsa:  # remove each head's component along its own token's value
             yg = y.view(B, T, Hkv, H // Hkv, D)
             vh = F.normalize(v_own.float(), dim=-1).to(y.dtype).unsqueeze(3)
-            y = (yg - (yg * vh).sum(-1, keepdim=True) * vh).view(B, T, H, D)
+            own = (yg * vh).sum(-1, keepdim=True)
+            if hasattr(self, "xsa_gate"):  # head h = kv head h // (H / Hkv), its (h % (H / Hkv))th query
+                own = own * (1 + torch.tanh(self.xsa_gate)).to(y.dtype).view(Hkv, H // Hkv, 1)
+            y = (yg - own * vh).view(B, T, H, D)
         if hasattr(self, "attn_gate"):  # per-head gate in (0, 2)
             gate = 2 * torch.sigmoid(0.5 * F.linear(h[..., :self.attn_gate.size(1)], self.attn_gate.to(h.dtype)))
             y = y * gate[..., None].to(y.dtype)
@@ -1139,8 +1150,8 @@ class GPT(nn.Module):
       by bank row; MODEL_DIM, NUM_LAYERS, NUM_HEADS / NUM_KV_HEADS (GQA), MLP_MULT;
     - input: token embedding (tied with the head), RMSNorm, SmearGate, not across a BOS (`embed`);
     - attention (`Block.forward`): q/k RMSNorm, partial RoPE (ROPE_DIMS), per-head q gain
-      (QK_GAIN_INIT), document masking (DOC_MASK), XSA (XSA_LAYERS), a per-head output gate
-      (ATTN_GATE_WIDTH); its kernel (`attention`, ATTN_BACKEND: choose_attention);
+      (QK_GAIN_INIT), document masking (DOC_MASK), XSA (XSA_LAYERS; gated per head: XSA_GATE), a
+      per-head output gate (ATTN_GATE_WIDTH); its kernel (`attention`, ATTN_BACKEND: choose_attention);
     - MLP: LeakyReLU(LEAKY_SLOPE)^2; layers from PARALLEL_FROM run it beside the attention, their
       outputs summed into one lane (`lane_mix`);
     - U-Net skips between the two halves, through sigmoid gates (SKIP_GATES; `hidden`);
@@ -1868,6 +1879,25 @@ TOKENIZER_KEY = "tokenizer_sha256"  # beside the model config: the tokenizer the
 SIDECAR_KEY = "byte_sidecar"  # true: scored on the data's byte sidecar (absent: the tokenizer's table)
 
 
+def header_config(args):
+    """The header's model part: every ModelSettings field but those at their declared "absent"
+    value (the model before the field existed), which older artifacts lack."""
+    fields = dataclasses.fields(ModelSettings)
+    return {f.name: getattr(args, f.name) for f in fields
+            if "absent" not in f.metadata or getattr(args, f.name) != f.metadata["absent"]}
+
+
+def settings_from_header(config, path):
+    """A header's model part (TOKENIZER_KEY and SIDECAR_KEY taken out) -> every ModelSettings field:
+    a field it lacks is its "absent" value; one lacking without it, or one unknown, is another revision."""
+    fields = dataclasses.fields(ModelSettings)
+    odd = (set(config) - {f.name for f in fields}) | {f.name for f in fields
+                                                       if f.name not in config and "absent" not in f.metadata}
+    if odd:
+        raise ArtifactError(f"{path} was written by another revision (settings {', '.join(sorted(odd))})")
+    return {f.name: config[f.name] if f.name in config else f.metadata["absent"] for f in fields}
+
+
 def pack_entries(entries, args, tokenizer_sha="", byte_sidecar=False):
     """JSON header (model config, with the tokenizer's fingerprint if given and whether a byte sidecar
     scored it), int values, then scales and floats -> (blob, values_offset, n_values)."""
@@ -1887,7 +1917,7 @@ def pack_entries(entries, args, tokenizer_sha="", byte_sidecar=False):
             table.append({"name": name, "kind": "float", "shape": list(e.value.shape), "roff": roff})
             rest.append(vb)
             roff += len(vb)
-    config = dataclasses.asdict(settings_part(args, ModelSettings))  # the header is the model part
+    config = header_config(args)  # the header is the model part
     if tokenizer_sha:
         config[TOKENIZER_KEY] = tokenizer_sha
     if byte_sidecar:  # only then: a table-scored artifact stays byte for byte what it was
@@ -3216,10 +3246,7 @@ def run_eval_only(args, run):
     run.timer.since("eval_artifact_load", t0)
     recorded_tokenizer = config.pop(TOKENIZER_KEY, None)
     recorded_sidecar = bool(config.pop(SIDECAR_KEY, False))
-    odd = set(config) ^ {f.name for f in dataclasses.fields(ModelSettings)}
-    if odd:
-        raise ArtifactError(f"{args.eval_only} was written by another revision (settings {', '.join(sorted(odd))})")
-    args = dataclasses.replace(args, **config)  # the artifact's model part scores it
+    args = dataclasses.replace(args, **settings_from_header(config, args.eval_only))  # its model part scores it
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     check_artifact_tokenizer(args.eval_only, recorded_tokenizer, args.tokenizer_path, run.log)
     check_artifact_byte_source(args.eval_only, recorded_sidecar, use_byte_sidecar(args), args)

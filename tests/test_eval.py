@@ -597,16 +597,20 @@ def test_ttt_with_zero_lr_equals_sliding_eval(ttt_model):
     assert m.adapters is None and not m.training
 
 
-@pytest.mark.parametrize("lanes", [False, True], ids=["plain", "lanes"])
-def test_ttt_cache_equals_band_masked_forward(ttt_model, monkeypatch, lanes):
+@pytest.mark.parametrize("lanes,xsa_gate", [(False, False), (True, False), (False, True)],
+                         ids=["plain", "lanes", "xsa_gate"])
+def test_ttt_cache_equals_band_masked_forward(ttt_model, monkeypatch, lanes, xsa_gate):
     """Documents longer than the window, several per batch (rows leave as their documents end):
     at lr 0 the chunked, cached scoring equals one forward per document in which a token at
     offset j of chunk c attends to positions c*C - (W - C) .. itself: the cache holds exactly
     the last W - C tokens, and its keys are those a full forward computes. Also with parallel
-    lanes (layers 1, 2) and layer 1 recurrent (two passes, two cache slots)."""
-    args = ttt_args(ttt_phases=1, ttt_batch_docs=3, **(dict(parallel_from=1, recur_passes=1) if lanes else {}))
-    model = randomized_model(args, seed=2, emb_std=0.15) if lanes else ttt_model
+    lanes (layers 1, 2) and layer 1 recurrent (two passes, two cache slots), and with XSA_GATE
+    (alphas != 0: the cached chunks gate XSA as the full forward does)."""
+    args = ttt_args(ttt_phases=1, ttt_batch_docs=3, xsa_gate=xsa_gate,
+                    **(dict(parallel_from=1, recur_passes=1) if lanes else {}))
+    model = randomized_model(args, seed=2, emb_std=0.15) if lanes or xsa_gate else ttt_model
     assert hasattr(model, "lane_mix") == lanes and model.layer_order() == ([0, 1, 1, 2] if lanes else [0, 1, 2])
+    assert all(hasattr(b, "xsa_gate") == xsa_gate for b in model.blocks)
     C, W = args.ttt_chunk, args.eval_seq_len
     docs = make_docs((150, 70, 20, 97, 5), seed=7)
     res = run_ttt(model, as_stream(docs), args)[0]
@@ -1449,6 +1453,59 @@ def test_eval_only_refuses_an_artifact_of_another_revision(monkeypatch, change):
     monkeypatch.setattr(T, "load_artifact", lambda path: ({}, config))
     with pytest.raises(T.ArtifactError, match=f"another revision.*{next(iter(change))}"):
         T.run_eval_only(T.Hyperparameters(eval_only="old.ptz", data_path="/nonexistent"), T.Run(0, 1, CPU, print))
+
+
+class _Read(Exception):
+    """Stops EVAL_ONLY once it has read the artifact's header: carries the settings it made of it."""
+
+    def __init__(self, args):
+        super().__init__()
+        self.settings = args
+
+
+@pytest.mark.parametrize("header_gate", [None, False, True], ids=["lacking", "off", "on"])
+def test_eval_only_reads_a_lacking_setting_as_its_absent_value(monkeypatch, header_gate):
+    """A header without XSA_GATE (an artifact from before the setting, or one without the gate:
+    the header leaves it out) is read as XSA_GATE=0, whatever the environment says; a header
+    with it, as it says."""
+    config = dataclasses.asdict(T.Hyperparameters().model)
+    config.pop("xsa_gate")
+    if header_gate is not None:
+        config["xsa_gate"] = header_gate
+    monkeypatch.setattr(T, "load_artifact", lambda path: ({}, dict(config)))
+    monkeypatch.setattr(T, "load_tokenizer_luts", lambda path, vocab: None)
+
+    def read(path, recorded, sidecar, args):  # the first check that sees the settings EVAL_ONLY made
+        raise _Read(args)
+    monkeypatch.setattr(T, "check_artifact_byte_source", read)
+    for env_gate in (False, True):
+        with pytest.raises(_Read) as got:
+            T.run_eval_only(T.Hyperparameters(eval_only="a.ptz", xsa_gate=env_gate), T.Run(0, 1, CPU, lambda s: None))
+        assert got.value.settings.xsa_gate is bool(header_gate)
+        assert got.value.settings.model == T.Hyperparameters(xsa_gate=bool(header_gate)).model
+
+
+def test_eval_only_scores_an_artifact_with_the_xsa_gate(smoke_dataset, tmp_path, monkeypatch):
+    """A model with XSA_GATE (alpha != 0) round-trips through pack and EVAL_ONLY: the header says
+    so, EVAL_ONLY (XSA_GATE unset) builds the gated model, and its gates are the artifact's fp16 alphas."""
+    data_dir, tok, vocab = smoke_dataset
+    args = tiny_args(xsa_gate=True)
+    model = randomized_model(args, seed=4)
+    entries = T.quantize_model(model, None, args, args.clip_sigmas)
+    alphas = {l: entries[f"blocks.{l}.xsa_gate"].value for l in range(args.num_layers)}
+    assert all(a.dtype == torch.float16 and a.abs().min() > 0 for a in alphas.values())
+    path = str(tmp_path / "gated.ptz")
+    T.write_artifact(path, T.compress(T.pack_entries(entries, args, T.file_sha256(tok))[0]), code_bytes=0)
+    assert T.load_artifact(path)[1]["xsa_gate"] is True
+    built, build = [], T.build_model
+    monkeypatch.setattr(T, "build_model", lambda *a, **kw: built.append(build(*a, **kw)) or built[-1])
+    logs = []
+    res = T.run_eval_only(T.Hyperparameters(eval_only=path, data_path=data_dir, tokenizer_path=tok, eval_seq_len=64,
+                                            eval_stride=32, eval_batch_seqs=8, val_tokens_limit=256, ttt_enabled=False,
+                                            skip_sliding_eval=True, compile="0"), T.Run(0, 1, CPU, logs.append))
+    assert math.isfinite(res["roundtrip"]["val_bpb"])
+    (m,) = built
+    assert m.args.xsa_gate and all(torch.equal(m.blocks[l].xsa_gate.detach(), a.float()) for l, a in alphas.items())
 
 
 @pytest.mark.slow

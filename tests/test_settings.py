@@ -33,7 +33,7 @@ def test_every_setting_belongs_to_exactly_one_part():
 
 def test_the_artifact_header_is_the_model_part(monkeypatch):
     """A model setting added to ModelSettings reaches the header without another list to keep."""
-    args = T.Hyperparameters(num_layers=3, mlp_mult=2.5)
+    args = T.Hyperparameters(num_layers=3, mlp_mult=2.5, xsa_gate=True)  # xsa_gate: not at its "absent" value
     header = json.loads(T.pack_entries({}, args)[0][12:].decode())["config"]
     assert header == dataclasses.asdict(args.model)
     assert list(header) == [f.name for f in dataclasses.fields(T.ModelSettings)]
@@ -44,8 +44,27 @@ def test_header_field_order_is_todays():
     """The header's bytes depend on the field order: an artifact stays byte for byte what it was."""
     assert [f.name for f in dataclasses.fields(T.ModelSettings)] == [
         "vocab_size", "bos_id", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "leaky_slope",
-        "xsa_layers", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap", "quant_bits", "train_seq_len",
-        "skip_gates", "parallel_from", "recur_layers", "recur_passes", "attn_gate_width", "doc_mask"]
+        "xsa_layers", "xsa_gate", "rope_dims", "rope_base", "qk_gain_init", "logit_softcap", "quant_bits",
+        "train_seq_len", "skip_gates", "parallel_from", "recur_layers", "recur_passes", "attn_gate_width", "doc_mask"]
+
+
+def test_a_model_setting_at_its_absent_value_stays_out_of_the_header():
+    """A ModelSettings field that declares metadata={"absent": V} (V: the model before the field
+    existed) is left out of the header at V, so such an artifact is what it was before the field
+    existed; at another value it is in the header at its place."""
+    fields = dataclasses.fields(T.ModelSettings)
+    absent = {f.name: f.metadata["absent"] for f in fields if "absent" in f.metadata}
+    assert absent == {"xsa_gate": False}
+    today = T.Hyperparameters(num_layers=3)
+    header = json.loads(T.pack_entries({}, today)[0][12:].decode())["config"]
+    assert list(header) == [f.name for f in fields if f.name not in absent]
+    assert header == {k: v for k, v in dataclasses.asdict(today.model).items() if k not in absent}
+    gated = json.loads(T.pack_entries({}, dataclasses.replace(today, xsa_gate=True))[0][12:].decode())["config"]
+    assert gated == {**dataclasses.asdict(today.model), "xsa_gate": True}
+    assert list(gated) == [f.name for f in fields]
+    for config in (header, gated):  # read back: the same model settings
+        assert T.ModelSettings(**T.settings_from_header(config, "a.ptz")) == T.ModelSettings(
+            **{**dataclasses.asdict(today.model), **config})
 
 
 def test_resolved_makes_auto_values_concrete(tmp_path):

@@ -20,7 +20,7 @@ and compress rebuild it byte for byte, then reports
 Bytes are ideal code lengths where a coder was not built (sections 4-5 say which); deltas are to
 the artifact as it is. About 100 s per artifact on 2 cores (the L1 chains: 40 s).
 python3 tools/pack_study.py ARTIFACT.ptz [ARTIFACT.ptz ...] [--no-emb-chain] [--full-lzma]"""
-import bz2, dataclasses, io, lzma, math, os, struct, sys, time, zlib
+import bz2, io, lzma, math, os, struct, sys, time, zlib
 from types import SimpleNamespace
 import numpy as np
 import torch
@@ -129,8 +129,8 @@ def study(path, emb_chain=True, threads=1, full_lzma=False):
     blob = T.decompress(data)
     t_dec = time.time() - t0
     entries, config = T.unpack_entries(blob)
-    args = T.ModelSettings(**{f.name: config[f.name] for f in dataclasses.fields(T.ModelSettings)})
-    tok, side = config.get(T.TOKENIZER_KEY, ""), bool(config.get(T.SIDECAR_KEY, False))
+    tok, side = config.pop(T.TOKENIZER_KEY, ""), bool(config.pop(T.SIDECAR_KEY, False))
+    args = T.ModelSettings(**T.settings_from_header(config, path))
     L = args.num_layers
 
     def pack(ents):

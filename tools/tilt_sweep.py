@@ -35,7 +35,7 @@ def main():
     entries, config = T.load_artifact(args.eval_only)
     config.pop(T.TOKENIZER_KEY, None)
     config.pop(T.SIDECAR_KEY, None)
-    args = dataclasses.replace(args, **config)
+    args = dataclasses.replace(args, **T.settings_from_header(config, args.eval_only))
     luts = T.load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     val, byte_source, _, _ = T.load_scoring_data(args, run, luts)
     model = T.build_model(args, dev)
