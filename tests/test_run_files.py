@@ -2,6 +2,7 @@
 a run's files never mixed with another run's, files written whole or not at all, the tokenizer
 bound to the artifact, and one clear line (not a traceback) for every bad input."""
 import errno
+import dataclasses
 import json
 import os
 import random
@@ -302,7 +303,7 @@ def test_eval_only_header_that_does_not_match_its_tensors_is_one_line(tiny_run, 
     data_dir, tok, _ = smoke_dataset
     entries, config = T.load_artifact(str(out / "final_model_t.int6.ptz"))
     args = T.Hyperparameters(**{k: v for k, v in config.items() if k != T.TOKENIZER_KEY})
-    args.num_layers += 1  # the header now describes a model of 3 layers; the tensors are of 2
+    args = dataclasses.replace(args, num_layers=args.num_layers + 1)  # a header of 3 layers; the tensors are of 2
     bad = tmp_path / "bad.ptz"
     bad.write_bytes(T.compress(T.pack_entries(entries, args, config[T.TOKENIZER_KEY])[0]))
     p = run_script(tmp_path, EVAL_ONLY=bad, DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, **TINY_RUN)
