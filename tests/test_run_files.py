@@ -1,8 +1,8 @@
 """What a run reads and writes, and how it stops: the code counted as shipped, the data named,
 a run's files never mixed with another run's, files written whole or not at all, the tokenizer
 bound to the artifact, and one clear line (not a traceback) for every bad input."""
-import errno
 import dataclasses
+import errno
 import json
 import os
 import random
