@@ -121,6 +121,46 @@ def _text(item):
         raise PrepError(f"a line of the --docs file is not a JSON object with a \"text\": {item[:80]!r}") from None
 
 
+# ----- the case transform as the tokenizer sees it
+
+# After a word, a character of these leaves the word's last letter and the marker before it as they
+# are under the tokenizer's normalizer (NFKC, whitespace made one space): no mark to compose with, not
+# removed, not a letter a compatibility form turns into. Any other character is looked at closely.
+_PLAIN_NEXT = frozenset(map(chr, range(0x20, 0x7f))) | {"\t", "\n", "\r"}
+
+
+def caseops_text(text, normalize):
+    """The CaseOps text of `text` (train_gpt.caseops_transform) made safe for the tokenizer, whose
+    `normalize` (NFKC and whitespace) runs before it splits the text: where a word's last capital
+    would not stay one ASCII letter after its marker (E + U+0301 -> É, W + U+030A, I + U+0307 -> İ),
+    it stays a literal capital, as a precomposed É does; where an all-caps word would be followed by
+    lower-case letters (AB + ﬁ -> ABfi; AB + U+0007 + cd -> ABcd), it is written as a mixed-case word,
+    as ABfi is. Everything else, and so every text where the plain transform was right, is unchanged."""
+    return T._CASE_WORD.sub(lambda m: _case_word_as_normalized(m, normalize), text)
+
+
+def _case_word_as_normalized(m, normalize):
+    word, text, end = m[0], m.string, m.end()
+    out = T.caseops_transform(word)
+    if end == len(text) or text[end] in _PLAIN_NEXT or word >= T.CASE_TITLE:
+        return out  # the common case: no normalizer call
+    stop = next((i for i in range(end, len(text)) if text[i] in _PLAIN_NEXT), len(text))
+    after = text[end:stop + 1]  # up to the first plain character, that one included
+    last = word[-1]
+    if last.isupper():
+        upper, lower = normalize(last + after), normalize(last.lower() + after)
+        if upper[:1] != last or lower[:1] != last.lower() or upper[1:] != lower[1:]:
+            return T.caseops_transform(word[:-1]) + last  # it merges with what follows: a literal capital
+        if out[0] == T.CASE_ALLCAPS and "a" <= lower[1:2] <= "z":
+            return T.CASE_TITLE + "".join((T.CASE_CAPNEXT if i else "") + c.lower() for i, c in enumerate(word))
+    return out
+
+
+def reproduced(text, normalize):
+    """`text` as the tokenizer reproduces it (what its tokens decode to; what the challenge counts)."""
+    return normalize(text).replace("\u2581", " ")
+
+
 def doc_hash(text):
     """sha256 of the text with its whitespace runs made one space: the same document, however spaced."""
     return hashlib.sha256(" ".join(text.split()).encode("utf-8")).digest()
@@ -144,11 +184,19 @@ def sidecar_counts(ids):
     return counts
 
 
+def check_decoded(where, decoded, want):
+    """The tokens must stand for the text as the tokenizer reproduces it, character for character."""
+    if decoded != want:
+        i = next((i for i, (a, b) in enumerate(zip(decoded, want)) if a != b), min(len(decoded), len(want)))
+        raise PrepError(f"{where}: its tokens decode to {decoded[i:i + 12]!r} at character {i} where the "
+                        f"tokenizer reads {want[i:i + 12]!r}")
+
+
 def encode_val(job):
     """Validation documents -> (tokens, sidecar, original bytes, bytes counted, hashes)."""
     first, items = job
     texts = [_text(x) for x in items]
-    moved = texts if _identity else [T.caseops_transform(t) for t in texts]
+    moved = texts if _identity else [caseops_text(t, _sp.normalize) for t in texts]
     tokens, sidecar, counted = [], [], 0
     for k, (text, ctext, ids) in enumerate(zip(texts, moved, _sp.encode(moved))):
         where = f"validation document {first + k}"
@@ -157,7 +205,9 @@ def encode_val(job):
         ids = np.array(ids, dtype=np.int64)
         counts = sidecar_counts(ids)
         decoded = _sp.decode(ids.tolist())
-        n = len((decoded if _identity else T.caseops_decode(decoded)).encode("utf-8"))
+        decoded = decoded if _identity else T.caseops_decode(decoded)
+        check_decoded(where, decoded, reproduced(text, _sp.normalize))
+        n = len(decoded.encode("utf-8"))
         if int(counts.sum()) != n:
             raise PrepError(f"{where}: its byte sidecar sums to {int(counts.sum())} but its decoded text has {n} "
                             f"UTF-8 bytes ({len(ids)} tokens; text {text[:60]!r})")
@@ -180,7 +230,7 @@ def encode_train(job):
         if h in _val_hashes:
             raise PrepError(f"train document {first + k} is validation document {_val_hashes[h]} (sha256 of its "
                             f"whitespace-normalized text {h.hex()[:16]}): no validation document may be in a train shard")
-    ids = _sp.encode(texts if _identity else [T.caseops_transform(t) for t in texts])
+    ids = _sp.encode(texts if _identity else [caseops_text(t, _sp.normalize) for t in texts])
     bos = _sp.bos_id()
     out = np.concatenate([np.concatenate(([bos], x)) for x in ids]).astype("<u2")
     return out, sum(len(t.encode("utf-8")) for t in texts)
