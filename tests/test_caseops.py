@@ -296,7 +296,7 @@ def test_any_unicode_text_round_trips(caseops_tok, plain_tok, identity):
     if not identity:
         assert all(T.caseops_decode(P.caseops_text(d, P._sp.normalize)) == d for d in docs)
         P._init(caseops_tok, False, False, {})
-        train, _ = P.encode_train((0, docs))
+        train, _, _ = P.encode_train((0, docs))
         assert train.astype(np.int64).tolist() == tokens.tolist()  # train documents read alike
 
 
@@ -515,6 +515,17 @@ def test_prep_from_docs_jsonl(tmp_path, caseops_tok):
     assert dup.returncode == 1 and "train document 7 is validation document 2" in dup.stderr
     plain = prep("--docs", path, "--tokenizer", shared_tokenizer("fineweb_8192_bpe.model"), "--out", tmp_path / "p")
     assert plain.returncode == 1 and "no pieces for the case markers" in plain.stderr
+
+
+def test_prep_reports_progress(tmp_path, caseops_tok):
+    """A line on stderr per --progress-every: documents, MB, rates and, the input's size known, an ETA."""
+    corpus = write_corpus(tmp_path / "c", cased_docs(4, 8), cased_docs(12, 9), files=1)
+    p = prep("--corpus", corpus, "--tokenizer", caseops_tok, "--out", tmp_path / "o", "--progress-every", 0)
+    assert p.returncode == 0, p.stderr
+    rate = r"[\d,]+ docs/s, [\d.]+ MB/s, [\d.]+ M tokens/s over \d+s"
+    for split, docs in (("val", 4), ("train", 12)):
+        assert re.search(rf"^fineweb_{split}: {docs} docs, [\d.]+ MB, {rate}, 100.0% done, ETA 0.0 min$", p.stderr, re.M), p.stderr
+        assert re.search(rf"^fineweb_{split}: .*; {rate}$", p.stdout, re.M), p.stdout
 
 
 # ----- a tiny run on CaseOps data
