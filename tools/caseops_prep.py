@@ -315,8 +315,8 @@ class Progress:
 
     def rates(self):
         dt = max(time.time() - self.t0, 1e-9)
-        return (f"{self.docs / dt:,.0f} docs/s, {self.nbytes / 1e6 / dt:.2f} MB/s, {self.tokens / 1e6 / dt:.3f} M tokens/s "
-                f"over {dt:.0f}s")
+        return (f"{self.docs / dt:,.0f} docs/s, {self.nbytes / 1e6 / dt:.2f} MB/s, "
+                f"{self.tokens / 1e6 / dt:.3f} M tokens/s over {dt:.0f}s")
 
     def eta(self):
         done = self.docs / self.total_docs if self.total_docs else self.meter and self.meter.fraction()
@@ -358,8 +358,8 @@ def write_train(pool, jobs, out_dir, shard_tokens, max_tokens, progress):
         if max_tokens is not None and w.total >= max_tokens:
             break
     shards = w.close()
-    print(f"fineweb_train: {progress.docs:,} docs, {nbytes:,} bytes, {w.total:,} tokens (incl. BOS), {shards} shard(s); "
-          f"{progress.rates()}", flush=True)
+    print(f"fineweb_train: {progress.docs:,} docs, {nbytes:,} bytes, {w.total:,} tokens (incl. BOS), "
+          f"{shards} shard(s); {progress.rates()}", flush=True)
 
 
 def compare_val(out_dir, other):
