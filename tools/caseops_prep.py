@@ -41,6 +41,7 @@ Progress: a line on stderr every --progress-every seconds (documents, MB of text
 part of the input files read).
 """
 import argparse
+import functools
 import glob
 import hashlib
 import io
@@ -169,20 +170,29 @@ def caseops_text(text, normalize):
 
 
 def _case_word_as_normalized(m, normalize):
-    word, text, end = m[0], m.string, m.end()
-    out = T.caseops_transform(word)
-    if end == len(text) or text[end] in _PLAIN_NEXT or word >= T.CASE_TITLE:
+    out, text, end = T._case_word(m), m.string, m.end()
+    last = text[end - 1]  # the word's last letter (a literal marker character is no capital)
+    if end == len(text) or text[end] in _PLAIN_NEXT or not last.isupper():
         return out  # the common case: no normalizer call
     stop = next((i for i in range(end, len(text)) if text[i] in _PLAIN_NEXT), len(text))
     after = text[end:stop + 1]  # up to the first plain character, that one included
-    last = word[-1]
-    if last.isupper():
-        upper, lower = normalize(last + after), normalize(last.lower() + after)
-        if upper[:1] != last or lower[:1] != last.lower() or upper[1:] != lower[1:]:
-            return T.caseops_transform(word[:-1]) + last  # it merges with what follows: a literal capital
-        if out[0] == T.CASE_ALLCAPS and "a" <= lower[1:2] <= "z":
-            return T.CASE_TITLE + "".join((T.CASE_CAPNEXT if i else "") + c.lower() for i, c in enumerate(word))
+    verdict = (_normalizer_verdict if len(after) <= 32 else _normalizer_verdict.__wrapped__)(normalize, last, after)
+    if verdict == "literal":
+        return T.caseops_transform(m[0][:-1]) + last
+    if verdict == "lower-case next" and out[0] == T.CASE_ALLCAPS:
+        return T.CASE_TITLE + "".join((T.CASE_CAPNEXT if i else "") + c.lower() for i, c in enumerate(m[0]))
     return out
+
+
+@functools.lru_cache(maxsize=1 << 14)  # short contexts repeat: a capital before ’s, ”, —
+def _normalizer_verdict(normalize, capital, after):
+    """What the normalizer makes of a capital's lower-case letter (its marker before it) and the text
+    `after` it: "literal" where it merges them or treats capital and letter otherwise, "lower-case next"
+    where a lower-case ASCII letter follows the letter, None where neither."""
+    upper, lower = normalize(capital + after), normalize(capital.lower() + after)
+    if upper[:1] != capital or lower[:1] != capital.lower() or upper[1:] != lower[1:]:
+        return "literal"
+    return "lower-case next" if "a" <= lower[1:2] <= "z" else None
 
 
 def reproduced(text, normalize):
