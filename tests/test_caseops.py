@@ -211,6 +211,113 @@ def test_a_sidecar_that_does_not_add_up_is_refused(plain_tok, monkeypatch):
         P.encode_val((0, ["Hello there, world"]))
 
 
+# ----- any Unicode text: what the transform sees is what the tokenizer reads
+
+def reproduced_by(tok, docs):
+    """Each document as the tokenizer reproduces it: its own tokens decoded."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=tok)
+    return [sp.decode(sp.encode(d)) for d in docs]
+
+
+def doc_slices(tokens):
+    starts = list(np.flatnonzero(tokens == 1)) + [len(tokens)]
+    return [slice(a + 1, b) for a, b in zip(starts[:-1], starts[1:])]
+
+
+@pytest.mark.parametrize("text,want", [
+    ("E\u0301cole normale", "\u00c9cole normale"),  # the normalizer composes E + U+0301 after the marker
+    ("the founder O\u0323\u0300runmila", "the founder \u1ecc\u0300runmila"),  # a proxy train document's
+])
+def test_a_capital_with_a_combining_mark_is_prepared(caseops_tok, plain_tok, text, want):
+    """Once refused ("sums to 14 but its decoded text has 17 UTF-8 bytes"): the capital stays a
+    literal one, the tokens decode to the tokenizer's reading of the text, the sidecar sums to it."""
+    tokens, sidecar, _ = encode_val_docs(caseops_tok, False, [text])
+    assert T.caseops_decode(P._sp.decode(tokens[1:].tolist())) == want == reproduced_by(plain_tok, [text])[0]
+    assert per_doc_sums(tokens, sidecar) == [len(want.encode("utf-8"))]
+
+
+COMBINING = "\u0300\u0301\u0302\u0303\u0307\u0308\u030a\u030c\u0323\u0327\u0331\u0336\u0345\u20dd"
+STRESS = [
+    # decomposed accents, stacked marks, letters that compose only in lower case (W+ring -> U+1E98 in lower case)
+    "E\u0301cole", "\u00c9cole", "ABE\u0301", "iE\u0301x", "ABC\u0301D", "A\u0308rger U\u0308BER",
+    "O\u0323\u0300runmila", "E" + "\u0301" * 20 + "\u0327", "Z\u0336\u0334A\u0335L\u0337G\u0338O\u0334",
+    "W\u030a Y\u030a T\u0308 J\u030c H\u0331", "w\u030a", "NAI\u0308VE", "Ae\u0301", "AE\u0301", "\u0301A",
+    "A\u0301\u0301",
+    # Hangul: jamo compose to syllables; compatibility jamo; syllables
+    "\u1100\u1161\u11a8", "K\u1100\u1161 \u1112\u1161\u11ab\u1100\u1173\u11af", "\u3131\u314f",
+    "\ud55c\uad6d\uc5b4 KOREAN",
+    # ligatures, compatibility capitals and full-width forms
+    "\ufb01ne", "AB\ufb01", "A\ufb01", "\ufb01AB", "AB\ufb00x", "\u01c5 \u01c4 \u01c6", "\u0132ssel", "\u2122 AB\u2122",
+    "\u216b \u2103 \u2116 \u3392", "\uff21 \uff21\uff22\uff23 AB\uff43 \uff21BC \uff28\uff45\uff4c\uff4c\uff4f",
+    "\u210cilbert", "AB\u00aa", "X\u2071", "ABC\u207f",
+    # Turkish I, final sigma, other non-ASCII capitals
+    "\u0130stanbul", "I\u0307", "I\u0307STANBUL", "\u0131i \u0130I", "D\u0130YARBAKIR",
+    "\u03a3\u038a\u03a3\u03a5\u03a6\u039f\u03a3",
+    "\u03c3\u03bf\u03c6\u03cc\u03c2 \u03c2", "\u00c9LAN \u03a9mega \u1e9etra\u00dfe \u00c6SIR \u00d8RSTED \u01f1",
+    # the marker characters themselves, and U+E000
+    "\ue000\ue001\ue002\ue003\ue004", "\ue001A", "A\ue001", "\ue004\ue004", "AB\ue002cd", "\ue003\u0301",
+    "A\ue004\u0301",
+    # mixed scripts, emoji and other astral characters
+    "Tokyo\u6771\u4eacTower", "MOSKVA \u041c\u043e\u0441\u043a\u0432\u0430", "\u0391\u03b8\u03ae\u03bd\u03b1 Athens",
+    "\u05e2\u05d1\u05e8\u05d9\u05ea ABC", "\u0627\u0644\u0639\u0631\u0628\u064a\u0629 Arabic",
+    "\u0939\u093f\u0928\u094d\u0926\u0940 HINDI",
+    "\U0001f389Party", "A\U0001f389", "\U0001f44d\U0001f3fdOK", "\U0001d400\U0001d401", "\U0001d41aAB", "AB\U0001d41a",
+    "\U0001f1eb\U0001f1f7 FR", "\U0001f468\u200d\U0001f469\u200d\U0001f467 Family",
+    # control and invisible characters (the normalizer drops some: AB + U+0007 + cd reads ABcd)
+    "AB\x07cd", "A\x00B", "A\x1fb", "AB\x7fcd", "A\x0bB", "AB\u200bcd", "AB\ufeffcd", "AB\u00adcd", "A\u200dB",
+    "A\u2028B", "A\x85B", "AB\u2060cd", "AB\r\ncd", "AB\x0ccd",
+    # whitespace and empty documents
+    "  A  ", "\u00a0Hello\u00a0World\u00a0", "A\u3000B", "A\u2581B", "\u2581", "\t\n", "", " ", "\n\n",
+]
+STRESS_CHARS = [*"ABIWaez .1\n", *"\u00c9\u00df\u0130\u0131\u03a3\u03c2\ufb01\uff21\uff43\u2122",
+                *"\u1100\u1161\u11a8\u6771\ue000\ue001\ue002\ue004\x07\x00\u200b\u00a0\u2581",
+                "\U0001f389", "\U0001d41a", *COMBINING]
+
+
+def stress_corpus(n_random=300, seed=0):
+    """STRESS and random mixes of its characters (capitals next to marks, markers, ligatures...)."""
+    rng = random.Random(seed)
+    mixes = ["".join(rng.choice(STRESS_CHARS) for _ in range(rng.randrange(1, 24))) for _ in range(n_random)]
+    return STRESS + [rng.choice(STRESS) + rng.choice(STRESS_CHARS) + rng.choice(STRESS) for _ in range(50)] + mixes
+
+
+@pytest.mark.parametrize("identity", [False, True], ids=["caseops", "identity"])
+def test_any_unicode_text_round_trips(caseops_tok, plain_tok, identity):
+    """Each stress document: the transform inverts exactly, its tokens (train or val) decode to the
+    text as the plain tokenizer reproduces it (the challenge's), and the sidecar sums to its bytes,
+    which is what the plain tokenizer's table counts."""
+    docs = stress_corpus()
+    tokens, sidecar, _ = encode_val_docs(plain_tok if identity else caseops_tok, identity, docs)
+    want = reproduced_by(plain_tok, docs)
+    decoded = [P._sp.decode(tokens[s].tolist()) for s in doc_slices(tokens)]
+    assert [d if identity else T.caseops_decode(d) for d in decoded] == want
+    assert per_doc_sums(tokens, sidecar) == [len(w.encode("utf-8")) for w in want]
+    plain, _, _ = encode_val_docs(plain_tok, True, docs)
+    luts, t = T.load_tokenizer_luts(plain_tok, 8192), torch.from_numpy(plain)
+    assert int(sidecar.sum()) == int(luts.target_bytes(t[:-1], t[1:]).sum())
+    if not identity:
+        assert all(T.caseops_decode(P.caseops_text(d, P._sp.normalize)) == d for d in docs)
+        P._init(caseops_tok, False, False, {})
+        train, _, _ = P.encode_train((0, docs))
+        assert train.astype(np.int64).tolist() == tokens.tolist()  # train documents read alike
+
+
+def test_text_the_plain_transform_got_right_is_unchanged(caseops_tok):
+    """Where the records' transform already gave tokens that decode to the tokenizer's reading, the
+    text (so the token ids) is the very same; only the texts it got wrong change."""
+    import sentencepiece as spm
+    sp = spm.SentencePieceProcessor(model_file=caseops_tok)
+    docs = stress_corpus() + SAMPLES
+    changed = 0
+    for d in docs:
+        old, new = T.caseops_transform(d), P.caseops_text(d, sp.normalize)
+        right = T.caseops_decode(sp.decode(sp.encode(old))) == P.reproduced(d, sp.normalize)
+        assert new == old if right else new != old, ascii(d)
+        changed += not right
+    assert 40 < changed < len(docs) // 2
+
+
 # ----- scoring on the sidecar
 
 @pytest.fixture(scope="module")
@@ -415,6 +522,18 @@ def test_prep_from_docs_jsonl(tmp_path, caseops_tok):
     assert dup.returncode == 1 and "train document 7 is validation document 2" in dup.stderr
     plain = prep("--docs", path, "--tokenizer", shared_tokenizer("fineweb_8192_bpe.model"), "--out", tmp_path / "p")
     assert plain.returncode == 1 and "no pieces for the case markers" in plain.stderr
+
+
+def test_prep_reports_progress(tmp_path, caseops_tok):
+    """A line on stderr per --progress-every: documents, MB, rates and, the input's size known, an ETA."""
+    corpus = write_corpus(tmp_path / "c", cased_docs(4, 8), cased_docs(12, 9), files=1)
+    p = prep("--corpus", corpus, "--tokenizer", caseops_tok, "--out", tmp_path / "o", "--progress-every", 0)
+    assert p.returncode == 0, p.stderr
+    rate = r"[\d,]+ docs/s, [\d.]+ MB/s, [\d.]+ M tokens/s over \d+s"
+    for split, docs in (("val", 4), ("train", 12)):
+        line = rf"^fineweb_{split}: {docs} docs, [\d.]+ MB, {rate}, 100.0% done, ETA 0.0 min$"
+        assert re.search(line, p.stderr, re.M), p.stderr
+        assert re.search(rf"^fineweb_{split}: .*; {rate}$", p.stdout, re.M), p.stdout
 
 
 # ----- a tiny run on CaseOps data

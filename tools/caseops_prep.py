@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""CaseOps data: documents -> case transform (train_gpt.caseops_transform) -> SentencePiece tokens, BOS
-before every document -> challenge-format shards, train and val, and the validation byte sidecar.
+"""CaseOps data: documents -> case transform (train_gpt.caseops_transform, as the tokenizer reads it:
+caseops_text) -> SentencePiece tokens, BOS before every document -> challenge-format shards, train and
+val, and the validation byte sidecar.
 
     python3 tools/caseops_prep.py --corpus ../shared/corpus --out data/caseops_sp8192 \\
         --tokenizer ../shared/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model
@@ -24,14 +25,26 @@ after a non-boundary token, BOS 0), except that the CaseOps markers and ESC coun
 marker character counts its own 3): bytes of the original text as the tokenizer reproduces it
 (after its normalizer, which collapses whitespace and applies NFKC, like the table's count of
 plain tokens). So with --identity the sidecar equals the table, token for token, and CaseOps and
-plain scores compare directly. Every validation document's counts must sum to the UTF-8 length of
-its decoded tokens (case markers undone) and its transform must invert exactly; no validation
-document (sha256 of its whitespace-normalized text) may be in the train split. Any failure: one
-error line. Deterministic: batches go to a worker pool and come back in input order.
+plain scores compare directly. Every validation document's tokens must decode (case markers undone)
+to the text as the tokenizer reproduces it, its counts must sum to that text's UTF-8 length and its
+transform must invert exactly; no validation document (sha256 of its whitespace-normalized text) may
+be in the train split. Any failure: one error line. Deterministic: batches go to a worker pool and
+come back in input order.
+
+Any Unicode text. The tokenizer normalizes (NFKC) the CaseOps text before it splits it, so a marker
+is only as good as the letter after it stays one ASCII letter: caseops_text transforms the text as it
+comes (the records' transform, the records' tokens) except where the normalizer would undo a marker
+(a capital with a combining mark, E + U+0301 -> É: a literal capital, as the precomposed É is; an
+all-caps word the normalizer extends with lower-case letters, AB + ﬁ -> ABfi: a mixed-case word).
+
+Progress: a line on stderr every --progress-every seconds (documents, MB of text, rates, ETA from the
+part of the input files read).
 """
 import argparse
+import functools
 import glob
 import hashlib
+import io
 import itertools
 import json
 import lzma
@@ -55,12 +68,25 @@ class PrepError(Exception):
 
 # ----- reading documents
 
-def iter_corpus_docs(path):
+class Meter:
+    """Bytes of the input files read so far against their size: the progress line's ETA."""
+
+    def __init__(self, paths):
+        self.total, self.read = sum(os.path.getsize(p) for p in paths), 0
+
+    def fraction(self):
+        return self.read / self.total if self.total else None
+
+
+def iter_corpus_docs(path, meter=None):
     """Documents of one .txt.xz (or .txt) file, as make_shards.py splits them."""
-    opener = lzma.open if path.endswith(".xz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        cur = []
+    with open(path, "rb") as raw, (lzma.open(raw, "rt", encoding="utf-8") if path.endswith(".xz")
+                                   else io.TextIOWrapper(raw, encoding="utf-8")) as f:
+        cur, at = [], 0
         for line in f:
+            if meter is not None:
+                pos = raw.tell()
+                meter.read, at = meter.read + pos - at, pos
             if line.rstrip("\r\n") == SEP:
                 doc = "".join(cur).strip("\n")
                 if doc:
@@ -68,15 +94,19 @@ def iter_corpus_docs(path):
                 cur = []
             else:
                 cur.append(line)
+        if meter is not None:
+            meter.read += raw.seek(0, os.SEEK_END) - at  # the compressed stream's end
         doc = "".join(cur).strip("\n")
         if doc:
             yield doc
 
 
-def iter_jsonl_lines(path):
+def iter_jsonl_lines(path, meter=None):
     """Raw lines of a JSONL file (the workers parse them)."""
     with open(path, encoding="utf-8") as f:
         for line in f:
+            if meter is not None:
+                meter.read += len(line)  # characters for bytes: close enough for an ETA
             if line.strip():
                 yield line
 
@@ -121,6 +151,55 @@ def _text(item):
         raise PrepError(f"a line of the --docs file is not a JSON object with a \"text\": {item[:80]!r}") from None
 
 
+# ----- the case transform as the tokenizer sees it
+
+# After a word, a character of these leaves the word's last letter and the marker before it as they
+# are under the tokenizer's normalizer (NFKC, whitespace made one space): no mark to compose with, not
+# removed, not a letter a compatibility form turns into. Any other character is looked at closely.
+_PLAIN_NEXT = frozenset(map(chr, range(0x20, 0x7f))) | {"\t", "\n", "\r"}
+
+
+def caseops_text(text, normalize):
+    """The CaseOps text of `text` (train_gpt.caseops_transform) made safe for the tokenizer, whose
+    `normalize` (NFKC and whitespace) runs before it splits the text: where a word's last capital
+    would not stay one ASCII letter after its marker (E + U+0301 -> É, W + U+030A, I + U+0307 -> İ),
+    it stays a literal capital, as a precomposed É does; where an all-caps word would be followed by
+    lower-case letters (AB + ﬁ -> ABfi; AB + U+0007 + cd -> ABcd), it is written as a mixed-case word,
+    as ABfi is. Everything else, and so every text where the plain transform was right, is unchanged."""
+    return T._CASE_WORD.sub(lambda m: _case_word_as_normalized(m, normalize), text)
+
+
+def _case_word_as_normalized(m, normalize):
+    out, text, end = T._case_word(m), m.string, m.end()
+    last = text[end - 1]  # the word's last letter (a literal marker character is no capital)
+    if end == len(text) or text[end] in _PLAIN_NEXT or not last.isupper():
+        return out  # the common case: no normalizer call
+    stop = next((i for i in range(end, len(text)) if text[i] in _PLAIN_NEXT), len(text))
+    after = text[end:stop + 1]  # up to the first plain character, that one included
+    verdict = (_normalizer_verdict if len(after) <= 32 else _normalizer_verdict.__wrapped__)(normalize, last, after)
+    if verdict == "literal":
+        return T.caseops_transform(m[0][:-1]) + last
+    if verdict == "lower-case next" and out[0] == T.CASE_ALLCAPS:
+        return T.CASE_TITLE + "".join((T.CASE_CAPNEXT if i else "") + c.lower() for i, c in enumerate(m[0]))
+    return out
+
+
+@functools.lru_cache(maxsize=1 << 14)  # short contexts repeat: a capital before ’s, ”, —
+def _normalizer_verdict(normalize, capital, after):
+    """What the normalizer makes of a capital's lower-case letter (its marker before it) and the text
+    `after` it: "literal" where it merges them or treats capital and letter otherwise, "lower-case next"
+    where a lower-case ASCII letter follows the letter, None where neither."""
+    upper, lower = normalize(capital + after), normalize(capital.lower() + after)
+    if upper[:1] != capital or lower[:1] != capital.lower() or upper[1:] != lower[1:]:
+        return "literal"
+    return "lower-case next" if "a" <= lower[1:2] <= "z" else None
+
+
+def reproduced(text, normalize):
+    """`text` as the tokenizer reproduces it (what its tokens decode to; what the challenge counts)."""
+    return normalize(text).replace("\u2581", " ")
+
+
 def doc_hash(text):
     """sha256 of the text with its whitespace runs made one space: the same document, however spaced."""
     return hashlib.sha256(" ".join(text.split()).encode("utf-8")).digest()
@@ -144,11 +223,19 @@ def sidecar_counts(ids):
     return counts
 
 
+def check_decoded(where, decoded, want):
+    """The tokens must stand for the text as the tokenizer reproduces it, character for character."""
+    if decoded != want:
+        i = next((i for i, (a, b) in enumerate(zip(decoded, want)) if a != b), min(len(decoded), len(want)))
+        raise PrepError(f"{where}: its tokens decode to {decoded[i:i + 12]!r} at character {i} where the "
+                        f"tokenizer reads {want[i:i + 12]!r}")
+
+
 def encode_val(job):
     """Validation documents -> (tokens, sidecar, original bytes, bytes counted, hashes)."""
     first, items = job
     texts = [_text(x) for x in items]
-    moved = texts if _identity else [T.caseops_transform(t) for t in texts]
+    moved = texts if _identity else [caseops_text(t, _sp.normalize) for t in texts]
     tokens, sidecar, counted = [], [], 0
     for k, (text, ctext, ids) in enumerate(zip(texts, moved, _sp.encode(moved))):
         where = f"validation document {first + k}"
@@ -157,7 +244,9 @@ def encode_val(job):
         ids = np.array(ids, dtype=np.int64)
         counts = sidecar_counts(ids)
         decoded = _sp.decode(ids.tolist())
-        n = len((decoded if _identity else T.caseops_decode(decoded)).encode("utf-8"))
+        decoded = decoded if _identity else T.caseops_decode(decoded)
+        check_decoded(where, decoded, reproduced(text, _sp.normalize))
+        n = len(decoded.encode("utf-8"))
         if int(counts.sum()) != n:
             raise PrepError(f"{where}: its byte sidecar sums to {int(counts.sum())} but its decoded text has {n} "
                             f"UTF-8 bytes ({len(ids)} tokens; text {text[:60]!r})")
@@ -172,7 +261,7 @@ def encode_val(job):
 
 
 def encode_train(job):
-    """Train documents -> (tokens, bytes); a validation document among them stops the tool."""
+    """Train documents -> (tokens, bytes, documents); a validation document among them stops the tool."""
     first, items = job
     texts = [_text(x) for x in items]
     for k, t in enumerate(texts):
@@ -180,10 +269,10 @@ def encode_train(job):
         if h in _val_hashes:
             raise PrepError(f"train document {first + k} is validation document {_val_hashes[h]} (sha256 of its "
                             f"whitespace-normalized text {h.hex()[:16]}): no validation document may be in a train shard")
-    ids = _sp.encode(texts if _identity else [T.caseops_transform(t) for t in texts])
+    ids = _sp.encode(texts if _identity else [caseops_text(t, _sp.normalize) for t in texts])
     bos = _sp.bos_id()
     out = np.concatenate([np.concatenate(([bos], x)) for x in ids]).astype("<u2")
-    return out, sum(len(t.encode("utf-8")) for t in texts)
+    return out, sum(len(t.encode("utf-8")) for t in texts), len(texts)
 
 
 # ----- writing shards
@@ -218,7 +307,35 @@ class ShardWriter:
         return self.shards
 
 
-def write_val(pool, jobs, out_dir, shard_tokens):
+class Progress:
+    """A line on stderr every `every` seconds: documents, MB of text, rates, ETA where the total is
+    known (a number of documents, or the part of the input files read); `rates` for the last line."""
+
+    def __init__(self, name, every, meter=None, total_docs=None):
+        self.name, self.every, self.meter, self.total_docs = name, every, meter, total_docs
+        self.docs = self.nbytes = self.tokens = 0
+        self.t0 = self.last = time.time()
+
+    def add(self, docs, nbytes, tokens):
+        self.docs, self.nbytes, self.tokens = self.docs + docs, self.nbytes + nbytes, self.tokens + tokens
+        if time.time() - self.last >= self.every:
+            self.last = time.time()
+            print(f"{self.name}: {self.docs:,} docs, {self.nbytes / 1e6:,.1f} MB, {self.rates()}{self.eta()}",
+                  file=sys.stderr, flush=True)
+
+    def rates(self):
+        dt = max(time.time() - self.t0, 1e-9)
+        return (f"{self.docs / dt:,.0f} docs/s, {self.nbytes / 1e6 / dt:.2f} MB/s, "
+                f"{self.tokens / 1e6 / dt:.3f} M tokens/s over {dt:.0f}s")
+
+    def eta(self):
+        done = self.docs / self.total_docs if self.total_docs else self.meter and self.meter.fraction()
+        if not done:
+            return ""
+        return f", {min(done, 1):.1%} done, ETA {(time.time() - self.t0) * max(1 / done - 1, 0) / 60:.1f} min"
+
+
+def write_val(pool, jobs, out_dir, shard_tokens, progress):
     """Validation shards and their sidecar -> ({hash: document index}, documents)."""
     toks, side = ShardWriter(out_dir, "fineweb_val", shard_tokens), ShardWriter(out_dir, VAL_BYTES, shard_tokens)
     hashes, docs, nbytes, decoded, t0 = {}, 0, 0, 0, time.time()
@@ -229,28 +346,30 @@ def write_val(pool, jobs, out_dir, shard_tokens):
             hashes.setdefault(h, docs)
             docs += 1
         nbytes, decoded = nbytes + nb, decoded + dec
+        progress.add(len(hs), nb, len(tokens))
     if not docs:
         raise PrepError("no validation documents")
     shards = toks.close(), side.close()
     print(f"fineweb_val: {docs:,} docs, {decoded:,} bytes counted (= the sidecar's sum; the original text has "
           f"{nbytes:,}, {nbytes / decoded - 1:+.2%}: the tokenizer's normalizer), {toks.total:,} tokens (incl. BOS), "
-          f"{toks.total / decoded:.4f} tokens/byte, {shards[0]} shard(s) + {shards[1]} sidecar shard(s), "
-          f"{time.time() - t0:.0f}s", flush=True)
+          f"{toks.total / decoded:.4f} tokens/byte, {shards[0]} shard(s) + {shards[1]} sidecar shard(s); "
+          f"{progress.rates()}", flush=True)
     return hashes, docs
 
 
-def write_train(pool, jobs, out_dir, shard_tokens, max_tokens):
-    w, nbytes, t0 = ShardWriter(out_dir, "fineweb_train", shard_tokens), 0, time.time()
-    for tokens, nb in pool.imap(encode_train, jobs, chunksize=1):
+def write_train(pool, jobs, out_dir, shard_tokens, max_tokens, progress):
+    w, nbytes = ShardWriter(out_dir, "fineweb_train", shard_tokens), 0
+    for tokens, nb, docs in pool.imap(encode_train, jobs, chunksize=1):
         if max_tokens is not None:
             tokens = tokens[:max_tokens - w.total]
         w.add(tokens)
         nbytes += nb
+        progress.add(docs, nb, len(tokens))
         if max_tokens is not None and w.total >= max_tokens:
             break
     shards = w.close()
-    print(f"fineweb_train: {nbytes:,} bytes, {w.total:,} tokens (incl. BOS), {shards} shard(s), "
-          f"{time.time() - t0:.0f}s", flush=True)
+    print(f"fineweb_train: {progress.docs:,} docs, {nbytes:,} bytes, {w.total:,} tokens (incl. BOS), "
+          f"{shards} shard(s); {progress.rates()}", flush=True)
 
 
 def compare_val(out_dir, other):
@@ -278,6 +397,8 @@ def main():
     ap.add_argument("--max-train-tokens", type=int, default=None)
     ap.add_argument("--skip-train", action="store_true", help="only the val shards and the sidecar")
     ap.add_argument("--compare-val", metavar="DIR", help="stop unless the val tokens equal DIR's fineweb_val_*.bin")
+    ap.add_argument("--progress-every", type=float, default=5.0, metavar="SECONDS",
+                    help="a progress line on stderr this often (default 5)")
     a = ap.parse_args()
     try:
         run(a)
@@ -296,6 +417,8 @@ def run(a):
                         "a CaseOps tokenizer is needed (or --identity)")
     if a.docs and a.num_val_docs < 1:
         raise PrepError("--num-val-docs must be >= 1")
+    if not a.progress_every >= 0:
+        raise PrepError(f"--progress-every must be >= 0 seconds, not {a.progress_every}")
     os.makedirs(a.out, exist_ok=True)
     if glob.glob(os.path.join(glob.escape(a.out), "fineweb_*.bin")):
         raise PrepError(f"{a.out} already holds fineweb_*.bin shards: use an empty folder (no stale shard mixes in)")
@@ -306,23 +429,27 @@ def run(a):
         train_paths = sorted(glob.glob(os.path.join(glob.escape(a.corpus), "train_*.txt.xz")))
         if not os.path.exists(val_path) or not (train_paths or a.skip_train):
             raise PrepError(f"{a.corpus} needs val.txt.xz and train_*.txt.xz")
-        val_items = iter_corpus_docs(val_path)
-        train_items = itertools.chain.from_iterable(iter_corpus_docs(p) for p in train_paths)
+        val_meter, train_meter = Meter([val_path]), Meter(train_paths)
+        val_items = iter_corpus_docs(val_path, val_meter)
+        train_items = itertools.chain.from_iterable(iter_corpus_docs(p, train_meter) for p in train_paths)
     else:
         if not os.path.isfile(a.docs):
             raise PrepError(f"--docs {a.docs} is not a file")
+        val_meter, train_meter = None, Meter([a.docs])
         val_items = itertools.islice(iter_jsonl_lines(a.docs), a.num_val_docs)
-        train_items = itertools.islice(iter_jsonl_lines(a.docs), a.num_val_docs, None)
+        train_items = itertools.islice(iter_jsonl_lines(a.docs, train_meter), a.num_val_docs, None)
     init = (a.tokenizer, a.identity, bool(a.docs))
     with Pool(a.workers, initializer=_init, initargs=(*init, None)) as pool:
-        val_hashes, val_docs = write_val(pool, batches(val_items), a.out, a.shard_tokens)
+        progress = Progress("fineweb_val", a.progress_every, val_meter, a.docs and a.num_val_docs)
+        val_hashes, val_docs = write_val(pool, batches(val_items), a.out, a.shard_tokens, progress)
     if a.docs and val_docs < a.num_val_docs:
         raise PrepError(f"{a.docs} has {val_docs} documents, fewer than --num-val-docs={a.num_val_docs}")
     if a.compare_val:
         compare_val(a.out, a.compare_val)
     if not a.skip_train:
         with Pool(a.workers, initializer=_init, initargs=(*init, val_hashes)) as pool:
-            write_train(pool, batches(train_items), a.out, a.shard_tokens, a.max_train_tokens)
+            progress = Progress("fineweb_train", a.progress_every, train_meter)
+            write_train(pool, batches(train_items), a.out, a.shard_tokens, a.max_train_tokens, progress)
 
 
 if __name__ == "__main__":
