@@ -288,7 +288,7 @@ class RunSettings:
     """The run part: data, tokenizer, seed, files, runtime providers."""
     # CaseOps SP8192 (tools/caseops_prep.py), scored on its byte sidecar: -0.012 sliding on the proxy
     data_path: str = "./data/datasets/fineweb10B_caseops8192"
-    tokenizer_path: str = "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    tokenizer_path: str = "./tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"  # in the repository
     seed: int = 42
     profile: str = "8xh100"  # 8xh100 (the submission) | 1gpu (proxy runs): see PROFILES
     run_id: str = ""  # "": seed<SEED>
