@@ -1160,13 +1160,16 @@ class GPT(nn.Module):
     - late QAT: straight-through fake quantization of the banks on the GPTQ grid (`_bank_weights`);
     - TTT: per-document LoRA adapters (`adapt`) and a key/value cache of earlier chunks (`cache`)."""
 
-    def __init__(self, args, attention=None):
+    def __init__(self, args, attention=None, max_len=2048, init_std=0.005, qat_clip=6.5):
+        """`args`: the model part of the settings (ModelSettings: what the artifact's header holds);
+        `max_len`: the longest sequence it will see (RoPE's table); `init_std`: the embedding's
+        initial spread; `qat_clip`: late QAT's first grid clip."""
         super().__init__()
         self.args = a = args
         self.attention = attention if attention is not None else MathAttention()  # no module: the state_dict is the same
         d, L, kv = a.model_dim, a.num_layers, a.num_kv_heads * a.head_dim
         self.tok_emb = nn.Embedding(a.vocab_size, d)
-        nn.init.normal_(self.tok_emb.weight, std=a.tied_embed_init_std)
+        nn.init.normal_(self.tok_emb.weight, std=init_std)
         # banks: qo = [q_0..q_{L-1}, out_0..out_{L-1}], kv = [k_0.., v_0..]
         self.qo_bank = nn.Parameter(torch.empty(2 * L, d, d))
         self.kv_bank = nn.Parameter(torch.empty(2 * L, kv, d))
@@ -1187,9 +1190,9 @@ class GPT(nn.Module):
         # evaluation runs the recurrence; training turns it on late
         self.recurrence_active = bool(self.recur_layers)
         self.smear_w = nn.Parameter(torch.zeros(d))
-        self.rotary = Rotary(a.rope_dims, a.rope_base, max(a.longest_train_seq, a.eval_seq_len, a.gptq_calib_len))
+        self.rotary = Rotary(a.rope_dims, a.rope_base, max_len)
         self.register_buffer("qat_mix", torch.zeros(()), persistent=False)
-        self.register_buffer("qat_clip", torch.tensor(float(a.clip_sigmas)), persistent=False)
+        self.register_buffer("qat_clip", torch.tensor(float(qat_clip)), persistent=False)
         self._capture = None
         self.adapters = None  # TTT's per-document LoRA
 
@@ -1297,7 +1300,8 @@ def build_model(args, device, attention=None):
     if attention is None:
         attention = choose_attention(args.attn_backend, device, args.doc_mask)[0]
     torch.manual_seed(args.seed)
-    return GPT(args, attention).to(device)
+    return GPT(args.model, attention, max(args.longest_train_seq, args.eval_seq_len, args.gptq_calib_len),
+               args.tied_embed_init_std, args.clip_sigmas).to(device)
 
 
 # ----- optimizer
