@@ -809,7 +809,8 @@ def check_score_first_monitor(events, spans, args, rows_per_step, world=1, rank=
             for s, e in mine:  # every document of the phase fully scored
                 assert scored[s:e].all()
             globals_seen[cur_phase] += 1
-    assert all(globals_seen[:-1]) and globals_seen[-1] == 0
+    whole_row = [sum(e - s for s, e in mine) >= args.eval_seq_len for mine in groups]  # else no rows of its own
+    assert all(g or not w for g, w in zip(globals_seen[:-1], whole_row)) and globals_seen[-1] == 0
     assert all(scored[s:e].all() for mine in groups for s, e in mine)
     return trained
 
@@ -1153,6 +1154,31 @@ def test_ttt_logs_once_when_the_time_budget_runs_out(ttt_model, monkeypatch):
     assert len(spent) == 1 and f"after {res['ttt_steps']} adapter steps" in spent[0]
 
 
+def test_ttt_time_budget_covers_the_short_lane(ttt_model, monkeypatch):
+    """The clock (a fake) moves one second per adapter step of a short document, past
+    TTT_MAX_SECONDS=0.5: phase 0's short lane stops adapting after its first step, and the phase's
+    check after both lanes sees it: no global pass, phase 1 only scores, every target once."""
+    now = fake_clock(monkeypatch)
+    args = ttt_args(ttt_phases=2, ttt_batch_docs=2, ttt_lr=0.05, ttt_global_lr=0.05, ttt_max_seconds=0.5, **SHORT_LANE)
+    tokens = as_stream(make_docs((40, 12, 50, 18, 33, 61, 17, 9, 44, 20), seed=4))
+    spans = T.document_spans(tokens, BOS)
+    phase, starts = phase_of_target(spans, args), [s for s, _ in spans]
+    events, logs = [], []
+
+    def monitor(kind, lo, hi):
+        s, e = spans[bisect.bisect_right(starts, lo) - 1] if kind != "global" else (0, 0)
+        events.append((kind, lo, hi, phase(lo) if kind != "global" else None, in_short_lane(e - s, args)))
+        if kind == "train" and in_short_lane(e - s, args):
+            now[0] += 1.0
+    res = T.evaluate_with_ttt(copy.deepcopy(ttt_model), tokens, LUTS, args, T.Run(0, 1, CPU, logs.append), monitor=monitor)
+    assert_scored_once([e[:3] for e in events], tokens.numel() - 1)
+    trains = [(p, short) for k, _, _, p, short in events if k == "train"]
+    assert (0, False) in trains and 0 < trains.count((0, True)) <= args.ttt_batch_docs  # one step's chunks
+    assert not any(k == "global" for k, *_ in events) and all(p == 0 for p, _ in trains)
+    assert any(k == "score" and short and p == 1 for k, _, _, p, short in events)
+    assert len([s for s in logs if "scoring only from here" in s]) == 1 and res["tokens"] == tokens.numel() - 1
+
+
 def test_ttt_learns_repeated_text(ttt_model):
     """Documents that repeat a short random pattern: adapting to each document's own text (no
     global pass) lowers the loss well below the model's."""
@@ -1170,7 +1196,9 @@ def test_ttt_learns_repeated_text(ttt_model):
 # per phase of 4: rank 0 gets the longest and the third (at least 2 rows of 64 in phases 0 and 1,
 # which have a global pass), rank 1 the others (less than one row)
 TTT_DIST_LENGTHS = (120, 30, 20, 10, 100, 40, 30, 20, 33, 17, 29, 61)
-TTT_DIST_CASES = {"lr0": dict(), "lr": dict(ttt_lr=0.03, ttt_global_lr=0.05)}
+TTT_DIST_CASES = {"lr0": dict(), "lr": dict(ttt_lr=0.03, ttt_global_lr=0.05),  # the short lane: documents of <= 30 targets
+                  "short_lr0": dict(ttt_short_chunk=7, ttt_short_len=30),
+                  "short": dict(ttt_lr=0.03, ttt_global_lr=0.05, ttt_short_chunk=7, ttt_short_len=30)}
 
 
 def _ttt_dist_worker(rank, world, init_file, out_prefix):
@@ -1193,7 +1221,8 @@ def _ttt_dist_worker(rank, world, init_file, out_prefix):
 def test_ttt_two_processes(ttt_model, tmp_path):
     """On 2 ranks: lr 0 gives the 1-rank loss and exactly its counts, the ranks' score ranges
     tile the targets; with learning rates both ranks end with the same weights (the global
-    passes all-reduce the gradients), which did move, and report the same loss."""
+    passes all-reduce the gradients), which did move, and report the same loss. With the short
+    lane the same, each rank's events score-first (the monitor), short documents on both ranks."""
     mp.spawn(_ttt_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "res")), nprocs=2, join=True)
     r0, r1 = (torch.load(str(tmp_path / f"res.{r}")) for r in range(2))
     tokens = as_stream(make_docs(TTT_DIST_LENGTHS, seed=5))
@@ -1213,6 +1242,19 @@ def test_ttt_two_processes(ttt_model, tmp_path):
         assert torch.equal(sa[k], sb[k]), k
     init = ttt_model.state_dict()
     assert any(not torch.equal(sa[k], init[k]) for k in sa)
+    (a, ev_a, _), (b, ev_b, _) = r0["short_lr0"], r1["short_lr0"]
+    assert a["tokens"] == b["tokens"] == n and a["bytes"] == b["bytes"] == one["bytes"]
+    assert a["val_loss"] == b["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+    args = ttt_args(ttt_phases=3, ttt_batch_docs=2, **TTT_DIST_CASES["short"])
+    (a, ev_a, sa), (b, ev_b, sb) = r0["short"], r1["short"]
+    assert a["val_loss"] == b["val_loss"] != r0["lr"][0]["val_loss"] and a["tokens"] == n
+    assert_scored_once(ev_a + ev_b, n)
+    spans = T.document_spans(tokens, BOS)
+    for rank, ev in enumerate((ev_a, ev_b)):
+        check_score_first_monitor(ev, spans, args, args.ttt_batch_docs, world=2, rank=rank)
+        assert any(k == "train" and in_short_lane(e - s, args) for k, lo, _ in ev for s, e in spans if s <= lo < e)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
 
 
 # ----------------------------------------------------------------------------- EVAL_ONLY (subprocess)
