@@ -1590,6 +1590,31 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
 
 
 @pytest.mark.slow
+def test_eval_only_ttt_with_the_short_lane(trained_run, smoke_dataset, tmp_path):
+    """EVAL_ONLY through the script with TTT and TTT_SHORT_CHUNK: the short lane takes the short
+    documents (its log line), TTT adapts and scores every target, otherwise than without it."""
+    _, artifact, _ = trained_run
+    data_dir, tok, _ = smoke_dataset
+    ttt = dict(EVAL_ONLY=artifact, SKIP_SLIDING_EVAL=1, TTT_ENABLED=1, TTT_CHUNK=16, TTT_RANK=4, TTT_BATCH_DOCS=4,
+               TTT_PHASES=2, TTT_LR=0.01)
+    runs = []
+    for run_id, extra in (("off", {}), ("short", dict(TTT_SHORT_CHUNK=8, TTT_SHORT_LEN=80))):
+        env = clean_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, **{**TINY_RUN, **ttt, **extra, "RUN_ID": run_id})
+        p = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_gpt.py")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        runs.append(p.stdout)
+    assert "ttt short lane" not in runs[0]
+    m = re.search(r"^ttt short lane: (\d+) documents of <= 80 targets \((\d+) targets\) in chunks of 8", runs[1], re.M)
+    assert m and int(m.group(1)) > 0, runs[1][-3000:]
+    steps = [int(re.search(r"bpb vs \w+, (\d+) adapter steps", r).group(1)) for r in runs]
+    assert steps[1] > steps[0] > 0  # the short documents' chunks train too
+    assert final_line(runs[1], "ttt") != final_line(runs[0], "ttt")
+    scored = [re.findall(r"^ttt phase 2/2 done at .*: (\d+) targets scored here", r, re.M) for r in runs]
+    assert scored[0] == scored[1] != []
+
+
+@pytest.mark.slow
 def test_eval_only_flags_an_evaluation_over_the_limit(trained_run, smoke_dataset, monkeypatch):
     """An evaluation longer than the limit (here 0 s) is logged as not compliant."""
     _, artifact, _ = trained_run
