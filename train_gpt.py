@@ -2501,9 +2501,9 @@ class ChunkPass(NamedTuple):
 
 def ttt_passes(args):
     """The lanes passes of every TTT phase, in the order they run: all documents in chunks of
-    TTT_CHUNK; with TTT_SHORT_CHUNK, those of more than TTT_SHORT_LEN targets (0: TTT_CHUNK) so,
-    then the short ones in chunks of TTT_SHORT_CHUNK, which see all of their document before them.
-    Long documents first: they keep the queue's order (longest first, the short ones were its
+    TTT_CHUNK; with TTT_SHORT_CHUNK, only those of more than TTT_SHORT_LEN targets (0: TTT_CHUNK),
+    then the short ones in chunks of TTT_SHORT_CHUNK, each chunk seeing all of its document before
+    it. Long documents first: they keep the queue's order (longest first, the short ones were its
     tail), and where TTT_MAX_SECONDS stops the adapting within a phase, the documents that gain
     least from it lose it."""
     main = ChunkPass(args.ttt_chunk, args.eval_seq_len - args.ttt_chunk)
