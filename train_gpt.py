@@ -259,6 +259,10 @@ class EvalSettings:
     ttt_rank: int = 80
     ttt_chunk: int = 48
     ttt_batch_docs: int = 64
+    # documents of at most TTT_SHORT_LEN targets (0: TTT_CHUNK) in a lanes pass of their own, in
+    # chunks of TTT_SHORT_CHUNK (0: off; in one chunk, such a document gains nothing from TTT)
+    ttt_short_chunk: int = 0
+    ttt_short_len: int = 0
     # the adapters' recipe is the #1 record's (Adam beta1 0, eps 1e-10, x alpha/rank, A kept, lr 1e-4):
     # -0.0030 TTT on the proxy against AdamW(0.9) lr 3e-4 with a fresh A per document
     ttt_lr: float = 0.0001
@@ -453,6 +457,10 @@ class Hyperparameters(RunSettings, EvalSettings, QuantSettings, TrainingSettings
         if self.ttt_enabled:
             within(1, math.inf, "ttt_rank", "ttt_batch_docs", "ttt_phases", "ttt_global_micro_rows")
             within(1, self.eval_seq_len - 1, "ttt_chunk")
+            within(0, self.eval_seq_len - 1, "ttt_short_chunk")
+            short = self.ttt_short_len or self.ttt_chunk
+            need(self.ttt_short_chunk < short, f"TTT_SHORT_CHUNK={self.ttt_short_chunk} must be below TTT_SHORT_LEN "
+                 f"({short}): a document of one chunk gains nothing")
 
     def resolved(self, world_size, device):
         """These settings with their "auto" and sentinel values made concrete for `world_size`
@@ -2447,10 +2455,13 @@ def ttt_schedule(tokens, args, world_size):
     phase, lane, step = (torch.zeros(tokens.numel(), dtype=torch.long) for _ in range(3))
     for rank in range(world_size):
         for ph, mine in enumerate(ttt_phase_shares(spans, args, Run(rank, world_size))):
-            lanes = Lanes(mine, args.ttt_batch_docs, args.ttt_chunk)
-            for k, _ in enumerate(lanes.steps()):
-                for lo, hi in lanes.scored_ranges():  # targets lo+1..hi
-                    phase[lo + 1:hi + 1], lane[lo + 1:hi + 1], step[lo + 1:hi + 1] = ph + 1, rank, k
+            k = 0  # the phase's steps count on across its passes
+            for p in ttt_passes(args):
+                lanes = Lanes(p.docs(mine), args.ttt_batch_docs, p.chunk)
+                for _ in lanes.steps():
+                    for lo, hi in lanes.scored_ranges():  # targets lo+1..hi
+                        phase[lo + 1:hi + 1], lane[lo + 1:hi + 1], step[lo + 1:hi + 1] = ph + 1, rank, k
+                    k += 1
     return phase, lane, step
 
 
@@ -2595,6 +2606,33 @@ def ttt_phase_shares(spans, args, run):
         yield sorted(spans[ph:ph + per_phase], key=lambda se: se[0] - se[1])[run.rank::run.world_size]
 
 
+class ChunkPass(NamedTuple):
+    """One lanes pass of a TTT phase: its documents of more than `longer_than` and at most `up_to`
+    targets, in chunks of `chunk` tokens that attend to the `keep` tokens before them (cached)."""
+    chunk: int
+    keep: int
+    longer_than: int = 0
+    up_to: float = math.inf
+
+    def docs(self, mine):
+        return [(s, e) for s, e in mine if self.longer_than < e - s <= self.up_to]
+
+
+def ttt_passes(args):
+    """The lanes passes of every TTT phase, in the order they run: all documents in chunks of
+    TTT_CHUNK; with TTT_SHORT_CHUNK, only those of more than TTT_SHORT_LEN targets (0: TTT_CHUNK),
+    then the short ones in chunks of TTT_SHORT_CHUNK, each chunk seeing all of its document before
+    it. Long documents first: they keep the queue's order (longest first, the short ones were its
+    tail), and where TTT_MAX_SECONDS stops the adapting within a phase, the documents that gain
+    least from it lose it."""
+    main = ChunkPass(args.ttt_chunk, args.eval_seq_len - args.ttt_chunk)
+    if not args.ttt_short_chunk:
+        return [main]
+    C, short = args.ttt_short_chunk, args.ttt_short_len or args.ttt_chunk
+    keep = min(args.eval_seq_len, -(-short // C) * C) - C  # a short document's chunks before its last
+    return [main._replace(longer_than=short), ChunkPass(C, keep, up_to=short)]
+
+
 class Lanes:
     """TTT_BATCH_DOCS rows, each running documents one after another, the next (longest first) as
     soon as its own ends: per row, its document's start and length and the chunk it is at."""
@@ -2667,70 +2705,98 @@ def ttt_global_pass(model, tokens, docs, args, run, monitor=None):
                 monitor("global", r0 * window, r1 * window)  # offsets in this rank's rows
 
 
+class TTTChunkStep:
+    """A chunk step of TTT's lanes at one ChunkPass's chunk length: TTT_BATCH_DOCS rows in fixed
+    buffers (inputs, targets, the targets' positions in the stream, which are inside a document, the
+    hints) with their own key/value cache; scores into `sums` (as score_windows'), then, training,
+    steps each row's adapters on its own mean untilted loss. On CUDA, scoring and scoring then
+    training are each one captured graph: kernel launches, not the GPU, bound the eager step."""
+
+    def __init__(self, model, adapters, byte_source, sums, chunk_pass, args, device, hinted):
+        rows, C = args.ttt_batch_docs, chunk_pass.chunk
+        self.model, self.adapters, self.byte_source, self.sums, self.args = model, adapters, byte_source, sums, args
+        self.cache = KVCache(chunk_pass.keep, rows, C, args.bos_id, device)
+        self.x, self.y = (torch.full((rows, C), v, device=device) for v in (args.bos_id, 0))
+        self.y_pos = torch.ones(rows, C, dtype=torch.long, device=device)  # the targets' positions in `tokens`
+        self.inside = torch.zeros(rows, C, dtype=torch.bool, device=device)
+        self.hint = torch.full((rows, C), -1, device=device) if hinted else None
+        self.run = {t: functools.partial(self.step, t) for t in (True, False)}
+        if device.type == "cuda":  # the warm-ups score and train on empty rows: the caller resets `sums`
+            self.cache.start(torch.zeros(rows, dtype=torch.long, device=device))
+            self.run = {t: _cuda_graph(f) for t, f in self.run.items()}
+
+    def load(self, lanes, fresh, tokens, hints):
+        """Each row's chunk at `lanes`' step; the rows `fresh` start a document: adapters reset."""
+        C, device = self.x.size(1), self.x.device
+        c, ln, st = _to_device([lanes.chunk, lanes.length, lanes.start], device)[:, :, None]
+        fresh = _to_device(fresh, device) if fresh else None
+        if fresh is not None:
+            self.adapters.reset(fresh)
+        self.cache.start(c[:, 0], fresh)
+        pos = c * C + torch.arange(C, device=device)
+        self.inside.copy_(pos < ln)  # after a document's end: never attended
+        idx = st + torch.where(self.inside, pos, 0)
+        self.x.copy_(torch.where(self.inside, tokens[idx], self.args.bos_id))
+        self.y.copy_(torch.where(self.inside, tokens[idx + 1], 0))
+        if self.hint is not None:
+            self.hint.copy_(torch.where(self.inside, hints[idx + 1], -1))
+        self.y_pos.copy_(idx + 1)
+
+    def step(self, train):  # fixed shapes: the buffers, the cache and the adapters in place
+        args, x, y, inside = self.args, self.x, self.y, self.inside
+        with torch.set_grad_enabled(train), _autocast(x.device):
+            out = target_nll(self.model, x, y, self.hint, args.ngram_beta, args.ngram_lift, self.cache).float()
+        nll, scored = (out, out) if self.hint is None else (out[0], out[1])  # adapters learn the model's own loss
+        nll, scored = (torch.where(inside, t, 0) for t in (nll, scored))
+        nbytes = (self.byte_source.target_bytes(x, y, self.y_pos) * inside).sum()
+        self.sums.add_(torch.stack([scored.detach().sum(), nbytes, inside.sum(), nll.detach().sum()]).double())
+        if train:  # each document's adapters get their own mean loss
+            (nll.sum(1) / inside.sum(1).clamp_min(1)).sum().backward()
+            self.adapters.step()
+
+    def __call__(self, train):
+        self.run[train]()
+
+
 def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, started=None, hints=None):
     """Score-first TTT: each TTT_CHUNK is scored, then trains its document's adapters; between
     phases, SGD on the scored documents. Chunks attend to cached keys of the document's last
-    EVAL_SEQ_LEN - TTT_CHUNK tokens; the scores are tilted by `hints` (per position of `tokens`)
+    EVAL_SEQ_LEN - TTT_CHUNK tokens; with TTT_SHORT_CHUNK, each phase's short documents follow
+    in smaller chunks (ttt_passes). The scores are tilted by `hints` (per position of `tokens`)
     if given, the adapters learn the untilted loss; adaptation stops TTT_MAX_SECONDS after `started` (the
     evaluation's start; default: now). `monitor` is for tests."""
-    chunk_len, rows, device = args.ttt_chunk, args.ttt_batch_docs, run.device
+    rows, device = args.ttt_batch_docs, run.device
     spans = document_spans(tokens, args.bos_id)
     model.eval().qat_mix.zero_()
     model.requires_grad_(False)
     adapters = DocAdapters(args, rows, device)
-    cache = KVCache(args.eval_seq_len - chunk_len, rows, chunk_len, args.bos_id, device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # as score_windows'
-    x, y = (torch.full((rows, chunk_len), v, device=device) for v in (args.bos_id, 0))
-    y_pos = torch.ones(rows, chunk_len, dtype=torch.long, device=device)  # the targets' positions in `tokens`
-    inside = torch.zeros(rows, chunk_len, dtype=torch.bool, device=device)
-    hint = None if hints is None else torch.full((rows, chunk_len), -1, device=device)
-
-    def chunk_step(train):  # fixed shapes: x, y, y_pos, inside, the cache and the adapters in place
-        with torch.set_grad_enabled(train), _autocast(device):
-            out = target_nll(model, x, y, hint, args.ngram_beta, args.ngram_lift, cache).float()
-        nll, scored = (out, out) if hint is None else (out[0], out[1])  # adapters learn the model's own loss
-        nll, scored = (torch.where(inside, t, 0) for t in (nll, scored))
-        nbytes = (byte_source.target_bytes(x, y, y_pos) * inside).sum()
-        sums.add_(torch.stack([scored.detach().sum(), nbytes, inside.sum(), nll.detach().sum()]).double())
-        if train:  # each document's adapters get their own mean loss
-            (nll.sum(1) / inside.sum(1).clamp_min(1)).sum().backward()
-            adapters.step()
-
     if run.world_size > 1:
         dist.barrier()
     t0, adapting, stopped, steps, n_tok = time.perf_counter(), True, False, 0, 0
     stop_at = (started or t0) + args.ttt_max_seconds
-    model.adapters, steppers = adapters, {t: functools.partial(chunk_step, t) for t in (True, False)}
-    if device.type == "cuda":  # kernel launches, not the GPU, bound the eager step: replay graphs
-        cache.start(torch.zeros(rows, dtype=torch.long, device=device))
-        steppers = {t: _cuda_graph(f) for t, f in steppers.items()}
-        sums.zero_()
+    model.adapters, passes = adapters, ttt_passes(args)
+    chunk_steps = [TTTChunkStep(model, adapters, byte_source, sums, p, args, device, hints is not None) for p in passes]
+    sums.zero_()  # the CUDA graphs' warm-ups scored empty rows
     shares = list(ttt_phase_shares(spans, args, run))
+    if len(passes) > 1:
+        short = passes[-1].docs(spans)
+        run.log(f"ttt short lane: {len(short)} documents of <= {passes[-1].up_to} targets "
+                f"({sum(e - s for s, e in short)} targets) in chunks of {passes[-1].chunk}, after the others in each phase")
     for phase, mine in enumerate(shares):
-        lanes = Lanes(mine, rows, chunk_len)
-        for fresh in lanes.steps():
-            c, ln, st = _to_device([lanes.chunk, lanes.length, lanes.start], device)[:, :, None]
-            fresh = _to_device(fresh, device) if fresh else None
-            if fresh is not None:
-                adapters.reset(fresh)
-            cache.start(c[:, 0], fresh)
-            pos = c * chunk_len + torch.arange(chunk_len, device=device)
-            inside.copy_(pos < ln)  # after a document's end: never attended
-            idx = st + torch.where(inside, pos, 0)
-            x.copy_(torch.where(inside, tokens[idx], args.bos_id))
-            y.copy_(torch.where(inside, tokens[idx + 1], 0))
-            if hint is not None:
-                hint.copy_(torch.where(inside, hints[idx + 1], -1))
-            y_pos.copy_(idx + 1)
-            adapting = adapting and time.perf_counter() < stop_at  # local clock: this rank's adapters only
-            train_now = adapting and lanes.a_later_chunk_learns()
-            steppers[train_now]()
-            ranges = lanes.scored_ranges()
-            n_tok += sum(hi - lo for lo, hi in ranges)
-            steps += train_now
-            for kind in ("score", "train")[:1 + train_now] if monitor else ():
-                for lo, hi in ranges:
-                    monitor(kind, lo, hi)
+        for p, chunk_step in zip(passes, chunk_steps):
+            lanes = Lanes(p.docs(mine), rows, p.chunk)
+            for fresh in lanes.steps():
+                chunk_step.load(lanes, fresh, tokens, hints)
+                adapting = adapting and time.perf_counter() < stop_at  # local clock: this rank's adapters only
+                train_now = adapting and lanes.a_later_chunk_learns()
+                chunk_step(train_now)
+                ranges = lanes.scored_ranges()
+                n_tok += sum(hi - lo for lo, hi in ranges)
+                steps += train_now
+                for kind in ("score", "train")[:1 + train_now] if monitor else ():
+                    for lo, hi in ranges:
+                        monitor(kind, lo, hi)
         over = torch.tensor(float(not adapting or time.perf_counter() >= stop_at), device=device)
         if run.world_size > 1:
             dist.all_reduce(over, op=dist.ReduceOp.MAX)

@@ -574,11 +574,70 @@ def test_ttt_optimizer_settings_are_checked(kw, pattern):
         ttt_args(**kw).validate(1)
 
 
-def test_ttt_with_zero_lr_equals_sliding_eval(ttt_model):
+@pytest.mark.parametrize("kw, pattern", [
+    (dict(ttt_short_chunk=16), "TTT_SHORT_CHUNK=16 must be below TTT_SHORT_LEN"),  # TTT_SHORT_LEN 0: TTT_CHUNK's 16
+    (dict(ttt_short_chunk=20, ttt_short_len=20), "TTT_SHORT_CHUNK=20 must be below TTT_SHORT_LEN"),
+    (dict(ttt_short_chunk=64, ttt_short_len=100), "TTT_SHORT_CHUNK=64 must be in 0..63"),
+    (dict(ttt_short_chunk=-1), "TTT_SHORT_CHUNK=-1 must be >= 0"),
+    (dict(ttt_short_len=-1), "TTT_SHORT_LEN=-1 must be >= 0"),
+])
+def test_ttt_short_lane_settings_are_checked(kw, pattern):
+    ttt_args(ttt_short_chunk=15).validate(1)
+    ttt_args(ttt_short_chunk=63, ttt_short_len=100).validate(1)
+    with pytest.raises(T.ConfigError, match=pattern):
+        ttt_args(**kw).validate(1)
+
+
+def in_short_lane(length, args):
+    """Whether TTT scores a document of `length` targets in the short lane."""
+    return bool(args.ttt_short_chunk) and length <= (args.ttt_short_len or args.ttt_chunk)
+
+
+def chunk_of(length, args):
+    """The chunk length TTT scores a document of `length` targets in."""
+    return args.ttt_short_chunk if in_short_lane(length, args) else args.ttt_chunk
+
+
+def test_ttt_passes_split_each_phase_by_length():
+    """Off: one lanes pass, every document in chunks of TTT_CHUNK behind a cache of EVAL_SEQ_LEN -
+    TTT_CHUNK tokens. With TTT_SHORT_CHUNK: documents of more than TTT_SHORT_LEN targets (0:
+    TTT_CHUNK) first, then the others in chunks of TTT_SHORT_CHUNK behind a cache of all their
+    chunks but the last (at most the window's); on 1 and 2 ranks each rank's share of a phase
+    splits in two, each in the share's order (longest first), so the short ones are its tail,
+    and the ranks' short passes together hold every short document of the phase once."""
+    off = ttt_args()  # TTT_CHUNK 16, EVAL_SEQ_LEN 64
+    assert T.ttt_passes(off) == [T.ChunkPass(16, 48)]
+    main, short = T.ttt_passes(ttt_args(ttt_short_chunk=5))
+    assert main == T.ChunkPass(16, 48, longer_than=16) and short == T.ChunkPass(5, 15, up_to=16)  # chunks 0..3 of <= 16
+    assert T.ttt_passes(ttt_args(ttt_short_chunk=5, ttt_short_len=22))[1] == T.ChunkPass(5, 20, up_to=22)
+    assert T.ttt_passes(ttt_args(ttt_short_chunk=8, ttt_short_len=100))[1] == T.ChunkPass(8, 56, up_to=100)
+    args = ttt_args(ttt_short_chunk=5, ttt_phases=2)
+    lengths = (40, 16, 17, 3, 30, 12, 64, 1, 16, 25, 9, 50, 2)
+    spans = T.document_spans(as_stream(make_docs(lengths)), BOS)
+    for world in (1, 2):
+        per_phase = [[], []]
+        for rank in range(world):
+            for ph, mine in enumerate(T.ttt_phase_shares(spans, args, T.Run(rank, world))):
+                assert T.ttt_passes(off)[0].docs(mine) == mine
+                long_docs, short_docs = main.docs(mine), short.docs(mine)
+                assert long_docs + short_docs == mine
+                assert all(e - s > 16 for s, e in long_docs) and all(e - s <= 16 for s, e in short_docs)
+                per_phase[ph] += short_docs
+        for ph, group in enumerate(phase_docs(spans, args)):
+            assert sorted(per_phase[ph]) == sorted((s, e) for s, e in group if e - s <= 16)
+    assert all(per_phase)
+
+
+SHORT_LANE = dict(ttt_short_chunk=5, ttt_short_len=22)  # chunks of 16, and of 5 for documents of <= 22 targets
+
+
+@pytest.mark.parametrize("short", [{}, SHORT_LANE], ids=["one_lane", "short_lane"])
+def test_ttt_with_zero_lr_equals_sliding_eval(ttt_model, short):
     """lr 0 (adapters and global passes): every target scored once, with the same context as
     the doc-masked sliding evaluation when no document is longer than EVAL_SEQ_LEN -
-    EVAL_STRIDE, so the same loss, tokens and bytes; the weights are untouched."""
-    args = ttt_args(ttt_phases=3, ttt_batch_docs=2)
+    EVAL_STRIDE, so the same loss, tokens and bytes; the weights are untouched. With the short
+    lane too: its smaller chunks see all of their document before them (its cache)."""
+    args = ttt_args(ttt_phases=3, ttt_batch_docs=2, **short)
     lengths = (5, 40, 48, 17, 48, 3, 33, 30, 46, 1, 25, 47, 12, 44, 38, 29, 46, 21, 36, 41, 8, 45)
     assert max(lengths) <= args.eval_seq_len - args.eval_stride
     tokens = as_stream(make_docs(lengths))
@@ -715,26 +774,36 @@ def test_ttt_is_score_first(ttt_model, monkeypatch):
     assert differing_later > 0  # the global pass trained on the edit: later phases see it
 
 
-def check_score_first_monitor(events, spans, args, rows_per_step):
-    """The monitor's order (events: (kind, lo, hi, ...)): every target scored once; a chunk is
-    trained only after its score event, at most once; phases score in order; each global pass
-    trains on whole rows (at most `rows_per_step` a step) of its phase's documents, after all of
-    them were scored, before the next phase scores; none after the last phase."""
+def check_score_first_monitor(events, spans, args, rows_per_step, world=1, rank=0):
+    """The monitor's order (events: (kind, lo, hi, ...), of rank `rank` of `world`): every target
+    of the rank's documents scored once; a chunk (of TTT_CHUNK, or of TTT_SHORT_CHUNK in a short
+    document) is trained only after its score event, at most once; phases score in order, within
+    a phase the short documents after the others; each global pass trains on whole rows (at most
+    `rows_per_step` a step) of its phase's documents, after all of them were scored, before the
+    next phase scores; none after the last phase."""
     n = spans[-1][1]
     phase = phase_of_target(spans, args)
-    groups = phase_docs(spans, args)
-    assert_scored_once([e[:3] for e in events], n)
+    groups = phase_docs(spans, args, world, rank)
+    if world == 1:
+        assert_scored_once([e[:3] for e in events], n)
+    starts = [s for s, _ in spans]
     scored = np.zeros(n, dtype=bool)
     trained = np.zeros(n, dtype=bool)
-    cur_phase, globals_seen = 0, [0] * len(groups)
+    cur_phase, globals_seen, short_seen = 0, [0] * len(groups), False
     for kind, lo, hi, *_ in events:
+        if kind in ("score", "train"):  # a chunk of one document
+            s, e = spans[bisect.bisect_right(starts, lo) - 1]
+            C = chunk_of(e - s, args)
+            assert hi <= e and (lo - s) % C == 0 and hi - lo <= C, (kind, lo, hi)
         if kind == "score":
-            assert phase(lo) == phase(hi - 1) >= cur_phase
+            assert phase(lo) == phase(hi - 1) >= cur_phase and not scored[lo:hi].any()
+            short_seen = short_seen and phase(lo) == cur_phase
+            assert in_short_lane(e - s, args) or not short_seen, (lo, hi)  # short documents after the others
+            short_seen = in_short_lane(e - s, args)
             cur_phase = phase(lo)
             scored[lo:hi] = True
         elif kind == "train":
             assert scored[lo:hi].all() and not trained[lo:hi].any(), (lo, hi)
-            assert hi - lo <= args.ttt_chunk
             trained[lo:hi] = True
         else:
             assert kind == "global"
@@ -744,7 +813,9 @@ def check_score_first_monitor(events, spans, args, rows_per_step):
             for s, e in mine:  # every document of the phase fully scored
                 assert scored[s:e].all()
             globals_seen[cur_phase] += 1
-    assert all(globals_seen[:-1]) and globals_seen[-1] == 0
+    whole_row = [sum(e - s for s, e in mine) >= args.eval_seq_len for mine in groups]  # else no rows of its own
+    assert all(g or not w for g, w in zip(globals_seen[:-1], whole_row)) and globals_seen[-1] == 0
+    assert all(scored[s:e].all() for mine in groups for s, e in mine)
     return trained
 
 
@@ -775,10 +846,16 @@ SCORE_FIRST_RECIPES = {
     "keep_a_beta1_0_eps_alpha": dict(ttt_keep_a=True, ttt_beta1=0.0, ttt_eps=1e-10, ttt_alpha=8.0),
     "ngram_tilt": dict(ngram_tilt=True, ngram_max=4, ngram_min_count=1),
     "all_together": dict(ttt_keep_a=True, ttt_beta1=0.0, ttt_eps=1e-10, ttt_alpha=8.0, ngram_tilt=True, ngram_max=4, ngram_min_count=1),
+    # documents of <= 32 targets in chunks of 5 (the 30-, 9-, 31-, 16-, 23- and 12-token ones)
+    "short_lane": dict(ttt_short_chunk=5, ttt_short_len=32),
+    "short_lane_all_together": dict(ttt_keep_a=True, ttt_beta1=0.0, ttt_eps=1e-10, ttt_alpha=8.0, ngram_tilt=True, ngram_max=4,
+                                    ngram_min_count=1, ttt_short_chunk=5, ttt_short_len=32),
 }
 # (the edited document's index and length, its offsets edited): the 60-token document of
-# phase 0, in its last chunk (48..59); the 52-token document of phase 1, in its chunk 1 (16..31)
-SCORE_FIRST_EDITS = {"phase0_last_chunk": (0, 60, 52, 56), "phase1_middle_chunk": (9, 52, 24, 28)}
+# phase 0, in its last chunk (48..59); the 52-token document of phase 1, in its chunk 1 (16..31);
+# the 30-token document of phase 0 in its chunk 1 (5..9 in the short lane, else 0..15)
+SCORE_FIRST_EDITS = {"phase0_last_chunk": (0, 60, 52, 56), "phase1_middle_chunk": (9, 52, 24, 28),
+                     "phase0_short_document": (1, 30, 7, 9)}
 
 
 @pytest.mark.parametrize("edit", SCORE_FIRST_EDITS)
@@ -818,7 +895,8 @@ def test_ttt_recipe_settings_are_score_first(ttt_model, monkeypatch, recipe, edi
     assert res["ttt_steps"] > 0
     trained = check_score_first_monitor(events, spans, args, rows)
     for s, e in spans:  # every chunk but a document's last was trained on
-        assert trained[s:s + (e - s - 1) // args.ttt_chunk * args.ttt_chunk].all(), (s, e)
+        C = chunk_of(e - s, args)
+        assert trained[s:s + (e - s - 1) // C * C].all(), (s, e)
 
     doc, length, o0, o1 = SCORE_FIRST_EDITS[edit]
     s = spans[doc][0]
@@ -871,11 +949,13 @@ def test_ttt_scores_a_trained_chunk_before_training_on_it(ttt_model, monkeypatch
     assert not torch.equal(a, b)  # the next chunk did learn from (and attend to) the edited one
 
 
-def test_ttt_chunk_steps_have_fixed_shapes_and_buffers(ttt_model):
+@pytest.mark.parametrize("short", [{}, dict(ttt_short_chunk=6, ttt_short_len=33)], ids=["one_lane", "short_lane"])
+def test_ttt_chunk_steps_have_fixed_shapes_and_buffers(ttt_model, short):
     """What lets one CUDA graph replay every chunk step: across batches (one short), documents
     that end early and phases, every scoring forward gets (TTT_BATCH_DOCS, TTT_CHUNK) inputs in
-    the same tensors, and each layer's cache keeps its buffers."""
-    args = ttt_args(ttt_phases=2, ttt_batch_docs=3, ttt_lr=0.02, ttt_global_lr=0.05)
+    the same tensors, and each layer's cache keeps its buffers. With the short lane, its steps
+    have shapes and buffers of their own (its own graph), as fixed."""
+    args = ttt_args(ttt_phases=2, ttt_batch_docs=3, ttt_lr=0.02, ttt_global_lr=0.05, **short)
     docs = make_docs((150, 70, 20, 97, 5, 33, 61), seed=4)
     m, seen, buffers = copy.deepcopy(ttt_model), [], {}
     forward = m.forward
@@ -884,12 +964,56 @@ def test_ttt_chunk_steps_have_fixed_shapes_and_buffers(ttt_model):
         if cache is not None:
             seen.append((ids.shape, ids.data_ptr(), targets.data_ptr(), cache.mask.data_ptr()))
             for slot, kv in cache.kv.items():
-                assert buffers.setdefault(slot, [t.data_ptr() for t in kv]) == [t.data_ptr() for t in kv]
+                key = (cache.mask.data_ptr(), slot)
+                assert buffers.setdefault(key, [t.data_ptr() for t in kv]) == [t.data_ptr() for t in kv]
         return forward(ids, targets, reduction, cache, **kw)
     m.forward = recording
     res = T.evaluate_with_ttt(m, as_stream(docs), LUTS, args, T.Run(0, 1, CPU, lambda s: None))
-    assert res["ttt_steps"] > 0 and len(seen) > 10 and len(buffers) == args.num_layers
-    assert len(set(seen)) == 1 and seen[0][0] == (args.ttt_batch_docs, args.ttt_chunk)
+    shapes = [(args.ttt_batch_docs, args.ttt_chunk)] + ([(args.ttt_batch_docs, args.ttt_short_chunk)] if short else [])
+    assert res["ttt_steps"] > 0 and len(seen) > 10 and len(buffers) == args.num_layers * len(shapes)
+    assert len(set(seen)) == len(shapes) and sorted({s[0] for s in seen}, reverse=True) == shapes
+    assert len({s[1:] for s in seen}) == len(shapes)  # every tensor of the two steps its own
+
+
+def short_document_scores(model, monkeypatch, tokens, doc, args):
+    """TTT's per-target scores of the document `doc` (a span) of `tokens`, from its scoring
+    forwards (found by their inputs: its chunks), and the monitor's events."""
+    m, calls, events = copy.deepcopy(model), [], []
+    record_score_calls(monkeypatch, m, calls)
+    T.evaluate_with_ttt(m, tokens, LUTS, args, T.Run(0, 1, CPU, lambda s: None),
+                        monitor=lambda *e: events.append(e))
+    rows = {tuple(x[r].tolist()): n[r] for x, _, n in calls for r in range(x.size(0))}
+    s, e = doc
+    C = chunk_of(e - s, args)
+    nll = []
+    for lo in range(s, e, C):
+        ids = tokens[lo:min(lo + C, e)].tolist()
+        nll.append(rows[tuple(ids + [BOS] * (C - len(ids)))][:len(ids)])
+    return torch.cat(nll), events
+
+
+def test_ttt_short_lane_trains_a_short_document_chunk_by_chunk(ttt_model, monkeypatch):
+    """A document of 14 targets, no longer than TTT_CHUNK, is scored in one chunk: adapting
+    changes none of its scores. In the short lane (chunks of 5) its first chunk scores as
+    without adapting (its row's adapters start afresh) and its later chunks, each scored after
+    the adapter step on the chunk before it (the monitor), score otherwise; at lr 0 the lanes
+    score alike (the same context)."""
+    tokens = as_stream(make_docs((40, 14, 50), seed=3))
+    doc = T.document_spans(tokens, BOS)[1]
+    s, e = doc
+    assert e - s == 14
+    scores = {}
+    for name, kw in {"off": {}, "short": dict(ttt_short_chunk=5)}.items():
+        for lr in (0.0, 0.05):
+            args = ttt_args(ttt_phases=1, ttt_batch_docs=2, ttt_lr=lr, **kw)
+            scores[name, lr], events = short_document_scores(ttt_model, monkeypatch, tokens, doc, args)
+    assert torch.equal(scores["off", 0.0], scores["off", 0.05])
+    torch.testing.assert_close(scores["short", 0.0], scores["off", 0.0], atol=1e-5, rtol=1e-5)
+    assert torch.equal(scores["short", 0.0][:5], scores["short", 0.05][:5])
+    for lo in (5, 10):
+        assert not torch.equal(scores["short", 0.0][lo:lo + 5], scores["short", 0.05][lo:lo + 5])
+        assert events.index(("train", s + lo - 5, s + lo)) < events.index(("score", s + lo, min(s + lo + 5, e)))
+    assert ("train", s + 10, e) not in events  # alone in its lane: no later chunk would learn from it
 
 
 def test_ttt_with_varlen_backend_scores_like_math(ttt_model, monkeypatch):
@@ -1034,6 +1158,31 @@ def test_ttt_logs_once_when_the_time_budget_runs_out(ttt_model, monkeypatch):
     assert len(spent) == 1 and f"after {res['ttt_steps']} adapter steps" in spent[0]
 
 
+def test_ttt_time_budget_covers_the_short_lane(ttt_model, monkeypatch):
+    """The clock (a fake) moves one second per adapter step of a short document, past
+    TTT_MAX_SECONDS=0.5: phase 0's short lane stops adapting after its first step, and the phase's
+    check after both lanes sees it: no global pass, phase 1 only scores, every target once."""
+    now = fake_clock(monkeypatch)
+    args = ttt_args(ttt_phases=2, ttt_batch_docs=2, ttt_lr=0.05, ttt_global_lr=0.05, ttt_max_seconds=0.5, **SHORT_LANE)
+    tokens = as_stream(make_docs((40, 12, 50, 18, 33, 61, 17, 9, 44, 20), seed=4))
+    spans = T.document_spans(tokens, BOS)
+    phase, starts = phase_of_target(spans, args), [s for s, _ in spans]
+    events, logs = [], []
+
+    def monitor(kind, lo, hi):
+        s, e = spans[bisect.bisect_right(starts, lo) - 1] if kind != "global" else (0, 0)
+        events.append((kind, lo, hi, phase(lo) if kind != "global" else None, in_short_lane(e - s, args)))
+        if kind == "train" and in_short_lane(e - s, args):
+            now[0] += 1.0
+    res = T.evaluate_with_ttt(copy.deepcopy(ttt_model), tokens, LUTS, args, T.Run(0, 1, CPU, logs.append), monitor=monitor)
+    assert_scored_once([e[:3] for e in events], tokens.numel() - 1)
+    trains = [(p, short) for k, _, _, p, short in events if k == "train"]
+    assert (0, False) in trains and 0 < trains.count((0, True)) <= args.ttt_batch_docs  # one step's chunks
+    assert not any(k == "global" for k, *_ in events) and all(p == 0 for p, _ in trains)
+    assert any(k == "score" and short and p == 1 for k, _, _, p, short in events)
+    assert len([s for s in logs if "scoring only from here" in s]) == 1 and res["tokens"] == tokens.numel() - 1
+
+
 def test_ttt_learns_repeated_text(ttt_model):
     """Documents that repeat a short random pattern: adapting to each document's own text (no
     global pass) lowers the loss well below the model's."""
@@ -1051,7 +1200,9 @@ def test_ttt_learns_repeated_text(ttt_model):
 # per phase of 4: rank 0 gets the longest and the third (at least 2 rows of 64 in phases 0 and 1,
 # which have a global pass), rank 1 the others (less than one row)
 TTT_DIST_LENGTHS = (120, 30, 20, 10, 100, 40, 30, 20, 33, 17, 29, 61)
-TTT_DIST_CASES = {"lr0": dict(), "lr": dict(ttt_lr=0.03, ttt_global_lr=0.05)}
+TTT_DIST_CASES = {"lr0": dict(), "lr": dict(ttt_lr=0.03, ttt_global_lr=0.05),  # the short lane: documents of <= 30 targets
+                  "short_lr0": dict(ttt_short_chunk=7, ttt_short_len=30),
+                  "short": dict(ttt_lr=0.03, ttt_global_lr=0.05, ttt_short_chunk=7, ttt_short_len=30)}
 
 
 def _ttt_dist_worker(rank, world, init_file, out_prefix):
@@ -1074,7 +1225,8 @@ def _ttt_dist_worker(rank, world, init_file, out_prefix):
 def test_ttt_two_processes(ttt_model, tmp_path):
     """On 2 ranks: lr 0 gives the 1-rank loss and exactly its counts, the ranks' score ranges
     tile the targets; with learning rates both ranks end with the same weights (the global
-    passes all-reduce the gradients), which did move, and report the same loss."""
+    passes all-reduce the gradients), which did move, and report the same loss. With the short
+    lane the same, each rank's events score-first (the monitor), short documents on both ranks."""
     mp.spawn(_ttt_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "res")), nprocs=2, join=True)
     r0, r1 = (torch.load(str(tmp_path / f"res.{r}")) for r in range(2))
     tokens = as_stream(make_docs(TTT_DIST_LENGTHS, seed=5))
@@ -1094,6 +1246,19 @@ def test_ttt_two_processes(ttt_model, tmp_path):
         assert torch.equal(sa[k], sb[k]), k
     init = ttt_model.state_dict()
     assert any(not torch.equal(sa[k], init[k]) for k in sa)
+    (a, ev_a, _), (b, ev_b, _) = r0["short_lr0"], r1["short_lr0"]
+    assert a["tokens"] == b["tokens"] == n and a["bytes"] == b["bytes"] == one["bytes"]
+    assert a["val_loss"] == b["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+    args = ttt_args(ttt_phases=3, ttt_batch_docs=2, **TTT_DIST_CASES["short"])
+    (a, ev_a, sa), (b, ev_b, sb) = r0["short"], r1["short"]
+    assert a["val_loss"] == b["val_loss"] != r0["lr"][0]["val_loss"] and a["tokens"] == n
+    assert_scored_once(ev_a + ev_b, n)
+    spans = T.document_spans(tokens, BOS)
+    for rank, ev in enumerate((ev_a, ev_b)):
+        check_score_first_monitor(ev, spans, args, args.ttt_batch_docs, world=2, rank=rank)
+        assert any(k == "train" and in_short_lane(e - s, args) for k, lo, _ in ev for s, e in spans if s <= lo < e)
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
 
 
 # ----------------------------------------------------------------------------- EVAL_ONLY (subprocess)
@@ -1426,6 +1591,31 @@ def test_eval_only_reproduces_the_runs_ttt_score(smoke_dataset, tmp_path):
     # no sliding pass: no stream-order hints are built for it, and TTT scores as before
     assert "n-gram tilt (stream order)" not in runs[3] and "n-gram tilt (TTT's order)" in runs[3]
     assert final_line(runs[3], "ttt") == final_line(runs[1], "ttt")
+
+
+@pytest.mark.slow
+def test_eval_only_ttt_with_the_short_lane(trained_run, smoke_dataset, tmp_path):
+    """EVAL_ONLY through the script with TTT and TTT_SHORT_CHUNK: the short lane takes the short
+    documents (its log line), TTT adapts and scores every target, otherwise than without it."""
+    _, artifact, _ = trained_run
+    data_dir, tok, _ = smoke_dataset
+    ttt = dict(EVAL_ONLY=artifact, SKIP_SLIDING_EVAL=1, TTT_ENABLED=1, TTT_CHUNK=16, TTT_RANK=4, TTT_BATCH_DOCS=4,
+               TTT_PHASES=2, TTT_LR=0.01)
+    runs = []
+    for run_id, extra in (("off", {}), ("short", dict(TTT_SHORT_CHUNK=8, TTT_SHORT_LEN=80))):
+        env = clean_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path, **{**TINY_RUN, **ttt, **extra, "RUN_ID": run_id})
+        p = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "train_gpt.py")], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        runs.append(p.stdout)
+    assert "ttt short lane" not in runs[0]
+    m = re.search(r"^ttt short lane: (\d+) documents of <= 80 targets \((\d+) targets\) in chunks of 8", runs[1], re.M)
+    assert m and int(m.group(1)) > 0, runs[1][-3000:]
+    steps = [int(re.search(r"bpb vs \w+, (\d+) adapter steps", r).group(1)) for r in runs]
+    assert steps[1] > steps[0] > 0  # the short documents' chunks train too
+    assert final_line(runs[1], "ttt") != final_line(runs[0], "ttt")
+    scored = [re.findall(r"^ttt phase 2/2 done at .*: (\d+) targets scored here", r, re.M) for r in runs]
+    assert scored[0] == scored[1] != []
 
 
 @pytest.mark.slow

@@ -99,11 +99,14 @@ def test_hints_in_ttts_order_equal_the_rule_written_out():
                 assert torch.equal(hints, reference_hints(tokens, args, schedule)), (kw, seed)
 
 
-def test_ttt_schedule_follows_the_lanes():
+@pytest.mark.parametrize("short", [{}, dict(ttt_short_chunk=3, ttt_short_len=20)], ids=["one_lane", "short_lane"])
+def test_ttt_schedule_follows_the_lanes(short):
     """ttt_schedule gives each target the phase, rank and step of the chunk that scores it: on one
     rank recorded from a TTT run's monitor (a range's targets share their step; steps count up
-    within each phase, a row per document); on two ranks each rank's lane holds its share."""
-    args = ngram_args(ttt_phases=2, ttt_batch_docs=2)
+    within each phase, a row per document); on two ranks each rank's lane holds its share. With
+    the short lane (the 20-, 20- and 12-target documents in chunks of 3), its steps follow the
+    other documents' in each phase, as the run scores them."""
+    args = ngram_args(ttt_phases=2, ttt_batch_docs=2, **short)
     model = randomized_model(args, seed=1)
     tokens = repetitive_stream(3, n_docs=7)
     luts = T.ByteLUTs(torch.ones(48, dtype=torch.long), torch.zeros(48, dtype=torch.bool), torch.zeros(48, dtype=torch.bool))
@@ -125,7 +128,20 @@ def test_ttt_schedule_follows_the_lanes():
         for ph, mine in enumerate(T.ttt_phase_shares(spans, args, T.Run(rank, 2))):
             for s, e in mine:
                 assert bool((lane2[s + 1:e + 1] == rank).all()) and bool((phase2[s + 1:e + 1] == ph + 1).all())
-    assert torch.equal(phase2, phase) and int(step2.max()) < int(step.max())
+    # fewer steps a rank on two (with the short lane here, a 20-target document in chunks of 3 binds)
+    assert torch.equal(phase2, phase) and (short or int(step2.max()) < int(step.max()))
+    if short:  # per phase and rank, every step of a short document after every step of a long one
+        lengths = [e - s for s, e in spans]
+        assert sorted(lengths) == [12, 20, 20, 23, 32, 33, 41]
+        for ph, ln, st in ((phase, lane, step), (phase2, lane2, step2)):
+            for key in set(zip(ph[1:].tolist(), ln[1:].tolist())):
+                steps = {True: [], False: []}
+                for s, e in spans:
+                    if (int(ph[s + 1]), int(ln[s + 1])) == key:
+                        steps[e - s <= 20] += st[s + 1:e + 1].tolist()
+                assert not steps[True] or not steps[False] or max(steps[False]) < min(steps[True])
+                assert steps[True] or key[1] == 1
+        assert len([lo for lo, hi in scored if hi - lo <= 3]) > 3
 
 
 def test_a_hint_depends_only_on_the_tokens_before_its_target():
