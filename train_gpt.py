@@ -27,6 +27,7 @@ import time
 import tokenize
 import traceback
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 from typing import Callable, NamedTuple
@@ -283,6 +284,7 @@ class RunSettings:
     attn_backend: str = "auto"  # auto (FA3, else FA4, else flex/sdpa) | fa3 | fa4 | flex | sdpa | math
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
     device: str = "auto"
+    loader_prefetch: bool = False  # the next micro-batch read by a thread (pinned on CUDA): off until a GPU measures it
 
 
 def settings_part(settings, cls):
@@ -567,13 +569,15 @@ class TokenStream:
     def state(self):
         return self.file_idx, self.pos
 
-    def restore(self, state):
+    def restore(self, state, tokens=None):
+        """Back to `state`; `tokens`: its shard, already loaded (by a copy of this stream)."""
         if state[0] != self.file_idx:
-            self.tokens = load_shard(self.files[state[0]], self.vocab_size)
+            self.tokens = load_shard(self.files[state[0]], self.vocab_size) if tokens is None else tokens
         self.file_idx, self.pos = state
 
-    def take(self, n):
-        out, got = np.empty(n, dtype=np.int64), 0
+    def take(self, n, out=None):
+        """The next n tokens as int64 (into `out`, n int64, if given)."""
+        out, got = np.empty(n, dtype=np.int64) if out is None else out, 0
         while got < n:
             if self.pos >= len(self.tokens):
                 self.restore(((self.file_idx + 1) % len(self.files), 0))
@@ -582,19 +586,66 @@ class TokenStream:
             got, self.pos = got + k, self.pos + k
         return out
 
+    def skip(self, n):
+        """Past the next n tokens without reading them (another rank's), ending where take(n) would."""
+        while n > 0:
+            if self.pos >= len(self.tokens):
+                self.restore(((self.file_idx + 1) % len(self.files), 0))
+            k = min(n, len(self.tokens) - self.pos)
+            n, self.pos = n - k, self.pos + k
+
+
+def read_rank_span(stream, span, run, pin=False):
+    """This rank's `span` tokens of the next chunk of world_size spans (the others' are skipped) ->
+    int64 tensor (in pinned memory if `pin`)."""
+    stream.skip(run.rank * span)
+    mine = torch.empty(span, dtype=torch.int64, pin_memory=pin) if pin else None
+    tokens = stream.take(span, None if mine is None else mine.numpy())
+    stream.skip((run.world_size - 1 - run.rank) * span)
+    return torch.from_numpy(tokens) if mine is None else mine
+
+
+def _read_ahead(stream, span, run, pin):
+    """The prefetch thread's work, on its own copy of the stream -> (tokens, end state, its shard)."""
+    return read_rank_span(stream, span, run, pin), stream.state(), stream.tokens
+
 
 class DistributedLoader:
-    """All ranks walk one stream, each taking its slice of each chunk."""
+    """All ranks walk one stream, each reading its slice of each chunk. With `prefetch`, a thread reads
+    the next micro-batch of the same shape ahead (pinned memory on CUDA); the stream moves only when a
+    batch is handed out, so state()/restore() and a change of shape see the batches of the plain path."""
 
-    def __init__(self, files, vocab_size, run):
+    def __init__(self, files, vocab_size, run, prefetch=False):
         self.stream = TokenStream(files, vocab_size)
         self.run = run
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch") if prefetch else None
+        self._ahead = None  # ((stream state, seqs, seq_len) it was read for, future)
 
     def next_batch(self, seqs, seq_len):
         span, run = seqs * seq_len + 1, self.run
-        chunk = self.stream.take(span * run.world_size)
-        mine = torch.from_numpy(chunk[run.rank * span:(run.rank + 1) * span])
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == (self.stream.state(), seqs, seq_len):
+            mine, end, shard = self._collect(ahead[1])
+            self.stream.restore(end, shard)
+        else:  # none read ahead, or for another position (a restore) or shape: read here
+            mine = read_rank_span(self.stream, span, run)
+        if self._pool is not None:
+            self._ahead = ((self.stream.state(), seqs, seq_len), self._pool.submit(
+                _read_ahead, copy.copy(self.stream), span, run, run.device.type == "cuda"))
         return tuple(t.view(seqs, seq_len).to(run.device, non_blocking=True) for t in (mine[:-1], mine[1:]))
+
+    @staticmethod
+    def _collect(future):
+        try:
+            return future.result()
+        except Exception as e:
+            raise DataError(f"reading the next training batch ahead failed: {type(e).__name__}: {e}") from e
+
+    def close(self):
+        """Ends the prefetch thread (a batch it is reading is finished first)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._ahead = None, None
 
 
 # ----- model
@@ -3420,7 +3471,7 @@ def train_and_score(args, run, paths, t_start):
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     train_files = find_shards(args.data_path, "train")
     val_tokens, byte_source, data, sidecar = load_scoring_data(args, run, luts, train_files)
-    loader = DistributedLoader(train_files, args.vocab_size, run)
+    loader = DistributedLoader(train_files, args.vocab_size, run, args.loader_prefetch)
     groups = zip(("banks", "tables", "scalars"), model.param_groups())
     log(f"parameters: {_numel(model.parameters())} total = " + " + ".join(f"{k} {_numel(g)}" for k, g in groups))
     compiled = _maybe_compile(model, args, run.device)
@@ -3432,6 +3483,7 @@ def train_and_score(args, run, paths, t_start):
     stats = train(args, model, compiled, opt, loader, run, clock, budget_bytes)
     written = quantize_and_write(args, model, loader, budget_bytes, code_bytes, paths["artifact"], run, clock, sidecar,
                                  stats.qat_clip)
+    loader.close()  # calibration read the last batches
     t_eval, wall = time.perf_counter(), clock.local()  # the evaluation's clock starts; training's ends
     log_wall_clock(args, stats, written, wall, log)
     check_ranks_agree(model, run)
