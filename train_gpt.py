@@ -1369,10 +1369,11 @@ def _all_reduce_sum(t):
 
 
 def _from_rank0(value, world_size, device):
-    """Rank 0's float `value` on every rank."""
-    t = torch.tensor(float(value), dtype=torch.float64, device=device)
-    if world_size > 1:
-        dist.broadcast(t, 0)
+    """Rank 0's float `value` on every rank (one rank: no trip through the device)."""
+    if world_size == 1:
+        return float(value)
+    t = torch.full((), float(value), dtype=torch.float64, device=device)  # a fill: no copy that waits
+    dist.broadcast(t, 0)
     return float(t)
 
 
@@ -1434,11 +1435,12 @@ class ParallelMuon:
 
     @torch.no_grad()
     def step(self, clip_coef=1.0):
+        """`clip_coef`: a float, or a device tensor (clip_coefficient's: applied even where it is 1)."""
         mu, lr, wd = self.momentum, self.lr, self.weight_decay
         pending = []
         for p, g in zip(self.banks, self._shards):
             st = self.state[p]
-            if clip_coef != 1.0:
+            if torch.is_tensor(clip_coef) or clip_coef != 1.0:
                 g = g * clip_coef
             buf = st["buf"]
             buf.mul_(mu).add_(g)
@@ -1451,6 +1453,14 @@ class ParallelMuon:
             update = wait()[: p.size(0)]
             p.mul_(1.0 - lr * wd).add_(update.to(p.dtype), alpha=-lr)
         self._shards = None
+
+
+def clip_coefficient(norm, clip):
+    """clip / (norm + 1e-6) where the float32 `norm` > clip, else 1, computed on norm's device (no
+    wait for the host) in float64 as Python did with float(norm), then float32 as the kernels round a
+    Python scalar for float32 gradients: the same bits, and x * 1 is x."""
+    n = norm.double()
+    return torch.where(n > clip, torch.full_like(n, clip) / (n + 1e-6), 1.0).float()
 
 
 def flat_all_reduce_avg(tensors):
@@ -1494,7 +1504,8 @@ class Optimizers:
         self.muon.momentum = momentum
 
     def step(self):
-        """Sync, clip by global norm, step both; returns the norm."""
+        """Sync, clip by global norm, step both; returns the norm (a float32 tensor on the device: read it
+        with the loss, one wait per step)."""
         for p in self.other_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -1504,12 +1515,11 @@ class Optimizers:
         finish_small()
         bank_sq = _all_reduce_sum(torch.stack([s.float().square().sum() for s in shards]).sum())  # disjoint shards
         small_sq = sum(p.grad.float().square().sum() for p in self.other_params)
-        norm = float(torch.sqrt(bank_sq + small_sq))
+        norm = torch.sqrt(bank_sq + small_sq)
         coef = 1.0
-        if self.args.grad_clip_norm > 0 and norm > self.args.grad_clip_norm:
-            coef = self.args.grad_clip_norm / (norm + 1e-6)
-            for p in self.other_params:
-                p.grad.mul_(coef)
+        if self.args.grad_clip_norm > 0:
+            coef = clip_coefficient(norm, self.args.grad_clip_norm)
+            torch._foreach_mul_([p.grad for p in self.other_params], coef)
         self.adam.step()
         self.muon.step(coef)
         return norm
@@ -2918,7 +2928,7 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
         if plan.qat_on and qat_step is None:
             qat_step, qat_clip = step, start_late_qat(args, model, budget_bytes, step, plan.lr_scale, run)
         loss, norm = one_step(plan)
-        loss_v = loss.item()  # sync: the clock measures finished work
+        loss_v, norm = torch.stack([loss, norm]).tolist()  # the one wait for the device: the clock measures finished work
         if not math.isfinite(norm):  # all-reduced: all ranks stop alike
             raise FloatingPointError(f"non-finite gradients at step {step}, loss {loss_v} (lower the learning rates?)")
         step += 1
