@@ -605,6 +605,14 @@ def read_rank_span(stream, span, run, pin=False):
     return torch.from_numpy(tokens) if mine is None else mine
 
 
+def _prefetch_thread(device):
+    """One thread; on CUDA it pins memory with the rank's GPU current (a new thread's is GPU 0)."""
+    if device.type != "cuda":
+        return ThreadPoolExecutor(1, "batch-prefetch")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return ThreadPoolExecutor(1, "batch-prefetch", torch.cuda.set_device, (index,))
+
+
 def _read_ahead(stream, span, run, pin):
     """The prefetch thread's work, on its own copy of the stream -> (tokens, end state, its shard)."""
     return read_rank_span(stream, span, run, pin), stream.state(), stream.tokens
@@ -618,7 +626,7 @@ class DistributedLoader:
     def __init__(self, files, vocab_size, run, prefetch=False):
         self.stream = TokenStream(files, vocab_size)
         self.run = run
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch") if prefetch else None
+        self._pool = _prefetch_thread(run.device) if prefetch else None
         self._ahead = None  # ((stream state, seqs, seq_len) it was read for, future)
 
     def next_batch(self, seqs, seq_len):

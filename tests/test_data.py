@@ -479,7 +479,7 @@ def _walk(loader, stream, requests=_REQUESTS):
         else:
             x, y = loader.next_batch(*req)
             assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == req
-            out.append((x.numpy().copy(), y.numpy().copy(), stream.state()))
+            out.append((x.cpu().numpy().copy(), y.cpu().numpy().copy(), stream.state()))
     return out
 
 
@@ -514,13 +514,15 @@ def _read_by_thread(monkeypatch):
     return readers
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA"))])  # CUDA: read into pinned memory, copied without waiting
 @pytest.mark.parametrize("world", [1, 2])
-def test_prefetch_gives_the_batches_and_states_of_the_plain_loader(three_shards, monkeypatch, world):
+def test_prefetch_gives_the_batches_and_states_of_the_plain_loader(three_shards, monkeypatch, world, device):
     files, _ = three_shards
     readers = _read_by_thread(monkeypatch)
     for rank in range(world):
-        plain = T.DistributedLoader(files, 200, T.Run(rank, world, torch.device("cpu")))
-        ahead = T.DistributedLoader(files, 200, T.Run(rank, world, torch.device("cpu")), prefetch=True)
+        plain = T.DistributedLoader(files, 200, T.Run(rank, world, torch.device(device)))
+        ahead = T.DistributedLoader(files, 200, T.Run(rank, world, torch.device(device)), prefetch=True)
         expected = _walk(plain, plain.stream)
         readers.clear()
         _assert_same_walk(_walk(ahead, ahead.stream), expected)
