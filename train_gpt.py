@@ -27,6 +27,7 @@ import time
 import tokenize
 import traceback
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import ClassVar
 from typing import Callable, NamedTuple
@@ -303,6 +304,7 @@ class RunSettings:
     attn_backend: str = "auto"  # auto (FA3, else FA4, else flex/sdpa) | fa3 | fa4 | flex | sdpa | math
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
     device: str = "auto"
+    loader_prefetch: bool = False  # the next micro-batch read by a thread (pinned on CUDA): off until a GPU measures it
 
 
 def settings_part(settings, cls):
@@ -595,13 +597,15 @@ class TokenStream:
     def state(self):
         return self.file_idx, self.pos
 
-    def restore(self, state):
+    def restore(self, state, tokens=None):
+        """Back to `state`; `tokens`: its shard, already loaded (by a copy of this stream)."""
         if state[0] != self.file_idx:
-            self.tokens = load_shard(self.files[state[0]], self.vocab_size)
+            self.tokens = load_shard(self.files[state[0]], self.vocab_size) if tokens is None else tokens
         self.file_idx, self.pos = state
 
-    def take(self, n):
-        out, got = np.empty(n, dtype=np.int64), 0
+    def take(self, n, out=None):
+        """The next n tokens as int64 (into `out`, n int64, if given)."""
+        out, got = np.empty(n, dtype=np.int64) if out is None else out, 0
         while got < n:
             if self.pos >= len(self.tokens):
                 self.restore(((self.file_idx + 1) % len(self.files), 0))
@@ -610,19 +614,74 @@ class TokenStream:
             got, self.pos = got + k, self.pos + k
         return out
 
+    def skip(self, n):
+        """Past the next n tokens without reading them (another rank's), ending where take(n) would."""
+        while n > 0:
+            if self.pos >= len(self.tokens):
+                self.restore(((self.file_idx + 1) % len(self.files), 0))
+            k = min(n, len(self.tokens) - self.pos)
+            n, self.pos = n - k, self.pos + k
+
+
+def read_rank_span(stream, span, run, pin=False):
+    """This rank's `span` tokens of the next chunk of world_size spans (the others' are skipped) ->
+    int64 tensor (in pinned memory if `pin`)."""
+    stream.skip(run.rank * span)
+    mine = torch.empty(span, dtype=torch.int64, pin_memory=pin) if pin else None
+    tokens = stream.take(span, None if mine is None else mine.numpy())
+    stream.skip((run.world_size - 1 - run.rank) * span)
+    return torch.from_numpy(tokens) if mine is None else mine
+
+
+def _prefetch_thread(device):
+    """One thread; on CUDA it pins memory with the rank's GPU current (a new thread's is GPU 0)."""
+    if device.type != "cuda":
+        return ThreadPoolExecutor(1, "batch-prefetch")
+    index = torch.cuda.current_device() if device.index is None else device.index
+    return ThreadPoolExecutor(1, "batch-prefetch", torch.cuda.set_device, (index,))
+
+
+def _read_ahead(stream, span, run, pin):
+    """The prefetch thread's work, on its own copy of the stream -> (tokens, end state, its shard)."""
+    return read_rank_span(stream, span, run, pin), stream.state(), stream.tokens
+
 
 class DistributedLoader:
-    """All ranks walk one stream, each taking its slice of each chunk."""
+    """All ranks walk one stream, each reading its slice of each chunk. With `prefetch`, a thread reads
+    the next micro-batch of the same shape ahead (pinned memory on CUDA); the stream moves only when a
+    batch is handed out, so state()/restore() and a change of shape see the batches of the plain path."""
 
-    def __init__(self, files, vocab_size, run):
+    def __init__(self, files, vocab_size, run, prefetch=False):
         self.stream = TokenStream(files, vocab_size)
         self.run = run
+        self._pool = _prefetch_thread(run.device) if prefetch else None
+        self._ahead = None  # ((stream state, seqs, seq_len) it was read for, future)
 
     def next_batch(self, seqs, seq_len):
         span, run = seqs * seq_len + 1, self.run
-        chunk = self.stream.take(span * run.world_size)
-        mine = torch.from_numpy(chunk[run.rank * span:(run.rank + 1) * span])
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == (self.stream.state(), seqs, seq_len):
+            mine, end, shard = self._collect(ahead[1])
+            self.stream.restore(end, shard)
+        else:  # none read ahead, or for another position (a restore) or shape: read here
+            mine = read_rank_span(self.stream, span, run)
+        if self._pool is not None:
+            self._ahead = ((self.stream.state(), seqs, seq_len), self._pool.submit(
+                _read_ahead, copy.copy(self.stream), span, run, run.device.type == "cuda"))
         return tuple(t.view(seqs, seq_len).to(run.device, non_blocking=True) for t in (mine[:-1], mine[1:]))
+
+    @staticmethod
+    def _collect(future):
+        try:
+            return future.result()
+        except Exception as e:
+            raise DataError(f"reading the next training batch ahead failed: {type(e).__name__}: {e}") from e
+
+    def close(self):
+        """Ends the prefetch thread (a batch it is reading is finished first)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool, self._ahead = None, None
 
 
 # ----- model
@@ -1355,10 +1414,11 @@ def _all_reduce_sum(t):
 
 
 def _from_rank0(value, world_size, device):
-    """Rank 0's float `value` on every rank."""
-    t = torch.tensor(float(value), dtype=torch.float64, device=device)
-    if world_size > 1:
-        dist.broadcast(t, 0)
+    """Rank 0's float `value` on every rank (one rank: no trip through the device)."""
+    if world_size == 1:
+        return float(value)
+    t = torch.full((), float(value), dtype=torch.float64, device=device)  # a fill: no copy that waits
+    dist.broadcast(t, 0)
     return float(t)
 
 
@@ -1420,11 +1480,12 @@ class ParallelMuon:
 
     @torch.no_grad()
     def step(self, clip_coef=1.0):
+        """`clip_coef`: a float, or a device tensor (clip_coefficient's: applied even where it is 1)."""
         mu, lr, wd = self.momentum, self.lr, self.weight_decay
         pending = []
         for p, g in zip(self.banks, self._shards):
             st = self.state[p]
-            if clip_coef != 1.0:
+            if torch.is_tensor(clip_coef) or clip_coef != 1.0:
                 g = g * clip_coef
             buf = st["buf"]
             buf.mul_(mu).add_(g)
@@ -1437,6 +1498,14 @@ class ParallelMuon:
             update = wait()[: p.size(0)]
             p.mul_(1.0 - lr * wd).add_(update.to(p.dtype), alpha=-lr)
         self._shards = None
+
+
+def clip_coefficient(norm, clip):
+    """clip / (norm + 1e-6) where the float32 `norm` > clip, else 1, computed on norm's device (no
+    wait for the host) in float64 as Python did with float(norm), then float32 as the kernels round a
+    Python scalar for float32 gradients: the same bits, and x * 1 is x."""
+    n = norm.double()
+    return torch.where(n > clip, torch.full_like(n, clip) / (n + 1e-6), 1.0).float()
 
 
 def flat_all_reduce_avg(tensors):
@@ -1480,7 +1549,8 @@ class Optimizers:
         self.muon.momentum = momentum
 
     def step(self):
-        """Sync, clip by global norm, step both; returns the norm."""
+        """Sync, clip by global norm, step both; returns the norm (a float32 tensor on the device: read it
+        with the loss, one wait per step)."""
         for p in self.other_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -1490,12 +1560,11 @@ class Optimizers:
         finish_small()
         bank_sq = _all_reduce_sum(torch.stack([s.float().square().sum() for s in shards]).sum())  # disjoint shards
         small_sq = sum(p.grad.float().square().sum() for p in self.other_params)
-        norm = float(torch.sqrt(bank_sq + small_sq))
+        norm = torch.sqrt(bank_sq + small_sq)
         coef = 1.0
-        if self.args.grad_clip_norm > 0 and norm > self.args.grad_clip_norm:
-            coef = self.args.grad_clip_norm / (norm + 1e-6)
-            for p in self.other_params:
-                p.grad.mul_(coef)
+        if self.args.grad_clip_norm > 0:
+            coef = clip_coefficient(norm, self.args.grad_clip_norm)
+            torch._foreach_mul_([p.grad for p in self.other_params], coef)
         self.adam.step()
         self.muon.step(coef)
         return norm
@@ -3052,7 +3121,7 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
         if plan.qat_on and qat_step is None:
             qat_step, qat_clip = step, start_late_qat(args, model, budget_bytes, step, plan.lr_scale, run)
         loss, norm = one_step(plan)
-        loss_v = loss.item()  # sync: the clock measures finished work
+        loss_v, norm = torch.stack([loss, norm]).tolist()  # the one wait for the device: the clock measures finished work
         if not math.isfinite(norm):  # all-reduced: all ranks stop alike
             raise FloatingPointError(f"non-finite gradients at step {step}, loss {loss_v} (lower the learning rates?)")
         step += 1
@@ -3602,7 +3671,7 @@ def train_and_score(args, run, paths, t_start):
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     train_files = find_shards(args.data_path, "train")
     val_tokens, byte_source, data, sidecar = load_scoring_data(args, run, luts, train_files)
-    loader = DistributedLoader(train_files, args.vocab_size, run)
+    loader = DistributedLoader(train_files, args.vocab_size, run, args.loader_prefetch)
     groups = zip(("banks", "tables", "scalars"), model.param_groups())
     log(f"parameters: {_numel(model.parameters())} total = " + " + ".join(f"{k} {_numel(g)}" for k, g in groups))
     compiled = _maybe_compile(model, args, run.device)
@@ -3614,6 +3683,7 @@ def train_and_score(args, run, paths, t_start):
     stats = train(args, model, compiled, opt, loader, run, clock, budget_bytes)
     written = quantize_and_write(args, model, loader, budget_bytes, code_bytes, paths["artifact"], run, clock, sidecar,
                                  stats.qat_clip)
+    loader.close()  # calibration read the last batches
     t_eval, wall = time.perf_counter(), clock.local()  # the evaluation's clock starts; training's ends
     log_wall_clock(args, stats, written, wall, log)
     check_ranks_agree(model, run)

@@ -1,8 +1,10 @@
 """Shards, config parsing/validation, the token stream and the distributed loader, and the
 script's CLI error path (DataError / ConfigError -> one 'error:' line, exit code 2)."""
+import gc
 import os
 import subprocess
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -423,6 +425,181 @@ def test_distributed_loader_deterministic(three_shards):
         runs.append([ld.next_batch(3, 4) for _ in range(5)])
     for (x1, y1), (x2, y2) in zip(*runs):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+class _ChunkLoader:
+    """The loader as it was before each rank read only its span (kept as the reference): every rank
+    takes the whole chunk of world_size spans as int64 and slices its own."""
+
+    def __init__(self, files, vocab_size, rank, world):
+        self.files, self.vocab_size, self.rank, self.world = files, vocab_size, rank, world
+        self.file_idx, self.pos = 0, 0
+        self.tokens = T.load_shard(files[0], vocab_size)
+
+    def state(self):
+        return self.file_idx, self.pos
+
+    def restore(self, state):
+        if state[0] != self.file_idx:
+            self.tokens = T.load_shard(self.files[state[0]], self.vocab_size)
+        self.file_idx, self.pos = state
+
+    def take(self, n):
+        out, got = np.empty(n, dtype=np.int64), 0
+        while got < n:
+            if self.pos >= len(self.tokens):
+                self.restore(((self.file_idx + 1) % len(self.files), 0))
+            k = min(n - got, len(self.tokens) - self.pos)
+            out[got:got + k] = self.tokens[self.pos:self.pos + k]
+            got, self.pos = got + k, self.pos + k
+        return out
+
+    def next_batch(self, seqs, seq_len):
+        span = seqs * seq_len + 1
+        chunk = self.take(span * self.world)
+        mine = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span])
+        return tuple(t.view(seqs, seq_len) for t in (mine[:-1], mine[1:]))
+
+
+# (seqs, seq_len) requests: several lengths, with chunks longer than all shards together (the
+# 110 tokens) at 8 ranks; "restore" goes back to the state saved at "save" (the shape before and
+# after it the same)
+_REQUESTS = [(2, 5)] * 4 + ["save", (2, 5), (1, 16), (3, 1), (2, 7), (1, 3), (2, 5), (2, 5), "restore"] \
+    + [(2, 5)] * 3 + [(1, 9)] * 5 + [(4, 2), (4, 2), (1, 2)]
+
+
+def _walk(loader, stream, requests=_REQUESTS):
+    """The batches (as int64 arrays) and the state after each request."""
+    out, saved = [], None
+    for req in requests:
+        if req == "save":
+            saved = stream.state()
+        elif req == "restore":
+            stream.restore(saved)
+        else:
+            x, y = loader.next_batch(*req)
+            assert x.dtype == y.dtype == torch.int64 and x.shape == y.shape == req
+            out.append((x.cpu().numpy().copy(), y.cpu().numpy().copy(), stream.state()))
+    return out
+
+
+def _assert_same_walk(a, b):
+    assert len(a) == len(b)
+    for i, ((xa, ya, sa), (xb, yb, sb)) in enumerate(zip(a, b)):
+        np.testing.assert_array_equal(xa, xb, err_msg=f"batch {i}")
+        np.testing.assert_array_equal(ya, yb, err_msg=f"batch {i}")
+        assert sa == sb, (i, sa, sb)
+
+
+@pytest.mark.parametrize("world", [1, 2, 8])
+def test_loader_reads_only_its_span_and_gives_the_batches_of_the_whole_chunk(three_shards, monkeypatch, world):
+    """Each rank converts its own span only, and gets exactly what slicing the whole chunk gave, across
+    shard boundaries, the wrap-around, several lengths and a restore."""
+    files, _ = three_shards
+    taken, take = [], T.TokenStream.take
+    monkeypatch.setattr(T.TokenStream, "take", lambda self, n, out=None: (taken.append(n), take(self, n, out))[1])
+    for rank in range(world):
+        ref = _ChunkLoader(files, 200, rank, world)
+        loader = T.DistributedLoader(files, 200, T.Run(rank, world, torch.device("cpu")))
+        taken.clear()
+        _assert_same_walk(_walk(loader, loader.stream), _walk(ref, ref))
+        spans = [s * n + 1 for s, n in (r for r in _REQUESTS if isinstance(r, tuple))]
+        assert taken == spans  # only its own tokens converted to int64
+
+
+def _read_by_thread(monkeypatch):
+    """Names of the threads that read each batch."""
+    readers, read = [], T.read_rank_span
+    monkeypatch.setattr(T, "read_rank_span", lambda *a: (readers.append(threading.current_thread().name), read(*a))[1])
+    return readers
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA"))])  # CUDA: read into pinned memory, copied without waiting
+@pytest.mark.parametrize("world", [1, 2])
+def test_prefetch_gives_the_batches_and_states_of_the_plain_loader(three_shards, monkeypatch, world, device):
+    files, _ = three_shards
+    readers = _read_by_thread(monkeypatch)
+    for rank in range(world):
+        plain = T.DistributedLoader(files, 200, T.Run(rank, world, torch.device(device)))
+        ahead = T.DistributedLoader(files, 200, T.Run(rank, world, torch.device(device)), prefetch=True)
+        expected = _walk(plain, plain.stream)
+        readers.clear()
+        _assert_same_walk(_walk(ahead, ahead.stream), expected)
+        ahead.close()
+        # read ahead on its thread whenever the request repeats the last shape at its state
+        n = len(expected)
+        assert sum(r.startswith("batch-prefetch") for r in readers) >= n // 2
+        # here: the first, each change of shape, the restore
+        assert sum(not r.startswith("batch-prefetch") for r in readers) == 10
+
+
+def test_prefetch_thread_ends_with_the_loader(three_shards):
+    files, _ = three_shards
+    before = set(threading.enumerate())
+
+    def started():
+        return [t for t in set(threading.enumerate()) - before if t.name.startswith("batch-prefetch")]
+    loader = T.DistributedLoader(files, 200, T.Run(0, 1, torch.device("cpu")), prefetch=True)
+    loader.next_batch(2, 5)
+    assert len(started()) == 1
+    loader.close()
+    assert not started()
+    x, _ = loader.next_batch(2, 5)  # closed: read in place, in order
+    assert x[0, 0] == 11
+    loader = T.DistributedLoader(files, 200, T.Run(0, 1, torch.device("cpu")), prefetch=True)
+    loader.next_batch(2, 5)
+    (thread,) = started()
+    del loader  # dropped without close(): the thread ends too
+    gc.collect()
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+def test_prefetch_error_surfaces_where_the_batch_is_asked_for(tmp_path):
+    """A bad shard met by the prefetch thread fails the next_batch that would have read it, with its
+    message, as the plain loader fails there."""
+    a, b = str(tmp_path / "a.bin"), str(tmp_path / "b.bin")
+    write_shard(a, np.arange(20, dtype=np.uint16))
+    write_shard(b, np.array([1, 2, 300], dtype=np.uint16))
+    for prefetch in (False, True):
+        loader = T.DistributedLoader([a, b], 100, T.Run(0, 1, torch.device("cpu")), prefetch=prefetch)
+        loader.next_batch(2, 4)  # 9 tokens
+        loader.next_batch(2, 4)  # 18
+        with pytest.raises(T.DataError, match="token id 300 >= VOCAB_SIZE=100") as ei:
+            loader.next_batch(2, 4)
+        assert ("ahead failed" in str(ei.value)) == prefetch
+        loader.close()
+
+
+@pytest.mark.parametrize("warmup", [1, 3])
+def test_prefetch_keeps_training_warmup_and_calibration_batches(smoke_dataset, warmup):
+    """train() (compile warm-up with its restore, a change of context) then calibration: with
+    LOADER_PREFETCH every batch, the weights and the Hessians are those of the plain loader. One
+    warm-up step ends on the shape training starts with (the restore alone moves the stream)."""
+    data_dir, _, vocab = smoke_dataset
+    args = tiny_model_args(data_path=data_dir, vocab_size=vocab, train_seq_len=32, gptq_calib_len=32,
+                           train_batch_tokens=2 * 2 * 32, grad_accum_steps=2, device="cpu", max_wallclock_seconds=0.0,
+                           gptq_reserve_seconds=0.0, train_log_every=0, seed=7, ttt_enabled=False, iterations=4,
+                           warmup_steps=warmup, train_seq_schedule="16@0,32@0.5", qat_start_scale=0.0,
+                           gptq_calib_seqs=11)
+    cpu, results = torch.device("cpu"), []
+    for prefetch in (False, True):
+        model = T.build_model(args, cpu)
+        opt = T.Optimizers(model, args, 1, cpu)
+        loader = T.DistributedLoader(T.find_shards(data_dir, "train"), vocab, T.Run(0, 1, cpu), prefetch=prefetch)
+        seen, next_batch = [], loader.next_batch
+        loader.next_batch = lambda seqs, n: (lambda b: (seen.append([t.clone() for t in b]), b)[1])(next_batch(seqs, n))
+        run = T.Run(0, 1, cpu, lambda m: None)
+        T.train(args, model, model, opt, loader, run, T.SharedClock(run))
+        hessians = T.collect_hessians(model, args, loader, run)
+        loader.close()
+        results.append((seen, model.state_dict(), hessians))
+    (seen0, w0, h0), (seen1, w1, h1) = results
+    warm = [(4, 16)] * 2 if warmup == 1 else [(4, 16)] * 4 + [(2, 32)] * 2
+    assert [tuple(b[0].shape) for b in seen0] == warm + [(4, 16)] * 4 + [(2, 32)] * 4 + [(8, 32), (3, 32)]
+    assert len(seen0) == len(seen1) and all(torch.equal(a, b) for p, q in zip(seen0, seen1) for a, b in zip(p, q))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0) and all(torch.equal(h0[k], h1[k]) for k in h0)
 
 
 # ----------------------------------------------------------------------------- CLI error path

@@ -3,6 +3,7 @@
 import functools
 import math
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -303,6 +304,103 @@ def test_gradient_clipping_norm_and_coefficient():
     assert seen["coef"] == pytest.approx(0.3 / (norm + 1e-6), rel=1e-6)
     nz = [r for r in seen["ratios"] if r > 0]
     assert nz and all(r == pytest.approx(seen["coef"], rel=1e-5) for r in nz)
+
+
+def _host_clipping_step(opt):
+    """Optimizers.step as it was before the clip coefficient moved to the device (kept as the
+    reference): the norm read to the host, the coefficient a Python float, applied only when it clips."""
+    for p in opt.other_params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    opt.muon.launch_grad_sync()
+    finish_small = T.flat_all_reduce_avg([p.grad for p in opt.other_params])
+    shards = opt.muon.wait_grad_sync()
+    finish_small()
+    bank_sq = T._all_reduce_sum(torch.stack([s.float().square().sum() for s in shards]).sum())
+    small_sq = sum(p.grad.float().square().sum() for p in opt.other_params)
+    norm = float(torch.sqrt(bank_sq + small_sq))
+    coef = 1.0
+    if opt.args.grad_clip_norm > 0 and norm > opt.args.grad_clip_norm:
+        coef = opt.args.grad_clip_norm / (norm + 1e-6)
+        for p in opt.other_params:
+            p.grad.mul_(coef)
+    opt.adam.step()
+    opt.muon.step(coef)
+    return norm
+
+
+# CUDA too where there is one: the kernels take a device scalar otherwise than a Python one
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_clip_coefficient_has_the_bits_of_the_hosts(device):
+    """On the device, in float64 then float32: the coefficient (and a gradient scaled by it) has the
+    bits of the Python float the host computed from float(norm), at and around the clip too."""
+    g = torch.Generator().manual_seed(0)
+    for clip in (0.3, 1.0, 0.1234567, 5e-4):
+        c32 = torch.tensor(clip, dtype=torch.float32)
+        near = torch.stack([torch.nextafter(c32, torch.tensor(d)) for d in (0.0, 1e9)] + [c32])
+        norms = torch.cat([near, clip * torch.rand(4000, generator=g) * 3, torch.rand(500, generator=g) * 1e4,
+                           torch.tensor([0.0, 1e-30, float("inf"), float("nan")])]).float()
+        got = T.clip_coefficient(norms.to(device), clip)
+        host = [clip / (n + 1e-6) if n > clip else 1.0 for n in norms.tolist()]
+        assert got.dtype == torch.float32 and got.device.type == device
+        assert torch.equal(got.cpu().view(torch.int32), torch.tensor(host, dtype=torch.float32).view(torch.int32))
+        grad = torch.randn(4099, generator=g).to(device)
+        for k in range(0, len(host), 97):
+            assert torch.equal(grad * got[k], grad * host[k])  # the tensor scalar as the Python one
+        assert (got == 1).sum() > 100 and (got < 1).sum() > 100
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("clip, clipped", [(0.0, None), (1e-3, {6}), (1.7, {1, 2, 3, 4, 5}), (1e6, {0})],
+                         ids=["off", "every", "some", "none"])
+def test_optimizer_step_has_the_numbers_of_the_host_clipping_step(clip, clipped, device):
+    """The device clip coefficient changes nothing: norms and weights to the bit over several steps,
+    clipped, unclipped and both (one backward feeds both optimizers the same gradients)."""
+    args, dev = opt_args(grad_clip_norm=clip, attn_backend="math"), torch.device(device)
+    models = [T.build_model(args, dev) for _ in range(2)]
+    opts = [T.Optimizers(m, args, 1, dev) for m in models]
+    norms = []
+    for k, (x, y) in enumerate(make_batches(args, 6, 4, seed=3)):
+        models[0](x.to(dev), y.to(dev)).backward()
+        for p, q in zip(*(m.parameters() for m in models)):
+            q.grad = None if p.grad is None else p.grad.clone()
+        pair = []
+        for opt, step in zip(opts, (T.Optimizers.step, _host_clipping_step)):
+            opt.set_schedule(1.0 - 0.1 * k, 0.9)
+            pair.append(float(step(opt)))
+            opt.zero_grad()
+        assert pair[0] == pair[1], (k, pair)
+        assert all(torch.equal(p, q) for p, q in zip(*(m.parameters() for m in models))), k
+        norms.append(pair[0])
+    assert clipped is None or sum(n > clip for n in norms) in clipped, norms  # "some": both kinds of step
+
+
+def test_one_host_sync_per_training_step(smoke_dataset, monkeypatch):
+    """A training step reads the device once (loss and gradient norm together; one rank's clock needs
+    no collective): the script's own reads (item, tolist, float, bool, int) counted per step."""
+    data_dir, _, vocab = smoke_dataset
+    reads = []
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__", "__index__", "numpy"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **kw):
+            if sys._getframe(1).f_code.co_filename == T.__file__:  # torch's own CPU-side reads aside
+                reads.append(_name)
+            return _orig(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    counts = {}
+    for steps in (3, 7):
+        args = _train_args(data_dir, vocab, iterations=steps, warmup_steps=0, ema_horizon=0.2)
+        model, opt, loader = _setup(args)
+        run = T.Run(0, 1, CPU, lambda m: None)
+        reads.clear()
+        T.train(args, model, model, opt, loader, run, T.SharedClock(run))
+        counts[steps] = list(reads)
+    assert len(counts[7]) - len(counts[3]) == 4, counts
+    assert counts[7][-7:] == ["tolist"] * 7
 
 
 # ----------------------------------------------------------------------------- training

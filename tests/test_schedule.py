@@ -298,6 +298,6 @@ def test_non_finite_gradients_stop_training_on_every_rank_alike(smoke_dataset):
     model = T.build_model(args, CPU)
     opt = T.Optimizers(model, args, 1, CPU)
     calls, step = itertools.count(), opt.step
-    opt.step = lambda: float("nan") if next(calls) == 2 else step()
+    opt.step = lambda: torch.tensor(float("nan")) if next(calls) == 2 else step()  # the norm, on the device
     with pytest.raises(FloatingPointError, match="non-finite gradients at step 2"):
         T.train(args, model, model, opt, loader, T.Run(0, 1, CPU, lambda m: None), T.SharedClock(T.Run(0, 1, CPU)))
