@@ -1,0 +1,142 @@
+"""Inputs a run must refuse (or flag) before it trains, and how a run stops: settings that cannot be
+finite, cannot fit in memory or cannot fit the budget, text that is not UTF-8, look-alike variables,
+a byte sidecar or tokenizer that does not belong to the shards, a stopped rank, a full disk, SIGTERM."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_gpt as T
+from conftest import REPO_ROOT
+
+SCRIPT = os.path.join(REPO_ROOT, "train_gpt.py")
+CPU = torch.device("cpu")
+# the tiny CPU run of the script tests (as tests/test_eval.py's TINY_RUN)
+TINY = dict(VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, RECUR_PASSES=0,
+            ROPE_DIMS=8, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512, GRAD_ACCUM_STEPS=1, ITERATIONS=4,
+            MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=1, WARMDOWN_FRAC=0.5, EVAL_SEQ_LEN=64, EVAL_STRIDE=32,
+            EVAL_BATCH_SEQS=8, VAL_TOKENS_LIMIT=1024, GPTQ_CALIB_SEQS=4, GPTQ_CALIB_LEN=64, GPTQ_BLOCK=32, RUN_ID="t",
+            SEED=1, TTT_ENABLED=0)
+
+
+def script_env(**kw):
+    """The caller's environment less any setting or rank variable, on the CPU, plus `kw`."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and k.lower() not in T.Hyperparameters.__dataclass_fields__}
+    env.update(OMP_NUM_THREADS="1", DEVICE="cpu", COMPILE="0", PYTHONDONTWRITEBYTECODE="1")
+    env.update({k: v if isinstance(v, bytes) else str(v) for k, v in kw.items()})
+    return env
+
+
+def run_tiny(cwd, data, timeout=300, **env):
+    """The script on the smoke data set with TINY's settings, then `env`."""
+    data_dir, tok, _ = data
+    return subprocess.run([sys.executable, SCRIPT], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env=script_env(**{"DATA_PATH": data_dir, "TOKENIZER_PATH": tok, **TINY, **env}))
+
+
+def one_error_line(p, *needles):
+    lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith("warning:")]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, (p.returncode, p.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+# ----- settings: finite, UTF-8, named
+
+@pytest.mark.parametrize("key,value", [("EMBED_LR", "inf"), ("TTT_LR", "inf"), ("MATRIX_LR", "nan"),
+                                       ("TTT_MAX_SECONDS", "inf"), ("MAX_WALLCLOCK_SECONDS", "Infinity")])
+def test_a_float_setting_that_is_not_finite_is_refused(key, value):
+    """inf passed every range check (EMBED_LR=inf: a traceback at step 1; TTT_LR=inf: NaN after
+    training): every float setting must be a finite number."""
+    with pytest.raises(T.ConfigError, match=f"^{key}=(inf|nan) must be a finite number$"):
+        T.Hyperparameters.from_env({key: value}).validate(1)
+
+
+def test_an_int_setting_out_of_range_of_a_float_is_one_error():
+    with pytest.raises(T.ConfigError, match="ITERATIONS='1e999' is not a valid int"):
+        T.Hyperparameters.from_env({"ITERATIONS": "1e999"})
+
+
+@pytest.mark.parametrize("key", ["OUT_DIR", "DATA_PATH"])
+def test_a_path_that_is_not_utf8_is_refused_before_training(smoke_dataset, tmp_path, key):
+    """It failed in the log's write after the whole run (a traceback, results lost): now one line
+    before any file is claimed."""
+    bad = os.fsencode(str(tmp_path)) + b"/o\xff"
+    p = run_tiny(tmp_path, smoke_dataset, **{"OUT_DIR": tmp_path / "o", key: bad})
+    one_error_line(p, f"{key}=", "\\xff", "is not valid UTF-8")
+    assert "step:" not in p.stdout and not os.path.exists(bad) and not (tmp_path / "o").exists()
+
+
+def test_short_names_draw_a_lookalike_warning():
+    seen = []
+    T.Hyperparameters.from_env({"SEQ_LEN": "1024", "ITERS": "9", "LR": "0.1", "PATH": "/bin"}, warn=seen.append)
+    assert seen == ["warning: environment variable SEQ_LEN is not a setting; did you mean TRAIN_SEQ_LEN?",
+                    "warning: environment variable ITERS is not a setting; did you mean ITERATIONS?",
+                    "warning: environment variable LR is not a setting; did you mean MATRIX_LR, EMBED_LR or "
+                    "SCALAR_LR (the learning rates)?"]
+
+
+def test_device_cuda_without_a_gpu_is_refused(monkeypatch):
+    """It ran on the CPU, silently."""
+    monkeypatch.setattr(T.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(T.ConfigError, match="DEVICE=cuda but torch sees no CUDA device"):
+        T.setup_distributed("cuda")
+    assert T.setup_distributed("auto")[2] == CPU
+
+
+# ----- settings found wrong after the log was opened, and what cannot fit
+
+def test_a_reserve_that_leaves_no_training_time_claims_no_file(smoke_dataset, tmp_path):
+    """It was raised in the training loop, after the log was claimed and the run's work begun: the
+    log stayed and refused the corrected rerun (contrary to the README). Now it is refused before
+    any file is claimed; the corrected rerun goes ahead."""
+    p = run_tiny(tmp_path, smoke_dataset, OUT_DIR=tmp_path / "o", GPTQ_RESERVE_SECONDS=1000, MAX_WALLCLOCK_SECONDS=3)
+    one_error_line(p, "MAX_WALLCLOCK_SECONDS=3.0 leaves no time after the 1000.0s quantization reserve")
+    assert not (tmp_path / "o").exists() or os.listdir(tmp_path / "o") == []
+    p = run_tiny(tmp_path, smoke_dataset, OUT_DIR=tmp_path / "o", GPTQ_RESERVE_SECONDS=1, MAX_WALLCLOCK_SECONDS=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("env,needle", [
+    (dict(TTT_ENABLED=1, TTT_BATCH_DOCS=10 ** 7, TTT_CHUNK=16), "TTT_BATCH_DOCS=10000000 x TTT_RANK=80"),
+    (dict(TTT_ENABLED=1, TTT_RANK=10 ** 7, TTT_CHUNK=16), "TTT_BATCH_DOCS=64 x TTT_RANK=10000000"),
+    (dict(TRAIN_SEQ_LEN=2 ** 20, TRAIN_BATCH_TOKENS=2 ** 20), "TRAIN_SEQ_LEN=1048576"),
+])
+def test_a_setting_that_cannot_fit_in_memory_is_refused_before_training(smoke_dataset, tmp_path, env, needle):
+    """TTT's adapters of 100,000 documents (or rank) were killed ~60 s into the evaluation, no error;
+    TRAIN_SEQ_LEN=1048576 asked for a 1 TB mask with a traceback: now one line naming the setting,
+    before any file."""
+    p = run_tiny(tmp_path, smoke_dataset, OUT_DIR=tmp_path / "o", **env)
+    one_error_line(p, needle, "GiB, more than the", "GiB of cpu")
+    assert "step:" not in p.stdout and not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("profile", ["8xh100", "1gpu"])
+@pytest.mark.parametrize("world", [1, 8])
+def test_the_record_configuration_fits_an_80gb_gpu_easily(profile, world):
+    """Every estimate of the defaults stays under a quarter of an 80 GB card, even counting the
+    attention of the math path; and a card a hundred times too small refuses."""
+    args = T.Hyperparameters.from_env({"PROFILE": profile})
+    args.validate(world)
+    for dense in (False, True):
+        assert max(T.large_allocations(args, world, dense).values()) < 20e9
+    T.check_memory_fits(args, world, torch.device("cuda", 0), total=80e9)
+    with pytest.raises(T.ConfigError, match=r"TTT_BATCH_DOCS=64 x TTT_RANK=80 .* needs ~[67]\.\d GiB"):
+        T.check_memory_fits(args, world, torch.device("cuda", 0), total=0.8e9)
+
+
+def test_eval_only_warns_where_the_artifact_overrides_a_model_setting():
+    """EVAL_ONLY takes the model from the artifact's header; a model setting given otherwise was
+    ignored silently. Now the log names it (a setting that agrees, or is not given, says nothing)."""
+    args = T.Hyperparameters(num_layers=12, model_dim=512, eval_only="a.ptz")
+    config = {"num_layers": 11, "model_dim": 512, "mlp_mult": 3.0}
+    seen = []
+    T.warn_model_settings_overridden(args, config, seen.append, env={"NUM_LAYERS": "12", "MODEL_DIM": "512"})
+    assert seen == ["warning: NUM_LAYERS=12 is not used: a.ptz is a model with NUM_LAYERS=11 (its header's value "
+                    "scores it)"]
