@@ -2725,6 +2725,7 @@ class Logger:
 
     def __init__(self, path, rank):
         self.rank, self.file, self.path = rank, None, path
+        self.whole = 0  # bytes of the log's lines written whole
         if path and rank == 0:
             try:
                 self.file = open(path, "x")
@@ -2741,19 +2742,23 @@ class Logger:
             try:
                 self.file.write(msg + "\n")
                 self.file.flush()
-            except OSError as e:  # a full disk: the run stops here, its log whole up to the last line
+            except OSError as e:  # a full disk: the run stops here, its log cut back to its last whole line
+                broken, self.file = self.file, None
+                for undo in (broken.close, lambda: os.truncate(self.path, self.whole)):
+                    with contextlib.suppress(OSError):
+                        undo()
                 raise OutputError(f"cannot write the log {self.path}: {e.strerror or e}") from None
+            self.whole += len((msg + "\n").encode(self.file.encoding))
 
     def close_failed(self, line, keep):
         """The run failed: `line` ends its log; a log of a run whose work never began (settings and
         checks only) is removed instead, so that the corrected rerun can take its name."""
-        if not self.file:
-            return
-        with contextlib.suppress(OSError):  # (the failure may be the log's own)
-            if keep:
-                self.file.write(line + "\n")
-            self.file.close()
-        if not keep:
+        if self.file:
+            with contextlib.suppress(OSError):  # (the failure may be the log's own)
+                if keep:
+                    self.file.write(line + "\n")
+                self.file.close()
+        if not keep and self.path and self.rank == 0:
             with contextlib.suppress(OSError):
                 os.remove(self.path)
 
@@ -2797,6 +2802,10 @@ def setup_distributed(device_pref, timeout_s=None):
     return rank, world, device
 
 
+# what gloo's collectives raise (a plain RuntimeError) when a peer is gone or the wait timed out
+_PEER_FAILURE = re.compile(r"/gloo/|[Tt]imed out|timeout|closed by peer|reset by peer|pair closure")
+
+
 @contextlib.contextmanager
 def peer_failures_named(timeout_s):
     """A collective that failed because another rank is gone, or waited past DIST_TIMEOUT_SECONDS
@@ -2805,7 +2814,7 @@ def peer_failures_named(timeout_s):
     try:
         yield
     except RuntimeError as e:
-        if not (isinstance(e, dist.DistError) or "/gloo/" in str(e)):
+        if not (isinstance(e, dist.DistError) or dist.is_initialized() and _PEER_FAILURE.search(str(e))):
             raise
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         why = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's source location

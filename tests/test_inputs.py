@@ -2,8 +2,11 @@
 finite, cannot fit in memory or cannot fit the budget, text that is not UTF-8, look-alike variables,
 a byte sidecar or tokenizer that does not belong to the shards, a stopped rank, a full disk, SIGTERM."""
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -140,3 +143,123 @@ def test_eval_only_warns_where_the_artifact_overrides_a_model_setting():
     T.warn_model_settings_overridden(args, config, seen.append, env={"NUM_LAYERS": "12", "MODEL_DIM": "512"})
     assert seen == ["warning: NUM_LAYERS=12 is not used: a.ptz is a model with NUM_LAYERS=11 (its header's value "
                     "scores it)"]
+
+
+# ----- how a run stops: a full disk at the log, SIGTERM, a stopped rank, one line per job
+
+FULL_LOG_WRAPPER = r'''
+import builtins, errno, runpy, sys
+real_open = builtins.open
+
+
+class FullDisk:
+    """The run's log, on a disk that fills up at the first training step's line (half of it lands)."""
+    def __init__(self, f):
+        self.f, self.full = f, False
+
+    def write(self, s):
+        if self.full or "step:" in s:
+            self.full = True
+            self.f.write(s[: len(s) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(s)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def fake_open(path, mode="r", *a, **kw):
+    f = real_open(path, mode, *a, **kw)
+    return FullDisk(f) if str(path).endswith(".log") and "x" in mode else f
+
+
+builtins.open = fake_open
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+def test_a_full_disk_at_the_log_is_one_line_and_the_log_ends_whole(smoke_dataset, tmp_path):
+    """A failed write to the log was a 34-line traceback and left the log cut mid-line: now one
+    OutputError line, the log cut back to its last whole line."""
+    data_dir, tok, _ = smoke_dataset
+    wrapper = tmp_path / "full_log.py"
+    wrapper.write_text(FULL_LOG_WRAPPER)
+    p = subprocess.run([sys.executable, str(wrapper), SCRIPT], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env=script_env(DATA_PATH=data_dir, TOKENIZER_PATH=tok, OUT_DIR=tmp_path / "o",
+                                                   **{**TINY, "TRAIN_LOG_EVERY": 1}))
+    one_error_line(p, f"cannot write the log {tmp_path / 'o' / 'train_t.log'}: No space left on device")
+    log = (tmp_path / "o" / "train_t.log").read_text()
+    assert log.endswith("\n") and log.splitlines()[-1].startswith("compile warm-up: ")  # the line before step 1's
+    assert os.listdir(tmp_path / "o") == ["train_t.log"]
+
+
+def start_tiny(cwd, data, **env):
+    data_dir, tok, _ = data
+    return subprocess.Popen([sys.executable, SCRIPT], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=script_env(**{"DATA_PATH": data_dir, "TOKENIZER_PATH": tok, **TINY, **env}))
+
+
+def wait_for_training(log, procs, timeout=180):
+    deadline = time.time() + timeout
+    while not (log.exists() and "step:" in log.read_text()):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.2)
+
+
+def test_sigterm_stops_the_run_like_ctrl_c(smoke_dataset, tmp_path):
+    """SIGTERM (a scheduler stopping the job) ended the run without a word or a closing log line:
+    now one line, the log's closing line, and no partial file."""
+    proc = start_tiny(tmp_path, smoke_dataset, OUT_DIR=tmp_path, ITERATIONS=100000)
+    wait_for_training(tmp_path / "train_t.log", [proc])
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: terminated (SIGTERM); files written so far are whole"), err
+    assert sorted(os.listdir(tmp_path)) == ["train_t.log"]
+    assert (tmp_path / "train_t.log").read_text().splitlines()[-1] == "error: terminated (SIGTERM)"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(cwd, data, world=2, **env):
+    port = free_port()
+    return [start_tiny(cwd, data, RANK=r, LOCAL_RANK=r, WORLD_SIZE=world, MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                       **env) for r in range(world)]
+
+
+def test_a_stopped_rank_ends_the_job_with_one_line_within_the_bound(smoke_dataset, tmp_path):
+    """A frozen rank (SIGSTOP) left the others waiting in a collective without a word (>= 150 s):
+    now the collective gives up after DIST_TIMEOUT_SECONDS and the waiting rank ends with one line."""
+    bound = 20  # seconds; a loaded box must not trip it before the stop
+    ranks = start_ranks(tmp_path, smoke_dataset, OUT_DIR=tmp_path, ITERATIONS=100000, DIST_TIMEOUT_SECONDS=bound)
+    try:
+        wait_for_training(tmp_path / "train_t.log", ranks)
+        ranks[1].send_signal(signal.SIGSTOP)
+        stopped = time.time()
+        out, err = ranks[0].communicate(timeout=bound + 120)
+        waited = time.time() - stopped
+    finally:
+        for p in ranks:
+            p.kill()
+            p.communicate()
+    assert ranks[0].returncode == 2 and bound - 2 <= waited <= bound + 90, (waited, err[-2000:])
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: rank 0: a collective failed: another rank is gone, "
+                                                   f"stopped, or kept it waiting past DIST_TIMEOUT_SECONDS={bound} ("), err
+    assert (tmp_path / "train_t.log").read_text().splitlines()[-1] == lines[0]
+
+
+def test_an_error_of_every_rank_is_said_once(smoke_dataset, tmp_path):
+    """Each rank printed the same one-line error (and torchrun its report): rank 0 says it; the
+    other ranks end quietly with the same exit status."""
+    ranks = start_ranks(tmp_path, smoke_dataset, OUT_DIR=tmp_path / "o", DATA_PATH=tmp_path / "typo")
+    (out0, err0), (out1, err1) = (p.communicate(timeout=180) for p in ranks)
+    one_error_line(subprocess.CompletedProcess([], ranks[0].returncode, out0, err0), "is not a directory")
+    assert ranks[1].returncode == 2 and err1.strip() == "", err1
