@@ -1968,12 +1968,14 @@ def code_as_shipped():
 class ByteLUTs:
     """Bytes of each target from the SentencePiece model's pieces (the challenge's accounting)."""
 
-    def __init__(self, base, space, boundary, caseops=False):
+    def __init__(self, base, space, boundary, caseops=False, markers=()):
         self.base, self.space, self.boundary = base, space, boundary
         self.caseops = caseops  # the CaseOps markers are pieces: this table would count their bytes
+        self.markers = markers  # their ids
 
     def to(self, device):
-        return ByteLUTs(self.base.to(device), self.space.to(device), self.boundary.to(device), self.caseops)
+        return ByteLUTs(self.base.to(device), self.space.to(device), self.boundary.to(device), self.caseops,
+                        self.markers)
 
     def target_bytes(self, prev, tgt, pos=None):
         """UTF-8 bytes of `tgt`; a leading space counts only after a non-boundary token."""
@@ -2016,8 +2018,9 @@ def load_tokenizer_luts(tokenizer_path, vocab_size):
             if piece.startswith("\u2581"):
                 space[i], piece = True, piece[1:]
             base[i] = len(piece.encode("utf-8"))
-    caseops = all(sp.piece_to_id(c) != sp.unk_id() for c in (CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESC))
-    return ByteLUTs(base, space, boundary, caseops)
+    markers = tuple(sp.piece_to_id(c) for c in (CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESC))
+    caseops = sp.unk_id() not in markers
+    return ByteLUTs(base, space, boundary, caseops, markers if caseops else ())
 
 
 def has_byte_sidecar(data_path):
@@ -2042,8 +2045,40 @@ def load_byte_source(args, val_tokens, luts, sidecar):
         raise DataError(f"BYTE_SIDECAR=1 but {args.data_path} has no fineweb_val_bytes_*.bin (tools/caseops_prep.py "
                         "writes it)")
     counts = load_byte_sidecar(args.data_path, val_tokens, args.bos_id, args.val_tokens_limit)
+    table = check_sidecar_against_table(counts, val_tokens, luts, args.data_path)
     sha = sha256_prefix(counts.numpy().astype("<u2").tobytes())
-    return ByteSidecar(counts), f"bytes from the byte sidecar ({int(counts[1:].sum())} bytes, sha256 {sha})"
+    return ByteSidecar(counts), (f"bytes from the byte sidecar ({int(counts[1:].sum())} bytes, sha256 {sha}; the "
+                                 f"tokenizer's table counts {table})")
+
+
+# The sidecar's total against the tokenizer's table's count of the same tokens: tools/caseops_prep.py's
+# sidecar is the table's count less the case markers' bytes, exactly; a sidecar that counts the text
+# before the tokenizer's normalizer (collapsed whitespace, NFKC) differs by 0.003 % on FineWeb and
+# 0.45 % on the proxy. This margin on either side accepts both and refuses counts that do not belong.
+SIDECAR_TABLE_MARGIN = 0.01
+
+
+def check_sidecar_against_table(counts, val_tokens, luts, data_path):
+    """A sidecar is trusted only as far as the tokenizer's table vouches for it (all zeros trained and
+    then divided by zero; counts of 60,000 gave a bpb of 0.00009): its total must lie between the
+    table's total less the case markers' bytes and the table's total, within SIDECAR_TABLE_MARGIN,
+    and no count may exceed the most any piece stands for -> the table's total."""
+    tgt = val_tokens[1:]
+    table = luts.target_bytes(val_tokens[:-1], tgt)
+    want, total = int(table.sum()), int(counts[1:].sum())
+    marks = int(table[torch.isin(tgt, torch.tensor(luts.markers, dtype=tgt.dtype))].sum()) if luts.markers else 0
+    lo, hi = (want - marks) * (1 - SIDECAR_TABLE_MARGIN), want * (1 + SIDECAR_TABLE_MARGIN)
+    if not lo <= total <= hi:
+        between = f"{want - marks} (less the case markers' {marks}) and {want}" if marks else f"{want}"
+        raise DataError(f"byte sidecar in {data_path} counts {total} bytes where the tokenizer's table counts "
+                        f"{between} for the same tokens (more than {SIDECAR_TABLE_MARGIN:.0%} apart): the sidecar "
+                        "does not belong to these shards and this tokenizer")
+    most = int((luts.base + luts.space.to(luts.base.dtype)).max())
+    over = torch.nonzero(counts > most).flatten()
+    if over.numel():
+        raise DataError(f"byte sidecar in {data_path} gives {int(counts[over[0]])} bytes to validation token "
+                        f"{int(over[0])}; no piece of the tokenizer stands for more than {most}")
+    return want
 
 
 def sliding_windows(n_targets, seq_len, stride):
@@ -3037,11 +3072,46 @@ def run_eval_only(args, run):
     return res
 
 
+def sample_documents(tokens, bos_id, n):
+    """Up to `n` whole documents (the tokens between two BOS), evenly spaced -> [(index, token list)]."""
+    starts = np.flatnonzero(tokens == bos_id)
+    picks = np.unique(np.linspace(0, len(starts) - 2, n).round().astype(int)) if len(starts) > 1 else []
+    return [(int(i), tokens[starts[i] + 1:starts[i + 1]].tolist()) for i in picks]
+
+
+# Shards made by a tokenizer re-encode to themselves through it: every document of the proxy's CaseOps
+# and plain shards did (1,792 each), the other tokenizer's almost none (16 and 0 of 1,792). The
+# tolerance keeps one odd document from stopping a run and changes nothing between the two.
+REENCODE_SAMPLE, REENCODE_TOLERANCE = (48, 16), 1 / 16  # documents from val and the first train shard
+
+
+def check_data_fits_tokenizer(args, val_tokens, train_files=()):
+    """Before any work: the validation tokens start with a BOS (the challenge's data starts every
+    document with one: none is 0 documents scored), and documents decoded and encoded again through
+    TOKENIZER_PATH give back their tokens (shards and tokenizer belong together)."""
+    import sentencepiece as spm
+    val = val_tokens.numpy()
+    if val[0] != args.bos_id:
+        raise DataError(f"the validation tokens in {args.data_path} start with {int(val[0])}, not BOS_ID={args.bos_id} "
+                        "(every document starts with a BOS): wrong BOS_ID, or shards made without BOS")
+    docs = [("validation", i, d) for i, d in sample_documents(val, args.bos_id, REENCODE_SAMPLE[0])]
+    if train_files:
+        head = np.asarray(load_shard(train_files[0], args.vocab_size)[:1 << 20])
+        docs += [("train", i, d) for i, d in sample_documents(head, args.bos_id, REENCODE_SAMPLE[1])]
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    bad = [(split, i) for split, i, d in docs if sp.encode(sp.decode(d)) != d]
+    if len(bad) > REENCODE_TOLERANCE * len(docs):
+        raise DataError(f"{len(bad)} of {len(docs)} sampled documents of {args.data_path} (e.g. {bad[0][0]} document "
+                        f"{bad[0][1]}) do not re-encode to their tokens through TOKENIZER_PATH={args.tokenizer_path}: "
+                        "the shards were made by another tokenizer")
+
+
 def load_scoring_data(args, run, luts, train_files=()):
     """The validation tokens and what counts their bytes (the tokenizer's table `luts` or the data's
     sidecar), named in the log's data: line, the varlen segments sized for them -> (tokens and byte
     source on the device, the data line, whether the sidecar counts)."""
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
+    check_data_fits_tokenizer(args, val_tokens, train_files)
     sidecar = use_byte_sidecar(args)
     byte_source, bytes_note = load_byte_source(args, val_tokens, luts, sidecar)
     data = describe_data(args, train_files, val_tokens, bytes_note)

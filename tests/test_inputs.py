@@ -8,9 +8,14 @@ import subprocess
 import sys
 import time
 
+import lzma
+import shutil
+
+import numpy as np
 import pytest
 import torch
 
+import smoke_data
 import train_gpt as T
 from conftest import REPO_ROOT
 
@@ -48,6 +53,117 @@ def one_error_line(p, *needles):
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+# ----- data that does not belong together: a sidecar, a tokenizer, no BOS
+
+def shared_tokenizer(name):
+    path = os.path.join(os.path.dirname(REPO_ROOT), "shared", "tokenizers", name)
+    if not os.path.isfile(path):
+        assert not os.environ.get("CI"), f"CI must have the tokenizer at {path}"
+        pytest.skip(f"tokenizer not at {path}")
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_kinds(tmp_path_factory):
+    """The same documents made into CaseOps shards and plain ones (--identity), each with its sidecar,
+    by tools/caseops_prep.py -> {"caseops"|"plain": (data dir, tokenizer)}."""
+    toks = {"caseops": shared_tokenizer("fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"),
+            "plain": shared_tokenizer("fineweb_8192_bpe.model")}
+    root = tmp_path_factory.mktemp("two_kinds")
+    (root / "corpus").mkdir()
+    for name, docs in (("val", smoke_data.make_docs(60, seed=6)), ("train_000", smoke_data.make_docs(240, seed=7))):
+        with lzma.open(root / "corpus" / f"{name}.txt.xz", "wt", encoding="utf-8") as f:
+            f.write("\n<|doc|>\n".join(d + " The USA and NASA; an iPhone at McDonald's." for d in docs) + "\n")
+    out = {}
+    for kind, tok in toks.items():
+        p = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "caseops_prep.py"), "--workers", "2",
+                            "--corpus", root / "corpus", "--tokenizer", tok, "--out", root / kind,
+                            *(["--identity"] if kind == "plain" else [])], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        out[kind] = (str(root / kind), tok)
+    return out
+
+
+def sidecar_of(data_dir):
+    val = T.load_validation_tokens(data_dir, 8192)
+    return val, T.load_byte_sidecar(data_dir, val, 1)
+
+
+def test_real_sidecars_agree_with_their_tokenizers_table(two_kinds):
+    """The tool's sidecars pass: plain, the table's count itself; CaseOps, the table's count less the
+    markers' bytes (here 3 per capitalised word)."""
+    for kind, (data_dir, tok) in two_kinds.items():
+        val, counts = sidecar_of(data_dir)
+        luts = T.load_tokenizer_luts(tok, 8192)
+        table = T.check_sidecar_against_table(counts, val, luts, data_dir)
+        assert table == int(luts.target_bytes(val[:-1], val[1:]).sum())
+        assert (table == int(counts[1:].sum())) == (kind == "plain")
+
+
+@pytest.mark.parametrize("kind,change,error", [
+    ("caseops", lambda c: c * 0, "counts 0 bytes where the tokenizer's table counts .* and "),
+    ("caseops", lambda c: torch.where(c > 0, 60000, 0), "bytes where the tokenizer's table counts"),
+    ("plain", lambda c: c + c * (torch.arange(len(c)) % 20 == 0), "more than 1% apart"),  # ~5 % more
+    ("caseops", lambda c: torch.cat([c[:5], torch.tensor([200]), c[6:]]), "gives 200 bytes to validation token 5; no piece"),
+])
+def test_a_sidecar_the_table_does_not_vouch_for_is_refused(two_kinds, kind, change, error):
+    """All counts 0 trained, wrote the artifact and died dividing by zero; counts of 60,000 gave rc
+    0 and a bpb of 0.00009."""
+    data_dir, tok = two_kinds[kind]
+    val, counts = sidecar_of(data_dir)
+    with pytest.raises(T.DataError, match=error):
+        T.check_sidecar_against_table(change(counts), val, T.load_tokenizer_luts(tok, 8192), data_dir)
+
+
+@pytest.fixture
+def smoke_with_sidecar(smoke_dataset, tmp_path):
+    """A copy of the smoke data set with a sidecar file (written by the test)."""
+    data_dir, tok, _ = smoke_dataset
+    shutil.copytree(data_dir, tmp_path / "data")
+    val = T.load_validation_tokens(str(tmp_path / "data"), 512)
+    return tmp_path / "data", tok, val
+
+
+@pytest.mark.parametrize("count", [0, 60000])
+def test_a_run_on_a_sidecar_of_garbage_stops_before_training(smoke_with_sidecar, tmp_path, count):
+    data, tok, val = smoke_with_sidecar
+    smoke_data.write_shard(str(data / "fineweb_val_bytes_000000.bin"), np.where(val.numpy() == 1, 0, count))
+    p = run_tiny(tmp_path, (str(data), tok, 512), OUT_DIR=tmp_path / "o")
+    one_error_line(p, f"byte sidecar in {data} ")
+    assert "step:" not in p.stdout and os.listdir(tmp_path / "o") == []
+
+
+def test_shards_of_another_tokenizer_are_refused(two_kinds):
+    """Each kind's documents re-encode to themselves through their own tokenizer, not the other's."""
+    for kind, (data_dir, tok) in two_kinds.items():
+        val = T.load_validation_tokens(data_dir, 8192)
+        train = T.find_shards(data_dir, "train")
+        T.check_data_fits_tokenizer(T.Hyperparameters(data_path=data_dir, tokenizer_path=tok), val, train)
+        other = two_kinds["plain" if kind == "caseops" else "caseops"][1]
+        with pytest.raises(T.DataError, match=r"(\d+) of \1 sampled documents .* do not re-encode to their tokens "
+                                              "through TOKENIZER_PATH=.*: the shards were made by another tokenizer"):
+            T.check_data_fits_tokenizer(T.Hyperparameters(data_path=data_dir, tokenizer_path=other), val, train)
+
+
+def test_a_run_with_the_plain_tokenizer_on_caseops_shards_stops_before_training(two_kinds, tmp_path):
+    """It ran (rc 0, the wrong tokenizer recorded; BYTE_SIDECAR=0: bpb 2.172 for 2.027)."""
+    data_dir, _ = two_kinds["caseops"]
+    p = run_tiny(tmp_path, (data_dir, two_kinds["plain"][1], 8192), OUT_DIR=tmp_path / "o", VOCAB_SIZE=8192,
+                 BYTE_SIDECAR=0)
+    one_error_line(p, "sampled documents", "the shards were made by another tokenizer")
+    assert "step:" not in p.stdout and os.listdir(tmp_path / "o") == []
+
+
+def test_validation_tokens_without_a_bos_are_refused(smoke_dataset, tmp_path):
+    """They were scored as "0 documents", silently."""
+    data_dir, tok, _ = smoke_dataset
+    val = T.load_validation_tokens(data_dir, 512)
+    args = T.Hyperparameters(data_path=data_dir, tokenizer_path=tok, vocab_size=512)
+    T.check_data_fits_tokenizer(args, val)
+    with pytest.raises(T.DataError, match=f"start with {int(val[1])}, not BOS_ID=1 .*shards made without BOS"):
+        T.check_data_fits_tokenizer(args, val[val != 1])
 
 
 # ----- settings: finite, UTF-8, named
