@@ -10,6 +10,7 @@ import ast
 import contextlib
 import copy
 import dataclasses
+import datetime
 import difflib
 import functools
 import glob
@@ -20,6 +21,7 @@ import lzma
 import math
 import os
 import re
+import signal
 import struct
 import sys
 import tempfile
@@ -85,7 +87,11 @@ class ScoreError(ValueError):
     """A score that is not a number: a bug to find, never a result to write."""
 
 
-ONE_LINE_ERRORS = (ConfigError, DataError, ArtifactError, OutputError, ScoreError)  # reported as one line
+class JobError(RuntimeError):
+    """Another rank of the job is gone or stuck: said by each rank that waited for it."""
+
+
+ONE_LINE_ERRORS = (ConfigError, DataError, ArtifactError, OutputError, ScoreError, JobError)  # reported as one line
 
 
 @dataclass
@@ -115,17 +121,23 @@ _REMOVED_SETTINGS = {"WARMDOWN_ITERS": "WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_ST
                      **dict.fromkeys(("LQER_TENSORS", "LQER_RANK"), "nothing (LQER: no gain per byte)"),
                      **dict.fromkeys(("BIGRAM_VOCAB", "BIGRAM_DIM", "VE_DIM", "VE_LAYERS", "ADAM_WD"),
                                      "nothing (BigramHash and value embeddings: no gain per byte)")}
+# short names people use for settings, which the spelling rules below do not reach
+_SETTING_ALIASES = {"SEQ_LEN": "TRAIN_SEQ_LEN", "ITERS": "ITERATIONS",
+                    "LR": "MATRIX_LR, EMBED_LR or SCALAR_LR (the learning rates)"}
 _NON_SETTING_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOG_NOTE", "AUTHOR", "GITHUB_ID",
                      "RUN_NAME", "BLURB")
 
 def _meant_setting(key, names):
     """The setting that environment variable `key`, not itself one, looks meant for (wrong case,
-    a misspelling, or a setting's first word: TTT, SKIP_SLIDING), else None."""
+    a misspelling, a short name as in _SETTING_ALIASES, or a setting's first word: TTT, SKIP_SLIDING),
+    else None."""
     up = key.upper()
     if key in names or key in _NON_SETTING_VARS:
         return None
     if up in names:
         return up
+    if up in _SETTING_ALIASES:
+        return _SETTING_ALIASES[up]
     if f"{up}_ENABLED" in names:  # TTT=0
         return f"{up}_ENABLED"
     close = difflib.get_close_matches(up, names, n=1, cutoff=0.85)
@@ -305,6 +317,9 @@ class RunSettings:
     compile: str = "auto"  # auto (on for CUDA) | 1 | 0
     device: str = "auto"
     loader_prefetch: bool = False  # the next micro-batch read by a thread (pinned on CUDA): off until a GPU measures it
+    # a collective waiting longer fails the job with one line (a rank stopped, stuck or gone); the longest
+    # legitimate wait is a rank's lead in the compile warm-up or rank 0's rate control: minutes at most
+    dist_timeout_seconds: float = 900.0
 
 
 def settings_part(settings, cls):
@@ -347,7 +362,7 @@ class Hyperparameters(RunSettings, EvalSettings, QuantSettings, TrainingSettings
                     kwargs[f.name] = float(raw)
                 else:
                     kwargs[f.name] = raw
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: an int of inf (1e999)
                 raise ConfigError(f"{key}={raw!r} is not a valid {f.type}"
                                   + (f" (use one of {_TRUE_WORDS + _FALSE_WORDS})" if f.type == "bool" else "")) from None
         if "train_seq_len" in kwargs:  # a length given alone is the length throughout
@@ -389,17 +404,39 @@ class Hyperparameters(RunSettings, EvalSettings, QuantSettings, TrainingSettings
     def model(self):
         return settings_part(self, ModelSettings)
 
+    def check_finite(self):
+        """inf passes every range check (NaN none): a float setting that is not a number stops here."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type == "float" and not math.isfinite(v):
+                raise ConfigError(f"{f.name.upper()}={v} must be a finite number")
+
+    def check_text(self):
+        """Paths and names go into the log, the results and submission.json as UTF-8: a setting that is
+        not UTF-8 (undecodable bytes in the environment) would fail there, after the run."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, str):
+                try:
+                    v.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise ConfigError(f"{f.name.upper()}={os.fsencode(v)!r} is not valid UTF-8: use a path or "
+                                      "name in UTF-8") from None
+
     def validate(self, world_size):
         def need(cond, msg):
             if not cond:
                 raise ConfigError(msg)
+
+        self.check_finite()
+        self.check_text()
 
         def within(lo, hi, *keys):
             for key in keys:
                 v = getattr(self, key)
                 need(lo <= v <= hi, f"{key.upper()}={v} must be " + (f">= {lo}" if hi == math.inf else f"in {lo}..{hi}"))
         within(1, math.inf, "model_dim", "num_heads", "num_kv_heads", "train_seq_len", "train_batch_tokens",
-               "num_layers", "rate_tries", "gptq_block", "eval_batch_seqs", "gptq_calib_seqs")
+               "num_layers", "rate_tries", "gptq_block", "eval_batch_seqs", "gptq_calib_seqs", "dist_timeout_seconds")
         # no setting takes a negative value but these two, whose -1 means "automatic"
         within(-1, math.inf, "gptq_reserve_seconds", "xsa_layers")
         within(0, math.inf, *(f.name for f in dataclasses.fields(self) if f.type in ("int", "float")
@@ -2273,6 +2310,7 @@ def _self_extracting(code):
             b'exec(compile(SHIPPED_SOURCE,"train_gpt.py","exec"))\n')
 
 
+@functools.cache  # the file does not change while it runs
 def code_as_shipped():
     """(the code that runs as shipped, bytes counted): run through the shipped file, its code and
     that file's size; run from the source, the minified source and the size of its shipped form."""
@@ -2290,12 +2328,14 @@ def code_as_shipped():
 class ByteLUTs:
     """Bytes of each target from the SentencePiece model's pieces (the challenge's accounting)."""
 
-    def __init__(self, base, space, boundary, caseops=False):
+    def __init__(self, base, space, boundary, caseops=False, markers=()):
         self.base, self.space, self.boundary = base, space, boundary
         self.caseops = caseops  # the CaseOps markers are pieces: this table would count their bytes
+        self.markers = markers  # their ids
 
     def to(self, device):
-        return ByteLUTs(self.base.to(device), self.space.to(device), self.boundary.to(device), self.caseops)
+        return ByteLUTs(self.base.to(device), self.space.to(device), self.boundary.to(device), self.caseops,
+                        self.markers)
 
     def target_bytes(self, prev, tgt, pos=None):
         """UTF-8 bytes of `tgt`; a leading space counts only after a non-boundary token."""
@@ -2338,8 +2378,9 @@ def load_tokenizer_luts(tokenizer_path, vocab_size):
             if piece.startswith("\u2581"):
                 space[i], piece = True, piece[1:]
             base[i] = len(piece.encode("utf-8"))
-    caseops = all(sp.piece_to_id(c) != sp.unk_id() for c in (CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESC))
-    return ByteLUTs(base, space, boundary, caseops)
+    markers = tuple(sp.piece_to_id(c) for c in (CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESC))
+    caseops = sp.unk_id() not in markers
+    return ByteLUTs(base, space, boundary, caseops, markers if caseops else ())
 
 
 def has_byte_sidecar(data_path):
@@ -2364,8 +2405,40 @@ def load_byte_source(args, val_tokens, luts, sidecar):
         raise DataError(f"BYTE_SIDECAR=1 but {args.data_path} has no fineweb_val_bytes_*.bin (tools/caseops_prep.py "
                         "writes it)")
     counts = load_byte_sidecar(args.data_path, val_tokens, args.bos_id, args.val_tokens_limit)
+    table = check_sidecar_against_table(counts, val_tokens, luts, args.data_path)
     sha = sha256_prefix(counts.numpy().astype("<u2").tobytes())
-    return ByteSidecar(counts), f"bytes from the byte sidecar ({int(counts[1:].sum())} bytes, sha256 {sha})"
+    return ByteSidecar(counts), (f"bytes from the byte sidecar ({int(counts[1:].sum())} bytes, sha256 {sha}; the "
+                                 f"tokenizer's table counts {table})")
+
+
+# The sidecar's total against the tokenizer's table's count of the same tokens: tools/caseops_prep.py's
+# sidecar is the table's count less the case markers' bytes, exactly; a sidecar that counts the text
+# before the tokenizer's normalizer (collapsed whitespace, NFKC) differs by 0.003 % on FineWeb and
+# 0.45 % on the proxy. This margin on either side accepts both and refuses counts that do not belong.
+SIDECAR_TABLE_MARGIN = 0.01
+
+
+def check_sidecar_against_table(counts, val_tokens, luts, data_path):
+    """A sidecar is trusted only as far as the tokenizer's table vouches for it (all zeros trained and
+    then divided by zero; counts of 60,000 gave a bpb of 0.00009): its total must lie between the
+    table's total less the case markers' bytes and the table's total, within SIDECAR_TABLE_MARGIN,
+    and no count may exceed the most any piece stands for -> the table's total."""
+    tgt = val_tokens[1:]
+    table = luts.target_bytes(val_tokens[:-1], tgt)
+    want, total = int(table.sum()), int(counts[1:].sum())
+    marks = int(table[torch.isin(tgt, torch.tensor(luts.markers, dtype=tgt.dtype))].sum()) if luts.markers else 0
+    lo, hi = (want - marks) * (1 - SIDECAR_TABLE_MARGIN), want * (1 + SIDECAR_TABLE_MARGIN)
+    if not lo <= total <= hi:
+        between = f"{want - marks} (less the case markers' {marks}) and {want}" if marks else f"{want}"
+        raise DataError(f"byte sidecar in {data_path} counts {total} bytes where the tokenizer's table counts "
+                        f"{between} for the same tokens (more than {SIDECAR_TABLE_MARGIN:.0%} apart): the sidecar "
+                        "does not belong to these shards and this tokenizer")
+    most = int((luts.base + luts.space.to(luts.base.dtype)).max())
+    over = torch.nonzero(counts > most).flatten()
+    if over.numel():
+        raise DataError(f"byte sidecar in {data_path} gives {int(counts[over[0]])} bytes to validation token "
+                        f"{int(over[0])}; no piece of the tokenizer stands for more than {most}")
+    return want
 
 
 def sliding_windows(n_targets, seq_len, stride):
@@ -3155,6 +3228,7 @@ class Logger:
 
     def __init__(self, path, rank):
         self.rank, self.file, self.path = rank, None, path
+        self.whole = 0  # bytes of the log's lines written whole
         if path and rank == 0:
             try:
                 self.file = open(path, "x")
@@ -3168,20 +3242,37 @@ class Logger:
             return
         print(msg, file=stream or sys.stdout, flush=True)
         if self.file:
-            self.file.write(msg + "\n")
-            self.file.flush()
+            try:
+                self.file.write(msg + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk: the run stops here, its log cut back to its last whole line
+                broken, self.file = self.file, None
+                for undo in (broken.close, lambda: os.truncate(self.path, self.whole)):
+                    with contextlib.suppress(OSError):
+                        undo()
+                raise OutputError(f"cannot write the log {self.path}: {e.strerror or e}") from None
+            self.whole += len((msg + "\n").encode(self.file.encoding))
 
     def close_failed(self, line, keep):
         """The run failed: `line` ends its log; a log of a run whose work never began (settings and
         checks only) is removed instead, so that the corrected rerun can take its name."""
-        if not self.file:
-            return
-        if keep:
-            self.file.write(line + "\n")
-        self.file.close()
-        if not keep:
+        if self.file:
+            with contextlib.suppress(OSError):  # (the failure may be the log's own)
+                if keep:
+                    self.file.write(line + "\n")
+                self.file.close()
+        if not keep and self.path and self.rank == 0:
             with contextlib.suppress(OSError):
                 os.remove(self.path)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or kill stopping the job): stops the run as Ctrl-C does."""
+    what = "terminated (SIGTERM)"
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
 
 
 @contextlib.contextmanager
@@ -3190,23 +3281,49 @@ def failure_recorded(run):
     try:
         yield
     except BaseException as e:
-        line = ("error: interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else f"error: {e}"
+        line = (f"error: {e.what}" if isinstance(e, Terminated) else "error: interrupted (Ctrl-C)"
+                if isinstance(e, KeyboardInterrupt) else f"error: {e}"
                 if isinstance(e, ONE_LINE_ERRORS) else f"error: {type(e).__name__}: {e}")
         if hasattr(run.log, "close_failed"):
             run.log.close_failed(line, keep=run.began)
         raise
 
 
-def setup_distributed(device_pref):
+def setup_distributed(device_pref, timeout_s=None):
+    """(rank, world size, device); the process group, whose collectives fail after `timeout_s`."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE=cuda but torch sees no CUDA device (use DEVICE=auto or cpu to run on the CPU)")
     use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
     device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=datetime.timedelta(seconds=timeout_s) if timeout_s else None)
     return rank, world, device
+
+
+# what gloo's collectives raise (a plain RuntimeError) when a peer is gone or the wait timed out
+_PEER_FAILURE = re.compile(r"/gloo/|[Tt]imed out|timeout|closed by peer|reset by peer|pair closure")
+
+
+@contextlib.contextmanager
+def peer_failures_named(timeout_s):
+    """A collective that failed because another rank is gone, or waited past DIST_TIMEOUT_SECONDS
+    (a rank stopped or stuck) -> a one-line JobError on each rank that sees it (the missing rank
+    cannot say it)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistError) or dist.is_initialized() and _PEER_FAILURE.search(str(e))):
+            raise
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's source location
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+        raise JobError(f"rank {rank}: a collective failed: another rank is gone, stopped, or kept it waiting past "
+                       f"DIST_TIMEOUT_SECONDS={timeout_s:g} ({why})") from None
 
 
 # ----- the run's files
@@ -3378,6 +3495,17 @@ def check_artifact_byte_source(path, recorded, sidecar, args):
                             f"DATA_PATH={args.data_path} would use {how[not sidecar]}: set {fix}")
 
 
+def warn_model_settings_overridden(args, config, log, env=None):
+    """EVAL_ONLY scores the artifact as it was made: a model setting given in the environment that
+    its header contradicts is not used, and the log says so (a warning, not a refusal: the
+    training's own command line with EVAL_ONLY added must still score its artifact)."""
+    env = os.environ if env is None else env
+    for k, v in config.items():
+        if k.upper() in env and getattr(args, k) != v:
+            log(f"warning: {k.upper()}={getattr(args, k)} is not used: {args.eval_only} is a model with "
+                f"{k.upper()}={v} (its header's value scores it)")
+
+
 def run_eval_only(args, run):
     """EVAL_ONLY: score the artifact; reads no train shard."""
     t0 = time.perf_counter()
@@ -3385,7 +3513,10 @@ def run_eval_only(args, run):
     run.timer.since("eval_artifact_load", t0)
     recorded_tokenizer = config.pop(TOKENIZER_KEY, None)
     recorded_sidecar = bool(config.pop(SIDECAR_KEY, False))
-    args = dataclasses.replace(args, **settings_from_header(config, args.eval_only))  # its model part scores it
+    header = settings_from_header(config, args.eval_only)
+    warn_model_settings_overridden(args, header, run.log)
+    args = dataclasses.replace(args, **header)  # its model part scores it
+    check_memory_fits(args, run.world_size, run.device)
     luts = load_tokenizer_luts(args.tokenizer_path, args.vocab_size)
     check_artifact_tokenizer(args.eval_only, recorded_tokenizer, args.tokenizer_path, run.log)
     check_artifact_byte_source(args.eval_only, recorded_sidecar, use_byte_sidecar(args), args)
@@ -3406,12 +3537,47 @@ def run_eval_only(args, run):
     return res
 
 
+def sample_documents(tokens, bos_id, n):
+    """Up to `n` whole documents (the tokens between two BOS), evenly spaced -> [(index, token list)]."""
+    starts = np.flatnonzero(tokens == bos_id)
+    picks = np.unique(np.linspace(0, len(starts) - 2, n).round().astype(int)) if len(starts) > 1 else []
+    return [(int(i), tokens[starts[i] + 1:starts[i + 1]].tolist()) for i in picks]
+
+
+# Shards made by a tokenizer re-encode to themselves through it: every document of the proxy's CaseOps
+# and plain shards did (1,792 each), the other tokenizer's almost none (16 and 0 of 1,792). The
+# tolerance keeps one odd document from stopping a run and changes nothing between the two.
+REENCODE_SAMPLE, REENCODE_TOLERANCE = (48, 16), 1 / 16  # documents from val and the first train shard
+
+
+def check_data_fits_tokenizer(args, val_tokens, train_files=()):
+    """Before any work: the validation tokens start with a BOS (the challenge's data starts every
+    document with one: none is 0 documents scored), and documents decoded and encoded again through
+    TOKENIZER_PATH give back their tokens (shards and tokenizer belong together)."""
+    import sentencepiece as spm
+    val = val_tokens.numpy()
+    if val[0] != args.bos_id:
+        raise DataError(f"the validation tokens in {args.data_path} start with {int(val[0])}, not BOS_ID={args.bos_id} "
+                        "(every document starts with a BOS): wrong BOS_ID, or shards made without BOS")
+    docs = [("validation", i, d) for i, d in sample_documents(val, args.bos_id, REENCODE_SAMPLE[0])]
+    if train_files:
+        head = np.asarray(load_shard(train_files[0], args.vocab_size)[:1 << 20])
+        docs += [("train", i, d) for i, d in sample_documents(head, args.bos_id, REENCODE_SAMPLE[1])]
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    bad = [(split, i) for split, i, d in docs if sp.encode(sp.decode(d)) != d]
+    if len(bad) > REENCODE_TOLERANCE * len(docs):
+        raise DataError(f"{len(bad)} of {len(docs)} sampled documents of {args.data_path} (e.g. {bad[0][0]} document "
+                        f"{bad[0][1]}) do not re-encode to their tokens through TOKENIZER_PATH={args.tokenizer_path}: "
+                        "the shards were made by another tokenizer")
+
+
 def load_scoring_data(args, run, luts, train_files=()):
     """The validation tokens and what counts their bytes (the tokenizer's table `luts` or the data's
     sidecar), named in the log's data: line -> (tokens and byte source on the device, the data
     line, whether the sidecar counts). Nothing of them reaches training (size_varlen_segments
     runs at evaluation time)."""
     val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
+    check_data_fits_tokenizer(args, val_tokens, train_files)
     sidecar = use_byte_sidecar(args)
     byte_source, bytes_note = load_byte_source(args, val_tokens, luts, sidecar)
     data = describe_data(args, train_files, val_tokens, bytes_note)
@@ -3511,11 +3677,14 @@ def on_rank0(fn, run, what):
 
 
 def start_run(args, warnings, run_files):
-    """Processes and device, the settings checked and resolved, OUT_DIR claimed for `run_files` (the
-    log first), the log opened -> (settings, Run)."""
-    rank, world_size, device = setup_distributed(args.device)
-    args.validate(world_size)
+    """Settings checked and resolved, processes and device, OUT_DIR claimed for `run_files` (the log
+    first), the log opened -> (settings, Run). A settings error claims no file: the corrected rerun
+    is never refused."""
+    args.validate(int(os.environ.get("WORLD_SIZE", 1)))
+    rank, world_size, device = setup_distributed(args.device, args.dist_timeout_seconds)
     args = args.resolved(world_size, device)
+    if not args.eval_only:  # EVAL_ONLY's model is the artifact's: checked once it is read
+        check_training_fits(args, world_size, device)
     run = Run(rank, world_size, device)
 
     def claim():
@@ -3529,6 +3698,59 @@ def start_run(args, warnings, run_files):
     # compiled GPT.forward wrappers share one graph cache: > 8 graphs
     torch._dynamo.config.recompile_limit = 64
     return args, run
+
+
+def device_memory_bytes(device):
+    """A CUDA device's memory, else the machine's physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def large_allocations(args, world_size, dense_attention):
+    """The allocations that settings can make arbitrarily large -> {what sizes it: bytes}, each from
+    below (the model, its other activations and optimizer state come on top)."""
+    d, kv, hid, heads = args.model_dim, args.num_kv_heads * args.head_dim, args.mlp_hidden, args.num_heads
+    out = {}
+    if args.ttt_enabled:  # each adapted matrix's in + out dims: qkv, out, up, down per layer, and the head
+        dims = args.num_layers * (6 * d + 2 * kv + 2 * hid) + d + args.vocab_size
+        out[f"TTT_BATCH_DOCS={args.ttt_batch_docs} x TTT_RANK={args.ttt_rank} (the TTT adapters: fp32 weights, "
+            "gradients and two Adam moments)"] = args.ttt_batch_docs * args.ttt_rank * dims * 4 * 4
+
+    def attention(rows, n):  # the rotary table; on the math path one bool mask and fp32 scores per row
+        return 4 * n * args.rope_dims + (rows * n * n * (1 + 4 * heads) if dense_attention else 0)
+    n = args.longest_train_seq
+    train_rows = max(1, args.train_batch_tokens // (world_size * args.resolved_grad_accum(world_size) * n))
+    name = "TRAIN_SEQ_LEN" if not args.train_seq_schedule.strip() else "TRAIN_SEQ_SCHEDULE's longest length"
+    out[f"{name}={n} (attention over {train_rows} rows)"] = attention(train_rows, n)
+    out[f"EVAL_SEQ_LEN={args.eval_seq_len} (attention over EVAL_BATCH_SEQS={args.eval_batch_seqs} rows)"] = \
+        attention(args.eval_batch_seqs, args.eval_seq_len)
+    calib_rows = min(8, -(-args.gptq_calib_seqs // world_size))  # collect_hessians' batches
+    out[f"GPTQ_CALIB_LEN={args.gptq_calib_len} (calibration activations and attention)"] = \
+        calib_rows * args.gptq_calib_len * (2 * hid + 4 * d) * 4 + attention(calib_rows, args.gptq_calib_len)
+    return out
+
+
+def check_memory_fits(args, world_size, device, total=None):
+    """Refused before any work: a setting whose allocation alone exceeds the device's memory (it would
+    die later, out of memory, its results lost). Only what clearly cannot fit."""
+    total = total or device_memory_bytes(device)
+    dense = device.type != "cuda" or args.attn_backend == "math" or (args.attn_backend == "sdpa" and args.doc_mask)
+    for what, need in large_allocations(args, world_size, dense).items():
+        if need > total:
+            raise ConfigError(f"{what} needs ~{need / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} GiB of "
+                              f"{device}: lower it")
+
+
+def check_training_fits(args, world_size, device):
+    """The settings checks that need the model's size, before any file is claimed: its parameters
+    counted on the meta device (no memory, no time), the training budget after the GPTQ reserve,
+    the artifact's model bytes, the device's memory."""
+    with torch.device("meta"):
+        model = GPT(args.model)
+    training_budget(args, model)
+    check_budget_fits(args, model, code_as_shipped()[1])
+    check_memory_fits(args, world_size, device)
 
 
 def check_budget_fits(args, model, code_bytes):
@@ -3643,8 +3865,9 @@ def main():
     args, warnings = read_settings()
     run_id = args.run_id or f"seed{args.seed}"
     names = {"log": f"eval_{run_id}.log"} if args.eval_only else run_file_names(args, run_id)
-    args, run = start_run(args, warnings, list(names.values()))
-    with failure_recorded(run):
+    with peer_failures_named(args.dist_timeout_seconds):
+        args, run = start_run(args, warnings, list(names.values()))
+    with failure_recorded(run), peer_failures_named(args.dist_timeout_seconds):
         if args.eval_only:
             run_eval_only(args, run)
         else:
@@ -3697,15 +3920,21 @@ def train_and_score(args, run, paths, t_start):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    # every rank stops alike (the same settings and data, rank 0's failures broadcast): rank 0 says
+    # why, once; a JobError is said by each rank that saw a peer fail
+    speaks = int(os.environ.get("RANK", 0)) == 0
     try:
         main()
     except ONE_LINE_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        if speaks or isinstance(e, JobError):
+            print(f"error: {e}", file=sys.stderr, flush=True)
         code = 2
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); files written so far are whole, none is left partial",
-              file=sys.stderr, flush=True)
-        code = 130
+    except KeyboardInterrupt as e:
+        if speaks:
+            print(f"error: {getattr(e, 'what', 'interrupted (Ctrl-C)')}; files written so far are whole, none is "
+                  "left partial", file=sys.stderr, flush=True)
+        code = 143 if isinstance(e, Terminated) else 130
     except BaseException:
         traceback.print_exc()
         code = 1

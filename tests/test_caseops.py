@@ -416,11 +416,12 @@ def test_byte_source_setting(val_dir, plain_tok, caseops_tok):
     args = T.Hyperparameters(data_path=str(val_dir), byte_sidecar="1")
     with pytest.raises(T.DataError, match="BYTE_SIDECAR=1 but .* has no fineweb_val_bytes"):
         T.load_byte_source(args, val, luts, T.use_byte_sidecar(args))
-    write_shard(val_dir / "fineweb_val_bytes_000000.bin", [0, 3, 4, 0, 2, 1, 0, 5])
+    write_shard(val_dir / "fineweb_val_bytes_000000.bin", [0, 1, 1, 0, 1, 1, 0, 1])  # ids 5..9: byte pieces
     args = T.Hyperparameters(data_path=str(val_dir))
     assert T.use_byte_sidecar(args)
     src, note = T.load_byte_source(args, val, luts, True)
-    assert isinstance(src, T.ByteSidecar) and note.startswith("bytes from the byte sidecar (15 bytes, sha256 ")
+    assert isinstance(src, T.ByteSidecar) and note.startswith("bytes from the byte sidecar (5 bytes, sha256 ")
+    assert note.endswith("; the tokenizer's table counts 5)")
     args = T.Hyperparameters(data_path=str(val_dir), tokenizer_path=caseops_tok, byte_sidecar="0")
     with pytest.raises(T.DataError, match="is a CaseOps tokenizer: its byte table counts the case markers"):
         T.load_byte_source(args, val, T.load_tokenizer_luts(caseops_tok, 8192), False)
@@ -560,8 +561,10 @@ def test_caseops_run_scores_on_the_sidecar(caseops_run, caseops_tok):
     line = next(l for l in stdout.splitlines() if l.startswith("data: "))
     val = T.load_validation_tokens(str(root / "data"), 8192, 1500)
     counts = T.load_byte_sidecar(str(root / "data"), val, 1, 1500)
+    luts, t = T.load_tokenizer_luts(caseops_tok, 8192), val  # the table counts the markers too
     assert line.endswith(f"; bytes from the byte sidecar ({int(counts[1:].sum())} bytes, sha256 "
-                         f"{T.sha256_prefix(counts.numpy().astype('<u2').tobytes())})")
+                         f"{T.sha256_prefix(counts.numpy().astype('<u2').tobytes())}; the tokenizer's table counts "
+                         f"{int(luts.target_bytes(t[:-1], t[1:]).sum())})")
     _, config = T.load_artifact(str(root / "final_model_t.int6.ptz"))
     assert config[T.SIDECAR_KEY] is True and config[T.TOKENIZER_KEY] == T.file_sha256(caseops_tok)
     for kind in ("roundtrip", "sliding_window", "ttt"):
