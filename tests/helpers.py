@@ -80,7 +80,7 @@ def clean_env(**kw):
     for f in T.Hyperparameters.__dataclass_fields__:  # no stray settings from the caller
         env.pop(f.upper(), None)
     env.update(OMP_NUM_THREADS="1", DEVICE="cpu", COMPILE="0", PYTHONDONTWRITEBYTECODE="1")
-    env.update({k: str(v) for k, v in kw.items()})
+    env.update({k: v if isinstance(v, bytes) else str(v) for k, v in kw.items()})  # bytes: a path not in UTF-8
     return env
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT
 from helpers import randomized_model, clean_env, tiny_model_args
 
 pytestmark = pytest.mark.usefixtures("one_thread_math")

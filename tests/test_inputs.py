@@ -17,26 +17,9 @@ import torch
 
 import smoke_data
 import train_gpt as T
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT, SCRIPT, TINY_RUN as TINY, clean_env as script_env, one_error_line
 
-SCRIPT = os.path.join(REPO_ROOT, "train_gpt.py")
 CPU = torch.device("cpu")
-# the tiny CPU run of the script tests (as tests/test_eval.py's TINY_RUN)
-TINY = dict(VOCAB_SIZE=512, NUM_LAYERS=2, MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, MLP_MULT=2, RECUR_PASSES=0,
-            ROPE_DIMS=8, TRAIN_SEQ_LEN=64, TRAIN_BATCH_TOKENS=512, GRAD_ACCUM_STEPS=1, ITERATIONS=4,
-            MAX_WALLCLOCK_SECONDS=0, WARMUP_STEPS=1, WARMDOWN_FRAC=0.5, EVAL_SEQ_LEN=64, EVAL_STRIDE=32,
-            EVAL_BATCH_SEQS=8, VAL_TOKENS_LIMIT=1024, GPTQ_CALIB_SEQS=4, GPTQ_CALIB_LEN=64, GPTQ_BLOCK=32, RUN_ID="t",
-            SEED=1, TTT_ENABLED=0)
-
-
-def script_env(**kw):
-    """The caller's environment less any setting or rank variable, on the CPU, plus `kw`."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-           and k.lower() not in T.Hyperparameters.__dataclass_fields__}
-    env.update(OMP_NUM_THREADS="1", DEVICE="cpu", COMPILE="0", PYTHONDONTWRITEBYTECODE="1")
-    env.update({k: v if isinstance(v, bytes) else str(v) for k, v in kw.items()})
-    return env
 
 
 def run_tiny(cwd, data, timeout=300, **env):
@@ -44,15 +27,6 @@ def run_tiny(cwd, data, timeout=300, **env):
     data_dir, tok, _ = data
     return subprocess.run([sys.executable, SCRIPT], cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=script_env(**{"DATA_PATH": data_dir, "TOKENIZER_PATH": tok, **TINY, **env}))
-
-
-def one_error_line(p, *needles):
-    lines = [l for l in p.stderr.splitlines() if l.strip() and not l.startswith("warning:")]
-    assert p.returncode == 2 and "Traceback" not in p.stderr, (p.returncode, p.stderr[-3000:])
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 # ----- data that does not belong together: a sidecar, a tokenizer, no BOS
