@@ -3,6 +3,14 @@
 
 Launch: torchrun --standalone --nproc_per_node=N train_gpt.py (N = 1..8; CPU works too).
 Settings: environment variables (see Hyperparameters).
+
+The file in the order a run goes (`main` at the end: its phases, in `train_and_score`):
+settings (frozen, in parts; the model part is the artifact's header) -> the process (rank, device,
+collectives, atomic files) -> data (shards, the training stream, validation tokens and their
+bytes, CaseOps) -> model (its attention kernel an object it holds) -> optimizer (parallel Muon,
+AdamW) -> training (one schedule, the timed loop) -> quantization (calibration, GPTQ, rate control)
+and packing (the artifact, rANS, the code as shipped) -> evaluation (round trip, sliding windows,
+n-gram tilt, score-first TTT, the artifact's scores) -> the run (log, files, results).
 """
 from __future__ import annotations
 
@@ -50,21 +58,6 @@ try:  # FlexAttention: skips fully masked blocks
 except Exception:  # noqa: BLE001
     create_block_mask = flex_attention = None
 ARTIFACT_CAP_BYTES, EVAL_LIMIT_SECONDS = 16_000_000, 600
-FINEWEB_VAL_BYTES_EST = 151e6  # ~62 M sp1024 validation tokens at ~0.41 tokens per byte: for TTT's 8-GPU estimate
-CLIP_RANGE = (3.0, 64.0)  # rate-control clips (sigmas); under ~3 clipping costs more
-RATE_BAND = 0.985  # rate control stops once the model fills this much of its budget
-# Gaussian rows predict the trained model's bytes to 2 % (15.43 vs 15.74 MB at clip 8.93, the 600 s
-# proxy run); half their bits is a floor that never refuses a target the model can fit
-LEAST_BITS_SHARE = 0.5
-EMBED_TABLES = ("tok_emb.weight",)  # quantized at EMBED_BITS
-# AWQ-lite's Hessian kinds (down: folded into up's rows, nothing stored), its scales' range, and their
-# grid: powers of 2^(1/32) (<= 1.1 % off rms^alpha), whose repeating fp16 values lzma stores ~40 % smaller
-AWQ_KINDS, AWQ_SCALE_RANGE, AWQ_SCALE_STEPS_PER_OCTAVE = ("qkv", "out", "up", "down"), (0.01, 100.0), 32
-SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
-# Choices whose worth depends on the amount of training (README, "The 8xH100 configuration"): the
-# defaults follow the 8xH100 records; PROFILE=1gpu takes what one GPU x 600 s measured on the proxy.
-# A setting given explicitly wins over its profile's value.
-PROFILES = {"8xh100": {}, "1gpu": {"mlp_mult": 3.0, "recur_passes": 0, "train_seq_schedule": ""}}
 
 
 class ConfigError(ValueError):
@@ -94,22 +87,13 @@ class JobError(RuntimeError):
 ONE_LINE_ERRORS = (ConfigError, DataError, ArtifactError, OutputError, ScoreError, JobError)  # reported as one line
 
 
-@dataclass
-class Run:
-    """This process in the job: its rank among `world_size`, its device, rank 0's log and the
-    phase timer. Not a setting, so not part of the configuration's fingerprint."""
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-    log: object = print  # a callable taking one line
-    timer: object = None  # PhaseTimer; a fresh one if not given
-    began: bool = False  # its work (training, or EVAL_ONLY's scoring) has begun
+# ----- settings: every setting from its environment variable, checked and frozen in parts
 
-    def __post_init__(self):
-        self.timer = self.timer or PhaseTimer()
+# Choices whose worth depends on the amount of training (README, "The 8xH100 configuration"): the
+# defaults follow the 8xH100 records; PROFILE=1gpu takes what one GPU x 600 s measured on the proxy.
+# A setting given explicitly wins over its profile's value.
+PROFILES = {"8xh100": {}, "1gpu": {"mlp_mult": 3.0, "recur_passes": 0, "train_seq_schedule": ""}}
 
-
-# ----- config
 
 _TRUE_WORDS, _FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 # removed settings -> replacements (a run setting one stops)
@@ -518,7 +502,175 @@ class Hyperparameters(RunSettings, EvalSettings, QuantSettings, TrainingSettings
         return max(1, 4 // world_size)
 
 
-# ----- data
+# ----- the process: rank and device, collectives, compile, atomic files
+
+@dataclass
+class Run:
+    """This process in the job: its rank among `world_size`, its device, rank 0's log and the
+    phase timer. Not a setting, so not part of the configuration's fingerprint."""
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    log: object = print  # a callable taking one line
+    timer: object = None  # PhaseTimer; a fresh one if not given
+    began: bool = False  # its work (training, or EVAL_ONLY's scoring) has begun
+
+    def __post_init__(self):
+        self.timer = self.timer or PhaseTimer()
+
+
+def _is_nccl():
+    return dist.is_initialized() and dist.get_backend() == "nccl"
+
+
+def _multi():
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _all_reduce_sum(t):
+    if _multi():
+        dist.all_reduce(t)
+    return t
+
+
+def _from_rank0(value, world_size, device):
+    """Rank 0's float `value` on every rank (one rank: no trip through the device)."""
+    if world_size == 1:
+        return float(value)
+    t = torch.full((), float(value), dtype=torch.float64, device=device)  # a fill: no copy that waits
+    dist.broadcast(t, 0)
+    return float(t)
+
+
+def _use_compile(args, device):
+    return args.compile == "1" or (args.compile == "auto" and device.type == "cuda")
+
+
+def _maybe_compile(model, args, device):
+    return torch.compile(model, dynamic=False) if _use_compile(args, device) else model
+
+
+def _autocast(device):
+    # no cast cache: a CUDA graph (TTT) must cast the weights at every replay
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
+
+
+def _cuda_graph(fn):
+    """`fn` (fixed shapes, state updated in place) captured in a CUDA graph after a warm-up on a
+    side stream; -> its replay. The warm-up runs `fn`: the caller resets what it touched."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # NCCL watchdog
+        fn()
+    return graph.replay
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def write_atomic(path, data):
+    """Write `data` (bytes) to a temporary name beside `path`, then rename: a reader sees the old
+    file or the new one whole; a failure (full disk, Ctrl-C) leaves no partial file behind."""
+    tmp = f"{path}.partial{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            raise OutputError(f"cannot write {path}: {e.strerror or e} (any earlier file of that name is unchanged)") from None
+        raise
+
+
+class PhaseTimer:
+    def __init__(self):
+        self.times = {}
+
+    def add(self, name, seconds):
+        self.times[name] = self.times.get(name, 0.0) + seconds
+
+    def since(self, name, t0):
+        self.add(name, time.perf_counter() - t0)
+
+
+def setup_distributed(device_pref, timeout_s=None):
+    """(rank, world size, device); the process group, whose collectives fail after `timeout_s`."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("DEVICE=cuda but torch sees no CUDA device (use DEVICE=auto or cpu to run on the CPU)")
+    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
+                                timeout=datetime.timedelta(seconds=timeout_s) if timeout_s else None)
+    return rank, world, device
+
+
+# what gloo's collectives raise (a plain RuntimeError) when a peer is gone or the wait timed out
+_PEER_FAILURE = re.compile(r"/gloo/|[Tt]imed out|timeout|closed by peer|reset by peer|pair closure")
+
+
+@contextlib.contextmanager
+def peer_failures_named(timeout_s):
+    """A collective that failed because another rank is gone, or waited past DIST_TIMEOUT_SECONDS
+    (a rank stopped or stuck) -> a one-line JobError on each rank that sees it (the missing rank
+    cannot say it)."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not (isinstance(e, dist.DistError) or dist.is_initialized() and _PEER_FAILURE.search(str(e))):
+            raise
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        why = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's source location
+        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+        raise JobError(f"rank {rank}: a collective failed: another rank is gone, stopped, or kept it waiting past "
+                       f"DIST_TIMEOUT_SECONDS={timeout_s:g} ({why})") from None
+
+
+def write_json(path, obj):
+    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def sha256_prefix(data):
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def file_sha256(path):
+    with open(path, "rb") as f:
+        return sha256_prefix(f.read())
+
+
+def on_rank0(fn, run, what):
+    """fn() on rank 0 only; its failure stops every rank alike (none is left waiting in a collective)."""
+    failure, out = None, None
+    if run.rank == 0:
+        try:
+            out = fn()
+        except (ArtifactError, OutputError) as e:
+            failure = e
+    if not _from_rank0(failure is None, run.world_size, run.device):
+        raise failure or OutputError(f"rank 0 could not {what}")
+    return out
+
+
+# ----- data: shards, the training stream, the validation tokens and their bytes
+
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20240520, 1, 256
+
 
 def read_shard_header(path):
     """Check a shard's header and size; return its token count."""
@@ -588,37 +740,6 @@ def load_byte_sidecar(data_path, val_tokens, bos_id, limit=0):
         raise DataError(f"byte sidecar in {data_path} gives {int(counts[bad[0]])} bytes to the BOS at validation "
                         f"token {int(bad[0])} (a BOS stands for no text): sidecar and val shards do not match")
     return counts
-
-
-# ----- CaseOps: capitals as marker characters (tools/caseops_prep.py makes such data)
-# Over maximal runs of ASCII letters: all-lower unchanged; all-caps of 2+ letters -> ALLCAPS + lower;
-# otherwise TITLE first if the first letter is a capital (a Title word, a single capital), then the
-# lower-case letters, each later capital preceded by CAPNEXT. A literal marker character gets ESC.
-# The tokenizer has the markers as pieces of their own; caseops_decode inverts it exactly.
-CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
-# a run that has a capital (the lookbehind starts matches at a run's start only: linear time)
-_CASE_WORD = re.compile("(?<![A-Za-z])[a-z]*[A-Z][A-Za-z]*|[\ue001-\ue004]")
-_CASE_MARK = re.compile("\ue004(.)|\ue002([a-z]+)|[\ue001\ue003]([a-z])", re.S)
-
-
-def _case_word(m):
-    w = m.group()
-    if w >= CASE_TITLE:  # a literal marker character
-        return CASE_ESC + w
-    if w.isupper() and len(w) > 1:
-        return CASE_ALLCAPS + w.lower()
-    head = CASE_TITLE + w[0].lower() if w[0].isupper() else w[0]
-    return head + "".join(CASE_CAPNEXT + c.lower() if c.isupper() else c for c in w[1:])
-
-
-def caseops_transform(text):
-    """The CaseOps text of `text`."""
-    return _CASE_WORD.sub(_case_word, text)
-
-
-def caseops_decode(text):
-    """The text caseops_transform was given."""
-    return _CASE_MARK.sub(lambda m: m[1] or (m[2] or m[3]).upper(), text)
 
 
 class TokenStream:
@@ -719,6 +840,214 @@ class DistributedLoader:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool, self._ahead = None, None
+
+
+class ByteLUTs:
+    """Bytes of each target from the SentencePiece model's pieces (the challenge's accounting)."""
+
+    def __init__(self, base, space, boundary, caseops=False, markers=()):
+        self.base, self.space, self.boundary = base, space, boundary
+        self.caseops = caseops  # the CaseOps markers are pieces: this table would count their bytes
+        self.markers = markers  # their ids
+
+    def to(self, device):
+        return ByteLUTs(self.base.to(device), self.space.to(device), self.boundary.to(device), self.caseops,
+                        self.markers)
+
+    def target_bytes(self, prev, tgt, pos=None):
+        """UTF-8 bytes of `tgt`; a leading space counts only after a non-boundary token."""
+        return self.base[tgt] + (self.space[tgt] & ~self.boundary[prev]).to(self.base.dtype)
+
+
+class ByteSidecar:
+    """Bytes of each target from the data's byte sidecar, by the target's position in the val tokens
+    (CaseOps: the text's bytes without the case markers, which the tokenizer's table would count)."""
+
+    def __init__(self, counts):
+        self.counts = counts
+
+    def to(self, device):
+        return ByteSidecar(self.counts.to(device))
+
+    def target_bytes(self, prev, tgt, pos):
+        return self.counts[pos]
+
+
+def load_tokenizer_luts(tokenizer_path, vocab_size):
+    import sentencepiece as spm
+    if not os.path.isfile(tokenizer_path):
+        raise DataError(f"tokenizer {tokenizer_path} not found (TOKENIZER_PATH)")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"tokenizer {tokenizer_path} is not a SentencePiece model: {e}") from None
+    if sp.vocab_size() != vocab_size:
+        raise DataError(f"tokenizer {tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    base = torch.zeros(vocab_size, dtype=torch.int64)
+    space, boundary = torch.zeros(vocab_size, dtype=torch.bool), torch.zeros(vocab_size, dtype=torch.bool)
+    for i in range(vocab_size):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            boundary[i] = True  # BOS/EOS/UNK: zero bytes, start a fresh text
+        elif sp.is_byte(i):
+            base[i] = 1
+        else:
+            piece = sp.id_to_piece(i)
+            if piece.startswith("\u2581"):
+                space[i], piece = True, piece[1:]
+            base[i] = len(piece.encode("utf-8"))
+    markers = tuple(sp.piece_to_id(c) for c in (CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESC))
+    caseops = sp.unk_id() not in markers
+    return ByteLUTs(base, space, boundary, caseops, markers if caseops else ())
+
+
+def has_byte_sidecar(data_path):
+    return bool(glob.glob(os.path.join(glob.escape(data_path), "fineweb_val_bytes_*.bin")))
+
+
+def use_byte_sidecar(args):
+    """BYTE_SIDECAR: 1 or 0, or auto: whether DATA_PATH has fineweb_val_bytes_*.bin."""
+    return has_byte_sidecar(args.data_path) if args.byte_sidecar == "auto" else args.byte_sidecar == "1"
+
+
+def load_byte_source(args, val_tokens, luts, sidecar):
+    """What counts the bytes of each target -> (the tokenizer's table or the data's byte sidecar,
+    a note for the data: line). A CaseOps tokenizer needs the sidecar: its table counts the markers."""
+    if not sidecar:
+        if luts.caseops:
+            raise DataError(f"tokenizer {args.tokenizer_path} is a CaseOps tokenizer: its byte table counts the "
+                            "case markers, so it needs the byte sidecar fineweb_val_bytes_*.bin in DATA_PATH "
+                            f"(BYTE_SIDECAR={args.byte_sidecar}; tools/caseops_prep.py writes it)")
+        return luts, "bytes from the tokenizer's table"
+    if not has_byte_sidecar(args.data_path):
+        raise DataError(f"BYTE_SIDECAR=1 but {args.data_path} has no fineweb_val_bytes_*.bin (tools/caseops_prep.py "
+                        "writes it)")
+    counts = load_byte_sidecar(args.data_path, val_tokens, args.bos_id, args.val_tokens_limit)
+    table = check_sidecar_against_table(counts, val_tokens, luts, args.data_path)
+    sha = sha256_prefix(counts.numpy().astype("<u2").tobytes())
+    return ByteSidecar(counts), (f"bytes from the byte sidecar ({int(counts[1:].sum())} bytes, sha256 {sha}; the "
+                                 f"tokenizer's table counts {table})")
+
+
+# The sidecar's total against the tokenizer's table's count of the same tokens: tools/caseops_prep.py's
+# sidecar is the table's count less the case markers' bytes, exactly; a sidecar that counts the text
+# before the tokenizer's normalizer (collapsed whitespace, NFKC) differs by 0.003 % on FineWeb and
+# 0.45 % on the proxy. This margin on either side accepts both and refuses counts that do not belong.
+SIDECAR_TABLE_MARGIN = 0.01
+
+
+def check_sidecar_against_table(counts, val_tokens, luts, data_path):
+    """A sidecar is trusted only as far as the tokenizer's table vouches for it (all zeros trained and
+    then divided by zero; counts of 60,000 gave a bpb of 0.00009): its total must lie between the
+    table's total less the case markers' bytes and the table's total, within SIDECAR_TABLE_MARGIN,
+    and no count may exceed the most any piece stands for -> the table's total."""
+    tgt = val_tokens[1:]
+    table = luts.target_bytes(val_tokens[:-1], tgt)
+    want, total = int(table.sum()), int(counts[1:].sum())
+    marks = int(table[torch.isin(tgt, torch.tensor(luts.markers, dtype=tgt.dtype))].sum()) if luts.markers else 0
+    lo, hi = (want - marks) * (1 - SIDECAR_TABLE_MARGIN), want * (1 + SIDECAR_TABLE_MARGIN)
+    if not lo <= total <= hi:
+        between = f"{want - marks} (less the case markers' {marks}) and {want}" if marks else f"{want}"
+        raise DataError(f"byte sidecar in {data_path} counts {total} bytes where the tokenizer's table counts "
+                        f"{between} for the same tokens (more than {SIDECAR_TABLE_MARGIN:.0%} apart): the sidecar "
+                        "does not belong to these shards and this tokenizer")
+    most = int((luts.base + luts.space.to(luts.base.dtype)).max())
+    over = torch.nonzero(counts > most).flatten()
+    if over.numel():
+        raise DataError(f"byte sidecar in {data_path} gives {int(counts[over[0]])} bytes to validation token "
+                        f"{int(over[0])}; no piece of the tokenizer stands for more than {most}")
+    return want
+
+
+def describe_data(args, train_files, val_tokens, bytes_note="bytes from the tokenizer's table"):
+    """What the run reads, in one line: DATA_NAME, the train shards, the validation documents and
+    tokens with a fingerprint, the tokenizer with its fingerprint, what counts the bytes."""
+    name = args.data_name or "unnamed data (DATA_NAME not set)"
+    train = (f"{len(train_files)} train shards ({sum(read_shard_header(f) for f in train_files)} tokens), "
+             if train_files else "")
+    docs = int((val_tokens == args.bos_id).sum())
+    val_sha = sha256_prefix(val_tokens.numpy().astype("<u2").tobytes())
+    return (f"{name}: {args.data_path}, {train}validation {docs} documents, {val_tokens.numel() - 1} targets "
+            f"(sha256 {val_sha}); tokenizer {os.path.basename(args.tokenizer_path)} (sha256 "
+            f"{file_sha256(args.tokenizer_path)}); {bytes_note}")
+
+
+def sample_documents(tokens, bos_id, n):
+    """Up to `n` whole documents (the tokens between two BOS), evenly spaced -> [(index, token list)]."""
+    starts = np.flatnonzero(tokens == bos_id)
+    picks = np.unique(np.linspace(0, len(starts) - 2, n).round().astype(int)) if len(starts) > 1 else []
+    return [(int(i), tokens[starts[i] + 1:starts[i + 1]].tolist()) for i in picks]
+
+
+# Shards made by a tokenizer re-encode to themselves through it: every document of the proxy's CaseOps
+# and plain shards did (1,792 each), the other tokenizer's almost none (16 and 0 of 1,792). The
+# tolerance keeps one odd document from stopping a run and changes nothing between the two.
+REENCODE_SAMPLE, REENCODE_TOLERANCE = (48, 16), 1 / 16  # documents from val and the first train shard
+
+
+def check_data_fits_tokenizer(args, val_tokens, train_files=()):
+    """Before any work: the validation tokens start with a BOS (the challenge's data starts every
+    document with one: none is 0 documents scored), and documents decoded and encoded again through
+    TOKENIZER_PATH give back their tokens (shards and tokenizer belong together)."""
+    import sentencepiece as spm
+    val = val_tokens.numpy()
+    if val[0] != args.bos_id:
+        raise DataError(f"the validation tokens in {args.data_path} start with {int(val[0])}, not BOS_ID={args.bos_id} "
+                        "(every document starts with a BOS): wrong BOS_ID, or shards made without BOS")
+    docs = [("validation", i, d) for i, d in sample_documents(val, args.bos_id, REENCODE_SAMPLE[0])]
+    if train_files:
+        head = np.asarray(load_shard(train_files[0], args.vocab_size)[:1 << 20])
+        docs += [("train", i, d) for i, d in sample_documents(head, args.bos_id, REENCODE_SAMPLE[1])]
+    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
+    bad = [(split, i) for split, i, d in docs if sp.encode(sp.decode(d)) != d]
+    if len(bad) > REENCODE_TOLERANCE * len(docs):
+        raise DataError(f"{len(bad)} of {len(docs)} sampled documents of {args.data_path} (e.g. {bad[0][0]} document "
+                        f"{bad[0][1]}) do not re-encode to their tokens through TOKENIZER_PATH={args.tokenizer_path}: "
+                        "the shards were made by another tokenizer")
+
+
+def load_scoring_data(args, run, luts, train_files=()):
+    """The validation tokens and what counts their bytes (the tokenizer's table `luts` or the data's
+    sidecar), named in the log's data: line -> (tokens and byte source on the device, the data
+    line, whether the sidecar counts). Nothing of them reaches training (size_varlen_segments
+    runs at evaluation time)."""
+    val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
+    check_data_fits_tokenizer(args, val_tokens, train_files)
+    sidecar = use_byte_sidecar(args)
+    byte_source, bytes_note = load_byte_source(args, val_tokens, luts, sidecar)
+    data = describe_data(args, train_files, val_tokens, bytes_note)
+    run.log(f"data: {data}")
+    return val_tokens.to(run.device), byte_source.to(run.device), data, sidecar
+
+
+# ----- CaseOps: capitals as marker characters (tools/caseops_prep.py makes such data)
+# Over maximal runs of ASCII letters: all-lower unchanged; all-caps of 2+ letters -> ALLCAPS + lower;
+# otherwise TITLE first if the first letter is a capital (a Title word, a single capital), then the
+# lower-case letters, each later capital preceded by CAPNEXT. A literal marker character gets ESC.
+# The tokenizer has the markers as pieces of their own; caseops_decode inverts it exactly.
+CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
+# a run that has a capital (the lookbehind starts matches at a run's start only: linear time)
+_CASE_WORD = re.compile("(?<![A-Za-z])[a-z]*[A-Z][A-Za-z]*|[\ue001-\ue004]")
+_CASE_MARK = re.compile("\ue004(.)|\ue002([a-z]+)|[\ue001\ue003]([a-z])", re.S)
+
+
+def _case_word(m):
+    w = m.group()
+    if w >= CASE_TITLE:  # a literal marker character
+        return CASE_ESC + w
+    if w.isupper() and len(w) > 1:
+        return CASE_ALLCAPS + w.lower()
+    head = CASE_TITLE + w[0].lower() if w[0].isupper() else w[0]
+    return head + "".join(CASE_CAPNEXT + c.lower() if c.isupper() else c for c in w[1:])
+
+
+def caseops_transform(text):
+    """The CaseOps text of `text`."""
+    return _CASE_WORD.sub(_case_word, text)
+
+
+def caseops_decode(text):
+    """The text caseops_transform was given."""
+    return _CASE_MARK.sub(lambda m: m[1] or (m[2] or m[3]).upper(), text)
 
 
 # ----- model
@@ -1408,7 +1737,7 @@ def build_model(args, device, attention=None):
                args.tied_embed_init_std, args.clip_sigmas).to(device)
 
 
-# ----- optimizer
+# ----- optimizer: parallel Muon on the banks, AdamW for the rest
 
 # Polar Express: the minimax odd quintic of each iteration (tools/polar_express.py)
 POLAR_EXPRESS_COEFFS = ((8.386464162225812, -24.36964994371728, 17.725116517530434),
@@ -1434,29 +1763,6 @@ def newton_schulz(G, coeffs=POLAR_EXPRESS_COEFFS, dtype=torch.bfloat16):
         A = X @ X.mT
         X = a * X + (b * A + c * (A @ A)) @ X
     return X.mT if transposed else X
-
-
-def _is_nccl():
-    return dist.is_initialized() and dist.get_backend() == "nccl"
-
-
-def _multi():
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_reduce_sum(t):
-    if _multi():
-        dist.all_reduce(t)
-    return t
-
-
-def _from_rank0(value, world_size, device):
-    """Rank 0's float `value` on every rank (one rank: no trip through the device)."""
-    if world_size == 1:
-        return float(value)
-    t = torch.full((), float(value), dtype=torch.float64, device=device)  # a fill: no copy that waits
-    dist.broadcast(t, 0)
-    return float(t)
 
 
 def reduce_scatter_avg(full, shard_rows):
@@ -1619,35 +1925,267 @@ class Optimizers:
         self.muon.reset()
 
 
-def _use_compile(args, device):
-    return args.compile == "1" or (args.compile == "auto" and device.type == "cuda")
+# ----- training: one schedule, the timed loop
+
+def _numel(params):
+    return sum(p.numel() for p in params)
 
 
-def _maybe_compile(model, args, device):
-    return torch.compile(model, dynamic=False) if _use_compile(args, device) else model
+def estimate_gptq_reserve(n_params):
+    """Seconds for calibration and two rate-control rounds (3.2 s each at 37 M parameters, H200)."""
+    return 4.0 + 0.2e-6 * n_params
 
 
-def _autocast(device):
-    # no cast cache: a CUDA graph (TTT) must cast the weights at every replay
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda", cache_enabled=False)
+def run_progress(args, step, elapsed_s, budget_s):
+    """Fraction of the run done: ITERATIONS or the budget, whichever binds first."""
+    p = step / args.iterations if args.iterations > 0 else 0.0
+    if budget_s > 0:
+        p = max(p, elapsed_s / budget_s)
+    return min(1.0, p)
 
 
-def _cuda_graph(fn):
-    """`fn` (fixed shapes, state updated in place) captured in a CUDA graph after a warm-up on a
-    side stream; -> its replay. The warm-up runs `fn`: the caller resets what it touched."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # NCCL watchdog
-        fn()
-    return graph.replay
+class StepPlan(NamedTuple):
+    """Every time-dependent quantity of a training step."""
+    lr_scale: float  # x every learning rate
+    muon_momentum: float
+    seq_len: int  # the training context
+    qat_on: bool  # late QAT (it stays on: the lr scale only falls)
+    recurrence_on: bool  # depth recurrence
 
 
-# ----- quantization
+def schedule_at(args, progress):
+    """The run's whole schedule, a pure function of `progress` (the fraction done, 0..1) -> StepPlan:
+    learning rates x 1.0, then linear to 0 over the last WARMDOWN_FRAC, floored at MIN_LR_SCALE; Muon
+    momentum warmed up over MUON_MOMENTUM_WARMUP_FRAC; the context TRAIN_SEQ_SCHEDULE gives; late QAT
+    once the lr scale is below QAT_START_SCALE (0: never); depth recurrence from RECUR_START_FRAC."""
+    s = (1.0 - progress) / args.warmdown_frac if args.warmdown_frac > 0 else 1.0
+    lr_scale = max(args.min_lr_scale, min(1.0, s))
+    warm = min(1.0, progress / args.muon_momentum_warmup_frac) if args.muon_momentum_warmup_frac > 0 else 1.0
+    return StepPlan(lr_scale, (1 - warm) * args.muon_momentum_start + warm * args.muon_momentum,
+                    args.train_seq_len_at(progress), args.qat_start_scale > 0 and lr_scale < args.qat_start_scale,
+                    bool(args.recur_layer_list()) and progress >= args.recur_start_frac)
+
+
+def schedule_shapes(args):
+    """The (context length, recurrence on) pairs the schedule takes before the run's end, in order:
+    the shapes of the training graphs. It changes only where a length or the recurrence starts."""
+    starts = sorted({0.0, args.recur_start_frac, *(f for f, _ in args.train_seq_lens())})
+    return list(dict.fromkeys((s.seq_len, s.recurrence_on) for s in (schedule_at(args, p) for p in starts if p < 1)))
+
+
+def ema_weight(args, p0, p1):
+    """The EMA's move towards the weights over a step from progress p0 to p1: its time constant is
+    EMA_HORIZON of the run, whatever the step time (0: no average, 1.0)."""
+    return 1.0 - math.exp(-(p1 - p0) / args.ema_horizon) if args.ema_horizon > 0 else 1.0
+
+
+class SharedClock:
+    """Rank 0's training clock, broadcast each step so all ranks decide alike."""
+
+    def __init__(self, run, clock=time.perf_counter):
+        self.run, self.clock = run, clock
+        self.t0 = clock()
+
+    def start(self):
+        self.t0 = self.clock()
+
+    def local(self):
+        return self.clock() - self.t0
+
+    def shared(self, ahead=0.0):  # rank 0's `ahead` too
+        return _from_rank0(self.local() + ahead if self.run.rank == 0 else 0.0, self.run.world_size, self.run.device)
+
+
+def qat_clip_for_budget(model, args, budget_bytes, run):
+    """The clip at which the weights would fill the rate band (QAT trains onto it)."""
+    clip = args.clip_sigmas
+    if run.rank == 0:
+        size = len(compress(pack_entries(quantize_model(model, None, args, args.clip_sigmas), args)[0]))
+        clip = clip_for_size_change(model, args, args.clip_sigmas, (1 + RATE_BAND) / 2 * budget_bytes - size)
+    return _from_rank0(clip, run.world_size, run.device)
+
+
+@dataclass
+class TrainStats:
+    steps: int
+    train_seconds: float
+    step_avg_ms: float
+    peak_mem_mib: float
+    reserve_seconds: float  # kept for calibration and the rate control
+    qat_step: int | None
+    qat_clip: float  # the grid the weights were trained onto (CLIP_SIGMAS without late QAT): the rate control's start
+    final_train_loss: float
+    raw_weights: list | None  # the last step's weights, where EMA replaced them
+
+
+def training_budget(args, model):
+    """Seconds the training loop may run: MAX_WALLCLOCK_SECONDS less the reserve for calibration and
+    rate control (0: no limit) -> (budget, reserve)."""
+    reserve = args.gptq_reserve_seconds
+    if reserve < 0:
+        reserve = estimate_gptq_reserve(_numel(model.parameters()))
+    budget = args.max_wallclock_seconds - reserve if args.max_wallclock_seconds > 0 else 0.0
+    if args.max_wallclock_seconds > 0 and budget <= 0:
+        raise ConfigError(f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds} leaves no time after the "
+                          f"{reserve:.1f}s quantization reserve")
+    return budget, reserve
+
+
+def compile_warmup(args, model, opt, loader, one_step, run):
+    """WARMUP_STEPS steps compile the graphs (every shape of the schedule: no recompile mid-run);
+    weights, optimizer and data position are then restored."""
+    t0 = time.perf_counter()
+    saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(), loader.stream.state())
+    shapes, start = schedule_shapes(args), schedule_at(args, 0.0)
+    for i in range(args.warmup_steps):
+        seq_len, recurrence = shapes[i * len(shapes) // args.warmup_steps]
+        model.recurrence_active = recurrence
+        one_step(start._replace(seq_len=seq_len, recurrence_on=recurrence))
+    model.load_state_dict(saved[0])
+    opt.load_state_dict(saved[1])
+    loader.stream.restore(saved[2])
+    _sync(run.device)
+    run.timer.since("compile_warmup (not counted)", t0)
+    run.log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t0:.1f}s, state restored")
+
+
+def start_late_qat(args, model, budget_bytes, step, scale, run):
+    """Fake quantization on from here, on the grid at which the weights would fill the budget
+    (without one, CLIP_SIGMAS's) -> that grid's clip."""
+    t0 = time.perf_counter()
+    clip = qat_clip_for_budget(model, args, budget_bytes, run) if budget_bytes > 0 else args.clip_sigmas
+    model.qat_clip.fill_(clip)
+    model.qat_mix.fill_(1.0)
+    run.log(f"late QAT on at step {step} (lr scale {scale:.3f}), grid clip {clip:.3f} sigmas "
+            f"(chosen in {time.perf_counter() - t0:.1f}s)")
+    return clip
+
+
+def finalize_weights(args, model, ema, run):
+    """The EMA weights replace the raw ones (returned, to be scored after the artifact); QAT off."""
+    if model.recur_layers and not model.recurrence_active:
+        run.log("WARNING: the run ended before depth recurrence started; the artifact is evaluated with it")
+    model.recurrence_active = bool(model.recur_layers)
+    t0, raw = time.perf_counter(), None
+    if ema is not None:
+        with torch.no_grad():
+            raw = [p.detach().clone() for p in model.parameters()]
+            for p, t in zip(model.parameters(), ema):
+                p.copy_(t.to(p.dtype))
+        run.log(f"final weights: EMA (time constant {args.ema_horizon} of the run)")
+    model.qat_mix.zero_()
+    run.timer.since("weights_average", t0)
+    return raw
+
+
+def micro_batch_seqs(args, world_size, accum, seq_len):
+    """Sequences per micro-step at this context length: the same tokens per step at every length."""
+    return args.train_batch_tokens // (world_size * accum * seq_len)
+
+
+def train_step(args, compiled, opt, loader, accum, run, plan):
+    """One optimizer step at `plan`'s learning rates, momentum and context -> (mean loss, grad norm)."""
+    opt.set_schedule(plan.lr_scale, plan.muon_momentum)
+    total = torch.zeros((), device=run.device)
+    for _ in range(accum):
+        x, y = loader.next_batch(micro_batch_seqs(args, run.world_size, accum, plan.seq_len), plan.seq_len)
+        with _autocast(run.device):
+            loss = compiled(x, y)
+        (loss / accum).backward()
+        total += loss.detach()
+    norm = opt.step()
+    opt.zero_grad()
+    return total / accum, norm
+
+
+def log_batch(args, run, accum, budget, reserve):
+    """The batch at each context length and the time the training loop may take."""
+    rows = " then ".join(f"{micro_batch_seqs(args, run.world_size, accum, n)} seqs x {n}"
+                         + (f" from {f:.0%}" if f > 0 else "") for f, n in args.train_seq_lens())
+    run.log(f"batch: {args.train_batch_tokens} tokens/step = {run.world_size} ranks x {accum} micro-steps x "
+            f"{rows}; training budget {budget:.1f}s (reserve {reserve:.1f}s for GPTQ)")
+
+
+def log_step_times(run, steps, elapsed, recur_at, qat_step):
+    """The step time before depth recurrence and with it, from the clock at its switch (step, seconds)."""
+    if recur_at is not None and steps > recur_at[0] > 0:
+        run.log(f"step time: {recur_at[1] / recur_at[0] * 1000:.1f} ms before depth recurrence ({recur_at[0]} steps), "
+                f"{(elapsed - recur_at[1]) / (steps - recur_at[0]) * 1000:.1f} ms with it ({steps - recur_at[0]} steps"
+                + (", late QAT's start included)" if qat_step is not None and qat_step >= recur_at[0] else ")"))
+
+
+def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
+    """The timed training loop: each step's learning rates, momentum, context, depth recurrence and
+    late QAT from schedule_at at the fraction of the run done (steps or time), the EMA from
+    ema_weight -> TrainStats."""
+    device, log = run.device, run.log
+    accum = args.resolved_grad_accum(run.world_size)
+    budget, reserve = training_budget(args, model)
+    log_batch(args, run, accum, budget, reserve)
+    one_step = functools.partial(train_step, args, compiled, opt, loader, accum, run)
+    if args.warmup_steps > 0:
+        compile_warmup(args, model, opt, loader, one_step, run)
+    params = list(model.parameters())
+    ema = [p.detach().float().clone() for p in params] if args.ema_horizon > 0 else None
+    step, elapsed, progress, step_s, recur_at = 0, 0.0, 0.0, 0.0, None
+    qat_step, qat_clip = None, args.clip_sigmas
+    _sync(device)
+    if run.world_size > 1:
+        dist.barrier()  # the ranks start the clock together
+    start = schedule_at(args, 0.0)
+    seq_len, model.recurrence_active = start.seq_len, start.recurrence_on
+    clock.start()
+    while True:
+        plan = schedule_at(args, progress)
+        if plan.seq_len != seq_len:
+            seq_len = plan.seq_len
+            log(f"training context {seq_len} from step {step} ({elapsed:.1f}s, progress {progress:.3f})")
+        if plan.recurrence_on and not model.recurrence_active:
+            model.recurrence_active = True
+            recur_at = (step, elapsed)
+            log(f"depth recurrence on at step {step} ({elapsed:.1f}s, {step_s * 1000:.1f} ms/step so far"
+                + ("; compiled in the warm-up" if args.warmup_steps >= 2 else "") + f"): layers run {model.layer_order()}")
+        if plan.qat_on and qat_step is None:
+            qat_step, qat_clip = step, start_late_qat(args, model, budget_bytes, step, plan.lr_scale, run)
+        loss, norm = one_step(plan)
+        loss_v, norm = torch.stack([loss, norm]).tolist()  # the one wait for the device: the clock measures finished work
+        if not math.isfinite(norm):  # all-reduced: all ranks stop alike
+            raise FloatingPointError(f"non-finite gradients at step {step}, loss {loss_v} (lower the learning rates?)")
+        step += 1
+        elapsed = clock.shared()
+        step_s = elapsed / step
+        new_progress = run_progress(args, step, elapsed, budget)
+        if ema is not None:
+            torch._foreach_lerp_(ema, [p.detach() for p in params], ema_weight(args, progress, new_progress))
+        progress = new_progress
+        # stop before a step that would end past the budget
+        last = (args.iterations > 0 and step >= args.iterations) or (budget > 0 and elapsed + step_s > budget)
+        if args.train_log_every > 0 and (step % args.train_log_every == 0 or step <= 5 or last):
+            left = max(0.0, budget - elapsed) if budget > 0 else (args.iterations - step) * step_s
+            log(f"step:{step} train_loss:{loss_v:.4f} grad_norm:{norm:.3f} lr_scale:{plan.lr_scale:.3f} "
+                f"progress:{progress:.3f} elapsed:{elapsed:.1f}s step_avg:{step_s * 1000:.1f}ms eta:{left:.0f}s")
+        if last:
+            break
+    run.timer.add("training", elapsed)
+    raw = finalize_weights(args, model, ema, run)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
+    log(f"training done: {step} steps in {elapsed:.1f}s ({step_s * 1000:.1f} ms/step), peak memory {peak:.0f} MiB")
+    log_step_times(run, step, elapsed, recur_at, qat_step)
+    return TrainStats(step, elapsed, step_s * 1000, peak, reserve, qat_step, qat_clip, loss_v, raw)
+
+
+# ----- quantization: calibration, GPTQ, rate control
+
+CLIP_RANGE = (3.0, 64.0)  # rate-control clips (sigmas); under ~3 clipping costs more
+RATE_BAND = 0.985  # rate control stops once the model fills this much of its budget
+# Gaussian rows predict the trained model's bytes to 2 % (15.43 vs 15.74 MB at clip 8.93, the 600 s
+# proxy run); half their bits is a floor that never refuses a target the model can fit
+LEAST_BITS_SHARE = 0.5
+EMBED_TABLES = ("tok_emb.weight",)  # quantized at EMBED_BITS
+# AWQ-lite's Hessian kinds (down: folded into up's rows, nothing stored), its scales' range, and their
+# grid: powers of 2^(1/32) (<= 1.1 % off rms^alpha), whose repeating fp16 values lzma stores ~40 % smaller
+AWQ_KINDS, AWQ_SCALE_RANGE, AWQ_SCALE_STEPS_PER_OCTAVE = ("qkv", "out", "up", "down"), (0.01, 100.0), 32
+
 
 def upper_cholesky_of_inverse(H):
     """Upper U' with U'^T U' = H^-1 (reverse Cholesky, inverted)."""
@@ -1747,11 +2285,6 @@ def collect_hessians(model, args, loader, run):
     run.log(f"calibration: {per_rank * run.world_size} training seqs x {args.gptq_calib_len} tokens, "
             f"Hessians in {time.perf_counter() - t0:.2f}s")
     return hessians
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 AWQ_PREFIX = "awq."  # artifact entries `awq.<kind>.<layer>`: one input scale per column of that input's matrices
@@ -1990,7 +2523,7 @@ def dequantize_entries(entries, args):
     return state
 
 
-# ----- serialization
+# ----- packing: the artifact's format, rANS, the code as shipped
 
 ARTIFACT_MAGIC = b"PGQ1"
 TOKENIZER_KEY = "tokenizer_sha256"  # beside the model config: the tokenizer the artifact was scored with
@@ -2198,24 +2731,6 @@ def decompress(data):
     return rest[:voff] + values.tobytes() + rest[voff:]
 
 
-def write_atomic(path, data):
-    """Write `data` (bytes) to a temporary name beside `path`, then rename: a reader sees the old
-    file or the new one whole; a failure (full disk, Ctrl-C) leaves no partial file behind."""
-    tmp = f"{path}.partial{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError):
-            raise OutputError(f"cannot write {path}: {e.strerror or e} (any earlier file of that name is unchanged)") from None
-        raise
-
-
 def write_artifact(path, data, code_bytes):
     total = code_bytes + len(data)
     if total > ARTIFACT_CAP_BYTES:
@@ -2323,122 +2838,9 @@ def code_as_shipped():
     return code, len(_self_extracting(code))
 
 
-# ----- evaluation
+# ----- evaluation: round trip, sliding windows
 
-class ByteLUTs:
-    """Bytes of each target from the SentencePiece model's pieces (the challenge's accounting)."""
-
-    def __init__(self, base, space, boundary, caseops=False, markers=()):
-        self.base, self.space, self.boundary = base, space, boundary
-        self.caseops = caseops  # the CaseOps markers are pieces: this table would count their bytes
-        self.markers = markers  # their ids
-
-    def to(self, device):
-        return ByteLUTs(self.base.to(device), self.space.to(device), self.boundary.to(device), self.caseops,
-                        self.markers)
-
-    def target_bytes(self, prev, tgt, pos=None):
-        """UTF-8 bytes of `tgt`; a leading space counts only after a non-boundary token."""
-        return self.base[tgt] + (self.space[tgt] & ~self.boundary[prev]).to(self.base.dtype)
-
-
-class ByteSidecar:
-    """Bytes of each target from the data's byte sidecar, by the target's position in the val tokens
-    (CaseOps: the text's bytes without the case markers, which the tokenizer's table would count)."""
-
-    def __init__(self, counts):
-        self.counts = counts
-
-    def to(self, device):
-        return ByteSidecar(self.counts.to(device))
-
-    def target_bytes(self, prev, tgt, pos):
-        return self.counts[pos]
-
-
-def load_tokenizer_luts(tokenizer_path, vocab_size):
-    import sentencepiece as spm
-    if not os.path.isfile(tokenizer_path):
-        raise DataError(f"tokenizer {tokenizer_path} not found (TOKENIZER_PATH)")
-    try:
-        sp = spm.SentencePieceProcessor(model_file=tokenizer_path)
-    except Exception as e:  # noqa: BLE001
-        raise DataError(f"tokenizer {tokenizer_path} is not a SentencePiece model: {e}") from None
-    if sp.vocab_size() != vocab_size:
-        raise DataError(f"tokenizer {tokenizer_path} has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
-    base = torch.zeros(vocab_size, dtype=torch.int64)
-    space, boundary = torch.zeros(vocab_size, dtype=torch.bool), torch.zeros(vocab_size, dtype=torch.bool)
-    for i in range(vocab_size):
-        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
-            boundary[i] = True  # BOS/EOS/UNK: zero bytes, start a fresh text
-        elif sp.is_byte(i):
-            base[i] = 1
-        else:
-            piece = sp.id_to_piece(i)
-            if piece.startswith("\u2581"):
-                space[i], piece = True, piece[1:]
-            base[i] = len(piece.encode("utf-8"))
-    markers = tuple(sp.piece_to_id(c) for c in (CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESC))
-    caseops = sp.unk_id() not in markers
-    return ByteLUTs(base, space, boundary, caseops, markers if caseops else ())
-
-
-def has_byte_sidecar(data_path):
-    return bool(glob.glob(os.path.join(glob.escape(data_path), "fineweb_val_bytes_*.bin")))
-
-
-def use_byte_sidecar(args):
-    """BYTE_SIDECAR: 1 or 0, or auto: whether DATA_PATH has fineweb_val_bytes_*.bin."""
-    return has_byte_sidecar(args.data_path) if args.byte_sidecar == "auto" else args.byte_sidecar == "1"
-
-
-def load_byte_source(args, val_tokens, luts, sidecar):
-    """What counts the bytes of each target -> (the tokenizer's table or the data's byte sidecar,
-    a note for the data: line). A CaseOps tokenizer needs the sidecar: its table counts the markers."""
-    if not sidecar:
-        if luts.caseops:
-            raise DataError(f"tokenizer {args.tokenizer_path} is a CaseOps tokenizer: its byte table counts the "
-                            "case markers, so it needs the byte sidecar fineweb_val_bytes_*.bin in DATA_PATH "
-                            f"(BYTE_SIDECAR={args.byte_sidecar}; tools/caseops_prep.py writes it)")
-        return luts, "bytes from the tokenizer's table"
-    if not has_byte_sidecar(args.data_path):
-        raise DataError(f"BYTE_SIDECAR=1 but {args.data_path} has no fineweb_val_bytes_*.bin (tools/caseops_prep.py "
-                        "writes it)")
-    counts = load_byte_sidecar(args.data_path, val_tokens, args.bos_id, args.val_tokens_limit)
-    table = check_sidecar_against_table(counts, val_tokens, luts, args.data_path)
-    sha = sha256_prefix(counts.numpy().astype("<u2").tobytes())
-    return ByteSidecar(counts), (f"bytes from the byte sidecar ({int(counts[1:].sum())} bytes, sha256 {sha}; the "
-                                 f"tokenizer's table counts {table})")
-
-
-# The sidecar's total against the tokenizer's table's count of the same tokens: tools/caseops_prep.py's
-# sidecar is the table's count less the case markers' bytes, exactly; a sidecar that counts the text
-# before the tokenizer's normalizer (collapsed whitespace, NFKC) differs by 0.003 % on FineWeb and
-# 0.45 % on the proxy. This margin on either side accepts both and refuses counts that do not belong.
-SIDECAR_TABLE_MARGIN = 0.01
-
-
-def check_sidecar_against_table(counts, val_tokens, luts, data_path):
-    """A sidecar is trusted only as far as the tokenizer's table vouches for it (all zeros trained and
-    then divided by zero; counts of 60,000 gave a bpb of 0.00009): its total must lie between the
-    table's total less the case markers' bytes and the table's total, within SIDECAR_TABLE_MARGIN,
-    and no count may exceed the most any piece stands for -> the table's total."""
-    tgt = val_tokens[1:]
-    table = luts.target_bytes(val_tokens[:-1], tgt)
-    want, total = int(table.sum()), int(counts[1:].sum())
-    marks = int(table[torch.isin(tgt, torch.tensor(luts.markers, dtype=tgt.dtype))].sum()) if luts.markers else 0
-    lo, hi = (want - marks) * (1 - SIDECAR_TABLE_MARGIN), want * (1 + SIDECAR_TABLE_MARGIN)
-    if not lo <= total <= hi:
-        between = f"{want - marks} (less the case markers' {marks}) and {want}" if marks else f"{want}"
-        raise DataError(f"byte sidecar in {data_path} counts {total} bytes where the tokenizer's table counts "
-                        f"{between} for the same tokens (more than {SIDECAR_TABLE_MARGIN:.0%} apart): the sidecar "
-                        "does not belong to these shards and this tokenizer")
-    most = int((luts.base + luts.space.to(luts.base.dtype)).max())
-    over = torch.nonzero(counts > most).flatten()
-    if over.numel():
-        raise DataError(f"byte sidecar in {data_path} gives {int(counts[over[0]])} bytes to validation token "
-                        f"{int(over[0])}; no piece of the tokenizer stands for more than {most}")
-    return want
+FINEWEB_VAL_BYTES_EST = 151e6  # ~62 M sp1024 validation tokens at ~0.41 tokens per byte: for TTT's 8-GPU estimate
 
 
 def sliding_windows(n_targets, seq_len, stride):
@@ -2960,436 +3362,7 @@ def evaluate_with_ttt(model, tokens, byte_source, args, run, monitor=None, start
     return out
 
 
-# ----- training
-
-class PhaseTimer:
-    def __init__(self):
-        self.times = {}
-
-    def add(self, name, seconds):
-        self.times[name] = self.times.get(name, 0.0) + seconds
-
-    def since(self, name, t0):
-        self.add(name, time.perf_counter() - t0)
-
-
-def _numel(params):
-    return sum(p.numel() for p in params)
-
-
-def estimate_gptq_reserve(n_params):
-    """Seconds for calibration and two rate-control rounds (3.2 s each at 37 M parameters, H200)."""
-    return 4.0 + 0.2e-6 * n_params
-
-
-def run_progress(args, step, elapsed_s, budget_s):
-    """Fraction of the run done: ITERATIONS or the budget, whichever binds first."""
-    p = step / args.iterations if args.iterations > 0 else 0.0
-    if budget_s > 0:
-        p = max(p, elapsed_s / budget_s)
-    return min(1.0, p)
-
-
-class StepPlan(NamedTuple):
-    """Every time-dependent quantity of a training step."""
-    lr_scale: float  # x every learning rate
-    muon_momentum: float
-    seq_len: int  # the training context
-    qat_on: bool  # late QAT (it stays on: the lr scale only falls)
-    recurrence_on: bool  # depth recurrence
-
-
-def schedule_at(args, progress):
-    """The run's whole schedule, a pure function of `progress` (the fraction done, 0..1) -> StepPlan:
-    learning rates x 1.0, then linear to 0 over the last WARMDOWN_FRAC, floored at MIN_LR_SCALE; Muon
-    momentum warmed up over MUON_MOMENTUM_WARMUP_FRAC; the context TRAIN_SEQ_SCHEDULE gives; late QAT
-    once the lr scale is below QAT_START_SCALE (0: never); depth recurrence from RECUR_START_FRAC."""
-    s = (1.0 - progress) / args.warmdown_frac if args.warmdown_frac > 0 else 1.0
-    lr_scale = max(args.min_lr_scale, min(1.0, s))
-    warm = min(1.0, progress / args.muon_momentum_warmup_frac) if args.muon_momentum_warmup_frac > 0 else 1.0
-    return StepPlan(lr_scale, (1 - warm) * args.muon_momentum_start + warm * args.muon_momentum,
-                    args.train_seq_len_at(progress), args.qat_start_scale > 0 and lr_scale < args.qat_start_scale,
-                    bool(args.recur_layer_list()) and progress >= args.recur_start_frac)
-
-
-def schedule_shapes(args):
-    """The (context length, recurrence on) pairs the schedule takes before the run's end, in order:
-    the shapes of the training graphs. It changes only where a length or the recurrence starts."""
-    starts = sorted({0.0, args.recur_start_frac, *(f for f, _ in args.train_seq_lens())})
-    return list(dict.fromkeys((s.seq_len, s.recurrence_on) for s in (schedule_at(args, p) for p in starts if p < 1)))
-
-
-def ema_weight(args, p0, p1):
-    """The EMA's move towards the weights over a step from progress p0 to p1: its time constant is
-    EMA_HORIZON of the run, whatever the step time (0: no average, 1.0)."""
-    return 1.0 - math.exp(-(p1 - p0) / args.ema_horizon) if args.ema_horizon > 0 else 1.0
-
-
-class SharedClock:
-    """Rank 0's training clock, broadcast each step so all ranks decide alike."""
-
-    def __init__(self, run, clock=time.perf_counter):
-        self.run, self.clock = run, clock
-        self.t0 = clock()
-
-    def start(self):
-        self.t0 = self.clock()
-
-    def local(self):
-        return self.clock() - self.t0
-
-    def shared(self, ahead=0.0):  # rank 0's `ahead` too
-        return _from_rank0(self.local() + ahead if self.run.rank == 0 else 0.0, self.run.world_size, self.run.device)
-
-
-def qat_clip_for_budget(model, args, budget_bytes, run):
-    """The clip at which the weights would fill the rate band (QAT trains onto it)."""
-    clip = args.clip_sigmas
-    if run.rank == 0:
-        size = len(compress(pack_entries(quantize_model(model, None, args, args.clip_sigmas), args)[0]))
-        clip = clip_for_size_change(model, args, args.clip_sigmas, (1 + RATE_BAND) / 2 * budget_bytes - size)
-    return _from_rank0(clip, run.world_size, run.device)
-
-
-@dataclass
-class TrainStats:
-    steps: int
-    train_seconds: float
-    step_avg_ms: float
-    peak_mem_mib: float
-    reserve_seconds: float  # kept for calibration and the rate control
-    qat_step: int | None
-    qat_clip: float  # the grid the weights were trained onto (CLIP_SIGMAS without late QAT): the rate control's start
-    final_train_loss: float
-    raw_weights: list | None  # the last step's weights, where EMA replaced them
-
-
-def training_budget(args, model):
-    """Seconds the training loop may run: MAX_WALLCLOCK_SECONDS less the reserve for calibration and
-    rate control (0: no limit) -> (budget, reserve)."""
-    reserve = args.gptq_reserve_seconds
-    if reserve < 0:
-        reserve = estimate_gptq_reserve(_numel(model.parameters()))
-    budget = args.max_wallclock_seconds - reserve if args.max_wallclock_seconds > 0 else 0.0
-    if args.max_wallclock_seconds > 0 and budget <= 0:
-        raise ConfigError(f"MAX_WALLCLOCK_SECONDS={args.max_wallclock_seconds} leaves no time after the "
-                          f"{reserve:.1f}s quantization reserve")
-    return budget, reserve
-
-
-def compile_warmup(args, model, opt, loader, one_step, run):
-    """WARMUP_STEPS steps compile the graphs (every shape of the schedule: no recompile mid-run);
-    weights, optimizer and data position are then restored."""
-    t0 = time.perf_counter()
-    saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(), loader.stream.state())
-    shapes, start = schedule_shapes(args), schedule_at(args, 0.0)
-    for i in range(args.warmup_steps):
-        seq_len, recurrence = shapes[i * len(shapes) // args.warmup_steps]
-        model.recurrence_active = recurrence
-        one_step(start._replace(seq_len=seq_len, recurrence_on=recurrence))
-    model.load_state_dict(saved[0])
-    opt.load_state_dict(saved[1])
-    loader.stream.restore(saved[2])
-    _sync(run.device)
-    run.timer.since("compile_warmup (not counted)", t0)
-    run.log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t0:.1f}s, state restored")
-
-
-def start_late_qat(args, model, budget_bytes, step, scale, run):
-    """Fake quantization on from here, on the grid at which the weights would fill the budget
-    (without one, CLIP_SIGMAS's) -> that grid's clip."""
-    t0 = time.perf_counter()
-    clip = qat_clip_for_budget(model, args, budget_bytes, run) if budget_bytes > 0 else args.clip_sigmas
-    model.qat_clip.fill_(clip)
-    model.qat_mix.fill_(1.0)
-    run.log(f"late QAT on at step {step} (lr scale {scale:.3f}), grid clip {clip:.3f} sigmas "
-            f"(chosen in {time.perf_counter() - t0:.1f}s)")
-    return clip
-
-
-def finalize_weights(args, model, ema, run):
-    """The EMA weights replace the raw ones (returned, to be scored after the artifact); QAT off."""
-    if model.recur_layers and not model.recurrence_active:
-        run.log("WARNING: the run ended before depth recurrence started; the artifact is evaluated with it")
-    model.recurrence_active = bool(model.recur_layers)
-    t0, raw = time.perf_counter(), None
-    if ema is not None:
-        with torch.no_grad():
-            raw = [p.detach().clone() for p in model.parameters()]
-            for p, t in zip(model.parameters(), ema):
-                p.copy_(t.to(p.dtype))
-        run.log(f"final weights: EMA (time constant {args.ema_horizon} of the run)")
-    model.qat_mix.zero_()
-    run.timer.since("weights_average", t0)
-    return raw
-
-
-def micro_batch_seqs(args, world_size, accum, seq_len):
-    """Sequences per micro-step at this context length: the same tokens per step at every length."""
-    return args.train_batch_tokens // (world_size * accum * seq_len)
-
-
-def train_step(args, compiled, opt, loader, accum, run, plan):
-    """One optimizer step at `plan`'s learning rates, momentum and context -> (mean loss, grad norm)."""
-    opt.set_schedule(plan.lr_scale, plan.muon_momentum)
-    total = torch.zeros((), device=run.device)
-    for _ in range(accum):
-        x, y = loader.next_batch(micro_batch_seqs(args, run.world_size, accum, plan.seq_len), plan.seq_len)
-        with _autocast(run.device):
-            loss = compiled(x, y)
-        (loss / accum).backward()
-        total += loss.detach()
-    norm = opt.step()
-    opt.zero_grad()
-    return total / accum, norm
-
-
-def log_batch(args, run, accum, budget, reserve):
-    """The batch at each context length and the time the training loop may take."""
-    rows = " then ".join(f"{micro_batch_seqs(args, run.world_size, accum, n)} seqs x {n}"
-                         + (f" from {f:.0%}" if f > 0 else "") for f, n in args.train_seq_lens())
-    run.log(f"batch: {args.train_batch_tokens} tokens/step = {run.world_size} ranks x {accum} micro-steps x "
-            f"{rows}; training budget {budget:.1f}s (reserve {reserve:.1f}s for GPTQ)")
-
-
-def log_step_times(run, steps, elapsed, recur_at, qat_step):
-    """The step time before depth recurrence and with it, from the clock at its switch (step, seconds)."""
-    if recur_at is not None and steps > recur_at[0] > 0:
-        run.log(f"step time: {recur_at[1] / recur_at[0] * 1000:.1f} ms before depth recurrence ({recur_at[0]} steps), "
-                f"{(elapsed - recur_at[1]) / (steps - recur_at[0]) * 1000:.1f} ms with it ({steps - recur_at[0]} steps"
-                + (", late QAT's start included)" if qat_step is not None and qat_step >= recur_at[0] else ")"))
-
-
-def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
-    """The timed training loop: each step's learning rates, momentum, context, depth recurrence and
-    late QAT from schedule_at at the fraction of the run done (steps or time), the EMA from
-    ema_weight -> TrainStats."""
-    device, log = run.device, run.log
-    accum = args.resolved_grad_accum(run.world_size)
-    budget, reserve = training_budget(args, model)
-    log_batch(args, run, accum, budget, reserve)
-    one_step = functools.partial(train_step, args, compiled, opt, loader, accum, run)
-    if args.warmup_steps > 0:
-        compile_warmup(args, model, opt, loader, one_step, run)
-    params = list(model.parameters())
-    ema = [p.detach().float().clone() for p in params] if args.ema_horizon > 0 else None
-    step, elapsed, progress, step_s, recur_at = 0, 0.0, 0.0, 0.0, None
-    qat_step, qat_clip = None, args.clip_sigmas
-    _sync(device)
-    if run.world_size > 1:
-        dist.barrier()  # the ranks start the clock together
-    start = schedule_at(args, 0.0)
-    seq_len, model.recurrence_active = start.seq_len, start.recurrence_on
-    clock.start()
-    while True:
-        plan = schedule_at(args, progress)
-        if plan.seq_len != seq_len:
-            seq_len = plan.seq_len
-            log(f"training context {seq_len} from step {step} ({elapsed:.1f}s, progress {progress:.3f})")
-        if plan.recurrence_on and not model.recurrence_active:
-            model.recurrence_active = True
-            recur_at = (step, elapsed)
-            log(f"depth recurrence on at step {step} ({elapsed:.1f}s, {step_s * 1000:.1f} ms/step so far"
-                + ("; compiled in the warm-up" if args.warmup_steps >= 2 else "") + f"): layers run {model.layer_order()}")
-        if plan.qat_on and qat_step is None:
-            qat_step, qat_clip = step, start_late_qat(args, model, budget_bytes, step, plan.lr_scale, run)
-        loss, norm = one_step(plan)
-        loss_v, norm = torch.stack([loss, norm]).tolist()  # the one wait for the device: the clock measures finished work
-        if not math.isfinite(norm):  # all-reduced: all ranks stop alike
-            raise FloatingPointError(f"non-finite gradients at step {step}, loss {loss_v} (lower the learning rates?)")
-        step += 1
-        elapsed = clock.shared()
-        step_s = elapsed / step
-        new_progress = run_progress(args, step, elapsed, budget)
-        if ema is not None:
-            torch._foreach_lerp_(ema, [p.detach() for p in params], ema_weight(args, progress, new_progress))
-        progress = new_progress
-        # stop before a step that would end past the budget
-        last = (args.iterations > 0 and step >= args.iterations) or (budget > 0 and elapsed + step_s > budget)
-        if args.train_log_every > 0 and (step % args.train_log_every == 0 or step <= 5 or last):
-            left = max(0.0, budget - elapsed) if budget > 0 else (args.iterations - step) * step_s
-            log(f"step:{step} train_loss:{loss_v:.4f} grad_norm:{norm:.3f} lr_scale:{plan.lr_scale:.3f} "
-                f"progress:{progress:.3f} elapsed:{elapsed:.1f}s step_avg:{step_s * 1000:.1f}ms eta:{left:.0f}s")
-        if last:
-            break
-    run.timer.add("training", elapsed)
-    raw = finalize_weights(args, model, ema, run)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
-    log(f"training done: {step} steps in {elapsed:.1f}s ({step_s * 1000:.1f} ms/step), peak memory {peak:.0f} MiB")
-    log_step_times(run, step, elapsed, recur_at, qat_step)
-    return TrainStats(step, elapsed, step_s * 1000, peak, reserve, qat_step, qat_clip, loss_v, raw)
-
-
-# ----- main
-
-class Logger:
-    """Rank 0 prints each line and writes it to the run's log, a file created new (never appended
-    to: a run does not mix itself into another's)."""
-
-    def __init__(self, path, rank):
-        self.rank, self.file, self.path = rank, None, path
-        self.whole = 0  # bytes of the log's lines written whole
-        if path and rank == 0:
-            try:
-                self.file = open(path, "x")
-            except FileExistsError:
-                raise OutputError(f"{path} already exists: set another RUN_ID or OUT_DIR") from None
-            except OSError as e:
-                raise OutputError(f"cannot create the log {path}: {e.strerror}") from None
-
-    def __call__(self, msg, stream=None):
-        if self.rank != 0:
-            return
-        print(msg, file=stream or sys.stdout, flush=True)
-        if self.file:
-            try:
-                self.file.write(msg + "\n")
-                self.file.flush()
-            except OSError as e:  # a full disk: the run stops here, its log cut back to its last whole line
-                broken, self.file = self.file, None
-                for undo in (broken.close, lambda: os.truncate(self.path, self.whole)):
-                    with contextlib.suppress(OSError):
-                        undo()
-                raise OutputError(f"cannot write the log {self.path}: {e.strerror or e}") from None
-            self.whole += len((msg + "\n").encode(self.file.encoding))
-
-    def close_failed(self, line, keep):
-        """The run failed: `line` ends its log; a log of a run whose work never began (settings and
-        checks only) is removed instead, so that the corrected rerun can take its name."""
-        if self.file:
-            with contextlib.suppress(OSError):  # (the failure may be the log's own)
-                if keep:
-                    self.file.write(line + "\n")
-                self.file.close()
-        if not keep and self.path and self.rank == 0:
-            with contextlib.suppress(OSError):
-                os.remove(self.path)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler or kill stopping the job): stops the run as Ctrl-C does."""
-    what = "terminated (SIGTERM)"
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-@contextlib.contextmanager
-def failure_recorded(run):
-    """A failure's error line in the run's log too (see Logger.close_failed)."""
-    try:
-        yield
-    except BaseException as e:
-        line = (f"error: {e.what}" if isinstance(e, Terminated) else "error: interrupted (Ctrl-C)"
-                if isinstance(e, KeyboardInterrupt) else f"error: {e}"
-                if isinstance(e, ONE_LINE_ERRORS) else f"error: {type(e).__name__}: {e}")
-        if hasattr(run.log, "close_failed"):
-            run.log.close_failed(line, keep=run.began)
-        raise
-
-
-def setup_distributed(device_pref, timeout_s=None):
-    """(rank, world size, device); the process group, whose collectives fail after `timeout_s`."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if device_pref == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("DEVICE=cuda but torch sees no CUDA device (use DEVICE=auto or cpu to run on the CPU)")
-    use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
-    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None,
-                                timeout=datetime.timedelta(seconds=timeout_s) if timeout_s else None)
-    return rank, world, device
-
-
-# what gloo's collectives raise (a plain RuntimeError) when a peer is gone or the wait timed out
-_PEER_FAILURE = re.compile(r"/gloo/|[Tt]imed out|timeout|closed by peer|reset by peer|pair closure")
-
-
-@contextlib.contextmanager
-def peer_failures_named(timeout_s):
-    """A collective that failed because another rank is gone, or waited past DIST_TIMEOUT_SECONDS
-    (a rank stopped or stuck) -> a one-line JobError on each rank that sees it (the missing rank
-    cannot say it)."""
-    try:
-        yield
-    except RuntimeError as e:
-        if not (isinstance(e, dist.DistError) or dist.is_initialized() and _PEER_FAILURE.search(str(e))):
-            raise
-        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        why = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's source location
-        rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
-        raise JobError(f"rank {rank}: a collective failed: another rank is gone, stopped, or kept it waiting past "
-                       f"DIST_TIMEOUT_SECONDS={timeout_s:g} ({why})") from None
-
-
-# ----- the run's files
-
-def run_file_names(args, run_id):
-    """The files a training run writes into OUT_DIR (submission.json is shared by a configuration's seeds)."""
-    return {"log": f"train_{run_id}.log", "artifact": f"final_model_{run_id}.int{args.quant_bits}.ptz",
-            "results": f"results_{run_id}.json"}
-
-
-def claim_out_dir(out_dir, names):
-    """Before any work: OUT_DIR is a folder this process can write, holding none of `names`."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputError(f"OUT_DIR={out_dir} is a file, not a folder")
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write_test")
-        os.close(fd)
-        os.remove(probe)
-    except OSError as e:
-        raise OutputError(f"OUT_DIR={out_dir} cannot be written: {e.strerror}") from None
-    taken = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
-    if taken:
-        raise OutputError(f"OUT_DIR={out_dir} already holds {', '.join(taken)}: set another RUN_ID or OUT_DIR "
-                          "(a run never writes into another run's files)")
-
-
-def check_submission_config(out_dir, config):
-    """submission.json in OUT_DIR, if any, must be this configuration's (its seeds are averaged there)."""
-    path = os.path.join(out_dir, "submission.json")
-    if not os.path.exists(path):
-        return
-    try:
-        with open(path) as f:
-            theirs = json.load(f).get("config_id")
-    except (OSError, ValueError, AttributeError):
-        theirs = "unreadable"
-    if theirs != config:
-        raise OutputError(f"{path} belongs to configuration {theirs}, not this run's {config}: use another OUT_DIR")
-
-
-def write_json(path, obj):
-    write_atomic(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def sha256_prefix(data):
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return sha256_prefix(f.read())
-
-
-def describe_data(args, train_files, val_tokens, bytes_note="bytes from the tokenizer's table"):
-    """What the run reads, in one line: DATA_NAME, the train shards, the validation documents and
-    tokens with a fingerprint, the tokenizer with its fingerprint, what counts the bytes."""
-    name = args.data_name or "unnamed data (DATA_NAME not set)"
-    train = (f"{len(train_files)} train shards ({sum(read_shard_header(f) for f in train_files)} tokens), "
-             if train_files else "")
-    docs = int((val_tokens == args.bos_id).sum())
-    val_sha = sha256_prefix(val_tokens.numpy().astype("<u2").tobytes())
-    return (f"{name}: {args.data_path}, {train}validation {docs} documents, {val_tokens.numel() - 1} targets "
-            f"(sha256 {val_sha}); tokenizer {os.path.basename(args.tokenizer_path)} (sha256 "
-            f"{file_sha256(args.tokenizer_path)}); {bytes_note}")
-
+# ----- evaluation of the artifact
 
 def _scores(r):
     return f"val_loss:{r['val_loss']:.8f} val_bpb:{r['val_bpb']:.8f}"
@@ -3475,6 +3448,140 @@ def log_timing_table(run):
         run.log(f"  {name:<34s} {sec:9.2f} s")
 
 
+def size_varlen_segments(attention, val_tokens, args, run):
+    """At evaluation time, with a varlen `attention` and DOC_MASK: room for every document start a
+    scored row can hold."""
+    if isinstance(attention, VarlenAttention) and args.doc_mask:
+        window = args.eval_seq_len
+        n = attention.size_for(val_tokens, args.bos_id, window)
+        run.log(f"varlen attention: room for {n} document starts per row (the most any {window} validation "
+                f"tokens hold)")
+
+
+def score_float_weights(args, model, compiled, stats, val_tokens, byte_source, run):
+    """Plain val_bpb of the final (averaged) float weights, then of the raw ones -> (result, raw bpb)."""
+    t0 = time.perf_counter()
+    plain_eval = functools.partial(evaluate, make_score_fn(compiled, run.device), val_tokens, byte_source,
+                                   args.eval_seq_len, args.eval_seq_len, args.eval_batch_seqs, run)
+    pre = plain_eval()
+    run.log(f"prequant_float {_scores(pre)}" + (" (EMA weights)" if stats.raw_weights is not None else ""))
+    raw_bpb = None
+    if stats.raw_weights is not None:
+        with torch.no_grad():
+            for p, t in zip(model.parameters(), stats.raw_weights):
+                p.copy_(t)
+        raw_bpb = plain_eval()["val_bpb"]
+        run.log(f"prequant_float_raw_weights val_bpb:{raw_bpb:.8f} (EMA {pre['val_bpb'] - raw_bpb:+.5f} bpb)")
+    run.timer.since("eval_prequant_plain", t0)
+    return pre, raw_bpb
+
+
+# ----- the run: log, files, results, the phases
+
+class Logger:
+    """Rank 0 prints each line and writes it to the run's log, a file created new (never appended
+    to: a run does not mix itself into another's)."""
+
+    def __init__(self, path, rank):
+        self.rank, self.file, self.path = rank, None, path
+        self.whole = 0  # bytes of the log's lines written whole
+        if path and rank == 0:
+            try:
+                self.file = open(path, "x")
+            except FileExistsError:
+                raise OutputError(f"{path} already exists: set another RUN_ID or OUT_DIR") from None
+            except OSError as e:
+                raise OutputError(f"cannot create the log {path}: {e.strerror}") from None
+
+    def __call__(self, msg, stream=None):
+        if self.rank != 0:
+            return
+        print(msg, file=stream or sys.stdout, flush=True)
+        if self.file:
+            try:
+                self.file.write(msg + "\n")
+                self.file.flush()
+            except OSError as e:  # a full disk: the run stops here, its log cut back to its last whole line
+                broken, self.file = self.file, None
+                for undo in (broken.close, lambda: os.truncate(self.path, self.whole)):
+                    with contextlib.suppress(OSError):
+                        undo()
+                raise OutputError(f"cannot write the log {self.path}: {e.strerror or e}") from None
+            self.whole += len((msg + "\n").encode(self.file.encoding))
+
+    def close_failed(self, line, keep):
+        """The run failed: `line` ends its log; a log of a run whose work never began (settings and
+        checks only) is removed instead, so that the corrected rerun can take its name."""
+        if self.file:
+            with contextlib.suppress(OSError):  # (the failure may be the log's own)
+                if keep:
+                    self.file.write(line + "\n")
+                self.file.close()
+        if not keep and self.path and self.rank == 0:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler or kill stopping the job): stops the run as Ctrl-C does."""
+    what = "terminated (SIGTERM)"
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def failure_recorded(run):
+    """A failure's error line in the run's log too (see Logger.close_failed)."""
+    try:
+        yield
+    except BaseException as e:
+        line = (f"error: {e.what}" if isinstance(e, Terminated) else "error: interrupted (Ctrl-C)"
+                if isinstance(e, KeyboardInterrupt) else f"error: {e}"
+                if isinstance(e, ONE_LINE_ERRORS) else f"error: {type(e).__name__}: {e}")
+        if hasattr(run.log, "close_failed"):
+            run.log.close_failed(line, keep=run.began)
+        raise
+
+
+def run_file_names(args, run_id):
+    """The files a training run writes into OUT_DIR (submission.json is shared by a configuration's seeds)."""
+    return {"log": f"train_{run_id}.log", "artifact": f"final_model_{run_id}.int{args.quant_bits}.ptz",
+            "results": f"results_{run_id}.json"}
+
+
+def claim_out_dir(out_dir, names):
+    """Before any work: OUT_DIR is a folder this process can write, holding none of `names`."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputError(f"OUT_DIR={out_dir} is a file, not a folder")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".write_test")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise OutputError(f"OUT_DIR={out_dir} cannot be written: {e.strerror}") from None
+    taken = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+    if taken:
+        raise OutputError(f"OUT_DIR={out_dir} already holds {', '.join(taken)}: set another RUN_ID or OUT_DIR "
+                          "(a run never writes into another run's files)")
+
+
+def check_submission_config(out_dir, config):
+    """submission.json in OUT_DIR, if any, must be this configuration's (its seeds are averaged there)."""
+    path = os.path.join(out_dir, "submission.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            theirs = json.load(f).get("config_id")
+    except (OSError, ValueError, AttributeError):
+        theirs = "unreadable"
+    if theirs != config:
+        raise OutputError(f"{path} belongs to configuration {theirs}, not this run's {config}: use another OUT_DIR")
+
+
 def check_artifact_tokenizer(path, recorded, tokenizer_path, log):
     """The tokenizer that scores an artifact must be the one it was made with."""
     if recorded is None:
@@ -3537,64 +3644,6 @@ def run_eval_only(args, run):
     return res
 
 
-def sample_documents(tokens, bos_id, n):
-    """Up to `n` whole documents (the tokens between two BOS), evenly spaced -> [(index, token list)]."""
-    starts = np.flatnonzero(tokens == bos_id)
-    picks = np.unique(np.linspace(0, len(starts) - 2, n).round().astype(int)) if len(starts) > 1 else []
-    return [(int(i), tokens[starts[i] + 1:starts[i + 1]].tolist()) for i in picks]
-
-
-# Shards made by a tokenizer re-encode to themselves through it: every document of the proxy's CaseOps
-# and plain shards did (1,792 each), the other tokenizer's almost none (16 and 0 of 1,792). The
-# tolerance keeps one odd document from stopping a run and changes nothing between the two.
-REENCODE_SAMPLE, REENCODE_TOLERANCE = (48, 16), 1 / 16  # documents from val and the first train shard
-
-
-def check_data_fits_tokenizer(args, val_tokens, train_files=()):
-    """Before any work: the validation tokens start with a BOS (the challenge's data starts every
-    document with one: none is 0 documents scored), and documents decoded and encoded again through
-    TOKENIZER_PATH give back their tokens (shards and tokenizer belong together)."""
-    import sentencepiece as spm
-    val = val_tokens.numpy()
-    if val[0] != args.bos_id:
-        raise DataError(f"the validation tokens in {args.data_path} start with {int(val[0])}, not BOS_ID={args.bos_id} "
-                        "(every document starts with a BOS): wrong BOS_ID, or shards made without BOS")
-    docs = [("validation", i, d) for i, d in sample_documents(val, args.bos_id, REENCODE_SAMPLE[0])]
-    if train_files:
-        head = np.asarray(load_shard(train_files[0], args.vocab_size)[:1 << 20])
-        docs += [("train", i, d) for i, d in sample_documents(head, args.bos_id, REENCODE_SAMPLE[1])]
-    sp = spm.SentencePieceProcessor(model_file=args.tokenizer_path)
-    bad = [(split, i) for split, i, d in docs if sp.encode(sp.decode(d)) != d]
-    if len(bad) > REENCODE_TOLERANCE * len(docs):
-        raise DataError(f"{len(bad)} of {len(docs)} sampled documents of {args.data_path} (e.g. {bad[0][0]} document "
-                        f"{bad[0][1]}) do not re-encode to their tokens through TOKENIZER_PATH={args.tokenizer_path}: "
-                        "the shards were made by another tokenizer")
-
-
-def load_scoring_data(args, run, luts, train_files=()):
-    """The validation tokens and what counts their bytes (the tokenizer's table `luts` or the data's
-    sidecar), named in the log's data: line -> (tokens and byte source on the device, the data
-    line, whether the sidecar counts). Nothing of them reaches training (size_varlen_segments
-    runs at evaluation time)."""
-    val_tokens = load_validation_tokens(args.data_path, args.vocab_size, args.val_tokens_limit)
-    check_data_fits_tokenizer(args, val_tokens, train_files)
-    sidecar = use_byte_sidecar(args)
-    byte_source, bytes_note = load_byte_source(args, val_tokens, luts, sidecar)
-    data = describe_data(args, train_files, val_tokens, bytes_note)
-    run.log(f"data: {data}")
-    return val_tokens.to(run.device), byte_source.to(run.device), data, sidecar
-
-
-def size_varlen_segments(attention, val_tokens, args, run):
-    """At evaluation time, with a varlen `attention` and DOC_MASK: room for every document start a
-    scored row can hold."""
-    if isinstance(attention, VarlenAttention) and args.doc_mask:
-        window = args.eval_seq_len
-        n = attention.size_for(val_tokens, args.bos_id, window)
-        run.log(f"varlen attention: room for {n} document starts per row (the most any {window} validation "
-                f"tokens hold)")
-
-
 def weights_checksum(model):
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
@@ -3655,25 +3704,10 @@ def write_submission(out_dir, path, config):
     return sub
 
 
-# ----- main: the phases of a run
-
 def read_settings():
     """Settings from the environment; warnings kept for the log (printed once, by rank 0)."""
     warnings = []
     return Hyperparameters.from_env(warn=warnings.append), warnings
-
-
-def on_rank0(fn, run, what):
-    """fn() on rank 0 only; its failure stops every rank alike (none is left waiting in a collective)."""
-    failure, out = None, None
-    if run.rank == 0:
-        try:
-            out = fn()
-        except (ArtifactError, OutputError) as e:
-            failure = e
-    if not _from_rank0(failure is None, run.world_size, run.device):
-        raise failure or OutputError(f"rank 0 could not {what}")
-    return out
 
 
 def start_run(args, warnings, run_files):
@@ -3820,24 +3854,6 @@ def check_ranks_agree(model, run):
         dist.all_gather_object(sums, sums[0])
     same = " (identical)" if len(set(sums)) == 1 else " WARNING: ranks differ"
     run.log(f"weights checksum per rank: {' '.join(sums)}{same}")
-
-
-def score_float_weights(args, model, compiled, stats, val_tokens, byte_source, run):
-    """Plain val_bpb of the final (averaged) float weights, then of the raw ones -> (result, raw bpb)."""
-    t0 = time.perf_counter()
-    plain_eval = functools.partial(evaluate, make_score_fn(compiled, run.device), val_tokens, byte_source,
-                                   args.eval_seq_len, args.eval_seq_len, args.eval_batch_seqs, run)
-    pre = plain_eval()
-    run.log(f"prequant_float {_scores(pre)}" + (" (EMA weights)" if stats.raw_weights is not None else ""))
-    raw_bpb = None
-    if stats.raw_weights is not None:
-        with torch.no_grad():
-            for p, t in zip(model.parameters(), stats.raw_weights):
-                p.copy_(t)
-        raw_bpb = plain_eval()["val_bpb"]
-        run.log(f"prequant_float_raw_weights val_bpb:{raw_bpb:.8f} (EMA {pre['val_bpb'] - raw_bpb:+.5f} bpb)")
-    run.timer.since("eval_prequant_plain", t0)
-    return pre, raw_bpb
 
 
 def write_results(args, paths, cid, data, pre, raw_bpb, res, stats, written, wall, code_bytes, run, device_name):
