@@ -502,6 +502,7 @@ def _varlen_run(args, monkeypatch):
     return sizes, logs
 
 
+@pytest.mark.slow
 def test_training_segments_do_not_depend_on_the_validation_tokens(smoke_dataset, tmp_path, monkeypatch):
     """Two runs that differ only in their validation split, one of them all short documents: their
     training batches get the same segments (the capacity sized from the validation tokens was

@@ -248,6 +248,7 @@ def awq_run(smoke_dataset, tmp_path_factory):
     return p.stdout, str(out / "final_model_t.int6.ptz"), json.loads((out / "results_t.json").read_text()), env, out
 
 
+@pytest.mark.slow
 def test_eval_only_scores_an_awq_artifact_as_the_run_did(awq_run, smoke_dataset):
     """EVAL_ONLY of the AWQ artifact, with no AWQ setting given (the artifact's entries carry the
     scales): the run's round-trip and sliding lines to the last digit; without the scales the
@@ -266,6 +267,7 @@ def test_eval_only_scores_an_awq_artifact_as_the_run_did(awq_run, smoke_dataset)
     assert not torch.equal(a["up_bank"], b["up_bank"]) and torch.equal(a["down_bank"], b["down_bank"])
 
 
+@pytest.mark.slow
 def test_sweep_measures_stored_awq_at_the_runs_budget(awq_run):
     """tools/quant_sweep.py SWEEP_AWQ_STORED=0,0.5 on the run's float weights: the float score is the
     run's, alpha 0.5 (the run's) is the run's own artifact (bytes, round trip), alpha 0 stores no

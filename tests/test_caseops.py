@@ -525,6 +525,7 @@ def test_prep_from_docs_jsonl(tmp_path, caseops_tok):
     assert plain.returncode == 1 and "no pieces for the case markers" in plain.stderr
 
 
+@pytest.mark.slow
 def test_prep_reports_progress(tmp_path, caseops_tok):
     """A line on stderr per --progress-every: documents, MB, rates and, the input's size known, an ETA."""
     corpus = write_corpus(tmp_path / "c", cased_docs(4, 8), cased_docs(12, 9), files=1)

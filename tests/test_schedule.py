@@ -191,6 +191,7 @@ def test_compile_warmup_runs_the_schedules_shapes(smoke_dataset):
     assert shapes[:6] == [(16, False)] * 2 + [(16, True)] * 2 + [(32, True)] * 2
 
 
+@pytest.mark.slow
 def test_the_rate_control_starts_from_the_late_qat_grid(smoke_dataset, tmp_path):
     """The clip late QAT trained onto (train() returns it) is the rate control's first guess."""
     data_dir, tok, vocab = smoke_dataset

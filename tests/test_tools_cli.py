@@ -54,6 +54,7 @@ def test_a_missing_input_is_refused_in_one_line(tmp_path, name, args, says):
     assert r.returncode == 2 and len(lines) == 1 and says in lines[0], r.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_quant_sweep_without_saved_weights_stops_in_one_line_and_writes_nothing(tmp_path):
     """Its sweep.log belongs beside the run's prequant.pt in OUT_DIR; it was once opened in the
     current folder before anything was checked."""
