@@ -2037,16 +2037,23 @@ def compile_warmup(args, model, opt, loader, one_step, run):
     t0 = time.perf_counter()
     saved = ({k: v.detach().clone() for k, v in model.state_dict().items()}, opt.state_dict(), loader.stream.state())
     shapes, start = schedule_shapes(args), schedule_at(args, 0.0)
+    first_step = {}  # per shape, its first step's seconds: mostly its compile
     for i in range(args.warmup_steps):
-        seq_len, recurrence = shapes[i * len(shapes) // args.warmup_steps]
+        seq_len, recurrence = shape = shapes[i * len(shapes) // args.warmup_steps]
         model.recurrence_active = recurrence
+        t_step = time.perf_counter()
         one_step(start._replace(seq_len=seq_len, recurrence_on=recurrence))
+        if run.device.type == "cuda":  # the step's kernels done: its time is its compile and its work
+            torch.cuda.synchronize(run.device)
+        first_step.setdefault(shape, time.perf_counter() - t_step)
     model.load_state_dict(saved[0])
     opt.load_state_dict(saved[1])
     loader.stream.restore(saved[2])
     _sync(run.device)
     run.timer.since("compile_warmup (not counted)", t0)
-    run.log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t0:.1f}s, state restored")
+    per_shape = ", ".join(f"{n}{' recurrent' * r} {s:.1f}s" for (n, r), s in first_step.items())
+    run.log(f"compile warm-up: {args.warmup_steps} steps in {time.perf_counter() - t0:.1f}s, state restored "
+            f"(first step of each shape: {per_shape})")
 
 
 def start_late_qat(args, model, budget_bytes, step, scale, run):
@@ -2106,8 +2113,15 @@ def log_batch(args, run, accum, budget, reserve):
             f"{rows}; training budget {budget:.1f}s (reserve {reserve:.1f}s for GPTQ)")
 
 
-def log_step_times(run, steps, elapsed, recur_at, qat_step):
-    """The step time before depth recurrence and with it, from the clock at its switch (step, seconds)."""
+def log_step_times(run, steps, elapsed, recur_at, qat_step, shape_starts):
+    """The step time before depth recurrence and with it, from the clock at its switch (step, seconds);
+    with several shapes, each shape's (`shape_starts`: [((length, recurrent), step, seconds)])."""
+    if len(shape_starts) > 1:
+        ends = [(s, t) for _, s, t in shape_starts[1:]] + [(steps, elapsed)]
+        run.log("step time by shape: " + ", ".join(
+            f"{n}{' recurrent' * r} {(t1 - t0) / (s1 - s0) * 1000:.1f} ms ({s1 - s0} steps)"
+            for ((n, r), s0, t0), (s1, t1) in zip(shape_starts, ends) if s1 > s0)
+            + (" (late QAT's start in its shape)" if qat_step is not None else ""))
     if recur_at is not None and steps > recur_at[0] > 0:
         run.log(f"step time: {recur_at[1] / recur_at[0] * 1000:.1f} ms before depth recurrence ({recur_at[0]} steps), "
                 f"{(elapsed - recur_at[1]) / (steps - recur_at[0]) * 1000:.1f} ms with it ({steps - recur_at[0]} steps"
@@ -2134,9 +2148,13 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
         dist.barrier()  # the ranks start the clock together
     start = schedule_at(args, 0.0)
     seq_len, model.recurrence_active = start.seq_len, start.recurrence_on
+    shape_starts = [((seq_len, model.recurrence_active), 0, 0.0)]
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # the warm-up compiled every shape
     clock.start()
     while True:
         plan = schedule_at(args, progress)
+        if (plan.seq_len, plan.recurrence_on) != shape_starts[-1][0]:
+            shape_starts.append(((plan.seq_len, plan.recurrence_on), step, elapsed))
         if plan.seq_len != seq_len:
             seq_len = plan.seq_len
             log(f"training context {seq_len} from step {step} ({elapsed:.1f}s, progress {progress:.3f})")
@@ -2169,8 +2187,10 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
     run.timer.add("training", elapsed)
     raw = finalize_weights(args, model, ema, run)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else 0.0
-    log(f"training done: {step} steps in {elapsed:.1f}s ({step_s * 1000:.1f} ms/step), peak memory {peak:.0f} MiB")
-    log_step_times(run, step, elapsed, recur_at, qat_step)
+    recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+    log(f"training done: {step} steps in {elapsed:.1f}s ({step_s * 1000:.1f} ms/step), peak memory {peak:.0f} MiB, "
+        f"{recompiled} graphs compiled on the clock")
+    log_step_times(run, step, elapsed, recur_at, qat_step, shape_starts)
     return TrainStats(step, elapsed, step_s * 1000, peak, reserve, qat_step, qat_clip, loss_v, raw)
 
 

@@ -464,6 +464,11 @@ def test_train_turns_recurrence_on_late_and_picks_the_qat_clip(smoke_dataset):
     assert any("depth recurrence on at step 3" in m and "[0, 1, 1, 1]" in m for m in logs), logs
     line = next(m for m in logs if m.startswith("step time:"))  # before and after the switch, from the clock
     assert re.search(r"ms before depth recurrence \(3 steps\), [\d.]+ ms with it \(3 steps(, late QAT's start included)?\)$", line), line
+    by_shape = next(m for m in logs if m.startswith("step time by shape:"))  # each shape's steps and ms/step
+    assert re.fullmatch(r"step time by shape: 32 [\d.]+ ms \(3 steps\), 32 recurrent [\d.]+ ms \(3 steps\) "
+                        r"\(late QAT's start in its shape\)", by_shape), by_shape
+    warmup = next(m for m in logs if m.startswith("compile warm-up:"))  # each shape's first (compiling) step
+    assert re.search(r"\(first step of each shape: 32 [\d.]+s, 32 recurrent [\d.]+s\)$", warmup), warmup
     assert model.recurrence_active  # the artifact is evaluated with it
     # QAT at step 5 (lr scale (1 - 5/6) / 0.6 < 0.5): a budget below the current size -> a wider clip
     assert stats.qat_step == 5 and [q for _, q in run] == [0.0] * 5 + [1.0]
@@ -542,3 +547,23 @@ def test_compile_warmup_is_undone(smoke_dataset, monkeypatch, ema):
     assert loss0 == loss3
     for k in s0:
         assert torch.equal(s0[k], s3[k]), k
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("warmup_steps", [4, 0])
+def test_no_graph_is_compiled_on_the_clock_after_the_warm_up(smoke_dataset, warmup_steps):
+    """The warm-up compiles every (context, recurrence) shape the schedule takes: the compiled model
+    (dynamo, eager backend: no C++ build) compiles nothing more on the clock, and the log says so;
+    without the warm-up the same run compiles its shapes on the clock (the count is real)."""
+    torch._dynamo.reset()
+    data, _, vocab = smoke_dataset
+    args = _train_args(data, vocab, iterations=8, warmup_steps=warmup_steps, recur_start_frac=0.5, recur_passes=1,
+                       train_seq_schedule="16@0,32@0.25", train_batch_tokens=2 * 4 * 32)
+    args.validate(1)
+    model, opt, loader = _setup(args)
+    compiled = torch.compile(model, backend="eager", dynamic=False)
+    logs = []
+    T.train(args, model, compiled, opt, loader, T.Run(0, 1, CPU, logs.append), T.SharedClock(T.Run(0, 1, CPU)))
+    done = next(m for m in logs if m.startswith("training done:"))
+    count = int(re.search(r"(\d+) graphs compiled on the clock$", done).group(1))
+    assert (count == 0) if warmup_steps else (count >= 3), done  # 16, 32, 32 recurrent
