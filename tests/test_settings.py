@@ -76,3 +76,18 @@ def test_resolved_makes_auto_values_concrete(tmp_path):
     given = T.Hyperparameters(grad_accum_steps=3, compile="1", run_id="x", byte_sidecar="0").resolved(1, CPU)
     assert (given.grad_accum_steps, given.compile, given.run_id, given.byte_sidecar) == (3, "1", "x", "0")
     assert args.resolved(1, CPU).resolved(1, CPU) == args.resolved(1, CPU)  # resolved once: a fixed point
+
+
+def test_the_reserve_counts_the_calibration_and_refuses_one_that_leaves_no_training():
+    """GPTQ_CALIB_SEQS=100000 was accepted and would have run its calibration past the 600 s: its
+    forward passes are now in the reserve (the training loop gets less time), and a calibration
+    that leaves no training time at all is refused before training."""
+    args = T.Hyperparameters(mlp_mult=3.0, recur_passes=0, train_seq_schedule="")
+    with torch.device("meta"):
+        model = T.GPT(args.model)
+    budget, reserve = T.training_budget(args, model, 1)
+    assert 10.0 < reserve < 10.5 and budget == pytest.approx(600 - reserve)
+    big = dataclasses.replace(args, gptq_calib_seqs=100_000)
+    assert T.training_budget(big, model, 1)[1] > 300 > T.training_budget(big, model, 8)[1]  # split over the ranks
+    with pytest.raises(T.ConfigError, match="leaves no time after"):
+        T.training_budget(dataclasses.replace(args, gptq_calib_seqs=1_000_000), model, 1)
