@@ -3481,10 +3481,12 @@ def size_varlen_segments(attention, val_tokens, args, run):
                 f"tokens hold)")
 
 
-def score_float_weights(args, model, compiled, stats, val_tokens, byte_source, run):
-    """Plain val_bpb of the final (averaged) float weights, then of the raw ones -> (result, raw bpb)."""
+def score_float_weights(args, model, stats, val_tokens, byte_source, run):
+    """Plain val_bpb of the final (averaged) float weights, then of the raw ones -> (result, raw bpb).
+    Its compiled scorer is the artifact's round trip's: that one compiles nothing on the evaluation clock."""
     t0 = time.perf_counter()
-    plain_eval = functools.partial(evaluate, make_score_fn(compiled, run.device), val_tokens, byte_source,
+    score = make_score_fn(model, run.device, compile=_use_compile(args, run.device))
+    plain_eval = functools.partial(evaluate, score, val_tokens, byte_source,
                                    args.eval_seq_len, args.eval_seq_len, args.eval_batch_seqs, run)
     pre = plain_eval()
     run.log(f"prequant_float {_scores(pre)}" + (" (EMA weights)" if stats.raw_weights is not None else ""))
@@ -3752,7 +3754,7 @@ def start_run(args, warnings, run_files):
         run.log(w, stream=sys.stderr)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # compiled GPT.forward wrappers share one graph cache: > 8 graphs
+    # dynamo caches per function (GPT.forward, target_nll): the training shapes and the scorers, > 8 graphs
     torch._dynamo.config.recompile_limit = 64
     return args, run
 
@@ -3950,7 +3952,7 @@ def train_and_score(args, run, paths, t_start):
     log_wall_clock(args, stats, written, wall, log)
     check_ranks_agree(model, run)
     size_varlen_segments(attention, val_tokens, args, run)  # training's segments never saw the validation tokens
-    pre, raw_bpb = score_float_weights(args, model, compiled, stats, val_tokens, byte_source, run)
+    pre, raw_bpb = score_float_weights(args, model, stats, val_tokens, byte_source, run)
     res = evaluate_artifact(args, model, paths["artifact"], val_tokens, byte_source, run, t_eval)
     log(f"quantization gap (plain): {res['roundtrip']['val_bpb'] - pre['val_bpb']:+.5f} bpb")
     log_timing_table(run)

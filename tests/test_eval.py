@@ -4,6 +4,7 @@ score-first test-time training, and EVAL_ONLY never touching a train shard."""
 import bisect
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -1721,3 +1722,27 @@ def test_ttt_progress_lines(ttt_model):
     assert [s.split()[2] for s in phases] == ["1/3", "2/3", "3/3"]
     assert f"{res['tokens']} targets scored here, {res['ttt_steps']} adapter steps" in phases[-1]
     assert phases[-1].endswith(f"val_bpb so far {res['val_bpb']:.5f}")
+
+
+@pytest.mark.slow
+def test_the_round_trip_compiles_nothing_after_the_float_score(monkeypatch):
+    """The float weights' plain score compiles the untilted scorer; the artifact's round trip, on the
+    evaluation clock, reuses it (whatever the tilt's settings) instead of compiling the model again."""
+    import torch._dynamo.utils as dynamo_utils
+    compile_eager = functools.partial(torch.compile, backend="eager")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_eager(fn, **kw))
+    torch._dynamo.reset()
+    args = tiny_model_args(vocab_size=64, train_seq_len=32, eval_seq_len=32, compile="1", ttt_enabled=False,
+                           ngram_beta=2.0, ngram_lift=0.6)
+    model = randomized_model(args, seed=3)
+    tokens = torch.randint(0, 64, (200,), generator=torch.Generator().manual_seed(0))
+    byte_source = T.ByteSidecar(torch.ones(200, dtype=torch.int64))
+    run = T.Run(0, 1, CPU, lambda m: None)
+    stats = types.SimpleNamespace(raw_weights=None)
+    graphs = lambda: dynamo_utils.counters["stats"]["unique_graphs"]  # noqa: E731
+    before = graphs()
+    T.score_float_weights(args, model, stats, tokens, byte_source, run)
+    after_float = graphs()
+    score = T.make_score_fn(model, CPU, None, args.ngram_beta, args.ngram_lift, compile=True)
+    T.evaluate(score, tokens, byte_source, args.eval_seq_len, args.eval_seq_len, args.eval_batch_seqs, run)
+    assert after_float > before and graphs() == after_float
