@@ -3051,8 +3051,12 @@ def tilt_shift(log_ph, right, beta, lift=0.0):
         hit = (log_ph - math.log(lift)).clamp_max(0)
         miss = (torch.log(-torch.expm1(log_ph)) - math.log1p(-lift)).clamp_min(0)
         return torch.where(right > 0, hit, miss)
-    beta = torch.as_tensor(beta, dtype=log_ph.dtype, device=log_ph.device)
-    return torch.log1p(torch.expm1(beta) * log_ph.exp()) - beta * right
+    if torch.is_tensor(beta):
+        return torch.log1p(torch.expm1(beta) * log_ph.exp()) - beta * right
+    # a setting: e^beta - 1 on the host, in log_ph's precision (no host-to-device copy: TTT captures
+    # this in a CUDA graph)
+    scale = torch.tensor(beta, dtype=log_ph.dtype).expm1().item()
+    return torch.log1p(scale * log_ph.exp()) - beta * right
 
 
 def target_nll(model, x, y, hints=None, beta=0.0, lift=0.0, cache=None):

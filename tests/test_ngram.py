@@ -323,3 +323,21 @@ def test_settings_are_checked():
         ngram_args(ngram_conf=1.5).validate(1)
     with pytest.raises(T.ConfigError, match=r"NGRAM_LIFT=1.0 must be in \[0, 1\)"):
         ngram_args(ngram_lift=1.0).validate(1)
+
+
+def test_the_fixed_beta_tilt_makes_no_tensor_on_the_scores_device(monkeypatch):
+    """TTT captures the tilt in a CUDA graph: a tensor made from the Python beta on the scores'
+    device is a host-to-device copy, which a capture refuses. The fixed-beta tilt computes e^beta - 1
+    on the host (the same bits as before) and makes nothing on the scores' device."""
+    made = []
+    for name in ("tensor", "as_tensor", "full", "scalar_tensor"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **kw: (
+            made.append((_name, str(kw.get("device", "cpu")))), _real(*a, **kw))[1])
+    log_ph, right = torch.zeros(4, device="meta"), torch.zeros(4, device="meta")
+    T.tilt_shift(log_ph, right, 2.625)
+    assert not [m for m in made if m[1] != "cpu"], made
+    lp = -torch.rand(1000, generator=torch.Generator().manual_seed(0)) * 20
+    hit = (torch.arange(1000) % 2).float()
+    beta = torch.tensor(2.625)
+    assert torch.equal(T.tilt_shift(lp, hit, 2.625), torch.log1p(torch.expm1(beta) * lp.exp()) - beta * hit)
