@@ -84,7 +84,18 @@ class JobError(RuntimeError):
     """Another rank of the job is gone or stuck: said by each rank that waited for it."""
 
 
-ONE_LINE_ERRORS = (ConfigError, DataError, ArtifactError, OutputError, ScoreError, JobError)  # reported as one line
+class RankError(RuntimeError):
+    """A failure of this rank alone (its own reads, its own memory): said by that rank, with its number."""
+
+
+class DivergedError(FloatingPointError):
+    """Training diverged (non-finite gradients, all-reduced: every rank alike)."""
+
+
+ONE_LINE_ERRORS = (ConfigError, DataError, ArtifactError, OutputError, ScoreError, JobError, RankError,
+                   DivergedError)  # reported as one line
+# said by every rank that has one (the others: by rank 0 only, every rank having the same)
+EVERY_RANK_SAYS = (JobError, RankError)
 
 
 # ----- settings: every setting from its environment variable, checked and frozen in parts
@@ -832,8 +843,10 @@ class DistributedLoader:
     def _collect(future):
         try:
             return future.result()
-        except Exception as e:
-            raise DataError(f"reading the next training batch ahead failed: {type(e).__name__}: {e}") from e
+        except ONE_LINE_ERRORS as e:  # the data's fault: every rank meets it
+            raise type(e)(f"reading the next training batch ahead failed: {e}") from e
+        except Exception as e:  # this rank's (its memory, its thread): said by it
+            raise RankError(f"reading the next training batch ahead failed: {type(e).__name__}: {e}") from e
 
     def close(self):
         """Ends the prefetch thread (a batch it is reading is finished first)."""
@@ -2171,7 +2184,7 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
         loss, norm = one_step(plan)
         loss_v, norm = torch.stack([loss, norm]).tolist()  # the one wait for the device: the clock measures finished work
         if not math.isfinite(norm):  # all-reduced: all ranks stop alike
-            raise FloatingPointError(f"non-finite gradients at step {step}, loss {loss_v} (lower the learning rates?)")
+            raise DivergedError(f"non-finite gradients at step {step}, loss {loss_v} (lower the learning rates?)")
         step += 1
         elapsed = clock.shared()
         step_s = elapsed / step
@@ -3967,13 +3980,14 @@ def train_and_score(args, run, paths, t_start):
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _raise_terminated)
     # every rank stops alike (the same settings and data, rank 0's failures broadcast): rank 0 says
-    # why, once; a JobError is said by each rank that saw a peer fail
-    speaks = int(os.environ.get("RANK", 0)) == 0
+    # why, once; a JobError or a RankError is said by each rank that has one
+    rank = int(os.environ.get("RANK", 0))
+    speaks = rank == 0
     try:
         main()
     except ONE_LINE_ERRORS as e:
-        if speaks or isinstance(e, JobError):
-            print(f"error: {e}", file=sys.stderr, flush=True)
+        if speaks or isinstance(e, EVERY_RANK_SAYS):
+            print(f"error: {f'rank {rank}: ' * isinstance(e, RankError)}{e}", file=sys.stderr, flush=True)
         code = 2
     except KeyboardInterrupt as e:
         if speaks:

@@ -566,7 +566,7 @@ def test_prefetch_error_surfaces_where_the_batch_is_asked_for(tmp_path):
         loader = T.DistributedLoader([a, b], 100, T.Run(0, 1, torch.device("cpu")), prefetch=prefetch)
         loader.next_batch(2, 4)  # 9 tokens
         loader.next_batch(2, 4)  # 18
-        with pytest.raises(T.DataError, match="token id 300 >= VOCAB_SIZE=100") as ei:
+        with pytest.raises(T.DataError, match="token id 300 >= VOCAB_SIZE=100") as ei:  # the data: every rank
             loader.next_batch(2, 4)
         assert ("ahead failed" in str(ei.value)) == prefetch
         loader.close()
@@ -702,3 +702,18 @@ def test_cli_model_over_budget_fails_without_writing(tmp_path, smoke_dataset):
     assert "rate control 1:" in proc.stdout  # it failed after trying, not before
     out = tmp_path / "out"
     assert not list(out.glob("*.ptz")) and not list(out.glob("results_*.json")), os.listdir(out)
+
+
+def test_a_prefetch_failure_of_one_rank_is_said_by_that_rank(tmp_path, monkeypatch):
+    """A failure that is not the data's (the thread's own: memory, a bug) is this rank's alone: a
+    RankError, which every rank that has one says (rank 0 alone would leave it unsaid)."""
+    a = str(tmp_path / "a.bin")
+    write_shard(a, np.arange(64, dtype=np.uint16))
+    loader = T.DistributedLoader([a], 100, T.Run(0, 1, torch.device("cpu")), prefetch=True)
+    loader.next_batch(2, 4)
+    monkeypatch.setattr(T.TokenStream, "take", lambda *a, **k: (_ for _ in ()).throw(MemoryError("pinned")))
+    with pytest.raises(T.RankError, match="ahead failed: MemoryError: pinned"):
+        loader.next_batch(2, 4)
+        loader.next_batch(2, 4)
+    loader.close()
+    assert T.RankError in T.EVERY_RANK_SAYS and T.RankError in T.ONE_LINE_ERRORS
