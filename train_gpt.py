@@ -632,7 +632,7 @@ def setup_distributed(device_pref, timeout_s=None):
 
 
 # what gloo's collectives raise (a plain RuntimeError) when a peer is gone or the wait timed out
-_PEER_FAILURE = re.compile(r"/gloo/|[Tt]imed out|timeout|closed by peer|reset by peer|pair closure")
+_PEER_FAILURE = re.compile(r"/gloo/|[Tt]imed out|closed by peer|reset by peer|pair closure")
 
 
 @contextlib.contextmanager
