@@ -604,3 +604,14 @@ def test_run_with_a_bad_sidecar_stops_before_training(caseops_run, caseops_tok, 
     p = run_script(tmp_path, DATA_PATH=data, TOKENIZER_PATH=caseops_tok, OUT_DIR=tmp_path / "o2", **CASEOPS_RUN)
     one_error_line(p, "is a CaseOps tokenizer")
     assert "step:" not in p.stdout
+
+
+@pytest.mark.parametrize("flag", ["--workers", "--shard-tokens", "--max-train-tokens"])
+def test_prep_refuses_a_count_below_one(tmp_path, caseops_tok, flag):
+    """--shard-tokens 0 wrote empty shard files without end, --workers 0 ended in a traceback: a count
+    below 1 is one line, before any file."""
+    p = prep("--corpus", write_corpus(tmp_path / "c", cased_docs(3, 1), cased_docs(3, 2)), "--tokenizer", caseops_tok,
+             "--out", tmp_path / "o", flag, 0)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines() == [f"error: {flag} must be >= 1, not 0"]
+    assert not list((tmp_path / "o").glob("*.bin"))

@@ -417,6 +417,10 @@ def run(a):
                         "a CaseOps tokenizer is needed (or --identity)")
     if a.docs and a.num_val_docs < 1:
         raise PrepError("--num-val-docs must be >= 1")
+    for flag, value in (("--workers", a.workers), ("--shard-tokens", a.shard_tokens),
+                        ("--max-train-tokens", a.max_train_tokens)):
+        if value is not None and value < 1:
+            raise PrepError(f"{flag} must be >= 1, not {value}")
     if not a.progress_every >= 0:
         raise PrepError(f"--progress-every must be >= 0 seconds, not {a.progress_every}")
     os.makedirs(a.out, exist_ok=True)
