@@ -3788,9 +3788,10 @@ def device_memory_bytes(device):
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def large_allocations(args, world_size, dense_attention):
+def large_allocations(args, world_size, score_bytes):
     """The allocations that settings can make arbitrarily large -> {what sizes it: bytes}, each from
-    below (the model, its other activations and optimizer state come on top)."""
+    below (the model, its other activations and optimizer state come on top); `score_bytes`: what the
+    attention holds per (row, query, key) (0: a varlen kernel, no dense mask)."""
     d, kv, hid, heads = args.model_dim, args.num_kv_heads * args.head_dim, args.mlp_hidden, args.num_heads
     out = {}
     if args.ttt_enabled:  # each adapted matrix's in + out dims: qkv, out, up, down per layer, and the head
@@ -3798,8 +3799,8 @@ def large_allocations(args, world_size, dense_attention):
         out[f"TTT_BATCH_DOCS={args.ttt_batch_docs} x TTT_RANK={args.ttt_rank} (the TTT adapters: fp32 weights, "
             "gradients and two Adam moments)"] = args.ttt_batch_docs * args.ttt_rank * dims * 4 * 4
 
-    def attention(rows, n):  # the rotary table; on the math path one bool mask and fp32 scores per row
-        return 4 * n * args.rope_dims + (rows * n * n * (1 + 4 * heads) if dense_attention else 0)
+    def attention(rows, n):  # the rotary table, and a dense path's mask (and scores) per row
+        return 4 * n * args.rope_dims + rows * n * n * score_bytes
     n = args.longest_train_seq
     train_rows = max(1, args.train_batch_tokens // (world_size * args.resolved_grad_accum(world_size) * n))
     name = "TRAIN_SEQ_LEN" if not args.train_seq_schedule.strip() else "TRAIN_SEQ_SCHEDULE's longest length"
@@ -3816,8 +3817,11 @@ def check_memory_fits(args, world_size, device, total=None):
     """Refused before any work: a setting whose allocation alone exceeds the device's memory (it would
     die later, out of memory, its results lost). Only what clearly cannot fit."""
     total = total or device_memory_bytes(device)
-    dense = device.type != "cuda" or args.attn_backend == "math" or (args.attn_backend == "sdpa" and args.doc_mask)
-    for what, need in large_allocations(args, world_size, dense).items():
+    if device.type != "cuda" or args.attn_backend == "math":  # a bool mask and fp32 scores per head
+        score_bytes = 1 + 4 * args.num_heads
+    else:  # SDPA and Flex score with a dense bool mask in evaluation; auto may be varlen: none counted
+        score_bytes = int(args.doc_mask and args.attn_backend in ("sdpa", "flex"))
+    for what, need in large_allocations(args, world_size, score_bytes).items():
         if need > total:
             raise ConfigError(f"{what} needs ~{need / 2**30:,.1f} GiB, more than the {total / 2**30:,.1f} GiB of "
                               f"{device}: lower it")

@@ -1,6 +1,7 @@
 """Inputs a run must refuse (or flag) before it trains, and how a run stops: settings that cannot be
 finite, cannot fit in memory or cannot fit the budget, text that is not UTF-8, look-alike variables,
 a byte sidecar or tokenizer that does not belong to the shards, a stopped rank, a full disk, SIGTERM."""
+import dataclasses
 import os
 import signal
 import socket
@@ -246,6 +247,15 @@ def test_a_setting_that_cannot_fit_in_memory_is_refused_before_training(smoke_da
     assert "step:" not in p.stdout and not (tmp_path / "o").exists()
 
 
+def test_the_memory_check_counts_what_each_attention_holds():
+    """SDPA with document masks holds a bool mask, not the math path's fp32 scores: a long context that
+    fits with it is not refused as if it were the math path's (~99 GiB counted before for this one)."""
+    args = T.Hyperparameters.from_env({"PROFILE": "1gpu", "TRAIN_SEQ_LEN": "16384", "ATTN_BACKEND": "sdpa"})
+    T.check_memory_fits(args, 1, torch.device("cuda", 0), total=80e9)
+    with pytest.raises(T.ConfigError, match="TRAIN_SEQ_LEN=16384"):
+        T.check_memory_fits(dataclasses.replace(args, attn_backend="math"), 1, torch.device("cuda", 0), total=80e9)
+
+
 @pytest.mark.parametrize("profile", ["8xh100", "1gpu"])
 @pytest.mark.parametrize("world", [1, 8])
 def test_the_record_configuration_fits_an_80gb_gpu_easily(profile, world):
@@ -253,8 +263,8 @@ def test_the_record_configuration_fits_an_80gb_gpu_easily(profile, world):
     attention of the math path; and a card a hundred times too small refuses."""
     args = T.Hyperparameters.from_env({"PROFILE": profile})
     args.validate(world)
-    for dense in (False, True):
-        assert max(T.large_allocations(args, world, dense).values()) < 20e9
+    for score_bytes in (0, 1, 1 + 4 * args.num_heads):  # varlen, a dense mask, the math path's mask and scores
+        assert max(T.large_allocations(args, world, score_bytes).values()) < 20e9
     T.check_memory_fits(args, world, torch.device("cuda", 0), total=80e9)
     with pytest.raises(T.ConfigError, match=r"TTT_BATCH_DOCS=64 x TTT_RANK=80 .* needs ~[67]\.\d GiB"):
         T.check_memory_fits(args, world, torch.device("cuda", 0), total=0.8e9)
