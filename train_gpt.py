@@ -330,7 +330,7 @@ SETTING_PARTS = {"model": ModelSettings, "training": TrainingSettings, "quant": 
 class Hyperparameters(RunSettings, EvalSettings, QuantSettings, TrainingSettings, ModelSettings):
     """Every setting, each from its upper-case environment variable; frozen: what a run derives
     later (the QAT clip, an artifact's model in EVAL_ONLY) is a new value, never an assignment.
-    `args.model` (and .training, .quant, .eval, .run) is one part on its own."""
+    `args.model` is the model part on its own (settings_part(args, part) any of SETTING_PARTS)."""
 
     @classmethod
     def from_env(cls, env=None, warn=None):
@@ -451,6 +451,7 @@ class Hyperparameters(RunSettings, EvalSettings, QuantSettings, TrainingSettings
                              ("attn_backend", ("auto", *_VARLEN_LOADERS, *ATTENTIONS))):
             need(getattr(self, key) in choices, f"{key.upper()}={getattr(self, key)} must be one of {', '.join(choices)}")
         need(self.model_dim % self.num_heads == 0, f"NUM_HEADS={self.num_heads} must divide MODEL_DIM={self.model_dim}")
+        need(self.mlp_hidden >= 1, f"MLP_MULT={self.mlp_mult} leaves the MLP no hidden unit at MODEL_DIM={self.model_dim}")
         need(self.num_heads % self.num_kv_heads == 0, f"NUM_KV_HEADS={self.num_kv_heads} must divide NUM_HEADS={self.num_heads}")
         need(self.head_dim % 2 == 0 and self.rope_dims % 2 == 0, "head dim and ROPE_DIMS must be even for RoPE")
         within(0, self.head_dim, "rope_dims")
@@ -3700,7 +3701,8 @@ def weights_checksum(model):
 
 def config_id(args, code, world_size, device_name):
     """Hash of code, machine and settings (not seed/output names): runs sharing it are seeds."""
-    cfg = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("seed", "run_id", "out_dir")}
+    cfg = {k: v for k, v in dataclasses.asdict(args).items()
+           if k not in ("seed", "run_id", "out_dir", "dist_timeout_seconds", "loader_prefetch")}  # no number's
     cfg["machine"] = f"{world_size}x {device_name}"
     return hashlib.sha256(code + json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -91,3 +91,16 @@ def test_the_reserve_counts_the_calibration_and_refuses_one_that_leaves_no_train
     assert T.training_budget(big, model, 1)[1] > 300 > T.training_budget(big, model, 8)[1]  # split over the ranks
     with pytest.raises(T.ConfigError, match="leaves no time after"):
         T.training_budget(dataclasses.replace(args, gptq_calib_seqs=1_000_000), model, 1)
+
+
+def test_an_mlp_with_no_hidden_unit_is_refused():
+    with pytest.raises(T.ConfigError, match="MLP_MULT=0.001 leaves the MLP no hidden unit"):
+        T.Hyperparameters(mlp_mult=0.001).validate(1)
+
+
+def test_settings_that_change_no_number_leave_the_configuration_id_alone():
+    """Seeds of one configuration average in submission.json: a collective timeout or the loader's
+    read-ahead (the same batches) must not split them."""
+    base = T.config_id(T.Hyperparameters(), b"code", 8, "H100")
+    assert T.config_id(T.Hyperparameters(dist_timeout_seconds=60, loader_prefetch=True), b"code", 8, "H100") == base
+    assert T.config_id(T.Hyperparameters(ttt_lr=2e-4), b"code", 8, "H100") != base
