@@ -706,21 +706,22 @@ def record_score_calls(monkeypatch, m, calls):
     monkeypatch.setattr(T, "target_nll", recording)
 
 
-def test_ttt_schedule_tool_counts_the_chunk_steps_ttt_takes(ttt_model, monkeypatch):
+@pytest.mark.parametrize("short", [{}, dict(ttt_short_chunk=4, ttt_short_len=16)], ids=["one_pass", "short_lane"])
+def test_ttt_schedule_tool_counts_the_chunk_steps_ttt_takes(ttt_model, monkeypatch, short):
     """tools/ttt_schedule.py counts, without the model, the chunk steps of evaluate_with_ttt's
-    lanes: the same number as the scoring forwards TTT runs; the batch schedule it compares
-    with needs more here (a long document holds its batch)."""
+    lanes (with the short documents' pass too): the same number as the scoring forwards TTT runs;
+    the batch schedule it compares with needs more here (a long document holds its batch)."""
     sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
     import ttt_schedule
-    args = ttt_args(ttt_phases=2, ttt_batch_docs=3, ttt_lr=0.02)
+    args = ttt_args(ttt_phases=2, ttt_batch_docs=3, ttt_lr=0.02, **short)
     tokens = as_stream(make_docs((150, 20, 33, 8, 97, 40, 5, 61, 12, 70, 26), seed=6))
     m, calls = copy.deepcopy(ttt_model), []
     record_score_calls(monkeypatch, m, calls)
     T.evaluate_with_ttt(m, tokens, LUTS, args, T.Run(0, 1, CPU, lambda s: None))
     shares = list(ttt_schedule.phase_shares(T.document_spans(tokens, BOS), args, 0, 1))
-    lanes = sum(ttt_schedule.lane_steps(s, args.ttt_chunk, args.ttt_batch_docs) for s in shares)
+    lanes = sum(ttt_schedule.lane_steps(s, args) for s in shares)
     batches = sum(ttt_schedule.batch_steps(s, args.ttt_chunk, args.ttt_batch_docs) for s in shares)
-    assert lanes == len(calls) < batches
+    assert lanes == len(calls) and (short or lanes < batches)  # the short pass's smaller chunks take more steps
 
 
 def test_ttt_is_score_first(ttt_model, monkeypatch):

@@ -2,11 +2,13 @@
 per-batch schedule (up to 898ef54: TTT_BATCH_DOCS documents start together and the batch
 lasts as long as its longest) against the lanes of evaluate_with_ttt (a row takes the next
 document as soon as its own ends). A chunk step is one graph replay of fixed shape, so the
-step count is what the TTT time scales with. CPU only, reads the val shards:
+step count is what the TTT time scales with. The TTT settings come from the environment (e.g.
+TTT_SHORT_CHUNK: the lanes count its short-document pass too). CPU only, reads the val shards:
 
     python3 tools/ttt_schedule.py DATA_PATH [VOCAB_SIZE] [WORLD_SIZE ...]
 """
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -47,12 +49,12 @@ def batch_steps(mine, C, D):
     return sum(-(-(mine[b][1] - mine[b][0]) // C) for b in range(0, len(mine), D))
 
 
-def lane_steps(mine, C, D):  # evaluate_with_ttt's lanes, without the model
-    return sum(1 for _ in T.Lanes(mine, D, C).steps())
+def lane_steps(mine, args):  # evaluate_with_ttt's lanes, every pass of the phase, without the model
+    return sum(1 for p in T.ttt_passes(args) for _ in T.Lanes(p.docs(mine), args.ttt_batch_docs, p.chunk).steps())
 
 
 def main(data, vocab, worlds):
-    args = T.Hyperparameters(vocab_size=vocab)
+    args = dataclasses.replace(T.Hyperparameters.from_env(), vocab_size=vocab)
     tokens = T.load_validation_tokens(data, vocab)
     spans = T.document_spans(tokens, args.bos_id)
     lengths = sorted(e - s for s, e in spans)
@@ -62,8 +64,8 @@ def main(data, vocab, worlds):
     for world in worlds:
         # phases end with a collective: each phase lasts as long as its slowest rank
         cost = {}
-        for name, f in (("batches", batch_steps), ("lanes", lane_steps)):
-            per_rank = [list(f(m, C, D) for m in phase_shares(spans, args, r, world)) for r in range(world)]
+        for name, f in (("batches", lambda m: batch_steps(m, C, D)), ("lanes", lambda m: lane_steps(m, args))):
+            per_rank = [list(f(m) for m in phase_shares(spans, args, r, world)) for r in range(world)]
             cost[name] = sum(max(p[i] for p in per_rank) for i in range(len(per_rank[0])))
         ideal = sum(-(-sum(-(-(e - s) // C) for s, e in m) // D) for m in phase_shares(spans, args, 0, world))
         print(f"world {world}: chunk steps per rank, batches {cost['batches']}, lanes {cost['lanes']} "
