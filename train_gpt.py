@@ -918,6 +918,11 @@ def has_byte_sidecar(data_path):
     return bool(glob.glob(os.path.join(glob.escape(data_path), "fineweb_val_bytes_*.bin")))
 
 
+def byte_sidecar_as_given():
+    """BYTE_SIDECAR as the user gave it, for messages (the settings hold it resolved: auto -> 0 or 1)."""
+    return f"BYTE_SIDECAR={os.environ.get('BYTE_SIDECAR', 'auto')}"
+
+
 def use_byte_sidecar(args):
     """BYTE_SIDECAR: 1 or 0, or auto: whether DATA_PATH has fineweb_val_bytes_*.bin."""
     return has_byte_sidecar(args.data_path) if args.byte_sidecar == "auto" else args.byte_sidecar == "1"
@@ -930,7 +935,7 @@ def load_byte_source(args, val_tokens, luts, sidecar):
         if luts.caseops:
             raise DataError(f"tokenizer {args.tokenizer_path} is a CaseOps tokenizer: its byte table counts the "
                             "case markers, so it needs the byte sidecar fineweb_val_bytes_*.bin in DATA_PATH "
-                            f"(BYTE_SIDECAR={args.byte_sidecar}; tools/caseops_prep.py writes it)")
+                            f"({byte_sidecar_as_given()}; tools/caseops_prep.py writes it)")
         return luts, "bytes from the tokenizer's table"
     if not has_byte_sidecar(args.data_path):
         raise DataError(f"BYTE_SIDECAR=1 but {args.data_path} has no fineweb_val_bytes_*.bin (tools/caseops_prep.py "
@@ -3646,7 +3651,7 @@ def check_artifact_byte_source(path, recorded, sidecar, args):
     if recorded != sidecar:
         how = ("the byte sidecar", "the tokenizer's byte table")
         fix = f"BYTE_SIDECAR={int(recorded)}" + (" and a DATA_PATH with the sidecar" if recorded else "")
-        raise ArtifactError(f"{path} was scored with {how[not recorded]}; BYTE_SIDECAR={args.byte_sidecar} with "
+        raise ArtifactError(f"{path} was scored with {how[not recorded]}; {byte_sidecar_as_given()} with "
                             f"DATA_PATH={args.data_path} would use {how[not sidecar]}: set {fix}")
 
 
