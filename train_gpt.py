@@ -500,9 +500,9 @@ class Hyperparameters(RunSettings, EvalSettings, QuantSettings, TrainingSettings
     def resolved(self, world_size, device):
         """These settings with their "auto" and sentinel values made concrete for `world_size`
         processes on `device` (after validate): what the run's log and config_id record."""
-        sidecar = self.byte_sidecar if self.byte_sidecar != "auto" else str(int(has_byte_sidecar(self.data_path)))
         return dataclasses.replace(self, grad_accum_steps=self.resolved_grad_accum(world_size), device=device.type,
-                                   compile=str(int(_use_compile(self, device))), byte_sidecar=sidecar,
+                                   compile=str(int(_use_compile(self, device))),
+                                   byte_sidecar=str(int(use_byte_sidecar(self))),
                                    run_id=self.run_id or f"seed{self.seed}")
 
     def resolved_grad_accum(self, world_size):
@@ -773,24 +773,27 @@ class TokenStream:
             self.tokens = load_shard(self.files[state[0]], self.vocab_size) if tokens is None else tokens
         self.file_idx, self.pos = state
 
-    def take(self, n, out=None):
-        """The next n tokens as int64 (into `out`, n int64, if given)."""
-        out, got = np.empty(n, dtype=np.int64) if out is None else out, 0
-        while got < n:
-            if self.pos >= len(self.tokens):
-                self.restore(((self.file_idx + 1) % len(self.files), 0))
-            k = min(n - got, len(self.tokens) - self.pos)
-            out[got:got + k] = self.tokens[self.pos:self.pos + k]
-            got, self.pos = got + k, self.pos + k
-        return out
-
-    def skip(self, n):
-        """Past the next n tokens without reading them (another rank's), ending where take(n) would."""
+    def _runs(self, n):
+        """The next n tokens as (start, count) runs in the current shard, the stream moved past each."""
         while n > 0:
             if self.pos >= len(self.tokens):
                 self.restore(((self.file_idx + 1) % len(self.files), 0))
             k = min(n, len(self.tokens) - self.pos)
+            yield self.pos, k
             n, self.pos = n - k, self.pos + k
+
+    def take(self, n, out=None):
+        """The next n tokens as int64 (into `out`, n int64, if given)."""
+        out, got = np.empty(n, dtype=np.int64) if out is None else out, 0
+        for start, k in self._runs(n):
+            out[got:got + k] = self.tokens[start:start + k]
+            got += k
+        return out
+
+    def skip(self, n):
+        """Past the next n tokens without reading them (another rank's), ending where take(n) would."""
+        for _ in self._runs(n):
+            pass
 
 
 def read_rank_span(stream, span, run, pin=False):
@@ -859,14 +862,16 @@ class DistributedLoader:
 class ByteLUTs:
     """Bytes of each target from the SentencePiece model's pieces (the challenge's accounting)."""
 
-    def __init__(self, base, space, boundary, caseops=False, markers=()):
+    def __init__(self, base, space, boundary, markers=()):
         self.base, self.space, self.boundary = base, space, boundary
-        self.caseops = caseops  # the CaseOps markers are pieces: this table would count their bytes
-        self.markers = markers  # their ids
+        self.markers = markers  # the CaseOps markers' ids, where they are pieces of the tokenizer
+
+    @property
+    def caseops(self):  # a CaseOps tokenizer: this table would count its markers' bytes
+        return bool(self.markers)
 
     def to(self, device):
-        return ByteLUTs(self.base.to(device), self.space.to(device), self.boundary.to(device), self.caseops,
-                        self.markers)
+        return ByteLUTs(self.base.to(device), self.space.to(device), self.boundary.to(device), self.markers)
 
     def target_bytes(self, prev, tgt, pos=None):
         """UTF-8 bytes of `tgt`; a leading space counts only after a non-boundary token."""
@@ -910,8 +915,7 @@ def load_tokenizer_luts(tokenizer_path, vocab_size):
                 space[i], piece = True, piece[1:]
             base[i] = len(piece.encode("utf-8"))
     markers = tuple(sp.piece_to_id(c) for c in (CASE_TITLE, CASE_ALLCAPS, CASE_CAPNEXT, CASE_ESC))
-    caseops = sp.unk_id() not in markers
-    return ByteLUTs(base, space, boundary, caseops, markers if caseops else ())
+    return ByteLUTs(base, space, boundary, markers if sp.unk_id() not in markers else ())
 
 
 def has_byte_sidecar(data_path):
