@@ -2144,9 +2144,10 @@ def log_batch(args, run, accum, budget, reserve):
             f"{rows}; training budget {budget:.1f}s (reserve {reserve:.1f}s for GPTQ)")
 
 
-def log_step_times(run, steps, elapsed, recur_at, qat_step, shape_starts):
-    """The step time before depth recurrence and with it, from the clock at its switch (step, seconds);
-    with several shapes, each shape's (`shape_starts`: [((length, recurrent), step, seconds)])."""
+def log_step_times(run, steps, elapsed, qat_step, shape_starts):
+    """With several shapes (`shape_starts`: [((length, recurrent), step, seconds)], the clock at each
+    switch), each shape's step time, and the step time before depth recurrence and with it."""
+    recur_at = next(((s, t) for (_, recurrent), s, t in shape_starts if recurrent), None)
     if len(shape_starts) > 1:
         ends = [(s, t) for _, s, t in shape_starts[1:]] + [(steps, elapsed)]
         run.log("step time by shape: " + ", ".join(
@@ -2172,26 +2173,25 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
         compile_warmup(args, model, opt, loader, one_step, run)
     params = list(model.parameters())
     ema = [p.detach().float().clone() for p in params] if args.ema_horizon > 0 else None
-    step, elapsed, progress, step_s, recur_at = 0, 0.0, 0.0, 0.0, None
+    step, elapsed, progress, step_s = 0, 0.0, 0.0, 0.0
     qat_step, qat_clip = None, args.clip_sigmas
     _sync(device)
     if run.world_size > 1:
         dist.barrier()  # the ranks start the clock together
     start = schedule_at(args, 0.0)
-    seq_len, model.recurrence_active = start.seq_len, start.recurrence_on
-    shape_starts = [((seq_len, model.recurrence_active), 0, 0.0)]
+    model.recurrence_active = start.recurrence_on
+    shape_starts = [((start.seq_len, start.recurrence_on), 0, 0.0)]  # the shapes run: (length, recurrent), step, s
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # the warm-up compiled every shape
     clock.start()
     while True:
         plan = schedule_at(args, progress)
-        if (plan.seq_len, plan.recurrence_on) != shape_starts[-1][0]:
+        (seq_len, recurrent), _, _ = shape_starts[-1]
+        if (plan.seq_len, plan.recurrence_on) != (seq_len, recurrent):
             shape_starts.append(((plan.seq_len, plan.recurrence_on), step, elapsed))
         if plan.seq_len != seq_len:
-            seq_len = plan.seq_len
-            log(f"training context {seq_len} from step {step} ({elapsed:.1f}s, progress {progress:.3f})")
-        if plan.recurrence_on and not model.recurrence_active:
+            log(f"training context {plan.seq_len} from step {step} ({elapsed:.1f}s, progress {progress:.3f})")
+        if plan.recurrence_on and not recurrent:
             model.recurrence_active = True
-            recur_at = (step, elapsed)
             log(f"depth recurrence on at step {step} ({elapsed:.1f}s, {step_s * 1000:.1f} ms/step so far"
                 + ("; compiled in the warm-up" if args.warmup_steps >= 2 else "") + f"): layers run {model.layer_order()}")
         if plan.qat_on and qat_step is None:
@@ -2221,7 +2221,7 @@ def train(args, model, compiled, opt, loader, run, clock, budget_bytes=0):
     recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
     log(f"training done: {step} steps in {elapsed:.1f}s ({step_s * 1000:.1f} ms/step), peak memory {peak:.0f} MiB, "
         f"{recompiled} graphs compiled on the clock")
-    log_step_times(run, step, elapsed, recur_at, qat_step, shape_starts)
+    log_step_times(run, step, elapsed, qat_step, shape_starts)
     return TrainStats(step, elapsed, step_s * 1000, peak, reserve, qat_step, qat_clip, loss_v, raw)
 
 
